@@ -1,0 +1,225 @@
+"""What every aggregation method is, and the few mechanisms they share.
+
+A method is a small frozen dataclass with two operations (the torchtune/Flower shape):
+
+* ``dispatch(state, client, round_index, local)``: what a client of rank r_k starts the round from;
+* ``aggregate(state, updates, weights)``: the new global state from the round's client updates.
+
+States are per LoRA layer (module name -> tensors) and never see a model, a file or a framework.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, TypeVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedrank.lowrank import init_lora_factors, lora_scaling, truncate_rank
+from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors, adapter_numel
+
+__all__ = [
+    "AggregationError",
+    "AggregationMethod",
+    "LoraState",
+    "MethodOptions",
+    "Shapes",
+    "derive_generator",
+    "init_state_factors",
+    "normalized_weights",
+    "scatter_rank_indices",
+]
+
+Shapes = Mapping[str, tuple[int, int]]
+"""Layer name -> (out_features m, in_features n) of the LoRA-adapted weight."""
+
+StateT = TypeVar("StateT")
+
+
+class AggregationError(ValueError):
+    """A round's updates or a dispatch request that a method cannot accept, with the reason."""
+
+
+class AggregationMethod(Protocol[StateT]):
+    """The contract every method in :data:`fedrank.aggregation.METHODS` fulfils."""
+
+    name: ClassVar[str]
+
+    def init_state(self, shapes: Shapes, max_rank: int) -> StateT:
+        """The global state before round 0, for layers of ``shapes`` and clients of ranks <= ``max_rank``."""
+        ...
+
+    def dispatch(
+        self, state: StateT, client: ClientSpec, round_index: int, local: dict[str, Tensor] | None = None
+    ) -> ClientAssignment:
+        """What ``client`` starts round ``round_index`` from (``local``: its persisted state, if any)."""
+        ...
+
+    def aggregate(
+        self, state: StateT, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None
+    ) -> StateT:
+        """The new global state; ``weights`` p_k default to n_k / Σ n_k."""
+        ...
+
+    def upload_params(self, update: ClientUpdate) -> int:
+        """Parameters a client sends for ``update``."""
+        ...
+
+    def local_state(self, update: ClientUpdate) -> dict[str, Tensor] | None:
+        """What the caller must persist for this client until its next round (None: nothing)."""
+        ...
+
+    def global_model(self, state: StateT, rank: int | None = None) -> ClientAssignment:
+        """The global model as an assignment (client_id -1), at ``rank`` where the method allows a choice."""
+        ...
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Options every method shares: LoRA α, rsLoRA scaling and the seed of shared random inits."""
+
+    alpha: float = 16.0
+    rslora: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be positive, got {self.alpha}")
+
+    def scaling(self, rank: int) -> float:
+        return lora_scaling(self.alpha, rank, self.rslora)
+
+    def local_state(self, update: ClientUpdate) -> dict[str, Tensor] | None:
+        return None
+
+    def assign(
+        self, client: ClientSpec, factors: dict[str, LoraFactors], download: int | None = None, **kw: Any
+    ) -> ClientAssignment:
+        """An assignment at the client's rank and scaling; download defaults to all of ``factors``."""
+        sent = adapter_numel(factors) if download is None else download
+        return ClientAssignment(client.client_id, client.rank, self.scaling(client.rank), factors, sent, **kw)
+
+    def upload_params(self, update: ClientUpdate) -> int:
+        return sum(f.A.numel() + f.B.numel() for f in update.factors.values())
+
+
+@dataclass(frozen=True)
+class LoraState:
+    """A global LoRA adapter at one rank: the state of most methods."""
+
+    factors: dict[str, LoraFactors]
+
+    @property
+    def rank(self) -> int:
+        return next(iter(self.factors.values())).rank
+
+
+def derive_generator(*keys: int) -> torch.Generator:
+    """A torch generator seeded from integer keys (e.g. seed, round, client) independently of call order."""
+    seed = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0])
+    return torch.Generator().manual_seed(seed)
+
+
+def init_state_factors(shapes: Shapes, rank: int, seed: int) -> dict[str, LoraFactors]:
+    """The shared seeded LoRA init (B = 0, A uniform) of every layer, at ``rank``."""
+    if not shapes:
+        raise AggregationError("no LoRA layers given (empty shapes)")
+    g = derive_generator(seed, 0x5EED)
+    out = {}
+    for name in sorted(shapes):
+        m, n = shapes[name]
+        B, A = init_lora_factors(m, n, rank, g)
+        out[name] = LoraFactors(B, A)
+    return out
+
+
+def normalized_weights(updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None) -> Tensor:
+    """p_k as a float64 tensor summing to 1: given weights, or n_k / Σ n_k (FedAvg's default)."""
+    if not updates:
+        raise AggregationError("cannot aggregate an empty round (no client updates)")
+    raw = [float(u.num_examples) for u in updates] if weights is None else [float(w) for w in weights]
+    if len(raw) != len(updates):
+        raise AggregationError(f"{len(raw)} weights for {len(updates)} updates")
+    p = torch.tensor(raw, dtype=torch.float64)
+    if bool((p < 0).any()) or not bool(torch.isfinite(p).all()):
+        raise AggregationError(f"aggregation weights must be finite and >= 0, got {raw}")
+    total = float(p.sum())
+    if total <= 0:
+        what = "num_examples" if weights is None else "weights"
+        raise AggregationError(f"aggregation {what} sum to 0; at least one client must count")
+    return p / total
+
+
+def check_layers(state_layers: Mapping[str, Any], updates: Sequence[ClientUpdate]) -> None:
+    """Every update must cover exactly the state's layers with matching layer shapes."""
+    names = set(state_layers)
+    for u in updates:
+        if set(u.factors) != names:
+            missing, extra = sorted(names - set(u.factors)), sorted(set(u.factors) - names)
+            raise AggregationError(
+                f"client {u.client_id}: layers differ from the global state (missing {missing}, extra {extra})"
+            )
+        for name, f in u.factors.items():
+            if f.rank != u.rank:
+                raise AggregationError(
+                    f"client {u.client_id}: layer {name} has rank {f.rank}, the update says {u.rank}"
+                )
+            if not (torch.isfinite(f.A).all() and torch.isfinite(f.B).all()):
+                raise AggregationError(f"client {u.client_id}: layer {name} has non-finite factors")
+
+
+def scatter_rank_indices(
+    rows: Sequence[Tensor], indices: Sequence[Tensor], weights: Tensor, size: int
+) -> tuple[Tensor, Tensor]:
+    """Σ_k w_k·rows_k placed at their global rank indices, and the weight each index received.
+
+    ``rows[k]`` has one row per rank index ``indices[k]`` (A's rows; pass Bᵀ for B's columns).
+    Returns (sum (size, n), holder_weight (size,)): zero padding is the sum itself, "average over
+    the holders" divides by ``holder_weight``.
+    """
+    n = rows[0].shape[1]
+    dtype = rows[0].dtype
+    total = torch.zeros(size, n, dtype=dtype)
+    held = torch.zeros(size, dtype=torch.float64)
+    for row, idx, w in zip(rows, indices, weights, strict=True):
+        total.index_add_(0, idx, row * w.to(dtype))
+        held.index_add_(0, idx, torch.full((idx.numel(),), float(w), dtype=torch.float64))
+    return total, held
+
+
+def holder_mean(total: Tensor, held: Tensor, previous: Tensor) -> Tensor:
+    """Per rank index: the sum divided by its holders' weight; indices nobody held keep ``previous``."""
+    out = previous.clone()
+    mask = held > 0
+    out[mask] = total[mask] / held[mask].to(total.dtype).unsqueeze(1)
+    return out
+
+
+def truncated_factors(factors: Mapping[str, LoraFactors], rank: int) -> dict[str, LoraFactors]:
+    """Every layer's first ``rank`` rank indices (the dispatch of the padding-based methods)."""
+    return {k: LoraFactors(*truncate_rank(f.B, f.A, rank)) for k, f in factors.items()}
+
+
+def first_indices(rank: int) -> Tensor:
+    """The rank indices 0..r-1 a client of rank r holds under truncation/padding schemes."""
+    return torch.arange(rank)
+
+
+def combine_by_index(
+    previous: LoraFactors, parts: Sequence[LoraFactors], indices: Sequence[Tensor], p: Tensor, *, mean: bool
+) -> LoraFactors:
+    """Combine clients' factors rank index by rank index at the global rank of ``previous``.
+
+    ``mean=False``: zero padding, Σ_k p_k·pad(F_k) (indices nobody held become 0).
+    ``mean=True``: each index is the p-weighted mean over the clients that held it; indices
+    nobody held keep ``previous``.
+    """
+    size = previous.rank
+    tA, hA = scatter_rank_indices([f.A for f in parts], indices, p, size)
+    tB, _ = scatter_rank_indices([f.B.T for f in parts], indices, p, size)
+    if not mean:
+        return LoraFactors(tB.T.contiguous(), tA)
+    return LoraFactors(holder_mean(tB, hA, previous.B.T).T.contiguous(), holder_mean(tA, hA, previous.A))

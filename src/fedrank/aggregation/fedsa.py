@@ -1,0 +1,86 @@
+"""FedSA-LoRA (Guo et al., "Selective Aggregation for Low-Rank Adaptation in Federated Learning",
+ICLR 2025).
+
+A learns knowledge shared across clients, B client-specific knowledge: only A is uploaded and
+averaged; each client keeps its own B across rounds (the caller persists what :meth:`local_state`
+returns and passes it back to :meth:`dispatch`). Across ranks each row of A is averaged over the
+clients that held it:
+
+    A[i, :] ← Σ_{k: i < r_k} p_k A_k[i, :] / Σ_{k: i < r_k} p_k.
+
+The state's B is the same per-index mean of the round's B_k. It is never dispatched; it exists so that a
+single global model can be evaluated and exported (FedSA itself is personalised).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import Tensor
+
+from fedrank.aggregation.base import (
+    AggregationError,
+    LoraState,
+    MethodOptions,
+    Shapes,
+    check_layers,
+    combine_by_index,
+    first_indices,
+    init_state_factors,
+    normalized_weights,
+    truncated_factors,
+)
+from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
+
+
+@dataclass(frozen=True)
+class FedSALoRA(MethodOptions):
+    name: ClassVar[str] = "fedsa"
+
+    def init_state(self, shapes: Shapes, max_rank: int) -> LoraState:
+        return LoraState(init_state_factors(shapes, max_rank, self.seed))
+
+    def dispatch(
+        self, state: LoraState, client: ClientSpec, round_index: int, local: dict[str, Tensor] | None = None
+    ) -> ClientAssignment:
+        factors = {}
+        for name, f in state.factors.items():
+            A = f.A[: client.rank].clone()
+            if local is None:
+                B = f.B.new_zeros(f.B.shape[0], client.rank)
+            else:
+                if name not in local or tuple(local[name].shape) != (f.B.shape[0], client.rank):
+                    raise AggregationError(
+                        f"fedsa: client {client.client_id}'s persisted B for layer {name} is missing or not "
+                        f"of shape {(f.B.shape[0], client.rank)}"
+                    )
+                B = local[name].clone()
+            factors[name] = LoraFactors(B, A)
+        download = sum(f.A.numel() for f in factors.values())
+        return self.assign(client, factors, download)
+
+    def aggregate(
+        self, state: LoraState, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None
+    ) -> LoraState:
+        p = normalized_weights(updates, weights)
+        check_layers(state.factors, updates)
+        idx = [first_indices(u.rank) for u in updates]
+        return LoraState(
+            {
+                name: combine_by_index(prev, [u.factors[name] for u in updates], idx, p, mean=True)
+                for name, prev in state.factors.items()
+            }
+        )
+
+    def upload_params(self, update: ClientUpdate) -> int:
+        return sum(f.A.numel() for f in update.factors.values())
+
+    def local_state(self, update: ClientUpdate) -> dict[str, Tensor] | None:
+        return {name: f.B.clone() for name, f in update.factors.items()}
+
+    def global_model(self, state: LoraState, rank: int | None = None) -> ClientAssignment:
+        r = rank or state.rank
+        factors = truncated_factors(state.factors, r)
+        return ClientAssignment(-1, r, self.scaling(r), factors, 0)

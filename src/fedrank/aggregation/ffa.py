@@ -1,0 +1,68 @@
+"""FFA-LoRA (Sun et al., "Improving LoRA in Privacy-preserving Federated Learning", ICLR 2024).
+
+A is frozen at a shared, seeded random init (of the largest rank; a client of rank r_k uses its first
+r_k rows) and never communicated: clients regenerate it from the seed. Only B is trained and sent.
+With A fixed and shared, averaging B is exact: Σ p_k B_k A = (Σ p_k B_k) A. Across ranks each column
+of B is averaged over the clients that held it:
+
+    B[:, i] ← Σ_{k: i < r_k} p_k B_k[:, i] / Σ_{k: i < r_k} p_k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from fedrank.aggregation.base import (
+    AggregationError,
+    LoraState,
+    MethodOptions,
+    Shapes,
+    check_layers,
+    combine_by_index,
+    first_indices,
+    init_state_factors,
+    normalized_weights,
+    truncated_factors,
+)
+from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
+
+
+@dataclass(frozen=True)
+class FFALoRA(MethodOptions):
+    name: ClassVar[str] = "ffa"
+
+    def init_state(self, shapes: Shapes, max_rank: int) -> LoraState:
+        return LoraState(init_state_factors(shapes, max_rank, self.seed))
+
+    def dispatch(
+        self, state: LoraState, client: ClientSpec, round_index: int, local: dict[str, Tensor] | None = None
+    ) -> ClientAssignment:
+        factors = truncated_factors(state.factors, client.rank)
+        download = sum(f.B.numel() for f in factors.values())
+        return self.assign(client, factors, download, train_A=False)
+
+    def aggregate(
+        self, state: LoraState, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None
+    ) -> LoraState:
+        p = normalized_weights(updates, weights)
+        check_layers(state.factors, updates)
+        out = {}
+        for name, prev in state.factors.items():
+            for u in updates:
+                if not torch.equal(u.factors[name].A, prev.A[: u.rank]):
+                    raise AggregationError(f"ffa: client {u.client_id} changed the frozen A of layer {name}")
+            idx = [first_indices(u.rank) for u in updates]
+            merged = combine_by_index(prev, [u.factors[name] for u in updates], idx, p, mean=True)
+            out[name] = LoraFactors(merged.B, prev.A)
+        return LoraState(out)
+
+    def upload_params(self, update: ClientUpdate) -> int:
+        return sum(f.B.numel() for f in update.factors.values())
+
+    def global_model(self, state: LoraState, rank: int | None = None) -> ClientAssignment:
+        return self.dispatch(state, ClientSpec(-1, rank or state.rank, 0), 0)

@@ -1,0 +1,62 @@
+"""Replication padding (Byun & Lee, "Towards Federated Low-Rank Adaptation of Language Models with Rank
+Heterogeneity", 2024).
+
+Like HetLoRA, the server keeps LoRA at the largest rank and client k receives the first r_k indices.
+Instead of zero-padding, a client's missing indices are filled by replicating what the clients that
+trained them hold, so zeros from low-rank clients never dilute the high-rank components:
+
+    B[:, i] ← Σ_{k: i < r_k} p_k B_k[:, i] / Σ_{k: i < r_k} p_k     (A[i, :] likewise).
+
+An index no client of the round held keeps its previous global value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import Tensor
+
+from fedrank.aggregation.base import (
+    LoraState,
+    MethodOptions,
+    Shapes,
+    check_layers,
+    combine_by_index,
+    first_indices,
+    init_state_factors,
+    normalized_weights,
+    truncated_factors,
+)
+from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate
+
+
+@dataclass(frozen=True)
+class Replication(MethodOptions):
+    name: ClassVar[str] = "replication"
+
+    def init_state(self, shapes: Shapes, max_rank: int) -> LoraState:
+        return LoraState(init_state_factors(shapes, max_rank, self.seed))
+
+    def dispatch(
+        self, state: LoraState, client: ClientSpec, round_index: int, local: dict[str, Tensor] | None = None
+    ) -> ClientAssignment:
+        factors = truncated_factors(state.factors, client.rank)
+        return self.assign(client, factors)
+
+    def aggregate(
+        self, state: LoraState, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None
+    ) -> LoraState:
+        p = normalized_weights(updates, weights)
+        check_layers(state.factors, updates)
+        idx = [first_indices(u.rank) for u in updates]
+        return LoraState(
+            {
+                name: combine_by_index(prev, [u.factors[name] for u in updates], idx, p, mean=True)
+                for name, prev in state.factors.items()
+            }
+        )
+
+    def global_model(self, state: LoraState, rank: int | None = None) -> ClientAssignment:
+        return self.dispatch(state, ClientSpec(-1, rank or state.rank, 0), 0)
