@@ -172,7 +172,7 @@ def check_layers(state_layers: Mapping[str, Any], updates: Sequence[ClientUpdate
 
 
 def scatter_rank_indices(
-    rows: Sequence[Tensor], indices: Sequence[Tensor], weights: Tensor, size: int
+    rows: Sequence[Tensor], indices: Sequence[Tensor], weights: Tensor, size: int, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
     """Σ_k w_k·rows_k placed at their global rank indices, and the weight each index received.
 
@@ -181,11 +181,10 @@ def scatter_rank_indices(
     the holders" divides by ``holder_weight``.
     """
     n = rows[0].shape[1]
-    dtype = rows[0].dtype
     total = torch.zeros(size, n, dtype=dtype)
     held = torch.zeros(size, dtype=torch.float64)
     for row, idx, w in zip(rows, indices, weights, strict=True):
-        total.index_add_(0, idx, row * w.to(dtype))
+        total.index_add_(0, idx, row.to(dtype) * w.to(dtype))
         held.index_add_(0, idx, torch.full((idx.numel(),), float(w), dtype=torch.float64))
     return total, held
 
@@ -218,8 +217,8 @@ def combine_by_index(
     nobody held keep ``previous``.
     """
     size = previous.rank
-    tA, hA = scatter_rank_indices([f.A for f in parts], indices, p, size)
-    tB, _ = scatter_rank_indices([f.B.T for f in parts], indices, p, size)
+    tA, hA = scatter_rank_indices([f.A for f in parts], indices, p, size, previous.A.dtype)
+    tB, _ = scatter_rank_indices([f.B.T for f in parts], indices, p, size, previous.B.dtype)
     if not mean:
         return LoraFactors(tB.T.contiguous(), tA)
     return LoraFactors(holder_mean(tB, hA, previous.B.T).T.contiguous(), holder_mean(tA, hA, previous.A))

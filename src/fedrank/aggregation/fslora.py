@@ -91,8 +91,8 @@ class FSLoRA(MethodOptions):
         for name, g in state.factors.items():
             dA = [u.factors[name].A - g.A[i] for u, i in zip(updates, idx, strict=True)]
             dB = [u.factors[name].B.T - g.B.T[i] for u, i in zip(updates, idx, strict=True)]
-            tA, held = scatter_rank_indices(dA, idx, p, self.rank)
-            tB, _ = scatter_rank_indices(dB, idx, p, self.rank)
+            tA, held = scatter_rank_indices(dA, idx, p, self.rank, g.A.dtype)
+            tB, _ = scatter_rank_indices(dB, idx, p, self.rank, g.B.dtype)
             if self.normalize == "holders":
                 zero = torch.zeros_like(tA), torch.zeros_like(tB)
                 tA, tB = holder_mean(tA, held, zero[0]), holder_mean(tB, held, zero[1])
