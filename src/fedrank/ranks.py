@@ -1,0 +1,121 @@
+"""Seeded distributions of LoRA ranks over clients (FlexLoRA §4.1's heterogeneous resources).
+
+* ``uniform``: every rank of the list equally likely.
+* ``heavy_tail_weak``: 80% of clients at the lowest rank, the rest 10/5/5% on the next ones (most
+  clients are weak).
+* ``heavy_tail_strong``: the mirror, 80% at the highest rank.
+* ``normal``: most clients in the middle of the list (a discretised normal over rank positions).
+* ``fixed``: every client at one rank (the first of the list).
+* ``budget``: each client's memory budget decides: the largest rank whose training fits
+  (:func:`training_bytes`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["DISTRIBUTIONS", "ModelFootprint", "assign_ranks", "rank_for_budget", "training_bytes"]
+
+
+def _tail_probs(k: int) -> np.ndarray:
+    """80% on the first rank, then 10/5/5% (for 4 ranks); the 20% split halving for other lengths."""
+    if k == 1:
+        return np.ones(1)
+    if k == 4:
+        return np.array([0.8, 0.1, 0.05, 0.05])
+    rest = np.array([0.5**i for i in range(1, k)])
+    return np.concatenate([[0.8], 0.2 * rest / rest.sum()])
+
+
+def _probs_uniform(k: int) -> np.ndarray:
+    return np.full(k, 1.0 / k)
+
+
+def _probs_weak(k: int) -> np.ndarray:
+    return _tail_probs(k)
+
+
+def _probs_strong(k: int) -> np.ndarray:
+    return _tail_probs(k)[::-1].copy()
+
+
+def _probs_normal(k: int) -> np.ndarray:
+    x = np.arange(k) - (k - 1) / 2.0
+    sigma = max(k / 4.0, 0.5)
+    p = np.exp(-0.5 * (x / sigma) ** 2)
+    return np.asarray(p / p.sum())
+
+
+def _probs_fixed(k: int) -> np.ndarray:
+    p = np.zeros(k)
+    p[0] = 1.0
+    return p
+
+
+DISTRIBUTIONS: Mapping[str, Callable[[int], np.ndarray]] = {
+    "uniform": _probs_uniform,
+    "heavy_tail_weak": _probs_weak,
+    "heavy_tail_strong": _probs_strong,
+    "normal": _probs_normal,
+    "fixed": _probs_fixed,
+}
+"""Name -> probabilities over the (sorted) rank list; ``budget`` is handled by :func:`rank_for_budget`."""
+
+
+def assign_ranks(distribution: str, ranks: Sequence[int], num_clients: int, seed: int) -> list[int]:
+    """Each client's rank, drawn i.i.d. from ``distribution`` over ``ranks`` with a seeded generator."""
+    if distribution not in DISTRIBUTIONS:
+        choices = ", ".join([*DISTRIBUTIONS, "budget"])
+        raise ValueError(f"unknown rank distribution {distribution!r}; choices: {choices}")
+    if not ranks or any(r <= 0 for r in ranks):
+        raise ValueError(f"ranks must be a non-empty list of positive integers, got {list(ranks)}")
+    if num_clients < 0:
+        raise ValueError(f"num_clients must be >= 0, got {num_clients}")
+    pool = sorted(set(int(r) for r in ranks))
+    p = DISTRIBUTIONS[distribution](len(pool))
+    rng = np.random.default_rng(seed)
+    return [pool[i] for i in rng.choice(len(pool), size=num_clients, p=p)]
+
+
+@dataclass(frozen=True)
+class ModelFootprint:
+    """What training memory depends on: model size, the LoRA layers' shapes and the activations."""
+
+    base_params: int
+    lora_shapes: tuple[tuple[int, int], ...]
+    num_layers: int
+    hidden: int
+    seq_len: int = 256
+    batch_size: int = 1
+    base_bytes_per_param: int = 4
+    activation_factor: float = 16.0
+    """Activation bytes per token per layer per hidden unit kept for backward (fp32, empirical ~16)."""
+
+
+def training_bytes(fp: ModelFootprint, rank: int) -> int:
+    """Estimated peak bytes of LoRA training at ``rank``.
+
+    bytes = base_params·b_base                                  (frozen weights)
+          + 16·P_lora,  P_lora = r·Σ_layers (m + n)              (fp32 param + grad + AdamW m, v)
+          + activation_factor·4·batch·seq·hidden·num_layers      (activations kept for backward)
+          + 4·batch·seq·r·len(lora_shapes)                       (LoRA's own A·x activations)
+    """
+    lora = rank * sum(m + n for m, n in fp.lora_shapes)
+    tokens = fp.batch_size * fp.seq_len
+    act = fp.activation_factor * 4 * tokens * fp.hidden * fp.num_layers
+    lora_act = 4 * tokens * rank * len(fp.lora_shapes)
+    return int(fp.base_params * fp.base_bytes_per_param + 16 * lora + act + lora_act)
+
+
+def rank_for_budget(budget_bytes: float, ranks: Sequence[int], fp: ModelFootprint) -> int:
+    """The largest rank of ``ranks`` whose :func:`training_bytes` fits ``budget_bytes``."""
+    fitting = [r for r in sorted(ranks) if training_bytes(fp, r) <= budget_bytes]
+    if not fitting:
+        need = training_bytes(fp, min(ranks))
+        raise ValueError(
+            f"a budget of {budget_bytes / 2**20:.1f} MiB fits no rank; rank {min(ranks)} needs {need / 2**20:.1f} MiB"
+        )
+    return fitting[-1]
