@@ -1,6 +1,6 @@
 """FlexLoRA's official dense SVD vs fedrank's svd_of_sum, side by side in one run.
 
-    python benchmarks/aggregate.py [--quick]      (same as: fedrank bench aggregate)
+python benchmarks/aggregate.py [--quick]      (same as: fedrank bench aggregate)
 """
 
 import sys

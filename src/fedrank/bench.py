@@ -156,7 +156,7 @@ def run(quick: bool = False) -> str:
     size = 1024 if quick else 4096
     compare_layers([(256, 256)], [4, 8, 16], seed=0)  # warm-up: first LAPACK calls pay one-off costs
     ranks_a = assign_ranks("uniform", [4, 8, 16, 32, 64], 20, seed=0)
-    a = compare_layers([(size, size)], ranks_a, seed=0)
+    a = compare_layers([(size, size)], ranks_a, seed=0, repeat=3)
     ranks_b = assign_ranks("heavy_tail_weak", [4, 8, 16, 32], 80, seed=0)
     shapes = list(SMOLLM2_LAYER_SHAPES.values()) * (3 if quick else 30)
     b = compare_layers(shapes, ranks_b, seed=1)

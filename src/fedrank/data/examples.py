@@ -1,0 +1,46 @@
+"""One training/evaluation example, framework-free."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Example:
+    """A prompt and its answer.
+
+    ``references``: every acceptable answer (Rouge-L takes the best). ``choices``/``correct``: the options
+    of a multiple-choice example and the index of the best-scored one (BIG-bench ``target_scores``).
+    """
+
+    prompt: str
+    target: str
+    references: tuple[str, ...] = ()
+    choices: tuple[str, ...] | None = None
+    correct: int | None = None
+    task: str = ""
+
+    @property
+    def is_multiple_choice(self) -> bool:
+        return self.choices is not None and self.correct is not None
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"prompt": self.prompt, "target": self.target, "task": self.task}
+        if self.references and self.references != (self.target,):
+            d["references"] = list(self.references)
+        if self.choices is not None:
+            d["choices"], d["correct"] = list(self.choices), self.correct
+        return d
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> Example:
+        choices = d.get("choices")
+        return Example(
+            prompt=d["prompt"],
+            target=d["target"],
+            references=tuple(d.get("references") or (d["target"],)),
+            choices=tuple(choices) if choices is not None else None,
+            correct=d.get("correct"),
+            task=d.get("task", ""),
+        )

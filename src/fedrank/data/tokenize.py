@@ -1,0 +1,66 @@
+"""Prompts through the tokenizer's chat template; the loss covers only the answer tokens.
+
+The tokenizer is duck-typed (``apply_chat_template``, ``__call__``, ``pad_token_id``, ``eos_token``): no
+framework import here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fedrank.data.examples import Example
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    """IGNORE on prompt tokens, the token id on answer tokens (the end-of-turn token included)."""
+    truncated: bool
+
+
+def prompt_text(tokenizer: Any, prompt: str) -> str:
+    """The chat-formatted user turn, ending where the assistant's answer starts."""
+    text: str = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    return text
+
+
+def encode(tokenizer: Any, ex: Example, max_len: int, answer: str | None = None) -> Encoded:
+    """Token ids of prompt + answer (+ end of turn) with labels on the answer only.
+
+    Over ``max_len`` tokens, the prompt loses tokens from its left (the answer is kept); an answer longer
+    than ``max_len`` alone is cut on the right. Either way ``truncated`` is set so callers can count it.
+    """
+    if max_len < 2:
+        raise ValueError(f"max_seq_len must be >= 2, got {max_len}")
+    p_ids: list[int] = tokenizer(prompt_text(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"]
+    a_text = (ex.target if answer is None else answer) + tokenizer.eos_token
+    a_ids: list[int] = tokenizer(a_text, add_special_tokens=False)["input_ids"]
+    truncated = len(p_ids) + len(a_ids) > max_len
+    if truncated:
+        a_ids = a_ids[: max_len - 1]
+        p_ids = p_ids[len(p_ids) - (max_len - len(a_ids)) :]
+    return Encoded(p_ids + a_ids, [IGNORE] * len(p_ids) + a_ids, truncated)
+
+
+def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, Tensor]:
+    """Right-padded input_ids / attention_mask / labels tensors."""
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,122 @@
+"""Evaluation the way the papers do it: Rouge-L on *generated* text (greedy, batched), multiple-choice
+accuracy from option log-likelihoods, and answer loss / perplexity; per task and macro-averaged."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from rouge_score import rouge_scorer
+from torch import nn
+
+from fedrank.data.examples import Example
+from fedrank.data.tokenize import IGNORE, collate, encode, prompt_text
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    max_new_tokens: int = 16
+    batch_size: int = 8
+    max_seq_len: int = 256
+    generate: bool = True
+    """Rouge-L on generated text for generative tasks (the costly part)."""
+
+
+_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, references: Sequence[str]) -> float:
+    """Best Rouge-L F1 of ``prediction`` over ``references`` (rouge-score, stemmed)."""
+    return max(float(_SCORER.score(ref, prediction)["rougeL"].fmeasure) for ref in references)
+
+
+@torch.no_grad()
+def generate(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: EvalConfig) -> list[str]:
+    """Greedy continuations of chat-formatted prompts, in batches, left-padded."""
+    out: list[str] = []
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for i in range(0, len(prompts), cfg.batch_size):
+            texts = [prompt_text(tokenizer, p) for p in prompts[i : i + cfg.batch_size]]
+            enc = tokenizer(
+                texts,
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+                truncation=True,
+                max_length=cfg.max_seq_len,
+            )
+            enc = {k: v.to(device) for k, v in enc.items()}
+            ids = model.generate(
+                **enc,
+                max_new_tokens=cfg.max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            new = ids[:, enc["input_ids"].shape[1] :]
+            out.extend(s.strip() for s in tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+@torch.no_grad()
+def answer_nll(
+    model: nn.Module, tokenizer: Any, examples: Sequence[Example], cfg: EvalConfig, answers: Sequence[str] | None = None
+) -> list[tuple[float, int]]:
+    """(summed negative log-likelihood, token count) of each example's answer (or of ``answers``)."""
+    device = next(model.parameters()).device
+    enc = [
+        encode(tokenizer, ex, cfg.max_seq_len, None if answers is None else answers[i]) for i, ex in enumerate(examples)
+    ]
+    out: list[tuple[float, int]] = []
+    was = model.training
+    model.eval()
+    for i in range(0, len(enc), cfg.batch_size):
+        batch = {k: v.to(device) for k, v in collate(enc[i : i + cfg.batch_size], tokenizer.pad_token_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        mask = labels != IGNORE
+        tok = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask
+        out.extend(zip((-tok.sum(1)).tolist(), mask.sum(1).tolist(), strict=True))
+    model.train(was)
+    return out
+
+
+def evaluate_task(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: EvalConfig) -> dict[str, float]:
+    """Loss and perplexity on the answers, accuracy on multiple-choice examples, Rouge-L on generative ones."""
+    if not examples:
+        raise ValueError("cannot evaluate a task with no examples")
+    nll = answer_nll(model, tokenizer, examples, cfg)
+    total, count = sum(n for n, _ in nll), sum(c for _, c in nll)
+    loss = total / max(count, 1)
+    res: dict[str, float] = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "n": float(len(examples))}
+    mc = [e for e in examples if e.is_multiple_choice]
+    if mc:
+        flat = [(e, c) for e in mc for c in e.choices or ()]
+        scores = answer_nll(model, tokenizer, [e for e, _ in flat], cfg, [c for _, c in flat])
+        correct, k = 0, 0
+        for e in mc:
+            n = len(e.choices or ())
+            ll = [-s for s, _ in scores[k : k + n]]
+            correct += int(max(range(n), key=ll.__getitem__) == e.correct)
+            k += n
+        res["accuracy"] = correct / len(mc)
+    gen = [e for e in examples if not e.is_multiple_choice]
+    if gen and cfg.generate:
+        preds = generate(model, tokenizer, [e.prompt for e in gen], cfg)
+        res["rougeL"] = sum(rouge_l(p, e.references) for p, e in zip(preds, gen, strict=True)) / len(gen)
+    return res
+
+
+def macro_average(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Mean of each metric over the tasks that report it."""
+    keys = sorted({k for m in per_task.values() for k in m if k != "n"})
+    return {k: sum(m[k] for m in per_task.values() if k in m) / sum(k in m for m in per_task.values()) for k in keys}

@@ -1,0 +1,120 @@
+"""Local training of one client's LoRA (no FL logic: the caller decides what is trainable).
+
+AdamW with linear warm-up, a fixed number of optimizer steps (or epochs), micro-batches with gradient
+accumulation, gradient clipping, a seeded data order and optional bf16 autocast. FL methods reach it only
+through what the model exposes as trainable (FFA: A frozen), the scaling set on the adapter (FSLoRA's
+r/k), and an optional regulariser (HetLoRA's self-pruning penalty).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from fedrank.data.tokenize import IGNORE, Encoded, collate
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    steps: int = 4
+    """Optimizer steps per round; 0 means use ``epochs``."""
+    epochs: float = 0.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    max_seq_len: int = 256
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be positive, got {self.lr}")
+        if self.steps < 0 or self.epochs < 0 or (self.steps == 0 and self.epochs == 0):
+            raise ValueError("set train.steps > 0 or train.epochs > 0")
+        if self.batch_size <= 0 or self.grad_accum <= 0:
+            raise ValueError("train.batch_size and train.grad_accum must be positive")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.max_seq_len < 2:
+            raise ValueError(f"train.max_seq_len must be >= 2, got {self.max_seq_len}")
+
+    def num_steps(self, num_examples: int) -> int:
+        if self.steps:
+            return self.steps
+        per_step = self.batch_size * self.grad_accum
+        return max(1, math.ceil(self.epochs * num_examples / per_step))
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float
+    """Mean training loss over all micro-batches."""
+    losses: list[float] = field(repr=False)
+    """Loss of each optimizer step (mean over its micro-batches)."""
+    examples: int
+    tokens: int
+    """Answer tokens that carried loss."""
+    steps: int
+    seconds: float
+
+
+def train_local(
+    model: nn.Module,
+    params: Sequence[nn.Parameter],
+    data: Sequence[Encoded],
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    pad_id: int,
+    regularizer: Callable[[], Tensor] | None = None,
+) -> TrainResult:
+    """Train ``params`` of ``model`` on ``data``; returns losses and counts."""
+    if not data:
+        raise ValueError("a client with no training examples cannot train")
+    if not params:
+        raise ValueError("no trainable parameters")
+    start = time.perf_counter()
+    device = next(iter(params)).device
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = max(cfg.warmup_steps, 0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    steps = cfg.num_steps(len(data))
+    order: list[int] = []
+    losses: list[float] = []
+    examples = tokens = 0
+    use_bf16 = cfg.precision == "bf16"
+    was_training = model.training
+    model.train()
+    for _ in range(steps):
+        step_loss = 0.0
+        for _ in range(cfg.grad_accum):
+            batch_idx: list[int] = []
+            while len(batch_idx) < cfg.batch_size:
+                if not order:
+                    order = torch.randperm(len(data), generator=generator).tolist()
+                batch_idx.append(order.pop())
+            batch = {k: v.to(device) for k, v in collate([data[i] for i in batch_idx], pad_id).items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = model(**batch).loss
+                if regularizer is not None:
+                    loss = loss + regularizer()
+            (loss / cfg.grad_accum).backward()
+            step_loss += float(loss.detach()) / cfg.grad_accum
+            examples += len(batch_idx)
+            tokens += int((batch["labels"] != IGNORE).sum())
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+    model.train(was_training)
+    return TrainResult(sum(losses) / len(losses), losses, examples, tokens, steps, time.perf_counter() - start)

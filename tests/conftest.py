@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def bigbench_sdist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The committed task.json fixtures packed like the bigbench==1.0.0 sdist."""
+    out = tmp_path_factory.mktemp("sdist") / "bigbench-1.0.0.tar.gz"
+    with tarfile.open(out, "w:gz") as tf:
+        for path in sorted((FIXTURES / "bigbench").rglob("*")):
+            if path.is_file():
+                tf.add(path, arcname="bigbench-1.0.0/" + str(path.relative_to(FIXTURES)))
+        info = tarfile.TarInfo("bigbench-1.0.0/setup.py")
+        data = b"# not a task\n"
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """A random-weight tiny Llama and its in-process tokenizer (no downloads)."""
+    from fedrank.models import tiny_llama
+
+    return tiny_llama(seed=0)
