@@ -21,6 +21,12 @@ class Example:
     correct: int | None = None
     task: str = ""
 
+    def __post_init__(self) -> None:
+        if not self.references:
+            object.__setattr__(self, "references", (self.target,))
+        if self.choices is not None and not (self.correct is not None and 0 <= self.correct < len(self.choices)):
+            raise ValueError(f"multiple-choice example needs 0 <= correct < {len(self.choices)}, got {self.correct}")
+
     @property
     def is_multiple_choice(self) -> bool:
         return self.choices is not None and self.correct is not None

@@ -115,6 +115,9 @@ def tiny_llama(
         num_key_value_heads=2,
         max_position_embeddings=512,
         tie_word_embeddings=True,
+        # Wider than Llama's 0.02 so that logits (normalised hidden state · embeddings) can move far
+        # enough for a tiny model to memorise a toy set.
+        initializer_range=0.2,
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
     )

@@ -1,0 +1,219 @@
+"""The tiny random Llama: factor round trips, dispatch fidelity, sketched/frozen training, export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedrank.aggregation import METHODS, make_method
+from fedrank.data.examples import Example
+from fedrank.data.tokenize import encode
+from fedrank.evaluate import EvalConfig, answer_nll, evaluate_task, generate, macro_average, rouge_l
+from fedrank.models import LoraHost, export_peft_adapter, tiny_llama
+from fedrank.train import TrainConfig, train_local
+from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
+
+TOY = [Example(f"repeat the word {w}", w) for w in ["apple", "river", "stone", "cloud", "green", "light"]]
+
+
+@pytest.fixture(scope="module")
+def shared_host(tiny) -> LoraHost:
+    return LoraHost(tiny.model)  # one base model per process, as in real runs
+
+
+@pytest.fixture()
+def host(shared_host: LoraHost) -> LoraHost:
+    yield shared_host
+    # leave the shared model clean for the next test: no LoRA, no base delta
+    shared_host.load(ClientAssignment(-1, 1, 0.0, {}, 0))
+
+
+def random_factors(host: LoraHost, rank: int, seed: int) -> dict[str, LoraFactors]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        k: LoraFactors(torch.randn(m, rank, generator=g) * 0.05, torch.randn(rank, n, generator=g) * 0.05)
+        for k, (m, n) in host.shapes.items()
+    }
+
+
+def train(host: LoraHost, tok, a: ClientAssignment, steps: int = 3, seed: int = 0, lr: float = 1e-2):
+    host.load(a)
+    data = [encode(tok, e, 64) for e in TOY]
+    cfg = TrainConfig(lr=lr, steps=steps, batch_size=3)
+    return train_local(
+        host.module, host.trainable_parameters(), data, cfg, torch.Generator().manual_seed(seed), tok.pad_token_id
+    )
+
+
+def test_host_finds_every_target_layer(host: LoraHost) -> None:
+    assert len(host.shapes) == 2 * 7  # 2 layers x q/k/v/o/gate/up/down
+    assert host.shapes["model.layers.0.self_attn.k_proj"] == (32, 64)  # 2 kv heads x 16
+    assert host.shapes["model.layers.1.mlp.down_proj"] == (64, 128)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_dispatch_writes_exactly_what_aggregation_sent(host: LoraHost, name: str) -> None:
+    method = make_method(name, rank=8) if name == "fslora" else make_method(name)
+    state = method.init_state(host.shapes, 8)
+    a = method.dispatch(state, ClientSpec(3, 8 if name in ("fedit", "lorafair") else 4, 10), 0)
+    host.load(a)
+    got = host.read()
+    assert set(got) == set(a.factors)
+    for layer, f in a.factors.items():
+        assert torch.equal(got[layer].A, f.A) and torch.equal(got[layer].B, f.B)
+    for _, mod in host.lora_layers():
+        assert mod.scaling[f"rank{a.rank}"] == a.scaling
+        assert mod.lora_A[f"rank{a.rank}"].weight.requires_grad == a.train_A
+
+
+def test_lora_forward_is_base_plus_scaled_product(host: LoraHost, tiny) -> None:
+    fac = random_factors(host, 4, 1)
+    host.load(ClientAssignment(0, 4, 0.37, fac, 0))
+    name = "model.layers.0.self_attn.q_proj"
+    layer = dict(host.lora_layers())[name]
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        want = layer.base_layer(x) + 0.37 * x @ (fac[name].B @ fac[name].A).T
+        torch.testing.assert_close(layer(x), want, atol=1e-6, rtol=1e-5)
+
+
+def test_sketched_training_leaves_unselected_indices_untouched(host: LoraHost, tiny) -> None:
+    fs = make_method("fslora", rank=8)
+    state = fs.init_state(host.shapes, 8)
+    state = type(state)({k: LoraFactors(f.B + 0.01, f.A) for k, f in state.factors.items()})  # B != 0
+    a = fs.dispatch(state, ClientSpec(1, 3, 6), 0)
+    assert a.scaling == pytest.approx(16 / 8 * 8 / 3)  # s·r/k
+    train(host, tiny.tokenizer, a)
+    up = ClientUpdate(1, a.rank, 6, host.read(), a.indices)
+    new = fs.aggregate(state, [up])
+    held = set(a.indices.tolist())
+    for layer, f in state.factors.items():
+        for i in range(8):
+            changed = not torch.equal(new.factors[layer].A[i], f.A[i])
+            assert changed == (i in held), f"{layer} index {i}"
+            if i not in held:
+                assert torch.equal(new.factors[layer].B[:, i], f.B[:, i])
+
+
+def test_ffa_trains_only_b(host: LoraHost, tiny) -> None:
+    ffa = make_method("ffa")
+    state = ffa.init_state(host.shapes, 4)
+    a = ffa.dispatch(state, ClientSpec(0, 4, 6), 0)
+    train(host, tiny.tokenizer, a)
+    got = host.read()
+    for layer, f in a.factors.items():
+        assert torch.equal(got[layer].A, f.A) and not torch.equal(got[layer].B, f.B)
+    ffa.aggregate(state, [ClientUpdate(0, 4, 6, got)])  # passes its frozen-A check
+
+
+def test_fedsa_client_b_persists_across_rounds(host: LoraHost, tiny) -> None:
+    fs = make_method("fedsa")
+    state = fs.init_state(host.shapes, 4)
+    a = fs.dispatch(state, ClientSpec(0, 4, 6), 0)
+    train(host, tiny.tokenizer, a)
+    up = ClientUpdate(0, 4, 6, host.read())
+    state = fs.aggregate(state, [up])
+    host.load(fs.dispatch(state, ClientSpec(1, 4, 6), 1))  # another client in between
+    a2 = fs.dispatch(state, ClientSpec(0, 4, 6), 1, fs.local_state(up))
+    host.load(a2)
+    for layer, f in host.read().items():
+        assert torch.equal(f.B, up.factors[layer].B) and torch.equal(f.A, state.factors[layer].A)
+
+
+def test_loss_decreases_on_a_memorisable_toy_set(host: LoraHost, tiny) -> None:
+    a = make_method("flexlora").dispatch(make_method("flexlora").init_state(host.shapes, 8), ClientSpec(0, 8, 6), 0)
+    res = train(host, tiny.tokenizer, a, steps=40, lr=1e-2)
+    assert res.steps == 40 and res.examples == 40 * 3
+    assert res.tokens > 0
+    first, last = sum(res.losses[:5]) / 5, sum(res.losses[-5:]) / 5
+    assert last < 0.5 * first, (first, last)
+
+
+def test_training_is_seeded_and_regulariser_enters_the_loss(host: LoraHost, tiny) -> None:
+    a = make_method("hetlora").dispatch(make_method("hetlora").init_state(host.shapes, 4), ClientSpec(0, 4, 6), 0)
+    r1 = train(host, tiny.tokenizer, a, steps=2, seed=5)
+    f1 = host.read()
+    r2 = train(host, tiny.tokenizer, a, steps=2, seed=5)
+    assert r1.losses == r2.losses
+    assert all(torch.equal(f1[k].B, f.B) for k, f in host.read().items())
+    host.load(a)
+    data = [encode(tiny.tokenizer, e, 64) for e in TOY]
+    r3 = train_local(
+        host.module,
+        host.trainable_parameters(),
+        data,
+        TrainConfig(lr=1e-2, steps=1, batch_size=3),
+        torch.Generator().manual_seed(5),
+        tiny.tokenizer.pad_token_id,
+        regularizer=lambda: torch.tensor(5.0),
+    )
+    assert r3.losses[0] == pytest.approx(r1.losses[0] + 5.0, abs=1e-5)
+
+
+def test_flora_base_delta_changes_the_base_and_is_undone(host: LoraHost, tiny) -> None:
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        base = host.module(input_ids=ids).logits.clone()
+    delta = {k: torch.randn(m, n) * 0.05 for k, (m, n) in host.shapes.items()}
+    host.load(ClientAssignment(-1, 1, 0.0, {}, 0, base_delta=delta))
+    with torch.no_grad():
+        shifted = host.module(input_ids=ids).logits.clone()
+    ref = tiny_llama(seed=0)
+    with torch.no_grad():
+        for name, mod in ref.model.named_modules():
+            if name in delta:
+                mod.weight += delta[name]
+        torch.testing.assert_close(shifted, ref.model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    host.load(ClientAssignment(-1, 1, 0.0, {}, 0))
+    with torch.no_grad():
+        torch.testing.assert_close(host.module(input_ids=ids).logits, base)
+
+
+@pytest.mark.parametrize("scaling", [2.0, 16 / 8**0.5 * 8 / 3])
+def test_peft_export_round_trip_gives_identical_logits(host: LoraHost, tiny, tmp_path: Path, scaling: float) -> None:
+    from peft import PeftModel
+
+    fac = random_factors(host, 8, 2)
+    host.load(ClientAssignment(0, 8, scaling, fac, 0))
+    ids = torch.tensor([[3, 9, 27, 81, 50]])
+    with torch.no_grad():
+        ours = host.module(input_ids=ids).logits
+    out = export_peft_adapter(tmp_path / "adapter", fac, scaling, "tiny-llama")
+    cfg = __import__("json").loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and cfg["base_model_name_or_path"] == "tiny-llama"
+    assert sorted(cfg["target_modules"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    loaded = PeftModel.from_pretrained(tiny_llama(seed=0).model, str(out))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, ours, atol=1e-6, rtol=1e-6)
+
+
+def test_evaluation_metrics(host: LoraHost, tiny) -> None:
+    assert rouge_l("the cat sat", ["the cat sat"]) == 1.0
+    assert rouge_l("dog", ["the cat sat", "a dog"]) == pytest.approx(2 / 3)
+    assert rouge_l("xyz", ["abc"]) == 0.0
+    host.load(ClientAssignment(-1, 1, 0.0, {}, 0))
+    tok, cfg = tiny.tokenizer, EvalConfig(max_new_tokens=4, batch_size=2)
+    mc = [
+        Example("pick one", "yes", ("yes",), ("yes", "no", "maybe"), 0),
+        Example("pick two", "no", ("no",), ("yes", "no"), 1),
+    ]
+    gen = [Example("say a word", "apple"), Example("say another word please", "river stone")]
+    res = evaluate_task(host.module, tok, mc + gen, cfg)
+    # accuracy is the argmax of the options' log-likelihoods
+    correct = 0
+    for e in mc:
+        nll = answer_nll(host.module, tok, [e] * len(e.choices), cfg, list(e.choices))
+        correct += int(min(range(len(e.choices)), key=lambda i: nll[i][0]) == e.correct)
+    assert res["accuracy"] == correct / 2
+    preds = generate(host.module, tok, [e.prompt for e in gen], cfg)
+    assert len(preds) == 2
+    assert res["rougeL"] == pytest.approx(sum(rouge_l(p, e.references) for p, e in zip(preds, gen)) / 2)
+    # batching does not change generations (left padding)
+    assert generate(host.module, tok, [gen[1].prompt], cfg) == preds[1:]
+    nll = answer_nll(host.module, tok, mc + gen, cfg)
+    assert res["loss"] == pytest.approx(sum(n for n, _ in nll) / sum(c for _, c in nll))
+    assert macro_average({"a": {"loss": 1.0, "accuracy": 0.5}, "b": {"loss": 3.0}}) == {"loss": 2.0, "accuracy": 0.5}
