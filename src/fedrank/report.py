@@ -1,0 +1,152 @@
+"""Tables and plots rebuilt from ``metrics.jsonl`` files, without rerunning anything."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (is this a fedrank run directory?)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _evals(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if r["type"] == "eval"]
+
+
+def run_summary(records: Sequence[dict[str, Any]], method: str) -> dict[str, Any]:
+    """Before/after eval metrics, their change, communication and time, from one run's records."""
+    evals = _evals(records)
+    rounds = [r for r in records if r["type"] == "round"]
+    first, last = (evals[0], evals[-1]) if evals else ({}, {})
+    before, after = first.get("unseen_avg", {}), last.get("unseen_avg", {})
+    return {
+        "method": method,
+        "rounds": len(rounds),
+        "client_updates": sum(r["type"] == "client" for r in records),
+        "eval_before_round": first.get("round"),
+        "eval_after_round": last.get("round"),
+        "unseen_before": before,
+        "unseen_after": after,
+        "unseen_change": {k: after[k] - before[k] for k in after if k in before},
+        "participants_after": last.get("participants_avg", {}),
+        "final_train_loss": rounds[-1]["train_loss"] if rounds else None,
+        "up_bytes": sum(r["up_bytes"] for r in rounds),
+        "down_bytes": sum(r["down_bytes"] for r in rounds),
+    }
+
+
+def write_plots(records: Sequence[dict[str, Any]], out: Path, ranks: Sequence[int] | None = None) -> list[Path]:
+    """Eval metrics and train loss vs round, rank histogram, communication per round."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    evals = _evals(records)
+    rounds = [r for r in records if r["type"] == "round"]
+    keys = sorted({k for e in evals for k in e["unseen_avg"] if k != "perplexity"})
+    if evals and keys:
+        fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+        for ax, k in zip(axes[0], keys, strict=True):
+            pts = [(e["round"], e["unseen_avg"][k]) for e in evals if k in e["unseen_avg"]]
+            ax.plot(*zip(*pts, strict=True), marker="o")
+            ax.set(title=f"unseen tasks: {k}", xlabel="round")
+        paths.append(_save(fig, out / "eval.png"))
+    if rounds:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot([r["round"] for r in rounds], [r["train_loss"] for r in rounds], marker="o")
+        ax.set(title="train loss (n-weighted mean over clients)", xlabel="round")
+        paths.append(_save(fig, out / "train_loss.png"))
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        xs = [r["round"] for r in rounds]
+        ax.bar([x - 0.2 for x in xs], [r["up_bytes"] / 2**20 for r in rounds], width=0.4, label="up")
+        ax.bar([x + 0.2 for x in xs], [r["down_bytes"] / 2**20 for r in rounds], width=0.4, label="down")
+        ax.set(title="communication per round", xlabel="round", ylabel="MiB")
+        ax.legend()
+        paths.append(_save(fig, out / "communication.png"))
+    client_ranks = ranks or [r["rank"] for r in records if r["type"] == "client"]
+    if client_ranks:
+        counts = Counter(client_ranks)
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        keys = sorted(counts)
+        ax.bar(range(len(keys)), [counts[k] for k in keys], tick_label=[str(k) for k in keys])
+        ax.set(title="clients per LoRA rank", xlabel="rank", ylabel="clients")
+        paths.append(_save(fig, out / "ranks.png"))
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return m, sd
+
+
+def comparison(runs: dict[str, list[Path]], out: Path) -> tuple[Path, Path]:
+    """``comparison.md`` / ``comparison.csv`` (mean ± std over seeds) and a plot, from run directories."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    curves: dict[str, dict[int, list[float]]] = {}
+    metric_keys: set[str] = set()
+    for method, dirs in runs.items():
+        summaries = [run_summary(read_metrics(d / "metrics.jsonl"), method) for d in dirs]
+        values: dict[str, list[float]] = {}
+        for s in summaries:
+            for k, v in s["unseen_after"].items():
+                values.setdefault(f"after/{k}", []).append(v)
+            for k, v in s["unseen_change"].items():
+                values.setdefault(f"change/{k}", []).append(v)
+            values.setdefault("up_MiB", []).append(s["up_bytes"] / 2**20)
+            values.setdefault("down_MiB", []).append(s["down_bytes"] / 2**20)
+        metric_keys |= set(values)
+        rows.append({"method": method, "seeds": len(dirs), **{k: _mean_std(v) for k, v in values.items()}})
+        for d in dirs:
+            for e in _evals(read_metrics(d / "metrics.jsonl")):
+                main = _main_metric(e["unseen_avg"])
+                if main is not None:
+                    curves.setdefault(method, {}).setdefault(e["round"], []).append(e["unseen_avg"][main])
+    keys = sorted(metric_keys)
+    csv_path = out / "comparison.csv"
+    with csv_path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "seeds"] + [c for k in keys for c in (f"{k} mean", f"{k} std")])
+        for r in rows:
+            w.writerow([r["method"], r["seeds"]] + [x for k in keys for x in r.get(k, (float("nan"),) * 2)])
+    md = ["| method | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for r in rows:
+        cells = [f"{r[k][0]:.4f} ± {r[k][1]:.4f}" if k in r else "–" for k in keys]
+        md.append(f"| {r['method']} | {r['seeds']} | " + " | ".join(cells) + " |")
+    md_path = out / "comparison.md"
+    md_path.write_text("\n".join(md) + "\n")
+    if curves:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method, pts in curves.items():
+            xs = sorted(pts)
+            ax.plot(xs, [sum(pts[x]) / len(pts[x]) for x in xs], marker="o", label=method)
+        ax.set(title="unseen tasks (mean over seeds)", xlabel="round")
+        ax.legend()
+        _save(fig, out / "comparison.png")
+    return md_path, csv_path
+
+
+def _main_metric(avg: dict[str, float]) -> str | None:
+    for k in ("rougeL", "accuracy", "loss"):
+        if k in avg:
+            return k
+    return None

@@ -1,0 +1,383 @@
+"""In-process federated simulation: sample, dispatch, train, validate, aggregate, evaluate, checkpoint.
+
+Every random choice is derived from (seed, round, client), so a run resumed from its last checkpoint is
+bit-identical to an uninterrupted one. Clients are materialised only when sampled: the server holds the
+global state, one model, and the round's updates; persistent per-client state (FedSA's B) lives on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from fedrank import checkpoint
+from fedrank.aggregation import HOMOGENEOUS, AggregationMethod, HetLoRAPruning, make_method
+from fedrank.aggregation.base import derive_generator
+from fedrank.config import ConfigError, RunConfig, dumps_toml, to_dict
+from fedrank.data import BigBench, BigBenchStore, Federation, TaskStore, encode, read_jsonl
+from fedrank.data.synthetic import synthetic_store
+from fedrank.evaluate import evaluate_task, macro_average
+from fedrank.lowrank import lora_scaling, svd_of_sum, truncate
+from fedrank.models import LoadedModel, LoraHost, export_peft_adapter, load_causal_lm, tiny_llama
+from fedrank.ranks import assign_ranks
+from fedrank.train import train_local
+from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
+
+log = logging.getLogger(__name__)
+
+BYTES_PER_PARAM = 4  # fp32 on the wire
+CHECKPOINT = "checkpoint.pt"
+
+
+def build_store(cfg: RunConfig) -> TaskStore:
+    d = cfg.data
+    if d.source == "bigbench":
+        return BigBenchStore(BigBench.open(d.cache_dir or None))
+    if d.source == "jsonl":
+        return read_jsonl(list(d.paths), d.group_by)
+    return synthetic_store(d.synthetic_tasks, d.synthetic_examples, cfg.seed)
+
+
+def build_model(cfg: RunConfig) -> LoadedModel:
+    name = cfg.model.name
+    lm = tiny_llama(seed=cfg.seed) if name == "tiny" else load_causal_lm(name)
+    device = cfg.model.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu":
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"model.device {device!r} requested but CUDA is not available")
+        lm.model.to(device)
+    return lm
+
+
+def build_method(cfg: RunConfig) -> AggregationMethod[Any]:
+    opts: dict[str, Any] = {"alpha": cfg.model.alpha, "rslora": cfg.model.rslora, "seed": cfg.seed}
+    if cfg.method.name == "fslora":
+        opts["rank"] = max(cfg.ranks.choices)  # the global rank defaults to the largest client rank
+    return make_method(cfg.method.name, **{**opts, **cfg.method.options})
+
+
+def client_ranks(cfg: RunConfig, num_clients: int) -> list[int]:
+    """Every registered client's rank (a few bytes each); homogeneous methods need ``fixed``."""
+    if cfg.method.name in HOMOGENEOUS and cfg.ranks.distribution != "fixed":
+        raise ConfigError(
+            f"method {cfg.method.name} needs one rank for all clients: set ranks.distribution = 'fixed' "
+            f"(clients then use the smallest of ranks.choices, {min(cfg.ranks.choices)})"
+        )
+    return assign_ranks(cfg.ranks.distribution, cfg.ranks.choices, num_clients, cfg.seed)
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    summary: dict[str, Any]
+
+
+class Simulation:
+    """One federated run writing to ``out_dir`` (see the README for the files)."""
+
+    def __init__(self, cfg: RunConfig, out_dir: Path, resume: bool = False, progress: bool = True):
+        self.cfg, self.out, self.progress = cfg, out_dir, progress
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.store = build_store(cfg)
+        self.fed = Federation(self.store, cfg.partition)
+        self.ranks = client_ranks(cfg, self.fed.num_clients)
+        self.per_round = cfg.federation.per_round(self.fed.num_clients)
+        self.method = build_method(cfg)
+        self.pruning = HetLoRAPruning(**cfg.method.prune) if cfg.method.prune else None
+        self.lm = build_model(cfg)
+        self.host = LoraHost(self.lm.model, cfg.model.target_modules, cfg.model.alpha)
+        self.start_round = 0
+        self.rank_overrides: dict[int, int] = {}
+        self.state = self.method.init_state(self.host.shapes, max(cfg.ranks.choices))
+        if resume:
+            self._restore()
+        else:
+            self.metrics_path.write_text("")
+        (self.out / "config.toml").write_text(dumps_toml(to_dict(cfg)))
+
+    # ----------------------------------------------------------------- persistence
+    def _restore(self) -> None:
+        ck = checkpoint.load(self.out / CHECKPOINT)
+        if ck["config"] != to_dict(self.cfg):
+            raise ConfigError(f"--resume: the config differs from the one {self.out} was started with")
+        self.start_round = int(ck["round"])
+        self.state = ck["state"]
+        self.rank_overrides = dict(ck["rank_overrides"])
+        lines = self.metrics_path.read_text().splitlines(keepends=True)[: ck["metrics_lines"]]
+        checkpoint.atomic_write_bytes(self.metrics_path, "".join(lines).encode())
+        log.info("resuming %s after round %d", self.out, self.start_round)
+
+    def _checkpoint(self, round_done: int) -> None:
+        lines = len(self.metrics_path.read_text().splitlines())
+        ck = {
+            "round": round_done,
+            "state": self.state,
+            "rank_overrides": self.rank_overrides,
+            "metrics_lines": lines,
+            "config": to_dict(self.cfg),
+            "torch_rng": torch.get_rng_state(),
+        }
+        checkpoint.save(ck, self.out / CHECKPOINT)
+
+    def _record(self, rec: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def _local_path(self, cid: int, round_done: int) -> Path:
+        return self.out / "clients" / str(cid) / f"after-round-{round_done}.pt"
+
+    def _load_local(self, cid: int, round_index: int) -> dict[str, Tensor] | None:
+        """The client's persisted state from its latest round before ``round_index`` (0-based)."""
+        folder = self.out / "clients" / str(cid)
+        if not folder.is_dir():
+            return None
+        done = sorted(int(p.stem.rsplit("-", 1)[1]) for p in folder.glob("after-round-*.pt"))
+        done = [d for d in done if d <= round_index]
+        if not done:
+            return None
+        local: dict[str, Tensor] = checkpoint.load(self._local_path(cid, done[-1]))
+        return local
+
+    # ----------------------------------------------------------------- the round
+    def rank_of(self, cid: int) -> int:
+        return self.rank_overrides.get(cid, self.ranks[cid])
+
+    def sample(self, round_index: int) -> list[int]:
+        rng = np.random.default_rng([self.cfg.seed, 17, round_index])
+        return [int(c) for c in rng.choice(self.fed.num_clients, self.per_round, replace=False)]
+
+    def train_client(self, cid: int, round_index: int) -> tuple[ClientUpdate, dict[str, Any], ClientAssignment]:
+        t0 = time.perf_counter()
+        data = self.fed.client(cid)
+        spec = ClientSpec(cid, self.rank_of(cid), len(data.train))
+        a = self.method.dispatch(self.state, spec, round_index, self._load_local(cid, round_index))
+        self.host.load(a)
+        enc = [encode(self.lm.tokenizer, e, self.cfg.train.max_seq_len) for e in data.train]
+        reg: Callable[[], Tensor] | None = None
+        if self.pruning is not None:
+            pr = self.pruning
+
+            def reg() -> Tensor:
+                return torch.stack([pr.penalty(B, A) for B, A in self.host.lora_pairs()]).sum()
+
+        g = derive_generator(self.cfg.seed, round_index, cid, 0x7A1)
+        res = train_local(
+            self.host.module,
+            self.host.trainable_parameters(),
+            enc,
+            self.cfg.train,
+            g,
+            self.lm.tokenizer.pad_token_id,
+            reg,
+        )
+        factors = {k: LoraFactors(f.B.cpu(), f.A.cpu()) for k, f in self.host.read().items()}
+        rank = a.rank
+        if self.pruning is not None:
+            new = self.pruning.pruned_rank(list(factors.values()))
+            if new < rank:
+                factors = {k: LoraFactors(f.B[:, :new].clone(), f.A[:new].clone()) for k, f in factors.items()}
+                self.rank_overrides[cid] = rank = new
+        update = ClientUpdate(cid, rank, spec.num_examples, factors, a.indices)
+        rec = {
+            "type": "client",
+            "round": round_index + 1,
+            "client": cid,
+            "rank": rank,
+            "n": spec.num_examples,
+            "tasks": list(data.tasks),
+            "loss": res.loss,
+            "first_loss": res.losses[0],
+            "last_loss": res.losses[-1],
+            "examples": res.examples,
+            "tokens": res.tokens,
+            "truncated": sum(e.truncated for e in enc),
+            "up_params": self.method.upload_params(update),
+            "down_params": a.download_params,
+            "up_bytes": self.method.upload_params(update) * BYTES_PER_PARAM,
+            "down_bytes": a.download_params * BYTES_PER_PARAM,
+            "seconds": time.perf_counter() - t0,
+        }
+        return update, rec, a
+
+    def evaluate(self, round_done: int, participants: list[int]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        self.host.load(self.method.global_model(self.state))
+        settings = self.cfg.eval.settings
+        tok = self.lm.tokenizer
+        unseen = {
+            t: evaluate_task(self.host.module, tok, self.fed.eval_examples(t), settings) for t in self.fed.eval_tasks
+        }
+        part: dict[str, dict[str, float]] = {}
+        for cid in participants[: self.cfg.eval.participants]:
+            test = self.fed.client(cid).test
+            if test:
+                part[str(cid)] = evaluate_task(self.host.module, tok, test, settings)
+        rec = {
+            "type": "eval",
+            "round": round_done,
+            "unseen": unseen,
+            "unseen_avg": macro_average(unseen),
+            "participants": part,
+            "participants_avg": macro_average(part) if part else {},
+            "seconds": time.perf_counter() - t0,
+        }
+        self._record(rec)
+        return rec
+
+    def run(self) -> RunResult:
+        cfg = self.cfg
+        rounds = cfg.federation.rounds
+        t_start = time.perf_counter()
+        log.info(
+            "%s: %d registered clients, %d per round, %d rounds; ranks %s; %d unseen eval tasks",
+            cfg.method.name,
+            self.fed.num_clients,
+            self.per_round,
+            rounds,
+            _rank_hist(self.ranks),
+            len(self.fed.eval_tasks),
+        )
+        if self.start_round == 0 and cfg.eval.before:
+            ev = self.evaluate(0, self.sample(0))
+            log.info("round 0 (before training): %s", _fmt(ev["unseen_avg"]))
+            self._checkpoint(0)
+        bar = tqdm(
+            range(self.start_round, rounds),
+            desc="rounds",
+            disable=not self.progress,
+            initial=self.start_round,
+            total=rounds,
+        )
+        for t in bar:
+            t0 = time.perf_counter()
+            sampled = self.sample(t)
+            updates, recs = [], []
+            for cid in tqdm(sampled, desc=f"round {t + 1} clients", leave=False, disable=not self.progress):
+                update, rec, _ = self.train_client(cid, t)
+                updates.append(update)
+                recs.append(rec)
+                self._record(rec)
+            t_agg = time.perf_counter()
+            self.state = self.method.aggregate(self.state, updates)
+            agg_s = time.perf_counter() - t_agg
+            for u in updates:
+                local = self.method.local_state(u)
+                if local is not None:
+                    checkpoint.save(local, self._local_path(u.client_id, t + 1))
+            n = sum(r["n"] for r in recs)
+            rnd = {
+                "type": "round",
+                "round": t + 1,
+                "clients": len(recs),
+                "train_loss": sum(r["loss"] * r["n"] for r in recs) / max(n, 1),
+                "up_bytes": sum(r["up_bytes"] for r in recs),
+                "down_bytes": sum(r["down_bytes"] for r in recs),
+                "aggregate_seconds": agg_s,
+                "seconds": time.perf_counter() - t0,
+            }
+            self._record(rnd)
+            msg = (
+                f"round {t + 1}/{rounds}: train loss {rnd['train_loss']:.4f}  up {_mb(rnd['up_bytes'])}  "
+                f"down {_mb(rnd['down_bytes'])}  {rnd['seconds']:.1f}s"
+            )
+            if (cfg.eval.every and (t + 1) % cfg.eval.every == 0) or t + 1 == rounds:
+                ev = self.evaluate(t + 1, sampled)
+                msg += f"  eval {_fmt(ev['unseen_avg'])}"
+            log.info(msg)
+            self._checkpoint(t + 1)
+        summary = self.finish(time.perf_counter() - t_start)
+        return RunResult(self.out, summary)
+
+    # ----------------------------------------------------------------- outputs
+    def finish(self, seconds: float) -> dict[str, Any]:
+        from fedrank.report import read_metrics, run_summary, write_plots
+
+        records = read_metrics(self.metrics_path)
+        rank = self.cfg.output.export_rank or max(self.cfg.ranks.choices)
+        adapter = export_global(self.method, self.state, self.cfg, rank, self.out / "adapter", self.lm.name_or_path)
+        checkpoint.save(self.state, self.out / "global_state.pt")
+        summary = run_summary(records, self.cfg.method.name)
+        summary.update(
+            {
+                "seconds": seconds,
+                "adapter": str(adapter),
+                "export_rank": rank,
+                "global_state": str(self.out / "global_state.pt"),
+            }
+        )
+        if self.cfg.output.plots:
+            summary["plots"] = [str(p) for p in write_plots(records, self.out / "plots", self.ranks)]
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def export_global(
+    method: AggregationMethod[Any], state: Any, cfg: RunConfig, rank: int, out_dir: Path, base_name: str
+) -> Path:
+    """The global model at ``rank`` as a PEFT adapter.
+
+    The global update of each layer (its LoRA product, plus FLoRA's merged base delta) is reduced to its
+    best rank-``rank`` approximation through :func:`svd_of_sum`, exact whenever the global update has rank
+    <= ``rank`` (e.g. FedIT/HetLoRA/FSLoRA at their own rank). FLoRA's merged delta is exported the same way,
+    as a rank-``rank`` adapter from its SVD (not as merged weights).
+    """
+    if rank <= 0:
+        raise ValueError(f"export rank must be positive, got {rank}")
+    gm = method.global_model(state)
+    out: dict[str, LoraFactors] = {}
+    names = list(gm.factors) or list((gm.base_delta or {}).keys())
+    for name in names:
+        Bs: list[Tensor] = []
+        As: list[Tensor] = []
+        ws: list[float] = []
+        if name in gm.factors:
+            f = gm.factors[name]
+            Bs.append(f.B.float())
+            As.append(f.A.float())
+            ws.append(gm.scaling)
+        if gm.base_delta is not None:
+            d = gm.base_delta[name].float()
+            Bs.append(d)
+            As.append(torch.eye(d.shape[1]))
+            ws.append(1.0)
+        U, S, Vh = svd_of_sum(Bs, As, ws, rank=rank)
+        out[name] = LoraFactors(*truncate((U, S, Vh), rank, cfg.model.alpha, cfg.model.rslora))
+    return export_peft_adapter(
+        out_dir, out, lora_scaling(cfg.model.alpha, rank, cfg.model.rslora), base_name, cfg.model.target_modules
+    )
+
+
+def _rank_hist(ranks: list[int]) -> str:
+    vals, counts = np.unique(ranks, return_counts=True)
+    return "{" + ", ".join(f"{v}: {c}" for v, c in zip(vals.tolist(), counts.tolist(), strict=True)) + "}"
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "perplexity")
+
+
+def _mb(b: float) -> str:
+    return f"{b / 2**20:.2f} MiB"
+
+
+def with_method(cfg: RunConfig, name: str, seed: int) -> RunConfig:
+    """``cfg`` for another method and seed; homogeneous methods run every client at the pool's minimum rank."""
+    ranks = cfg.ranks
+    if name in HOMOGENEOUS:
+        ranks = replace(ranks, distribution="fixed")
+    options = cfg.method.options if name == cfg.method.name else dict(cfg.method.per_method.get(name, {}))
+    prune = cfg.method.prune if name == "hetlora" else {}
+    return replace(cfg, seed=seed, ranks=ranks, method=replace(cfg.method, name=name, options=options, prune=prune))
