@@ -64,7 +64,7 @@ def build_model(cfg: RunConfig) -> LoadedModel:
 def build_method(cfg: RunConfig) -> AggregationMethod[Any]:
     opts: dict[str, Any] = {"alpha": cfg.model.alpha, "rslora": cfg.model.rslora, "seed": cfg.seed}
     if cfg.method.name == "fslora":
-        opts["rank"] = max(cfg.ranks.choices)  # the global rank defaults to the largest client rank
+        opts["rank"] = max(cfg.ranks.choices)  # the global rank defaults to the largest rank of the pool
     return make_method(cfg.method.name, **{**opts, **cfg.method.options})
 
 
@@ -101,7 +101,8 @@ class Simulation:
         self.host = LoraHost(self.lm.model, cfg.model.target_modules, cfg.model.alpha)
         self.start_round = 0
         self.rank_overrides: dict[int, int] = {}
-        self.state = self.method.init_state(self.host.shapes, max(cfg.ranks.choices))
+        self.max_rank = min(cfg.ranks.choices) if cfg.ranks.distribution == "fixed" else max(cfg.ranks.choices)
+        self.state = self.method.init_state(self.host.shapes, self.max_rank)
         if resume:
             self._restore()
         else:
@@ -306,7 +307,7 @@ class Simulation:
         from fedrank.report import read_metrics, run_summary, write_plots
 
         records = read_metrics(self.metrics_path)
-        rank = self.cfg.output.export_rank or max(self.cfg.ranks.choices)
+        rank = self.cfg.output.export_rank or self.max_rank
         adapter = export_global(self.method, self.state, self.cfg, rank, self.out / "adapter", self.lm.name_or_path)
         checkpoint.save(self.state, self.out / "global_state.pt")
         summary = run_summary(records, self.cfg.method.name)

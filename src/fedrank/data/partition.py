@@ -116,7 +116,10 @@ class Federation:
                 chosen = [chosen[i] for i in sorted(rng.permutation(len(chosen))[: cfg.num_eval_tasks])]
             return chosen
         if cfg.num_eval_tasks >= len(pool):
-            raise ValueError(f"{cfg.num_eval_tasks} eval tasks leave no training task out of {len(pool)}")
+            raise ValueError(
+                f"{cfg.num_eval_tasks} eval tasks leave no training task out of {len(pool)} usable tasks "
+                f"({len(self.skipped)} skipped with fewer than partition.min_examples = {cfg.min_examples} examples)"
+            )
         return [pool[i] for i in sorted(rng.permutation(len(pool))[: cfg.num_eval_tasks])]
 
     def _split_tasks(self, rng: np.random.Generator) -> np.ndarray:

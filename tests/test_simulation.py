@@ -1,0 +1,186 @@
+"""End-to-end runs on the tiny random Llama and synthetic tasks: every method, resume, config errors, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedrank import checkpoint
+from fedrank.aggregation import HOMOGENEOUS, METHODS
+from fedrank.cli import main
+from fedrank.config import ConfigError, load_config
+from fedrank.simulation import Simulation, with_method
+
+TINY = """
+seed = 0
+[model]
+name = "tiny"
+[data]
+source = "synthetic"
+synthetic_tasks = 8
+synthetic_examples = 16
+[partition]
+kind = "task"
+num_clients = 4
+num_eval_tasks = 2
+min_examples = 8
+[ranks]
+distribution = "uniform"
+choices = [2, 4]
+[method]
+name = "flexlora"
+[federation]
+rounds = 2
+clients_per_round = 2
+[train]
+steps = 2
+batch_size = 2
+lr = 0.01
+max_seq_len = 48
+[eval]
+participants = 1
+[eval.settings]
+max_new_tokens = 2
+max_seq_len = 48
+[output]
+plots = false
+"""
+
+
+@pytest.fixture()
+def cfg_path(tmp_path: Path) -> Path:
+    p = tmp_path / "tiny.toml"
+    p.write_text(TINY)
+    return p
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def strip_times(recs: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if "seconds" not in k} for r in recs]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_runs_end_to_end(method: str, cfg_path: Path, tmp_path: Path) -> None:
+    cfg = with_method(load_config(cfg_path), method, 0)
+    run = tmp_path / method
+    res = Simulation(cfg, run, progress=False).run()
+    recs = records(run)
+    clients = [r for r in recs if r["type"] == "client"]
+    assert len(clients) == 4 and [r["round"] for r in clients] == [1, 1, 2, 2]
+    ranks = {r["rank"] for r in clients}
+    assert ranks == {2} if method in HOMOGENEOUS else ranks <= {2, 4}
+    assert all(r["up_bytes"] > 0 and r["loss"] > 0 for r in clients)
+    evals = [r for r in recs if r["type"] == "eval"]
+    assert [e["round"] for e in evals] == [0, 2] and set(evals[-1]["unseen"]) == set(evals[0]["unseen"])
+    assert res.summary["unseen_after"]["loss"] != res.summary["unseen_before"]["loss"], "training changed nothing"
+    cfg_json = json.loads((Path(res.summary["adapter"]) / "adapter_config.json").read_text())
+    assert cfg_json["r"] == (2 if method in HOMOGENEOUS else 4)
+    assert (run / "config.toml").is_file() and (run / "summary.json").is_file()
+
+
+def test_run_outputs_plots_and_summary(cfg_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(["run", str(cfg_path), "--out", str(out), "--set", "output.plots=true", "--no-progress"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert sorted(Path(p).name for p in s["plots"]) == ["communication.png", "eval.png", "ranks.png", "train_loss.png"]
+    assert s["rounds"] == 2 and s["client_updates"] == 4
+    assert s["up_bytes"] == sum(r["up_bytes"] for r in records(out) if r["type"] == "client")
+    # a second run into the same directory must be explicit
+    assert main(["run", str(cfg_path), "--out", str(out), "--no-progress"]) == 2
+
+
+def _interrupt_after(monkeypatch: pytest.MonkeyPatch, rounds: int) -> None:
+    real = Simulation._checkpoint
+
+    def crash(self: Simulation, round_done: int) -> None:
+        real(self, round_done)
+        if round_done == rounds:
+            raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(Simulation, "_checkpoint", crash)
+
+
+@pytest.mark.parametrize("method", ["flexlora", "fedsa", "hetlora"])
+def test_resume_is_bit_identical(method: str, cfg_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    overrides = ["federation.rounds=3", f"method.name={method}"]
+    if method == "hetlora":
+        overrides.append("method.prune={reg = 0.01, gamma = 0.5, threshold = 0.9}")
+    cfg = load_config(cfg_path, overrides)
+    full = tmp_path / "full"
+    Simulation(cfg, full, progress=False).run()
+    part = tmp_path / "part"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            Simulation(cfg, part, progress=False).run()
+    # a partial round's junk after the checkpoint is discarded on resume
+    with (part / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"type": "client", "round": 3, "junk": True}) + "\n")
+    assert main(["run", "--resume", str(part), "--no-progress"]) == 0
+    assert strip_times(records(part)) == strip_times(records(full))
+    a, b = flatten(checkpoint.load(full / "global_state.pt")), flatten(checkpoint.load(part / "global_state.pt"))
+    assert len(a) == len(b) > 0
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    if method == "hetlora":  # self-pruning happened (γ = 0.5: rank 2 -> 1) and survived the resume
+        assert any(r["rank"] == 1 for r in records(part) if r["type"] == "client")
+
+
+def flatten(obj: object) -> list[torch.Tensor]:
+    """Every tensor in a state object, in a fixed order."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for k in sorted(obj) for t in flatten(obj[k])]
+    if isinstance(obj, list | tuple):
+        return [t for v in obj for t in flatten(v)]
+    if hasattr(obj, "__slots__"):
+        return [t for s in obj.__slots__ for t in flatten(getattr(obj, s))]
+    if hasattr(obj, "__dict__"):
+        return [t for k in sorted(vars(obj)) for t in flatten(vars(obj)[k])]
+    return []
+
+
+def test_config_errors_say_what_is_wrong(cfg_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['train.lrr'\]; valid keys in \[train\]"):
+        load_config(cfg_path, ["train.lrr=1"])
+    with pytest.raises(ConfigError, match="method.name 'fedavg' is unknown; choices: fedit, fedsa, ffa"):
+        load_config(cfg_path, ["method.name=fedavg"])
+    with pytest.raises(ConfigError, match="ranks.distribution 'zipf' is unknown; choices: uniform"):
+        load_config(cfg_path, ["ranks.distribution=zipf"])
+    with pytest.raises(ConfigError, match="train.lr must be positive"):
+        load_config(cfg_path, ["train.lr=0"])
+    with pytest.raises(ConfigError, match="federation.rounds must be int"):
+        load_config(cfg_path, ["federation.rounds='x'"])
+    with pytest.raises(ConfigError, match="unknown partition 'shards'; choices: task, dirichlet, iid"):
+        load_config(cfg_path, ["partition.kind=shards"])
+    cfg = load_config(cfg_path, ["method.name=fedit"])
+    with pytest.raises(ConfigError, match="fedit needs one rank for all clients"):
+        Simulation(cfg, cfg_path.parent / "x", progress=False)
+    assert main(["run", str(cfg_path), "--set", "method.name=nope"]) == 2
+
+
+def test_cli_compare_report_and_export(cfg_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    code = main(
+        ["compare", str(cfg_path), "--methods", "flexlora,fedit", "--seeds", "0,1", "--out", str(out), "--no-progress"]
+    )
+    assert code == 0
+    md = (out / "comparison.md").read_text()
+    assert "| flexlora | 2 |" in md and "| fedit | 2 |" in md and " ± " in md
+    fedit_ranks = {r["rank"] for r in records(out / "fedit" / "seed1") if r["type"] == "client"}
+    assert fedit_ranks == {2}  # the bucket effect: fedit at the pool's minimum rank
+    csv = (out / "comparison.csv").read_text().splitlines()
+    assert csv[0].startswith("method,seeds,") and len(csv) == 3
+    assert (
+        main(["report", str(out / "flexlora" / "seed0"), str(out / "fedit" / "seed0"), "--out", str(tmp_path / "r")])
+        == 0
+    )
+    assert (tmp_path / "r" / "comparison.md").is_file()
+    assert main(["export", str(out / "flexlora" / "seed0"), "--rank", "3", "--out", str(tmp_path / "ad")]) == 0
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["r"] == 3
