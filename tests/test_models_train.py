@@ -10,7 +10,7 @@ import torch
 from fedrank.aggregation import METHODS, make_method
 from fedrank.data.examples import Example
 from fedrank.data.tokenize import encode
-from fedrank.evaluate import EvalConfig, answer_nll, evaluate_task, generate, macro_average, rouge_l
+from fedrank.evaluate import EvalConfig, answer_nll, choice_logliks, evaluate_task, generate, macro_average, rouge_l
 from fedrank.models import LoraHost, export_peft_adapter, tiny_llama
 from fedrank.train import TrainConfig, train_local
 from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
@@ -203,11 +203,14 @@ def test_evaluation_metrics(host: LoraHost, tiny) -> None:
     ]
     gen = [Example("say a word", "apple"), Example("say another word please", "river stone")]
     res = evaluate_task(host.module, tok, mc + gen, cfg)
-    # accuracy is the argmax of the options' log-likelihoods
+    # accuracy is the argmax of the options' log-likelihoods, scored with the prompt's cache shared by the
+    # options; the shared-cache scores equal scoring each prompt+option sequence on its own
     correct = 0
     for e in mc:
-        nll = answer_nll(host.module, tok, [e] * len(e.choices), cfg, list(e.choices))
-        correct += int(min(range(len(e.choices)), key=lambda i: nll[i][0]) == e.correct)
+        shared = choice_logliks(host.module, tok, e, cfg, chunk=2)
+        alone = [-s for s, _ in answer_nll(host.module, tok, [e] * len(e.choices), cfg, list(e.choices))]
+        assert shared == pytest.approx(alone, abs=1e-4)
+        correct += int(max(range(len(shared)), key=shared.__getitem__) == e.correct)
     assert res["accuracy"] == correct / 2
     preds = generate(host.module, tok, [e.prompt for e in gen], cfg)
     assert len(preds) == 2

@@ -3,6 +3,7 @@ accuracy from option log-likelihoods, and answer loss / perplexity; per task and
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -90,6 +91,43 @@ def answer_nll(
     return out
 
 
+@torch.no_grad()
+def choice_logliks(model: Any, tokenizer: Any, ex: Example, cfg: EvalConfig, chunk: int = 32) -> list[float]:
+    """Log-likelihood of each option of a multiple-choice example (BIG-bench's unnormalised score).
+
+    The prompt runs once and its KV cache is shared by the options (batched, right-padded), so scoring n
+    options costs one prompt plus n short continuations instead of n full sequences. Tokenisation and
+    truncation match :func:`fedrank.data.tokenize.encode` (prompt cut from the left).
+    """
+    device = next(model.parameters()).device
+    opts = [tokenizer(c + tokenizer.eos_token, add_special_tokens=False)["input_ids"] for c in ex.choices or ()]
+    opts = [o[: cfg.max_seq_len - 1] for o in opts]
+    p_ids = tokenizer(prompt_text(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"]
+    p_ids = p_ids[max(0, len(p_ids) - (cfg.max_seq_len - max(len(o) for o in opts))) :]
+    was = model.training
+    model.eval()
+    out = model(input_ids=torch.tensor([p_ids], device=device), use_cache=True)
+    first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+    scores: list[float] = []
+    for i in range(0, len(opts), chunk):
+        part = opts[i : i + chunk]
+        n, width = len(part), max(len(o) for o in part)
+        ids = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long, device=device)
+        mask = torch.zeros((n, len(p_ids) + width), dtype=torch.long, device=device)
+        mask[:, : len(p_ids)] = 1
+        for j, o in enumerate(part):
+            ids[j, : len(o)] = torch.tensor(o)
+            mask[j, len(p_ids) : len(p_ids) + len(o)] = 1
+        cache = copy.deepcopy(out.past_key_values)
+        cache.batch_repeat_interleave(n)
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits.float(), -1)
+        for j, o in enumerate(part):
+            rest = logp[j, torch.arange(len(o) - 1), torch.tensor(o[1:], dtype=torch.long)].sum() if len(o) > 1 else 0.0
+            scores.append(float(first[o[0]] + rest))
+    model.train(was)
+    return scores
+
+
 def evaluate_task(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: EvalConfig) -> dict[str, float]:
     """Loss and perplexity on the answers, accuracy on multiple-choice examples, Rouge-L on generative ones."""
     if not examples:
@@ -100,14 +138,10 @@ def evaluate_task(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: 
     res: dict[str, float] = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "n": float(len(examples))}
     mc = [e for e in examples if e.is_multiple_choice]
     if mc:
-        flat = [(e, c) for e in mc for c in e.choices or ()]
-        scores = answer_nll(model, tokenizer, [e for e, _ in flat], cfg, [c for _, c in flat])
-        correct, k = 0, 0
+        correct = 0
         for e in mc:
-            n = len(e.choices or ())
-            ll = [-s for s, _ in scores[k : k + n]]
-            correct += int(max(range(n), key=ll.__getitem__) == e.correct)
-            k += n
+            ll = choice_logliks(model, tokenizer, e, cfg)
+            correct += int(max(range(len(ll)), key=ll.__getitem__) == e.correct)
         res["accuracy"] = correct / len(mc)
     gen = [e for e in examples if not e.is_multiple_choice]
     if gen and cfg.generate:

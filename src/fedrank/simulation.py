@@ -24,8 +24,9 @@ from fedrank import checkpoint
 from fedrank.aggregation import HOMOGENEOUS, AggregationMethod, HetLoRAPruning, make_method
 from fedrank.aggregation.base import derive_generator
 from fedrank.config import ConfigError, RunConfig, dumps_toml, to_dict
-from fedrank.data import BigBench, BigBenchStore, Federation, TaskStore, encode, read_jsonl
+from fedrank.data import BigBench, BigBenchStore, Federation, TaskStore, read_jsonl
 from fedrank.data.synthetic import synthetic_store
+from fedrank.data.tokenize import LazyEncoded
 from fedrank.evaluate import evaluate_task, macro_average
 from fedrank.lowrank import lora_scaling, svd_of_sum, truncate
 from fedrank.models import LoadedModel, LoraHost, export_peft_adapter, load_causal_lm, tiny_llama
@@ -166,7 +167,7 @@ class Simulation:
         spec = ClientSpec(cid, self.rank_of(cid), len(data.train))
         a = self.method.dispatch(self.state, spec, round_index, self._load_local(cid, round_index))
         self.host.load(a)
-        enc = [encode(self.lm.tokenizer, e, self.cfg.train.max_seq_len) for e in data.train]
+        enc = LazyEncoded(self.lm.tokenizer, data.train, self.cfg.train.max_seq_len)
         reg: Callable[[], Tensor] | None = None
         if self.pruning is not None:
             pr = self.pruning
@@ -204,7 +205,7 @@ class Simulation:
             "last_loss": res.losses[-1],
             "examples": res.examples,
             "tokens": res.tokens,
-            "truncated": sum(e.truncated for e in enc),
+            "truncated": enc.truncated,
             "up_params": self.method.upload_params(update),
             "down_params": a.download_params,
             "up_bytes": self.method.upload_params(update) * BYTES_PER_PARAM,
@@ -223,7 +224,7 @@ class Simulation:
         }
         part: dict[str, dict[str, float]] = {}
         for cid in participants[: self.cfg.eval.participants]:
-            test = self.fed.client(cid).test
+            test = self.fed.client(cid).test[: self.cfg.partition.max_eval_examples or None]
             if test:
                 part[str(cid)] = evaluate_task(self.host.module, tok, test, settings)
         rec = {
@@ -267,10 +268,15 @@ class Simulation:
             sampled = self.sample(t)
             updates, recs = [], []
             for cid in tqdm(sampled, desc=f"round {t + 1} clients", leave=False, disable=not self.progress):
+                if self.fed.num_examples(cid) == 0:  # a partition can leave a client without training data
+                    self._record({"type": "client_skipped", "round": t + 1, "client": cid, "reason": "no examples"})
+                    continue
                 update, rec, _ = self.train_client(cid, t)
                 updates.append(update)
                 recs.append(rec)
                 self._record(rec)
+            if not updates:
+                raise RuntimeError(f"round {t + 1}: none of the sampled clients {sampled} has training data")
             t_agg = time.perf_counter()
             self.state = self.method.aggregate(self.state, updates)
             agg_s = time.perf_counter() - t_agg

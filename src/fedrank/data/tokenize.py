@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import Tensor
@@ -64,3 +64,32 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, Tensor]:
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class LazyEncoded(Sequence[Encoded]):
+    """Examples encoded on first access: a client trains a few steps on a task of thousands of examples."""
+
+    def __init__(self, tokenizer: Any, examples: Sequence[Example], max_len: int):
+        self.tokenizer, self.examples, self.max_len = tokenizer, examples, max_len
+        self._cache: dict[int, Encoded] = {}
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    @overload
+    def __getitem__(self, i: int) -> Encoded: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Encoded]: ...
+
+    def __getitem__(self, i: int | slice) -> Encoded | list[Encoded]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i not in self._cache:
+            self._cache[i] = encode(self.tokenizer, self.examples[i], self.max_len)
+        return self._cache[i]
+
+    @property
+    def truncated(self) -> int:
+        """How many of the examples encoded so far were truncated."""
+        return sum(e.truncated for e in self._cache.values())
