@@ -96,8 +96,9 @@ def choice_logliks(model: Any, tokenizer: Any, ex: Example, cfg: EvalConfig, chu
     """Log-likelihood of each option of a multiple-choice example (BIG-bench's unnormalised score).
 
     The prompt runs once and its KV cache is shared by the options (batched, right-padded), so scoring n
-    options costs one prompt plus n short continuations instead of n full sequences. Tokenisation and
-    truncation match :func:`fedrank.data.tokenize.encode` (prompt cut from the left).
+    options costs one prompt plus n short continuations instead of n full sequences. Tokenisation matches
+    :func:`fedrank.data.tokenize.encode`; a prompt too long for ``max_seq_len`` is cut from the left once,
+    to fit the longest option, so that every option is scored in the same context.
     """
     device = next(model.parameters()).device
     opts = [tokenizer(c + tokenizer.eos_token, add_special_tokens=False)["input_ids"] for c in ex.choices or ()]

@@ -92,6 +92,10 @@ class MethodOptions:
     def scaling(self, rank: int) -> float:
         return lora_scaling(self.alpha, rank, self.rslora)
 
+    def init_state(self, shapes: Shapes, max_rank: int) -> Any:
+        """The shared seeded LoRA init at ``max_rank`` (methods with another state override this)."""
+        return LoraState(init_state_factors(shapes, max_rank, self.seed))
+
     def local_state(self, update: ClientUpdate) -> dict[str, Tensor] | None:
         return None
 
@@ -222,3 +226,15 @@ def combine_by_index(
     if not mean:
         return LoraFactors(tB.T.contiguous(), tA)
     return LoraFactors(holder_mean(tB, hA, previous.B.T).T.contiguous(), holder_mean(tA, hA, previous.A))
+
+
+def combine_layers(state: LoraState, updates: Sequence[ClientUpdate], p: Tensor, *, mean: bool) -> LoraState:
+    """:func:`combine_by_index` for every layer, clients holding their first r_k indices."""
+    check_layers(state.factors, updates)
+    idx = [first_indices(u.rank) for u in updates]
+    return LoraState(
+        {
+            name: combine_by_index(prev, [u.factors[name] for u in updates], idx, p, mean=mean)
+            for name, prev in state.factors.items()
+        }
+    )

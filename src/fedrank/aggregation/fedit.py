@@ -21,9 +21,7 @@ from fedrank.aggregation.base import (
     AggregationError,
     LoraState,
     MethodOptions,
-    Shapes,
     check_layers,
-    init_state_factors,
     normalized_weights,
 )
 from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
@@ -43,9 +41,6 @@ def require_rank(method: str, rank: int, clients: Sequence[ClientSpec]) -> None:
 @dataclass(frozen=True)
 class FedIT(MethodOptions):
     name: ClassVar[str] = "fedit"
-
-    def init_state(self, shapes: Shapes, max_rank: int) -> LoraState:
-        return LoraState(init_state_factors(shapes, max_rank, self.seed))
 
     def dispatch(
         self, state: LoraState, client: ClientSpec, round_index: int, local: dict[str, Tensor] | None = None

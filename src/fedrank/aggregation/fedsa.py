@@ -24,11 +24,7 @@ from fedrank.aggregation.base import (
     AggregationError,
     LoraState,
     MethodOptions,
-    Shapes,
-    check_layers,
-    combine_by_index,
-    first_indices,
-    init_state_factors,
+    combine_layers,
     normalized_weights,
     truncated_factors,
 )
@@ -38,9 +34,6 @@ from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactor
 @dataclass(frozen=True)
 class FedSALoRA(MethodOptions):
     name: ClassVar[str] = "fedsa"
-
-    def init_state(self, shapes: Shapes, max_rank: int) -> LoraState:
-        return LoraState(init_state_factors(shapes, max_rank, self.seed))
 
     def dispatch(
         self, state: LoraState, client: ClientSpec, round_index: int, local: dict[str, Tensor] | None = None
@@ -64,15 +57,7 @@ class FedSALoRA(MethodOptions):
     def aggregate(
         self, state: LoraState, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None
     ) -> LoraState:
-        p = normalized_weights(updates, weights)
-        check_layers(state.factors, updates)
-        idx = [first_indices(u.rank) for u in updates]
-        return LoraState(
-            {
-                name: combine_by_index(prev, [u.factors[name] for u in updates], idx, p, mean=True)
-                for name, prev in state.factors.items()
-            }
-        )
+        return combine_layers(state, updates, normalized_weights(updates, weights), mean=True)
 
     def upload_params(self, update: ClientUpdate) -> int:
         return sum(f.A.numel() for f in update.factors.values())

@@ -21,11 +21,9 @@ from fedrank.aggregation.base import (
     AggregationError,
     LoraState,
     MethodOptions,
-    Shapes,
     check_layers,
     combine_by_index,
     first_indices,
-    init_state_factors,
     normalized_weights,
     truncated_factors,
 )
@@ -35,9 +33,6 @@ from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactor
 @dataclass(frozen=True)
 class FFALoRA(MethodOptions):
     name: ClassVar[str] = "ffa"
-
-    def init_state(self, shapes: Shapes, max_rank: int) -> LoraState:
-        return LoraState(init_state_factors(shapes, max_rank, self.seed))
 
     def dispatch(
         self, state: LoraState, client: ClientSpec, round_index: int, local: dict[str, Tensor] | None = None

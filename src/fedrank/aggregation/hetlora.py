@@ -24,11 +24,9 @@ from torch import Tensor
 from fedrank.aggregation.base import (
     LoraState,
     MethodOptions,
-    Shapes,
     check_layers,
     combine_by_index,
     first_indices,
-    init_state_factors,
     normalized_weights,
     truncated_factors,
 )
@@ -81,9 +79,6 @@ class HetLoRAPruning:
 @dataclass(frozen=True)
 class HetLoRA(MethodOptions):
     name: ClassVar[str] = "hetlora"
-
-    def init_state(self, shapes: Shapes, max_rank: int) -> LoraState:
-        return LoraState(init_state_factors(shapes, max_rank, self.seed))
 
     def dispatch(
         self, state: LoraState, client: ClientSpec, round_index: int, local: dict[str, Tensor] | None = None

@@ -21,9 +21,7 @@ from torch import Tensor
 from fedrank.aggregation.base import (
     LoraState,
     MethodOptions,
-    Shapes,
     check_layers,
-    init_state_factors,
     normalized_weights,
 )
 from fedrank.aggregation.fedit import fedavg_factors, require_rank
@@ -51,9 +49,6 @@ class LoRAFAIR(MethodOptions):
         super().__post_init__()
         if self.lam < 0:
             raise ValueError(f"lorafair: lam must be >= 0, got {self.lam}")
-
-    def init_state(self, shapes: Shapes, max_rank: int) -> LoraState:
-        return LoraState(init_state_factors(shapes, max_rank, self.seed))
 
     def dispatch(
         self, state: LoraState, client: ClientSpec, round_index: int, local: dict[str, Tensor] | None = None

@@ -21,11 +21,7 @@ from torch import Tensor
 from fedrank.aggregation.base import (
     LoraState,
     MethodOptions,
-    Shapes,
-    check_layers,
-    combine_by_index,
-    first_indices,
-    init_state_factors,
+    combine_layers,
     normalized_weights,
     truncated_factors,
 )
@@ -36,9 +32,6 @@ from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate
 class Replication(MethodOptions):
     name: ClassVar[str] = "replication"
 
-    def init_state(self, shapes: Shapes, max_rank: int) -> LoraState:
-        return LoraState(init_state_factors(shapes, max_rank, self.seed))
-
     def dispatch(
         self, state: LoraState, client: ClientSpec, round_index: int, local: dict[str, Tensor] | None = None
     ) -> ClientAssignment:
@@ -48,15 +41,7 @@ class Replication(MethodOptions):
     def aggregate(
         self, state: LoraState, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None
     ) -> LoraState:
-        p = normalized_weights(updates, weights)
-        check_layers(state.factors, updates)
-        idx = [first_indices(u.rank) for u in updates]
-        return LoraState(
-            {
-                name: combine_by_index(prev, [u.factors[name] for u in updates], idx, p, mean=True)
-                for name, prev in state.factors.items()
-            }
-        )
+        return combine_layers(state, updates, normalized_weights(updates, weights), mean=True)
 
     def global_model(self, state: LoraState, rank: int | None = None) -> ClientAssignment:
         return self.dispatch(state, ClientSpec(-1, rank or state.rank, 0), 0)

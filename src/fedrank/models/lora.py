@@ -127,7 +127,8 @@ class LoraHost:
                 if name in self.shapes:
                     if name not in self._w0:
                         self._w0[name] = mod.weight.detach().clone()
-                    w = self._w0[name] if delta is None else self._w0[name] + delta[name].to(mod.weight.dtype)
+                    w0 = self._w0[name]
+                    w = w0 if delta is None else w0 + delta[name].to(device=w0.device, dtype=w0.dtype)
                     mod.weight.copy_(w)
         self._applied_delta = delta
 
