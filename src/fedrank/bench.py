@@ -72,13 +72,17 @@ def fast_flexlora(
     return [truncate((U, S, Vh), r, ALPHA) for r in ranks]
 
 
-def _timed(fn: Callable[[], Dispatch], repeat: int) -> tuple[float, Dispatch]:
-    best, out = float("inf"), []
+def _timed_interleaved(fns: Sequence[Callable[[], Dispatch]], repeat: int) -> list[tuple[float, Dispatch]]:
+    """Best-of-``repeat`` seconds of each route, the routes interleaved so that machine noise and allocator
+    state hit them alike."""
+    best = [float("inf")] * len(fns)
+    outs: list[Dispatch] = [[] for _ in fns]
     for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            outs[i] = fn()
+            best[i] = min(best[i], time.perf_counter() - t)
+    return list(zip(best, outs, strict=True))
 
 
 def _rel_err(a: Dispatch, b: Dispatch) -> float:
@@ -104,11 +108,14 @@ def compare_layers(shapes: Sequence[tuple[int, int]], ranks: Sequence[int], seed
     errs = [0.0] * 5
     for m, n in shapes:
         Bs, As = _clients(m, n, ranks, g)
-        runs = [
-            _timed(partial(dense_flexlora, Bs, As, weights, unique), repeat),
-            _timed(partial(fast_flexlora, Bs, As, weights, unique), repeat),
-            _timed(partial(fast_flexlora, Bs, As, weights, unique, max(unique)), repeat),
-        ]
+        runs = _timed_interleaved(
+            [
+                partial(dense_flexlora, Bs, As, weights, unique),
+                partial(fast_flexlora, Bs, As, weights, unique),
+                partial(fast_flexlora, Bs, As, weights, unique, max(unique)),
+            ],
+            repeat,
+        )
         ref = dense_flexlora([B.double() for B in Bs], [A.double() for A in As], weights, unique)
         (_, d), (_, f), (_, k) = runs
         for i, (secs, _) in enumerate(runs):

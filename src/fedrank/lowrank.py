@@ -128,7 +128,7 @@ def svd_of_sum(
     Qa, Ra = torch.linalg.qr(A.T)  # (n, R), (R, R)
     core = Rb.double() @ Ra.double().T
     if rank is not None and q + 16 < R:
-        Uc, S, Vch = _top_svd_dense(core, q)
+        Uc, S, Vch = _top_svd_dense(core, q, gram_dtype=dtype)
     else:
         Uc, S, Vch = torch.linalg.svd(core)
     U = Qb @ Uc[:, :q].to(dtype)
@@ -136,18 +136,22 @@ def svd_of_sum(
     return U, S[:q].to(dtype), Vh
 
 
-def _top_svd_dense(M: Tensor, k: int, oversample: int = 16) -> tuple[Tensor, Tensor, Tensor]:
+def _top_svd_dense(
+    M: Tensor, k: int, oversample: int = 16, gram_dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k SVD of a dense M: eigenvectors of the smaller Gram matrix span the top subspace; one
     Rayleigh–Ritz step in float64 (QR of M·V, SVD of the l×n projection) recovers the triplets to
-    float64-level accuracy for the kept components."""
+    float64-level accuracy for the kept components. ``gram_dtype`` (default M's) is the precision of the
+    eigendecomposition that only has to find the subspace: float32 is enough for float32 data."""
     m, n = M.shape
     if m < n:
-        U, S, Vh = _top_svd_dense(M.T, k, oversample)
+        U, S, Vh = _top_svd_dense(M.T, k, oversample, gram_dtype)
         return Vh.T, S, U.T
     dtype = M.dtype
     l = min(k + oversample, n)
-    _, V = torch.linalg.eigh(M.T @ M)  # ascending eigenvalues
-    Q, _ = torch.linalg.qr((M @ V[:, -l:]).double())
+    Mg = M if gram_dtype is None else M.to(gram_dtype)
+    _, V = torch.linalg.eigh(Mg.T @ Mg)  # ascending eigenvalues
+    Q, _ = torch.linalg.qr(M.double() @ V[:, -l:].double())
     Uz, S, Vh = torch.linalg.svd(Q.T @ M.double(), full_matrices=False)
     return (Q @ Uz[:, :k]).to(dtype), S[:k].to(dtype), Vh[:k].to(dtype)
 

@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -86,6 +87,8 @@ def write_plots(records: Sequence[dict[str, Any]], out: Path, ranks: Sequence[in
 
 
 def _save(fig: Any, path: Path) -> Path:
+    for ax in fig.axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
