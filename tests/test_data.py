@@ -70,8 +70,16 @@ def test_task_partition_holds_out_unseen_tasks_and_skips_small_ones(bench: BigBe
         store, PartitionConfig(kind="task", num_clients=2, eval_keywords=("memorization",), num_eval_tasks=0)
     )
     assert sorted(by_kw.eval_tasks) == ["toy_words:reverse", "toy_words:upper"]
-    with pytest.raises(ValueError, match="one client per task"):
-        Federation(store, PartitionConfig(kind="task", num_clients=9, num_eval_tasks=1))
+    # more clients than tasks: one task each, clients sharing a task hold disjoint shards of it
+    many = Federation(store, PartitionConfig(kind="task", num_clients=9, num_eval_tasks=1, test_fraction=0.0))
+    T = len(many.train_tasks)
+    assert T == 3
+    for i, task in enumerate(many.train_tasks):
+        held = [many.client(c) for c in range(i, 9, T)]
+        assert all(c.tasks == (task,) for c in held)
+        prompts = [e.prompt for c in held for e in c.train]
+        assert len(prompts) == len(set(prompts)) == bench.tasks[task].num_examples
+        assert sum(many.num_examples(c) for c in range(i, 9, T)) == bench.tasks[task].num_examples
 
 
 @pytest.mark.parametrize("kind", ["dirichlet", "iid"])

@@ -119,9 +119,9 @@ def choice_logliks(model: Any, tokenizer: Any, ex: Example, cfg: EvalConfig, chu
         for j, o in enumerate(part):
             ids[j, : len(o)] = torch.tensor(o)
             mask[j, len(p_ids) : len(p_ids) + len(o)] = 1
-        cache = copy.deepcopy(out.past_key_values)
+        cache = copy.deepcopy(out.cache)
         cache.batch_repeat_interleave(n)
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits.float(), -1)
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, cache=cache).logits.float(), -1)
         for j, o in enumerate(part):
             rest = logp[j, torch.arange(len(o) - 1), torch.tensor(o[1:], dtype=torch.long)].sum() if len(o) > 1 else 0.0
             scores.append(float(first[o[0]] + rest))

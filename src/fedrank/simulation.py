@@ -28,11 +28,11 @@ from fedrank.data import BigBench, BigBenchStore, Federation, TaskStore, read_js
 from fedrank.data.synthetic import synthetic_store
 from fedrank.data.tokenize import LazyEncoded
 from fedrank.evaluate import evaluate_task, macro_average
-from fedrank.lowrank import lora_scaling, svd_of_sum, truncate
+from fedrank.lowrank import lora_scaling, svd_of_sum, truncate, truncate_rank
 from fedrank.models import LoadedModel, LoraHost, export_peft_adapter, load_causal_lm, tiny_llama
 from fedrank.ranks import assign_ranks
 from fedrank.train import train_local
-from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
+from fedrank.types import ClientSpec, ClientUpdate, LoraFactors
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ class Simulation:
         rng = np.random.default_rng([self.cfg.seed, 17, round_index])
         return [int(c) for c in rng.choice(self.fed.num_clients, self.per_round, replace=False)]
 
-    def train_client(self, cid: int, round_index: int) -> tuple[ClientUpdate, dict[str, Any], ClientAssignment]:
+    def train_client(self, cid: int, round_index: int) -> tuple[ClientUpdate, dict[str, Any]]:
         t0 = time.perf_counter()
         data = self.fed.client(cid)
         spec = ClientSpec(cid, self.rank_of(cid), len(data.train))
@@ -190,9 +190,10 @@ class Simulation:
         if self.pruning is not None:
             new = self.pruning.pruned_rank(list(factors.values()))
             if new < rank:
-                factors = {k: LoraFactors(f.B[:, :new].clone(), f.A[:new].clone()) for k, f in factors.items()}
+                factors = {k: LoraFactors(*truncate_rank(f.B, f.A, new)) for k, f in factors.items()}
                 self.rank_overrides[cid] = rank = new
         update = ClientUpdate(cid, rank, spec.num_examples, factors, a.indices)
+        up = self.method.upload_params(update)
         rec = {
             "type": "client",
             "round": round_index + 1,
@@ -206,13 +207,13 @@ class Simulation:
             "examples": res.examples,
             "tokens": res.tokens,
             "truncated": enc.truncated,
-            "up_params": self.method.upload_params(update),
+            "up_params": up,
             "down_params": a.download_params,
-            "up_bytes": self.method.upload_params(update) * BYTES_PER_PARAM,
+            "up_bytes": up * BYTES_PER_PARAM,
             "down_bytes": a.download_params * BYTES_PER_PARAM,
             "seconds": time.perf_counter() - t0,
         }
-        return update, rec, a
+        return update, rec
 
     def evaluate(self, round_done: int, participants: list[int]) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -271,7 +272,7 @@ class Simulation:
                 if self.fed.num_examples(cid) == 0:  # a partition can leave a client without training data
                     self._record({"type": "client_skipped", "round": t + 1, "client": cid, "reason": "no examples"})
                     continue
-                update, rec, _ = self.train_client(cid, t)
+                update, rec = self.train_client(cid, t)
                 updates.append(update)
                 recs.append(rec)
                 self._record(rec)

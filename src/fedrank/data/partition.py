@@ -3,9 +3,11 @@
 Partitions (FlexLoRA §4.1 is (a)):
 
 * ``task``: one task per client; a disjoint set of held-out *unseen* tasks is kept for evaluation
-  (chosen by seed, or every task carrying one of ``eval_keywords``).
+  (chosen by seed, or every task carrying one of ``eval_keywords``). With more clients than training
+  tasks, client k holds task k mod T and clients sharing a task hold disjoint shards of it.
 * ``dirichlet``: each training task's examples are split over the clients by proportions drawn from
-  Dirichlet(α): small α, few tasks per client.
+  Dirichlet(α·1_K): small α concentrates each task on few clients (the total concentration is α·K, so
+  with many clients α must be small for clients to hold few tasks).
 * ``iid``: each training task's examples are split uniformly at random over the clients.
 
 Every client's examples are split into train/test by a seeded shuffle; n_k (the server's weight) is the
@@ -33,7 +35,7 @@ PARTITIONS = ("task", "dirichlet", "iid")
 class PartitionConfig:
     kind: str = "task"
     num_clients: int = 40
-    """Registered clients (``task``: at most the number of training tasks)."""
+    """Registered clients."""
     num_eval_tasks: int = 4
     eval_keywords: tuple[str, ...] = ()
     """Held-out tasks by keyword instead of by seed (``num_eval_tasks`` then caps their number; 0 = all)."""
@@ -96,11 +98,6 @@ class Federation:
         if not self.train_tasks:
             raise ValueError("no training tasks left after skipping small tasks and holding out eval tasks")
         if cfg.kind == "task":
-            if cfg.num_clients > len(self.train_tasks):
-                raise ValueError(
-                    f"partition 'task' has one client per task: {cfg.num_clients} clients need that many "
-                    f"training tasks, only {len(self.train_tasks)} are available (use 'dirichlet' or 'iid')"
-                )
             self.train_tasks = self.train_tasks[: cfg.num_clients]
             self._bounds = None
         else:
@@ -144,9 +141,12 @@ class Federation:
         """(task, start, stop) slices of the task's seeded example order held by ``client_id``."""
         if not 0 <= client_id < self.num_clients:
             raise IndexError(f"client {client_id} is not registered (0..{self.num_clients - 1})")
-        if self._bounds is None:
-            task = self.train_tasks[client_id]
-            return [(task, 0, self.store.count(task))]
+        if self._bounds is None:  # one task per client; with more clients than tasks, disjoint shards
+            T = len(self.train_tasks)
+            task = self.train_tasks[client_id % T]
+            shards = len(range(client_id % T, self.num_clients, T))
+            s, n = client_id // T, self.store.count(task)
+            return [(task, n * s // shards, n * (s + 1) // shards)]
         b = self._bounds
         return [
             (task, int(b[t, client_id]), int(b[t, client_id + 1]))
