@@ -20,12 +20,11 @@ from torch import Tensor
 
 from fedrank.aggregation.base import (
     LoraState,
-    MethodOptions,
     check_layers,
     normalized_weights,
 )
-from fedrank.aggregation.fedit import fedavg_factors, require_rank
-from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
+from fedrank.aggregation.fedit import FedIT, fedavg_factors, require_rank
+from fedrank.types import ClientUpdate, LoraFactors
 
 
 def residual_correction(parts: Sequence[LoraFactors], p: Tensor, mean: LoraFactors, lam: float) -> Tensor:
@@ -41,7 +40,9 @@ def residual_correction(parts: Sequence[LoraFactors], p: Tensor, mean: LoraFacto
 
 
 @dataclass(frozen=True)
-class LoRAFAIR(MethodOptions):
+class LoRAFAIR(FedIT):
+    """FedIT's dispatch (one rank, the global factors) with the residual-corrected aggregate."""
+
     lam: float = 1e-3
     name: ClassVar[str] = "lorafair"
 
@@ -49,13 +50,6 @@ class LoRAFAIR(MethodOptions):
         super().__post_init__()
         if self.lam < 0:
             raise ValueError(f"lorafair: lam must be >= 0, got {self.lam}")
-
-    def dispatch(
-        self, state: LoraState, client: ClientSpec, round_index: int, local: dict[str, Tensor] | None = None
-    ) -> ClientAssignment:
-        require_rank(self.name, state.rank, [client])
-        factors = {k: LoraFactors(f.B.clone(), f.A.clone()) for k, f in state.factors.items()}
-        return self.assign(client, factors)
 
     def aggregate(
         self, state: LoraState, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None
@@ -70,6 +64,3 @@ class LoRAFAIR(MethodOptions):
             dB = residual_correction(parts, p, mean, self.lam)
             out[name] = LoraFactors(mean.B + dB.to(mean.B.dtype), mean.A)
         return LoraState(out)
-
-    def global_model(self, state: LoraState, rank: int | None = None) -> ClientAssignment:
-        return ClientAssignment(-1, state.rank, self.scaling(state.rank), dict(state.factors), 0)
