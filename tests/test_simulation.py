@@ -184,3 +184,20 @@ def test_cli_compare_report_and_export(cfg_path: Path, tmp_path: Path) -> None:
     assert (tmp_path / "r" / "comparison.md").is_file()
     assert main(["export", str(out / "flexlora" / "seed0"), "--rank", "3", "--out", str(tmp_path / "ad")]) == 0
     assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["r"] == 3
+
+
+def test_jsonl_clients_run_end_to_end(cfg_path: Path, tmp_path: Path) -> None:
+    rows = [
+        {"instruction": f"Say {w} {i}", "output": w, "client": f"c{i % 5}"}
+        for i, w in enumerate(["apple", "river", "stone", "cloud", "green", "light", "table", "music"] * 5)
+    ]
+    data = tmp_path / "clients.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = load_config(
+        cfg_path,
+        ["data.source=jsonl", f"data.paths=['{data}']", "partition.num_eval_tasks=1", "partition.min_examples=1"],
+    )
+    res = Simulation(cfg, tmp_path / "run", progress=False).run()
+    clients = [r for r in records(tmp_path / "run") if r["type"] == "client"]
+    assert len(clients) == 4 and all(r["tasks"][0].startswith("c") for r in clients)
+    assert res.summary["unseen_after"]["loss"] < res.summary["unseen_before"]["loss"]

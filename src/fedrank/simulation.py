@@ -345,6 +345,12 @@ def export_global(
     if rank <= 0:
         raise ValueError(f"export rank must be positive, got {rank}")
     gm = method.global_model(state)
+    if gm.base_delta is not None:
+        log.info(
+            "%s: exporting a rank-%d adapter from the SVD of the merged base delta (not merged weights)",
+            method.name,
+            rank,
+        )
     out: dict[str, LoraFactors] = {}
     names = list(gm.factors) or list((gm.base_delta or {}).keys())
     for name in names:
