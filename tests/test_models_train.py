@@ -9,7 +9,7 @@ import torch
 
 from fedrank.aggregation import METHODS, make_method
 from fedrank.data.examples import Example
-from fedrank.data.tokenize import encode
+from fedrank.data.tokenize import encode, prompt_text
 from fedrank.evaluate import EvalConfig, answer_nll, choice_logliks, evaluate_task, generate, macro_average, rouge_l
 from fedrank.models import LoraHost, export_peft_adapter, tiny_llama
 from fedrank.train import TrainConfig, train_local
@@ -250,3 +250,23 @@ def test_missing_model_errors_say_how_to_fix(monkeypatch: pytest.MonkeyPatch, tm
         smollm2_gguf()
     with pytest.raises(ModelNotFoundError, match="neither 'smollm2' nor an existing local path"):
         load_causal_lm(str(tmp_path / "nope"))
+
+
+def test_generation_keeps_the_end_of_a_too_long_prompt(host: LoraHost, tiny) -> None:
+    host.load(ClientAssignment(-1, 1, 0.0, {}, 0))
+    tok = tiny.tokenizer
+    long = Example("the quick brown fox " * 40 + "say a word", "x")
+    short_cfg = EvalConfig(max_new_tokens=3, max_seq_len=32)
+    # the prompt cut to its last 32 tokens (ending in the assistant header) generates what that window does
+    window = tok(prompt_text(tok, long.prompt), add_special_tokens=False)["input_ids"][-32:]
+    with torch.no_grad():
+        ids = host.module.generate(
+            input_ids=torch.tensor([window]),
+            max_new_tokens=3,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    want = tok.decode(ids[0, 32:], skip_special_tokens=True).strip()
+    assert generate(host.module, tok, [long.prompt], short_cfg) == [want]
+    assert tok.truncation_side == "right" and tok.padding_side == "right"  # restored

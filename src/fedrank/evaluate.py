@@ -39,8 +39,9 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: EvalConfig
     """Greedy continuations of chat-formatted prompts, in batches, left-padded."""
     out: list[str] = []
     device = next(model.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    sides = tokenizer.padding_side, tokenizer.truncation_side
+    # left padding for batched generation; a too-long prompt loses its beginning, never the turn header
+    tokenizer.padding_side = tokenizer.truncation_side = "left"
     try:
         for i in range(0, len(prompts), cfg.batch_size):
             texts = [prompt_text(tokenizer, p) for p in prompts[i : i + cfg.batch_size]]
@@ -63,7 +64,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: EvalConfig
             new = ids[:, enc["input_ids"].shape[1] :]
             out.extend(s.strip() for s in tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
-        tokenizer.padding_side = side
+        tokenizer.padding_side, tokenizer.truncation_side = sides
     return out
 
 
