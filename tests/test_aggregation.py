@@ -377,3 +377,24 @@ def test_weights_default_to_data_share_and_reject_bad_values() -> None:
         FedIT().aggregate(
             FedIT().init_state(SHAPES, 2), [ClientUpdate(0, 2, 1, {"x": ups[0].factors["layers.0.q_proj"]})]
         )
+
+
+def test_flexlora_components_keeps_the_top_k_and_dispatches_identically() -> None:
+    g = torch.Generator().manual_seed(13)
+    ups = [
+        ClientUpdate(c, r, n, rand_factors(g, r, torch.float64)) for c, (r, n) in enumerate([(2, 5), (8, 15), (4, 30)])
+    ]
+    full, top = FlexLoRA(), FlexLoRA(components=4)
+    s_full = full.aggregate(full.init_state(SHAPES, 8), ups)
+    s_top = top.aggregate(top.init_state(SHAPES, 8), ups)
+    assert all(s.rank == 4 for s in s_top.svd.values())
+    for r in (1, 2, 4):
+        a, b = full.dispatch(s_full, ClientSpec(0, r, 1), 1), top.dispatch(s_top, ClientSpec(0, r, 1), 1)
+        for name in SHAPES:
+            torch.testing.assert_close(
+                a.factors[name].B @ a.factors[name].A, b.factors[name].B @ b.factors[name].A, atol=1e-9, rtol=1e-9
+            )
+    with pytest.raises(AggregationError, match="keeps 4 components; client 0 has rank 8"):
+        top.dispatch(s_top, ClientSpec(0, 8, 1), 1)
+    with pytest.raises(ValueError, match="components must be positive"):
+        FlexLoRA(components=0)
