@@ -51,3 +51,16 @@ def test_budget_picks_the_largest_rank_that_fits() -> None:
     assert rank_for_budget(10**12, RANKS, fp) == 32
     with pytest.raises(ValueError, match="fits no rank"):
         rank_for_budget(need[4] - 1, RANKS, fp)
+
+
+def test_budget_ranks_follow_each_clients_budget() -> None:
+    from fedrank.ranks import budget_ranks
+
+    fp = ModelFootprint(base_params=1_000_000, lora_shapes=((64, 64),) * 10, num_layers=2, hidden=64, seq_len=32)
+    mib = {r: training_bytes(fp, r) / 2**20 for r in RANKS}
+    budgets = [mib[4] + 0.001, mib[16] + 0.001, 10_000.0]
+    ranks = budget_ranks(budgets, RANKS, 3000, 0, fp)
+    assert set(ranks) == {4, 16, 32} and all(abs(ranks.count(r) / 3000 - 1 / 3) < 0.04 for r in (4, 16, 32))
+    assert ranks == budget_ranks(budgets, RANKS, 3000, 0, fp)
+    with pytest.raises(ValueError, match="fits no rank"):
+        budget_ranks([mib[4] / 2], RANKS, 3, 0, fp)

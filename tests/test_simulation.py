@@ -222,3 +222,19 @@ def test_exported_adapter_reproduces_the_global_model(method: str, cfg_path: Pat
         theirs = PeftModel.from_pretrained(tiny_llama(seed=0).model, str(out))(input_ids=ids).logits
     torch.testing.assert_close(theirs, ours, atol=2e-4, rtol=1e-4)
     assert not torch.allclose(ours, tiny_llama(seed=0).model(input_ids=ids).logits, atol=1e-3)  # it did train
+
+
+def test_budget_distribution_gives_the_largest_rank_that_fits(cfg_path: Path, tmp_path: Path) -> None:
+    from fedrank.ranks import training_bytes
+    from fedrank.simulation import model_footprint
+
+    with pytest.raises(ConfigError, match="needs ranks.budgets_mib"):
+        load_config(cfg_path, ["ranks.distribution=budget", "ranks.choices=[2, 4, 8]"])
+    probe = Simulation(load_config(cfg_path), tmp_path / "probe", progress=False)
+    fp = model_footprint(probe.lm, probe.host.shapes, probe.cfg)
+    just_4 = (training_bytes(fp, 4) + 1) / 2**20  # fits rank 4, not 8
+    cfg = load_config(
+        cfg_path, ["ranks.distribution=budget", "ranks.choices=[2, 4, 8]", f"ranks.budgets_mib=[{just_4}]"]
+    )
+    sim = Simulation(cfg, tmp_path / "run", progress=False)
+    assert sim.ranks == [4] * sim.fed.num_clients

@@ -60,12 +60,15 @@ class DataConfig:
 class RanksConfig:
     distribution: str = "heavy_tail_weak"
     choices: tuple[int, ...] = (4, 8, 16, 32)
+    budgets_mib: tuple[float, ...] = ()
+    """``budget``: client memory budgets (MiB), one drawn per client; its rank is the largest that fits."""
 
     def __post_init__(self) -> None:
-        if self.distribution not in DISTRIBUTIONS:
-            raise ConfigError(
-                f"ranks.distribution {self.distribution!r} is unknown; choices: {', '.join(DISTRIBUTIONS)}"
-            )
+        known = [*DISTRIBUTIONS, "budget"]
+        if self.distribution not in known:
+            raise ConfigError(f"ranks.distribution {self.distribution!r} is unknown; choices: {', '.join(known)}")
+        if self.distribution == "budget" and not self.budgets_mib:
+            raise ConfigError("ranks.distribution 'budget' needs ranks.budgets_mib = [MiB, ...]")
         if not self.choices or any(r <= 0 for r in self.choices):
             raise ConfigError(f"ranks.choices must be positive integers, got {list(self.choices)}")
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["DISTRIBUTIONS", "ModelFootprint", "assign_ranks", "rank_for_budget", "training_bytes"]
+__all__ = ["DISTRIBUTIONS", "ModelFootprint", "assign_ranks", "budget_ranks", "rank_for_budget", "training_bytes"]
 
 
 def _tail_probs(k: int) -> np.ndarray:
@@ -119,3 +119,15 @@ def rank_for_budget(budget_bytes: float, ranks: Sequence[int], fp: ModelFootprin
             f"a budget of {budget_bytes / 2**20:.1f} MiB fits no rank; rank {min(ranks)} needs {need / 2**20:.1f} MiB"
         )
     return fitting[-1]
+
+
+def budget_ranks(
+    budgets_mib: Sequence[float], ranks: Sequence[int], num_clients: int, seed: int, fp: ModelFootprint
+) -> list[int]:
+    """``budget``: each client draws a memory budget (MiB) uniformly from ``budgets_mib`` (seeded) and
+    trains at the largest rank of ``ranks`` that fits it (:func:`rank_for_budget`)."""
+    if not budgets_mib or any(b <= 0 for b in budgets_mib):
+        raise ValueError(f"the budget distribution needs positive budgets in MiB, got {list(budgets_mib)}")
+    fits = {b: rank_for_budget(b * 2**20, ranks, fp) for b in set(budgets_mib)}
+    rng = np.random.default_rng(seed)
+    return [fits[budgets_mib[i]] for i in rng.integers(0, len(budgets_mib), size=num_clients)]

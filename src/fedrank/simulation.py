@@ -30,7 +30,7 @@ from fedrank.data.tokenize import LazyEncoded
 from fedrank.evaluate import evaluate_task, macro_average
 from fedrank.lowrank import lora_scaling, svd_of_sum, truncate, truncate_rank
 from fedrank.models import LoadedModel, LoraHost, export_peft_adapter, load_causal_lm, tiny_llama
-from fedrank.ranks import assign_ranks
+from fedrank.ranks import ModelFootprint, assign_ranks, budget_ranks
 from fedrank.train import train_local
 from fedrank.types import ClientSpec, ClientUpdate, LoraFactors
 
@@ -69,14 +69,36 @@ def build_method(cfg: RunConfig) -> AggregationMethod[Any]:
     return make_method(cfg.method.name, **{**opts, **cfg.method.options})
 
 
-def client_ranks(cfg: RunConfig, num_clients: int) -> list[int]:
-    """Every registered client's rank (a few bytes each); homogeneous methods need ``fixed``."""
+def check_ranks(cfg: RunConfig) -> None:
+    """Homogeneous methods need the ``fixed`` distribution (checked before anything is loaded)."""
     if cfg.method.name in HOMOGENEOUS and cfg.ranks.distribution != "fixed":
         raise ConfigError(
             f"method {cfg.method.name} needs one rank for all clients: set ranks.distribution = 'fixed' "
             f"(clients then use the smallest of ranks.choices, {min(cfg.ranks.choices)})"
         )
+
+
+def client_ranks(cfg: RunConfig, num_clients: int, footprint: ModelFootprint | None = None) -> list[int]:
+    """Every registered client's rank (a few bytes each)."""
+    check_ranks(cfg)
+    if cfg.ranks.distribution == "budget":
+        if footprint is None:
+            raise ConfigError("ranks.distribution 'budget' needs the model's footprint")
+        return budget_ranks(cfg.ranks.budgets_mib, cfg.ranks.choices, num_clients, cfg.seed, footprint)
     return assign_ranks(cfg.ranks.distribution, cfg.ranks.choices, num_clients, cfg.seed)
+
+
+def model_footprint(lm: LoadedModel, shapes: dict[str, tuple[int, int]], cfg: RunConfig) -> ModelFootprint:
+    """What :func:`fedrank.ranks.training_bytes` needs, read off the loaded model and the training config."""
+    mc = lm.model.config
+    return ModelFootprint(
+        base_params=sum(p.numel() for p in lm.model.parameters()),
+        lora_shapes=tuple(shapes.values()),
+        num_layers=int(mc.num_hidden_layers),
+        hidden=int(mc.hidden_size),
+        seq_len=cfg.train.max_seq_len,
+        batch_size=cfg.train.batch_size,
+    )
 
 
 @dataclass
@@ -92,14 +114,15 @@ class Simulation:
         self.cfg, self.out, self.progress = cfg, out_dir, progress
         self.out.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.out / "metrics.jsonl"
+        check_ranks(cfg)
         self.store = build_store(cfg)
         self.fed = Federation(self.store, cfg.partition)
-        self.ranks = client_ranks(cfg, self.fed.num_clients)
         self.per_round = cfg.federation.per_round(self.fed.num_clients)
         self.method = build_method(cfg)
         self.pruning = HetLoRAPruning(**cfg.method.prune) if cfg.method.prune else None
         self.lm = build_model(cfg)
         self.host = LoraHost(self.lm.model, cfg.model.target_modules, cfg.model.alpha)
+        self.ranks = client_ranks(cfg, self.fed.num_clients, model_footprint(self.lm, self.host.shapes, cfg))
         self.start_round = 0
         self.rank_overrides: dict[int, int] = {}
         self.max_rank = min(cfg.ranks.choices) if cfg.ranks.distribution == "fixed" else max(cfg.ranks.choices)
