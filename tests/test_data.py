@@ -137,3 +137,15 @@ def test_encode_masks_prompt_and_truncates_prompt_first(tiny) -> None:
     assert batch["input_ids"].shape == (2, len(enc.input_ids))
     assert int(batch["attention_mask"][1].sum()) == len(short.input_ids)
     assert int((batch["labels"][1] != IGNORE).sum()) == len(answer)
+
+
+def test_sdist_lookup_never_downloads_when_told_not_to(tmp_path: Path, bigbench_sdist: Path) -> None:
+    from fedrank.data.bigbench import sdist_path
+
+    with pytest.raises(FileNotFoundError, match="bigbench-1.0.0.tar.gz"):
+        sdist_path(tmp_path, download=False)
+    (tmp_path / "bigbench").mkdir()
+    (tmp_path / "bigbench" / "bigbench-1.0.0.tar.gz").write_bytes(bigbench_sdist.read_bytes())
+    assert sdist_path(tmp_path, download=False) == tmp_path / "bigbench" / "bigbench-1.0.0.tar.gz"
+    bench = BigBench.open(tmp_path, download=False)  # builds the index from the cached sdist once
+    assert "toy_add" in bench.tasks and (tmp_path / "bigbench" / "index-v1" / "index.json").is_file()

@@ -24,6 +24,7 @@ import random
 import subprocess
 import sys
 import tarfile
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -67,9 +68,13 @@ def sdist_path(root: Path, download: bool = True) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     log.info("downloading the bigbench==1.0.0 sdist (358 MB, once) into %s", target)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "bigbench==1.0.0"]
-    subprocess.run([*cmd, "-d", str(target)], check=True)
-    if not path.is_file():
-        raise FileNotFoundError(f"pip download finished but {path} is not there")
+    # into a temporary folder first: an interrupted download never leaves a truncated tarball behind
+    with tempfile.TemporaryDirectory(dir=target) as tmp:
+        subprocess.run([*cmd, "-d", tmp], check=True)
+        got = Path(tmp) / SDIST
+        if not got.is_file():
+            raise FileNotFoundError(f"pip download finished but {got.name} is not there")
+        got.replace(path)
     return path
 
 
