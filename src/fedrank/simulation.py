@@ -32,7 +32,7 @@ from fedrank.lowrank import lora_scaling, svd_of_sum, truncate, truncate_rank
 from fedrank.models import LoadedModel, LoraHost, export_peft_adapter, load_causal_lm, tiny_llama
 from fedrank.ranks import ModelFootprint, assign_ranks, budget_ranks
 from fedrank.train import train_local
-from fedrank.types import ClientSpec, ClientUpdate, LoraFactors
+from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
 
 log = logging.getLogger(__name__)
 
@@ -238,9 +238,20 @@ class Simulation:
         }
         return update, rec
 
+    def evaluation_model(self) -> ClientAssignment:
+        """The global model; an adapter wider than any client's (FlexLoRA's exact ΔW has rank Σr_k) is
+        merged into the base weights instead, the same function at the cost of the base model alone."""
+        gm = self.method.global_model(self.state)
+        if not gm.factors or gm.rank <= self.max_rank:
+            return gm
+        delta = {k: gm.scaling * (f.B @ f.A) for k, f in gm.factors.items()}
+        if gm.base_delta is not None:
+            delta = {k: d + gm.base_delta[k] for k, d in delta.items()}
+        return ClientAssignment(-1, gm.rank, 0.0, {}, 0, base_delta=delta)
+
     def evaluate(self, round_done: int, participants: list[int]) -> dict[str, Any]:
         t0 = time.perf_counter()
-        self.host.load(self.method.global_model(self.state))
+        self.host.load(self.evaluation_model())
         settings = self.cfg.eval.settings
         tok = self.lm.tokenizer
         unseen = {
