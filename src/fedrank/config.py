@@ -16,10 +16,10 @@ from typing import Any
 from fedrank.aggregation import METHODS
 from fedrank.data.partition import PartitionConfig
 from fedrank.evaluate import EvalConfig
+from fedrank.models.lora import DEFAULT_TARGETS
 from fedrank.ranks import DISTRIBUTIONS
 from fedrank.train import TrainConfig
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SOURCES = ("bigbench", "jsonl", "synthetic")
 
 

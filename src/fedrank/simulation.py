@@ -124,6 +124,7 @@ class Simulation:
         self.host = LoraHost(self.lm.model, cfg.model.target_modules, cfg.model.alpha)
         self.ranks = client_ranks(cfg, self.fed.num_clients, model_footprint(self.lm, self.host.shapes, cfg))
         self.start_round = 0
+        self.metrics_lines = 0  # records written; checkpoints keep it so a resume drops a crashed round's records
         self.rank_overrides: dict[int, int] = {}
         self.max_rank = min(cfg.ranks.choices) if cfg.ranks.distribution == "fixed" else max(cfg.ranks.choices)
         self.state = self.method.init_state(self.host.shapes, self.max_rank)
@@ -141,17 +142,17 @@ class Simulation:
         self.start_round = int(ck["round"])
         self.state = ck["state"]
         self.rank_overrides = dict(ck["rank_overrides"])
-        lines = self.metrics_path.read_text().splitlines(keepends=True)[: ck["metrics_lines"]]
+        self.metrics_lines = int(ck["metrics_lines"])
+        lines = self.metrics_path.read_text().splitlines(keepends=True)[: self.metrics_lines]
         checkpoint.atomic_write_bytes(self.metrics_path, "".join(lines).encode())
         log.info("resuming %s after round %d", self.out, self.start_round)
 
     def _checkpoint(self, round_done: int) -> None:
-        lines = len(self.metrics_path.read_text().splitlines())
         ck = {
             "round": round_done,
             "state": self.state,
             "rank_overrides": self.rank_overrides,
-            "metrics_lines": lines,
+            "metrics_lines": self.metrics_lines,
             "config": to_dict(self.cfg),
             "torch_rng": torch.get_rng_state(),
         }
@@ -160,6 +161,7 @@ class Simulation:
     def _record(self, rec: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(rec) + "\n")
+        self.metrics_lines += 1
 
     def _local_path(self, cid: int, round_done: int) -> Path:
         return self.out / "clients" / str(cid) / f"after-round-{round_done}.pt"
