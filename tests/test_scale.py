@@ -15,7 +15,7 @@ from fedrank.aggregation import make_method
 from fedrank.aggregation.base import LoraState
 from fedrank.aggregation.hetlora import product_norm
 from fedrank.lowrank import lora_scaling
-from fedrank.types import ClientSpec, ClientUpdate, LoraFactors
+from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
 
 SHAPES = {"q": (12, 10), "down": (10, 16)}
 INDEX_SHARING = ("hetlora", "replication", "ffa", "fedsa")
