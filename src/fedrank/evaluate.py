@@ -79,8 +79,8 @@ def choose(logliks: Sequence[float]) -> int:
     tied = [i for i, v in enumerate(logliks) if v == best]
     if len(tied) == 1:
         return tied[0]
-    digest = hashlib.sha256(np.asarray(logliks, dtype=np.float64).tobytes()).digest()
-    return tied[int.from_bytes(digest[:8], "big") % len(tied)]
+    digest = hashlib.sha256(np.asarray(logliks, dtype=np.float64).tobytes()).hexdigest()
+    return tied[int(digest, 16) % len(tied)]
 
 
 @torch.no_grad()
