@@ -81,7 +81,11 @@ def test_generation_covers_the_longest_reference(tiny) -> None:
     n = longest_reference(tok, examples)
     assert n == len(tok(long_ref, add_special_tokens=False)["input_ids"]) > 8
     cfg = EvalConfig(max_new_tokens=4, max_new_tokens_cap=64)
-    assert cfg.new_tokens(n) == n and cfg.new_tokens(2) == 4 and EvalConfig(max_new_tokens=4, max_new_tokens_cap=6).new_tokens(n) == 6
+    assert (
+        cfg.new_tokens(n) == n
+        and cfg.new_tokens(2) == 4
+        and EvalConfig(max_new_tokens=4, max_new_tokens_cap=6).new_tokens(n) == 6
+    )
     res = evaluate_task(tiny.model, tok, examples, cfg)
     assert res["new_tokens"] == n
     with pytest.raises(ValueError, match="max_new_tokens"):
