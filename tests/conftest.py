@@ -5,6 +5,11 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
+
+# One intra-op thread: the tiny model's ops are too small to gain from more, and two test processes sharing
+# the 2 cores with OpenMP's busy-waiting threads ran up to 200x slower.
+torch.set_num_threads(1)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

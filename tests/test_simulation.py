@@ -89,7 +89,13 @@ def test_run_outputs_plots_and_summary(cfg_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     assert main(["run", str(cfg_path), "--out", str(out), "--set", "output.plots=true", "--no-progress"]) == 0
     s = json.loads((out / "summary.json").read_text())
-    assert sorted(Path(p).name for p in s["plots"]) == ["communication.png", "eval.png", "ranks.png", "train_loss.png"]
+    assert sorted(Path(p).name for p in s["plots"]) == [
+        "communication.png",
+        "eval.png",
+        "ranks.png",
+        "spectrum.png",
+        "train_loss.png",
+    ]
     assert s["rounds"] == 2 and s["client_updates"] == 4
     assert s["up_bytes"] == sum(r["up_bytes"] for r in records(out) if r["type"] == "client")
     # a second run into the same directory must be explicit

@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from fedrank.checkpoint import CheckpointError
 from fedrank.config import ConfigError, RunConfig, dumps_toml, load_config, to_dict
@@ -19,12 +20,24 @@ def _load(args: argparse.Namespace) -> RunConfig:
     return load_config(args.config, args.set or [])
 
 
-def _print_outputs(summary: dict[str, object], out: Path) -> None:
+def _print_outputs(summary: dict[str, Any], out: Path) -> None:
+    from fedrank.report import end_of_run_table
+
+    print("\n" + end_of_run_table(summary))
+    print(f"\nheld-out task families: {', '.join(summary.get('held_out', []))}")
+    print(f"unseen tasks evaluated: {', '.join(summary.get('unseen_tasks', []))}")
+    seen = summary.get("seen_clients", {})
+    print("seen (participants):    " + ", ".join(f"client {c} ({', '.join(t)})" for c, t in seen.items()))
+    sp = summary.get("spectrum", {})
+    if "effective_rank" in sp:
+        print(
+            f"global ΔW: {sp['energy_top_rmin']:.1%} of its energy in the top r_min = {sp['r_min']} directions, "
+            f"{sp['energy_top_rmax']:.1%} in the top r_max = {sp['r_max']}; effective rank {sp['effective_rank']:.1f}"
+        )
     print(f"\nresults:  {out / 'summary.json'}  (metrics: {out / 'metrics.jsonl'})")
     print(f"adapter:  {summary['adapter']}  (PEFT, rank {summary['export_rank']})")
     if summary.get("plots"):
         print(f"plots:    {out / 'plots'}")
-    print(f"before -> after on unseen tasks: {summary['unseen_before']} -> {summary['unseen_after']}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -45,17 +58,29 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from fedrank.aggregation import METHODS
     from fedrank.report import comparison
     from fedrank.simulation import Simulation, with_method
 
     cfg = _load(args)
     out = Path(args.out or cfg.output.dir + "-compare")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [cfg.seed]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ConfigError(f"--methods: unknown method(s) {unknown}; known methods: {', '.join(sorted(METHODS))}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [cfg.seed]
+    except ValueError as e:
+        raise ConfigError(f"--seeds expects comma-separated integers, got {args.seeds!r}") from e
+    configs = {
+        (m, seed): with_method(cfg, m, seed, presets=not args.no_presets, resample_data=args.resample_data)
+        for m in methods
+        for seed in seeds
+    }  # every configuration is built (and validated) before anything trains
     runs: dict[str, list[Path]] = {}
     for method in methods:
         for seed in seeds:
-            run_cfg = with_method(cfg, method, seed)
+            run_cfg = configs[(method, seed)]
             run_dir = out / method / f"seed{seed}"
             log.info("compare: %s seed %d -> %s", method, seed, run_dir)
             Simulation(run_cfg, run_dir, progress=not args.no_progress).run()
@@ -127,6 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(c)
     c.add_argument("--methods", required=True, help="comma-separated, e.g. flexlora,fslora,hetlora,fedit")
     c.add_argument("--seeds", help="comma-separated seeds (default: the config's seed)")
+    c.add_argument(
+        "--resample-data",
+        action="store_true",
+        help="each seed also redraws the held-out task families and the client splits (partition.seed = seed)",
+    )
+    c.add_argument(
+        "--no-presets",
+        action="store_true",
+        help="run every method with the config as it is (default: methods run as their authors do, e.g. "
+        "fslora with SGD + momentum and rsLoRA; see fedrank.simulation.PRESETS)",
+    )
     c.set_defaults(func=cmd_compare)
 
     rp = sub.add_parser("report", help="rebuild tables and plots from run directories")

@@ -231,6 +231,21 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def override(cfg: RunConfig, values: dict[str, Any]) -> RunConfig:
+    """``cfg`` with dotted keys replaced (``{"train.lr": 0.1}``), validated like a loaded config."""
+    data = to_dict(cfg)
+    for path, value in values.items():
+        node = data
+        *parents, last = path.split(".")
+        for k in parents:
+            node = node[k]
+        if last not in node:
+            raise ConfigError(f"override: unknown config key {path!r}")
+        node[last] = value
+    out: RunConfig = from_dict(RunConfig, data)
+    return out
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Load a TOML file (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
     data: dict[str, Any] = {}

@@ -33,6 +33,7 @@ def run_summary(records: Sequence[dict[str, Any]], method: str) -> dict[str, Any
     rounds = [r for r in records if r["type"] == "round"]
     first, last = (evals[0], evals[-1]) if evals else ({}, {})
     before, after = first.get("unseen_avg", {}), last.get("unseen_avg", {})
+    seen_before, seen_after = first.get("participants_avg", {}), last.get("participants_avg", {})
     return {
         "method": method,
         "rounds": len(rounds),
@@ -42,7 +43,15 @@ def run_summary(records: Sequence[dict[str, Any]], method: str) -> dict[str, Any
         "unseen_before": before,
         "unseen_after": after,
         "unseen_change": {k: after[k] - before[k] for k in after if k in before},
-        "participants_after": last.get("participants_avg", {}),
+        "participants_after": seen_after,
+        "seen_before": seen_before,
+        "seen_after": seen_after,
+        "seen_change": {k: seen_after[k] - seen_before[k] for k in seen_after if k in seen_before},
+        "unseen_tasks": sorted(last.get("unseen", {})),
+        "seen_clients": {c: last.get("participant_tasks", {}).get(c, []) for c in last.get("participants", {})},
+        "unseen_examples": int(sum(m.get("n", 0) for m in last.get("unseen", {}).values())),
+        "seen_examples": int(sum(m.get("n", 0) for m in last.get("participants", {}).values())),
+        "spectrum": rounds[-1].get("spectrum", {}) if rounds else {},
         "final_train_loss": rounds[-1]["train_loss"] if rounds else None,
         "up_bytes": sum(r["up_bytes"] for r in rounds),
         "down_bytes": sum(r["down_bytes"] for r in rounds),
@@ -55,14 +64,32 @@ def write_plots(records: Sequence[dict[str, Any]], out: Path, ranks: Sequence[in
     paths = []
     evals = _evals(records)
     rounds = [r for r in records if r["type"] == "round"]
-    keys = sorted({k for e in evals for k in e["unseen_avg"] if k != "perplexity"})
+    keys = sorted({k for e in evals for g, _, _ in GROUPS for k in e.get(g, {}) if k != "perplexity"})
     if evals and keys:
-        fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+        fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
         for ax, k in zip(axes[0], keys, strict=True):
-            pts = [(e["round"], e["unseen_avg"][k]) for e in evals if k in e["unseen_avg"]]
-            ax.plot(*zip(*pts, strict=True), marker="o")
-            ax.set(title=f"unseen tasks: {k}", xlabel="round")
+            for (group, label, style), color in zip(GROUPS, ("C0", "C1"), strict=True):
+                pts = [(e["round"], e[group][k]) for e in evals if k in e.get(group, {})]
+                if not pts:
+                    continue
+                ax.plot(*zip(*pts, strict=True), style, color=color, label=label)
+                if pts[0][0] == 0:  # the zero-shot base model as a reference line
+                    ax.axhline(pts[0][1], color=color, linestyle=":", linewidth=1)
+            ax.set(title=f"{k} (dotted: base model)", xlabel="round", ylabel=k)
+            ax.legend(fontsize=8)
         paths.append(_save(fig, out / "eval.png"))
+    spectra = [(r["round"], r["spectrum"]) for r in rounds if r.get("spectrum", {}).get("effective_rank") is not None]
+    if spectra:
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+        xs = [x for x, _ in spectra]
+        r_min, r_max = spectra[-1][1]["r_min"], spectra[-1][1]["r_max"]
+        ax.plot(xs, [sp["energy_top_rmin"] for _, sp in spectra], "o-", label=f"top r_min = {r_min}")
+        ax.plot(xs, [sp["energy_top_rmax"] for _, sp in spectra], "s--", label=f"top r_max = {r_max}")
+        ax.set(title="global ΔW energy in its top directions", xlabel="round", ylabel="share of Σσ²", ylim=(0, 1.02))
+        ax.legend(fontsize=8)
+        ax2.plot(xs, [sp["effective_rank"] for _, sp in spectra], "o-")
+        ax2.set(title="global ΔW effective rank (layer mean)", xlabel="round", ylabel="exp(entropy of σ/Σσ)")
+        paths.append(_save(fig, out / "spectrum.png"))
     if rounds:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         ax.plot([r["round"] for r in rounds], [r["train_loss"] for r in rounds], marker="o")
@@ -84,6 +111,46 @@ def write_plots(records: Sequence[dict[str, Any]], out: Path, ranks: Sequence[in
         ax.set(title="clients per LoRA rank", xlabel="rank", ylabel="clients")
         paths.append(_save(fig, out / "ranks.png"))
     return paths
+
+
+GROUPS = (
+    ("unseen_avg", "unseen (held-out families)", "o-"),
+    ("participants_avg", "seen (participants' own test splits)", "s--"),
+)
+"""Evaluation groups in eval records: key, label, line style."""
+
+
+def end_of_run_table(summary: dict[str, Any]) -> str:
+    """An aligned before -> after table of the evaluated groups (macro averages over tasks / clients)."""
+    rows = [("group", "metric", "before", "after", "change", "n")]
+    groups = (
+        (f"unseen ({len(summary.get('unseen_tasks', []))} tasks)", "unseen", summary.get("unseen_examples", 0)),
+        (f"seen ({len(summary.get('seen_clients', {}))} clients)", "seen", summary.get("seen_examples", 0)),
+    )
+    for label, key, n in groups:
+        before, after = summary.get(f"{key}_before", {}), summary.get(f"{key}_after", {})
+        for i, metric in enumerate(m for m in ("loss", "accuracy", "rougeL") if m in after):
+            b = before.get(metric)
+            rows.append(
+                (
+                    label if i == 0 else "",
+                    metric,
+                    "–" if b is None else f"{b:.4f}",
+                    f"{after[metric]:.4f}",
+                    "–" if b is None else f"{after[metric] - b:+.4f}",
+                    str(n) if i == 0 else "",
+                )
+            )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in rows
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    b_round, a_round = summary.get("eval_before_round"), summary.get("eval_after_round")
+    lines.append(f"(before = round {b_round}, the zero-shot base model when 0; after = round {a_round}; loss is the")
+    lines.append(" answer loss, lower is better; macro averages over the tasks / clients)")
+    return "\n".join(lines)
 
 
 def _save(fig: Any, path: Path) -> Path:

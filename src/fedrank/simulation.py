@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from fedrank import checkpoint
 from fedrank.aggregation import HOMOGENEOUS, AggregationMethod, HetLoRAPruning, make_method
 from fedrank.aggregation.base import derive_generator
-from fedrank.config import ConfigError, RunConfig, dumps_toml, to_dict
+from fedrank.config import ConfigError, RunConfig, dumps_toml, override, to_dict
 from fedrank.data import BigBench, BigBenchStore, Federation, TaskStore, read_jsonl
 from fedrank.data.synthetic import synthetic_store
 from fedrank.data.tokenize import LazyEncoded
@@ -37,6 +37,7 @@ from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactor
 log = logging.getLogger(__name__)
 
 BYTES_PER_PARAM = 4  # fp32 on the wire
+FSLORA_SGD_LR = 0.5
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -324,13 +325,17 @@ class Simulation:
         rounds = cfg.federation.rounds
         t_start = time.perf_counter()
         log.info(
-            "%s: %d registered clients, %d per round, %d rounds; ranks %s; %d unseen eval tasks",
+            "%s: %d registered clients (%d training tasks), %d per round, %d rounds; ranks %s; %d unseen eval tasks "
+            "from held-out families %s; seen = clients %s' own test splits",
             cfg.method.name,
             self.fed.num_clients,
+            len(self.fed.train_tasks),
             self.per_round,
             rounds,
             _rank_hist(self.ranks),
             len(self.fed.eval_tasks),
+            ", ".join(self.fed.held_out),
+            self.eval_clients,
         )
         if self.start_round == 0 and cfg.eval.before:
             ev = self.evaluate(0)
@@ -403,6 +408,9 @@ class Simulation:
                 "seconds": seconds,
                 "adapter": str(adapter),
                 "export_rank": rank,
+                "held_out": self.fed.held_out,
+                "training_tasks": len(self.fed.train_tasks),
+                "registered_clients": self.fed.num_clients,
                 "global_state": str(self.out / "global_state.pt"),
             }
         )
@@ -473,11 +481,33 @@ def _mb(b: float) -> str:
     return f"{b / 2**20:.2f} MiB"
 
 
-def with_method(cfg: RunConfig, name: str, seed: int) -> RunConfig:
-    """``cfg`` for another method and seed; homogeneous methods run every client at the pool's minimum rank."""
+PRESETS: dict[str, dict[str, Any]] = {
+    "fslora": {"train.optimizer": "sgd", "train.momentum": 0.9, "train.lr": FSLORA_SGD_LR, "model.rslora": True},
+}
+"""What ``compare`` changes for a method so that it runs as its authors run it (``--no-presets``: off).
+
+fslora: the official code's SGD-with-momentum version (wenzhifang/Federated-Sketching-LoRA, and
+...-Implementation up to commit 1bc7362; its latest HEAD trains with AdamW) with rsLoRA scaling
+(``use_rslora=True``). With SGD the sketch's r/k reaches the update through the gradient, which is what makes
+the server's update unbiased; the learning rate is ours (the quickstart's step budget, see the README)."""
+
+
+def with_method(
+    cfg: RunConfig, name: str, seed: int, *, presets: bool = True, resample_data: bool = False
+) -> RunConfig:
+    """``cfg`` for another method and seed; homogeneous methods run every client at the pool's minimum rank.
+
+    ``presets``: apply :data:`PRESETS` for ``name``. ``resample_data``: the partition seed follows the run
+    seed too, so that held-out families and client splits are redrawn per seed (the spread over seeds
+    then covers the data, not only initialisation and sampling)."""
     ranks = cfg.ranks
     if name in HOMOGENEOUS:
         ranks = replace(ranks, distribution="fixed")
     options = cfg.method.options if name == cfg.method.name else dict(cfg.method.per_method.get(name, {}))
     prune = cfg.method.prune if name == "hetlora" else {}
-    return replace(cfg, seed=seed, ranks=ranks, method=replace(cfg.method, name=name, options=options, prune=prune))
+    out = replace(cfg, seed=seed, ranks=ranks, method=replace(cfg.method, name=name, options=options, prune=prune))
+    if resample_data:
+        out = replace(out, partition=replace(out.partition, seed=seed))
+    if presets and name in PRESETS:
+        out = override(out, PRESETS[name])
+    return out
