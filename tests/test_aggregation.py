@@ -59,6 +59,10 @@ def test_registry_names_are_exact() -> None:
         "fedsa",
         "fslora",
         "lorafair",
+        "fedplora",
+        "fedex",
+        "rolora",
+        "raflora",
     }
     for name, cls in METHODS.items():
         assert cls.name == name
@@ -88,6 +92,8 @@ def test_dispatch_ranks_equal_client_ranks(name: str) -> None:
         for layer, f in a.factors.items():
             assert f.rank == r and f.shape == SHAPES[layer]
         expected = lora_scaling(16, 16) * 16 / r if name == "fslora" else lora_scaling(16, r)
+        if name in ("fedplora", "rolora"):  # clients train a subset of the global indices at s_R
+            expected = lora_scaling(16, max(ranks))
         assert a.scaling == pytest.approx(expected)
 
 
@@ -136,7 +142,7 @@ def test_identical_clients_at_one_rank_reproduce_their_update(name: str) -> None
         return
     for k, f in one.factors.items():
         got = gm.factors[k]
-        if name == "flexlora":  # same ΔW, possibly other factors: compare products
+        if name in ("flexlora", "raflora"):  # same ΔW, possibly other factors: compare products
             torch.testing.assert_close(
                 gm.scaling * got.B @ got.A, lora_scaling(16, r) * f.B @ f.A, atol=1e-5, rtol=1e-5
             )
