@@ -151,7 +151,7 @@ def flatten(obj: object) -> list[torch.Tensor]:
 def test_config_errors_say_what_is_wrong(cfg_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['train.lrr'\]; valid keys in \[train\]"):
         load_config(cfg_path, ["train.lrr=1"])
-    with pytest.raises(ConfigError, match="method.name 'fedavg' is unknown; choices: fedit, fedsa, ffa"):
+    with pytest.raises(ConfigError, match="method.name 'fedavg' is unknown; choices: fedex, fedit, fedplora, fedsa"):
         load_config(cfg_path, ["method.name=fedavg"])
     with pytest.raises(ConfigError, match="ranks.distribution 'zipf' is unknown; choices: uniform"):
         load_config(cfg_path, ["ranks.distribution=zipf"])
