@@ -28,6 +28,7 @@ from fedrank.types import ClientSpec, ClientUpdate, LoraFactors
 
 SHAPES = {"layers.0.q_proj": (12, 10), "layers.0.down_proj": (10, 16)}
 ALL = sorted(METHODS)
+INDEX_SHARING = ("hetlora", "replication", "ffa", "fedsa")
 
 
 def rand_factors(g: torch.Generator, rank: int, dtype=torch.float32) -> dict[str, LoraFactors]:
@@ -91,9 +92,12 @@ def test_dispatch_ranks_equal_client_ranks(name: str) -> None:
         assert a.rank == r and a.client_id == cid
         for layer, f in a.factors.items():
             assert f.rank == r and f.shape == SHAPES[layer]
-        expected = lora_scaling(16, 16) * 16 / r if name == "fslora" else lora_scaling(16, r)
-        if name in ("fedplora", "rolora"):  # clients train a subset of the global indices at s_R
+        if name == "fslora":
+            expected = lora_scaling(16, 16) * 16 / r
+        elif name in INDEX_SHARING or name in ("fedplora", "rolora"):  # one scale across ranks: the global rank's
             expected = lora_scaling(16, max(ranks))
+        else:
+            expected = lora_scaling(16, r)
         assert a.scaling == pytest.approx(expected)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from fedrank.data import BigBench, BigBenchStore, Federation, InMemoryStore, PartitionConfig, parse_task, read_jsonl
-from fedrank.data.bigbench import build_index, iter_tasks
+from fedrank.data.bigbench import INDEX_VERSION, build_index, iter_tasks
 from fedrank.data.examples import Example
 from fedrank.data.tokenize import IGNORE, collate, encode
 
@@ -58,7 +58,8 @@ def test_task_partition_holds_out_unseen_tasks_and_skips_small_ones(bench: BigBe
     fed = Federation(store, PartitionConfig(kind="task", num_clients=3, num_eval_tasks=1, min_examples=20, seed=1))
     assert fed.skipped == {"toy_tiny": "fewer than 20 examples (5)"}
     assert len(fed.eval_tasks) == 1 and not set(fed.eval_tasks) & set(fed.train_tasks)
-    assert sorted(fed.eval_tasks + fed.train_tasks) == sorted(set(bench.tasks) - {"toy_tiny"})
+    siblings = {t for t in bench.tasks if t.split(":")[0] in fed.held_out} - set(fed.eval_tasks)
+    assert sorted(fed.eval_tasks + fed.train_tasks + sorted(siblings)) == sorted(set(bench.tasks) - {"toy_tiny"})
     for cid in range(3):
         c = fed.client(cid)
         assert c.tasks == (fed.train_tasks[cid],)
@@ -73,7 +74,8 @@ def test_task_partition_holds_out_unseen_tasks_and_skips_small_ones(bench: BigBe
     # more clients than tasks: one task each, clients sharing a task hold disjoint shards of it
     many = Federation(store, PartitionConfig(kind="task", num_clients=9, num_eval_tasks=1, test_fraction=0.0))
     T = len(many.train_tasks)
-    assert T == 3
+    held = many.held_out
+    assert T == len([t for t in bench.tasks if t != "toy_tiny" and t.split(":")[0] not in held]) >= 2
     for i, task in enumerate(many.train_tasks):
         held = [many.client(c) for c in range(i, 9, T)]
         assert all(c.tasks == (task,) for c in held)
@@ -148,4 +150,41 @@ def test_sdist_lookup_never_downloads_when_told_not_to(tmp_path: Path, bigbench_
     (tmp_path / "bigbench" / "bigbench-1.0.0.tar.gz").write_bytes(bigbench_sdist.read_bytes())
     assert sdist_path(tmp_path, download=False) == tmp_path / "bigbench" / "bigbench-1.0.0.tar.gz"
     bench = BigBench.open(tmp_path, download=False)  # builds the index from the cached sdist once
-    assert "toy_add" in bench.tasks and (tmp_path / "bigbench" / "index-v1" / "index.json").is_file()
+    assert "toy_add" in bench.tasks and (tmp_path / "bigbench" / f"index-v{INDEX_VERSION}" / "index.json").is_file()
+
+
+def family_store() -> InMemoryStore:
+    """Six families; three of them with sibling subtasks (``fam:sub``), like BIG-bench."""
+    names = ["solo_a", "solo_b", "solo_c", "fam1:x", "fam1:y", "fam1:z", "fam2:x", "fam2:y", "fam3:only"]
+    tasks = {t: [Example(f"{t} q{j}", "a", task=t) for j in range(30)] for t in names}
+    return InMemoryStore(tasks, {t: ("kw",) if t.startswith("fam1") else ("other",) for t in names})
+
+
+@pytest.mark.parametrize("kind", ["task", "dirichlet", "iid"])
+@pytest.mark.parametrize("seed", range(6))
+def test_no_training_client_shares_a_family_with_an_evaluation_task(kind: str, seed: int) -> None:
+    store = family_store()
+    fed = Federation(store, PartitionConfig(kind=kind, num_clients=5, num_eval_tasks=2, seed=seed))
+    assert len(fed.eval_tasks) == 2 and len(fed.held_out) == 2
+    held = {t.split(":")[0] for t in fed.eval_tasks}
+    assert set(fed.held_out) == held
+    for cid in range(fed.num_clients):
+        for task in fed.client(cid).tasks:
+            assert task.split(":")[0] not in held, (task, fed.eval_tasks)
+    # every task outside the held-out families trains
+    assert set(fed.train_tasks) == {t for t in store.task_names() if t.split(":")[0] not in held} or kind == "task"
+    kw = Federation(store, PartitionConfig(kind=kind, num_clients=3, eval_keywords=("kw",), num_eval_tasks=1))
+    assert kw.held_out == ["fam1"] and not any(t.startswith("fam1") for t in kw.train_tasks)
+
+
+def test_task_holdout_is_the_old_behaviour_and_lets_siblings_train() -> None:
+    store = family_store()
+    leaks = 0
+    for seed in range(10):
+        fed = Federation(store, PartitionConfig(num_clients=9, num_eval_tasks=2, holdout="task", seed=seed))
+        assert fed.held_out == sorted(fed.eval_tasks)
+        train_fams = {t.split(":")[0] for t in fed.train_tasks}
+        leaks += any(t.split(":")[0] in train_fams for t in fed.eval_tasks)
+    assert leaks > 0, "with holdout = 'task' a held-out subtask's siblings can train"
+    with pytest.raises(ValueError, match="holdout"):
+        PartitionConfig(holdout="families")

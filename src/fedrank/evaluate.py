@@ -4,12 +4,16 @@ accuracy from option log-likelihoods, and answer loss / perplexity; per task and
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+from nltk.stem import porter
 from rouge_score import rouge_scorer
 from torch import nn
 
@@ -20,23 +24,71 @@ from fedrank.data.tokenize import IGNORE, collate, encode, prompt_text
 @dataclass(frozen=True)
 class EvalConfig:
     max_new_tokens: int = 16
+    """Generated tokens at least; a task whose longest reference is longer gets that many (up to the cap)."""
+    max_new_tokens_cap: int = 64
+    """The most tokens generated for any task, however long its references."""
     batch_size: int = 8
     max_seq_len: int = 256
     generate: bool = True
     """Rouge-L on generated text for generative tasks (the costly part)."""
 
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0 or self.max_new_tokens_cap < self.max_new_tokens:
+            raise ValueError(
+                f"eval max_new_tokens must be positive and <= max_new_tokens_cap, got {self.max_new_tokens} "
+                f"and {self.max_new_tokens_cap}"
+            )
+        if self.batch_size <= 0 or self.max_seq_len < 2:
+            raise ValueError("eval batch_size must be positive and max_seq_len >= 2")
 
-_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    def new_tokens(self, longest_reference: int) -> int:
+        """Tokens to generate for a task whose longest reference has ``longest_reference`` tokens."""
+        return min(self.max_new_tokens_cap, max(self.max_new_tokens, longest_reference))
+
+
+_NO_SPACES = "\u0e00-\u0e7f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+_TOKEN = re.compile(f"[{_NO_SPACES}]|(?:(?![{_NO_SPACES}])[^\\W_])+")
+_ASCII_WORD = re.compile("[a-z0-9]+")
+
+
+class UnicodeTokenizer:
+    """rouge-score's tokenisation (lower case, words, Porter stemming of ASCII words longer than 3) without
+    its ``[a-z0-9]`` filter, which turns any Cyrillic, Greek or Chinese answer into no tokens at all (Rouge-L
+    0 whatever was generated): words are runs of Unicode letters and digits; Chinese, Japanese, Korean and
+    Thai characters, written without spaces, are one token each."""
+
+    def __init__(self) -> None:
+        self._stemmer = porter.PorterStemmer()
+
+    def tokenize(self, text: str) -> list[str]:
+        words = _TOKEN.findall(text.lower())
+        return [self._stemmer.stem(w) if len(w) > 3 and _ASCII_WORD.fullmatch(w) else w for w in words]
+
+
+_SCORER = rouge_scorer.RougeScorer(["rougeL"], tokenizer=UnicodeTokenizer())
 
 
 def rouge_l(prediction: str, references: Sequence[str]) -> float:
-    """Best Rouge-L F1 of ``prediction`` over ``references`` (rouge-score, stemmed)."""
+    """Best Rouge-L F1 of ``prediction`` over ``references`` (rouge-score's LCS, :class:`UnicodeTokenizer`)."""
     return max(float(_SCORER.score(ref, prediction)["rougeL"].fmeasure) for ref in references)
 
 
+def choose(logliks: Sequence[float]) -> int:
+    """BIG-bench's argmax: the most likely option, ties broken deterministically by the scores' bytes."""
+    best = max(logliks)
+    tied = [i for i, v in enumerate(logliks) if v == best]
+    if len(tied) == 1:
+        return tied[0]
+    digest = hashlib.sha256(np.asarray(logliks, dtype=np.float64).tobytes()).hexdigest()
+    return tied[int(digest, 16) % len(tied)]
+
+
 @torch.no_grad()
-def generate(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: EvalConfig) -> list[str]:
-    """Greedy continuations of chat-formatted prompts, in batches, left-padded."""
+def generate(
+    model: Any, tokenizer: Any, prompts: Sequence[str], cfg: EvalConfig, max_new_tokens: int | None = None
+) -> list[str]:
+    """Greedy continuations of chat-formatted prompts, in batches, left-padded (``max_new_tokens``
+    defaults to ``cfg.max_new_tokens``)."""
     out: list[str] = []
     device = next(model.parameters()).device
     sides = tokenizer.padding_side, tokenizer.truncation_side
@@ -56,7 +108,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: EvalConfig
             enc = {k: v.to(device) for k, v in enc.items()}
             ids = model.generate(
                 **enc,
-                max_new_tokens=cfg.max_new_tokens,
+                max_new_tokens=max_new_tokens or cfg.max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
@@ -139,20 +191,24 @@ def evaluate_task(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: 
     loss = total / max(count, 1)
     res: dict[str, float] = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "n": float(len(examples))}
     mc = [e for e in examples if e.is_multiple_choice]
-    if mc:
-        correct = 0
-        for e in mc:
-            ll = choice_logliks(model, tokenizer, e, cfg)
-            correct += int(max(range(len(ll)), key=ll.__getitem__) == e.correct)
-        res["accuracy"] = correct / len(mc)
+    if mc:  # BIG-bench's multiple_choice_grade: the chosen option's target score (ties, graded credit)
+        res["accuracy"] = sum(e.credit(choose(choice_logliks(model, tokenizer, e, cfg))) for e in mc) / len(mc)
     gen = [e for e in examples if not e.is_multiple_choice]
     if gen and cfg.generate:
-        preds = generate(model, tokenizer, [e.prompt for e in gen], cfg)
+        new = cfg.new_tokens(longest_reference(tokenizer, gen))
+        preds = generate(model, tokenizer, [e.prompt for e in gen], cfg, new)
         res["rougeL"] = sum(rouge_l(p, e.references) for p, e in zip(preds, gen, strict=True)) / len(gen)
+        res["new_tokens"] = float(new)
     return res
+
+
+def longest_reference(tokenizer: Any, examples: Sequence[Example]) -> int:
+    """Tokens in the longest reference answer of ``examples``."""
+    refs = [r for e in examples for r in e.references]
+    return max(len(ids) for ids in tokenizer(refs, add_special_tokens=False)["input_ids"])
 
 
 def macro_average(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
     """Mean of each metric over the tasks that report it."""
-    keys = sorted({k for m in per_task.values() for k in m if k != "n"})
+    keys = sorted({k for m in per_task.values() for k in m if k not in ("n", "new_tokens")})
     return {k: sum(m[k] for m in per_task.values() if k in m) / sum(k in m for m in per_task.values()) for k in keys}

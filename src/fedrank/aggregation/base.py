@@ -100,11 +100,23 @@ class MethodOptions:
         return None
 
     def assign(
-        self, client: ClientSpec, factors: dict[str, LoraFactors], download: int | None = None, **kw: Any
+        self,
+        client: ClientSpec,
+        factors: dict[str, LoraFactors],
+        download: int | None = None,
+        *,
+        scale_rank: int | None = None,
+        **kw: Any,
     ) -> ClientAssignment:
-        """An assignment at the client's rank and scaling; download defaults to all of ``factors``."""
+        """An assignment at the client's rank; download defaults to all of ``factors``.
+
+        The scaling is the client's own s(r_k) unless ``scale_rank`` names another rank: the index-sharing
+        methods pass the global rank R, so that every client trains with s(R) and a rank index means the
+        same update s(R)·b_i·a_iᵀ at every client and in the global model.
+        """
         sent = adapter_numel(factors) if download is None else download
-        return ClientAssignment(client.client_id, client.rank, self.scaling(client.rank), factors, sent, **kw)
+        s = self.scaling(client.rank if scale_rank is None else scale_rank)
+        return ClientAssignment(client.client_id, client.rank, s, factors, sent, **kw)
 
     def upload_params(self, update: ClientUpdate) -> int:
         return sum(f.A.numel() + f.B.numel() for f in update.factors.values())

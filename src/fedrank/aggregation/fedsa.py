@@ -10,6 +10,13 @@ clients that held it:
 
 The state's B is the same per-index mean of the round's B_k. It is never dispatched; it exists so that a
 single global model can be evaluated and exported (FedSA itself is personalised).
+
+One LoRA scale across ranks: every client trains with the *global* scale s(R) = α/R (α/√R with rsLoRA),
+R the state's rank, not its own s(r_k). A rank index then means the same update s(R)·b_i a_iᵀ at every
+client and in the global model, so sharing factors index by index is consistent (with s(r_k) a rank-4
+client's components would enter a rank-32 global model at 1/8 strength and come back amplified 8×).
+This is the first of the issue's options; FlexLoRA's official HeteroLoRA baseline instead folds √(s_k)
+into both factors, which gives the same global ΔW for identical clients.
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ class FedSALoRA(MethodOptions):
                 B = local[name].clone()
             factors[name] = LoraFactors(B, A)
         download = sum(f.A.numel() for f in factors.values())
-        return self.assign(client, factors, download)
+        return self.assign(client, factors, download, scale_rank=state.rank)
 
     def aggregate(
         self, state: LoraState, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None
@@ -68,4 +75,4 @@ class FedSALoRA(MethodOptions):
     def global_model(self, state: LoraState, rank: int | None = None) -> ClientAssignment:
         r = rank or state.rank
         factors = truncated_factors(state.factors, r)
-        return ClientAssignment(-1, r, self.scaling(r), factors, 0)
+        return ClientAssignment(-1, r, self.scaling(state.rank), factors, 0)

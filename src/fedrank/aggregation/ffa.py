@@ -6,6 +6,13 @@ With A fixed and shared, averaging B is exact: Σ p_k B_k A = (Σ p_k B_k) A. Ac
 of B is averaged over the clients that held it:
 
     B[:, i] ← Σ_{k: i < r_k} p_k B_k[:, i] / Σ_{k: i < r_k} p_k.
+
+One LoRA scale across ranks: every client trains with the *global* scale s(R) = α/R (α/√R with rsLoRA),
+R the state's rank, not its own s(r_k). A rank index then means the same update s(R)·b_i a_iᵀ at every
+client and in the global model, so sharing factors index by index is consistent (with s(r_k) a rank-4
+client's components would enter a rank-32 global model at 1/8 strength and come back amplified 8×).
+This is the first of the issue's options; FlexLoRA's official HeteroLoRA baseline instead folds √(s_k)
+into both factors, which gives the same global ΔW for identical clients.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ class FFALoRA(MethodOptions):
     ) -> ClientAssignment:
         factors = truncated_factors(state.factors, client.rank)
         download = sum(f.B.numel() for f in factors.values())
-        return self.assign(client, factors, download, train_A=False)
+        return self.assign(client, factors, download, scale_rank=state.rank, train_A=False)
 
     def aggregate(
         self, state: LoraState, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None

@@ -10,6 +10,13 @@ The server keeps LoRA at the largest rank r_max. Client k receives the first r_k
 Rank self-pruning (client side, §3.3): the client adds λ·‖B[:, r':]‖_F‖A[r':]‖_F, r' = ⌊γ·r_k⌋, to its
 loss and drops the trailing r_k − r' indices when ‖B[:, r':]A[r':]‖_F / ‖BA‖_F falls below a threshold.
 :class:`HetLoRAPruning` carries those options; the local trainer applies them.
+
+One LoRA scale across ranks: every client trains with the *global* scale s(R) = α/R (α/√R with rsLoRA),
+R the state's rank, not its own s(r_k). A rank index then means the same update s(R)·b_i a_iᵀ at every
+client and in the global model, so sharing factors index by index is consistent (with s(r_k) a rank-4
+client's components would enter a rank-32 global model at 1/8 strength and come back amplified 8×).
+This is the first of the issue's options; FlexLoRA's official HeteroLoRA baseline instead folds √(s_k)
+into both factors, which gives the same global ΔW for identical clients.
 """
 
 from __future__ import annotations
@@ -84,7 +91,7 @@ class HetLoRA(MethodOptions):
         self, state: LoraState, client: ClientSpec, round_index: int, local: dict[str, Tensor] | None = None
     ) -> ClientAssignment:
         factors = truncated_factors(state.factors, client.rank)
-        return self.assign(client, factors)
+        return self.assign(client, factors, scale_rank=state.rank)
 
     def aggregate(
         self, state: LoraState, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None

@@ -8,6 +8,13 @@ trained them hold, so zeros from low-rank clients never dilute the high-rank com
     B[:, i] ← Σ_{k: i < r_k} p_k B_k[:, i] / Σ_{k: i < r_k} p_k     (A[i, :] likewise).
 
 An index no client of the round held keeps its previous global value.
+
+One LoRA scale across ranks: every client trains with the *global* scale s(R) = α/R (α/√R with rsLoRA),
+R the state's rank, not its own s(r_k). A rank index then means the same update s(R)·b_i a_iᵀ at every
+client and in the global model, so sharing factors index by index is consistent (with s(r_k) a rank-4
+client's components would enter a rank-32 global model at 1/8 strength and come back amplified 8×).
+This is the first of the issue's options; FlexLoRA's official HeteroLoRA baseline instead folds √(s_k)
+into both factors, which gives the same global ΔW for identical clients.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ class Replication(MethodOptions):
         self, state: LoraState, client: ClientSpec, round_index: int, local: dict[str, Tensor] | None = None
     ) -> ClientAssignment:
         factors = truncated_factors(state.factors, client.rank)
-        return self.assign(client, factors)
+        return self.assign(client, factors, scale_rank=state.rank)
 
     def aggregate(
         self, state: LoraState, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None

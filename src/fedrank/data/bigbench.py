@@ -10,8 +10,8 @@ tasks they use.
 Formatting follows BIG-bench's JSON task rules: prompt = task_prefix + example_input_prefix + input
 (+ choice_prefix + each option when ``append_choices_to_input``, the default) + example_output_prefix.
 ``target`` may be a string or a list (all are references); ``target_scores`` makes an example multiple
-choice, the highest-scored option being the answer. A task whose examples live in subtasks becomes one
-task per subtask, named ``parent:subtask``.
+choice (every option keeps its score: the credit for choosing it; the highest-scored option is the
+answer). A task whose examples live in subtasks becomes one task per subtask, named ``parent:subtask``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from fedrank.data.examples import Example
 log = logging.getLogger(__name__)
 
 SDIST = "bigbench-1.0.0.tar.gz"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
+"""2: multiple-choice examples keep every option's target score."""
 TASKS_ROOT = "bigbench/benchmark_tasks/"
 
 
@@ -101,6 +102,7 @@ def parse_task(task: dict[str, Any], name: str) -> list[Example]:
         scores = ex.get("target_scores")
         choices: tuple[str, ...] | None = None
         correct: int | None = None
+        values: list[float] = []
         if isinstance(scores, dict) and scores:
             choices = tuple(str(c) for c in scores)
             values = [float(v) for v in scores.values()]
@@ -113,7 +115,8 @@ def parse_task(task: dict[str, Any], name: str) -> list[Example]:
         if choices is not None and append_choices:
             text += "".join(choice_prefix + c for c in choices)
         text += out_prefix
-        out.append(Example(text.strip(), refs[0], refs, choices, correct, name))
+        graded = tuple(values) if choices is not None else None
+        out.append(Example(text.strip(), refs[0], refs, choices, correct, name, graded))
     return out
 
 

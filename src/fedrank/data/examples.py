@@ -11,7 +11,9 @@ class Example:
     """A prompt and its answer.
 
     ``references``: every acceptable answer (Rouge-L takes the best). ``choices``/``correct``: the options
-    of a multiple-choice example and the index of the best-scored one (BIG-bench ``target_scores``).
+    of a multiple-choice example and the index of the best-scored one. ``scores``: BIG-bench's
+    ``target_scores`` per option (the credit for choosing it; several options may score, some partially);
+    None means 1 for ``correct`` and 0 otherwise.
     """
 
     prompt: str
@@ -20,12 +22,21 @@ class Example:
     choices: tuple[str, ...] | None = None
     correct: int | None = None
     task: str = ""
+    scores: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.references:
             object.__setattr__(self, "references", (self.target,))
         if self.choices is not None and not (self.correct is not None and 0 <= self.correct < len(self.choices)):
             raise ValueError(f"multiple-choice example needs 0 <= correct < {len(self.choices)}, got {self.correct}")
+        if self.scores is not None and (self.choices is None or len(self.scores) != len(self.choices)):
+            raise ValueError("target scores need one score per choice")
+
+    def credit(self, chosen: int) -> float:
+        """What choosing option ``chosen`` earns (BIG-bench's multiple_choice_grade: target_scores[chosen])."""
+        if self.scores is not None:
+            return self.scores[chosen]
+        return 1.0 if chosen == self.correct else 0.0
 
     @property
     def is_multiple_choice(self) -> bool:
@@ -37,6 +48,8 @@ class Example:
             d["references"] = list(self.references)
         if self.choices is not None:
             d["choices"], d["correct"] = list(self.choices), self.correct
+        if self.scores is not None:
+            d["scores"] = list(self.scores)
         return d
 
     @staticmethod
@@ -49,4 +62,5 @@ class Example:
             choices=tuple(choices) if choices is not None else None,
             correct=d.get("correct"),
             task=d.get("task", ""),
+            scores=tuple(float(v) for v in d["scores"]) if d.get("scores") is not None else None,
         )

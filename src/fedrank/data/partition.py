@@ -5,6 +5,13 @@ Partitions (FlexLoRA §4.1 is (a)):
 * ``task``: one task per client; a disjoint set of held-out *unseen* tasks is kept for evaluation
   (chosen by seed, or every task carrying one of ``eval_keywords``). With more clients than training
   tasks, client k holds task k mod T and clients sharing a task hold disjoint shards of it.
+
+Unseen means unseen: BIG-bench has ~1,000 tasks but most are subtasks (``parent:sub``) of a few dozen
+parent tasks, and siblings are near-copies (``mult_data_wrangling:convert_1_units_2`` vs ``..._4_times_2``).
+With ``holdout = "family"`` (the default) a held-out task's whole family (the name before ``:``) is kept
+out of training, for every partition kind; ``num_eval_tasks`` families are drawn and one task of each is
+evaluated. ``holdout = "task"`` is the old behaviour, named as such: only the exact task names are held
+out and their siblings may train.
 * ``dirichlet``: each training task's examples are split over the clients by proportions drawn from
   Dirichlet(α·1_K): small α concentrates each task on few clients (the total concentration is α·K, so
   with many clients α must be small for clients to hold few tasks).
@@ -29,6 +36,12 @@ from fedrank.data.store import TaskStore
 log = logging.getLogger(__name__)
 
 PARTITIONS = ("task", "dirichlet", "iid")
+HOLDOUTS = ("family", "task")
+
+
+def family(task: str) -> str:
+    """A task's family: its parent task (``parent:sub`` -> ``parent``), or the task itself."""
+    return task.split(":", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -37,6 +50,9 @@ class PartitionConfig:
     num_clients: int = 40
     """Registered clients."""
     num_eval_tasks: int = 4
+    holdout: str = "family"
+    """"family": held-out tasks' whole families are kept out of training; "task": only the exact tasks
+    (siblings of a held-out subtask may train: the old behaviour, not truly unseen)."""
     eval_keywords: tuple[str, ...] = ()
     """Held-out tasks by keyword instead of by seed (``num_eval_tasks`` then caps their number; 0 = all)."""
     tasks: tuple[str, ...] = ()
@@ -53,6 +69,10 @@ class PartitionConfig:
     def __post_init__(self) -> None:
         if self.kind not in PARTITIONS:
             raise ValueError(f"unknown partition {self.kind!r}; choices: {', '.join(PARTITIONS)}")
+        if self.holdout not in HOLDOUTS:
+            raise ValueError(f"unknown partition holdout {self.holdout!r}; choices: {', '.join(HOLDOUTS)}")
+        if self.num_eval_tasks < 0 or self.min_examples < 0 or self.max_eval_examples < 0:
+            raise ValueError("num_eval_tasks, min_examples and max_eval_examples must be >= 0")
         if self.num_clients <= 0:
             raise ValueError(f"num_clients must be positive, got {self.num_clients}")
         if not 0.0 <= self.test_fraction < 1.0:
@@ -92,11 +112,26 @@ class Federation:
         self.skipped = {t: f"fewer than {cfg.min_examples} examples ({store.count(t)})" for t in small}
         pool = [t for t in pool if t not in self.skipped]
         self.eval_tasks = self._choose_eval(pool, rng)
-        train = [t for t in pool if t not in set(self.eval_tasks)]
+        if cfg.holdout == "family":
+            self.held_out = sorted({family(t) for t in self.eval_tasks})
+            held = set(self.held_out)
+            train = [t for t in pool if family(t) not in held]
+        else:
+            self.held_out = sorted(self.eval_tasks)
+            train = [t for t in pool if t not in set(self.eval_tasks)]
         order = rng.permutation(len(train))
         self.train_tasks = [train[i] for i in order]
         if not self.train_tasks:
             raise ValueError("no training tasks left after skipping small tasks and holding out eval tasks")
+        log.info(
+            "held out %d task %s (%s): %d task(s) excluded from training, %d evaluated; %d training tasks",
+            len(self.held_out),
+            "families" if cfg.holdout == "family" else "names",
+            ", ".join(self.held_out),
+            len(pool) - len(train),
+            len(self.eval_tasks),
+            len(train),
+        )
         if cfg.kind == "task":
             self.train_tasks = self.train_tasks[: cfg.num_clients]
             self._bounds = None
@@ -112,12 +147,19 @@ class Federation:
             if cfg.num_eval_tasks:
                 chosen = [chosen[i] for i in sorted(rng.permutation(len(chosen))[: cfg.num_eval_tasks])]
             return chosen
-        if cfg.num_eval_tasks >= len(pool):
+        units = sorted({family(t) for t in pool}) if cfg.holdout == "family" else pool
+        if cfg.num_eval_tasks >= len(units):
+            what = "task families" if cfg.holdout == "family" else "tasks"
             raise ValueError(
-                f"{cfg.num_eval_tasks} eval tasks leave no training task out of {len(pool)} usable tasks "
-                f"({len(self.skipped)} skipped with fewer than partition.min_examples = {cfg.min_examples} examples)"
+                f"{cfg.num_eval_tasks} held-out {what} leave no training task out of {len(units)} usable {what} "
+                f"({len(self.skipped)} tasks skipped with fewer than partition.min_examples = {cfg.min_examples} "
+                "examples)"
             )
-        return [pool[i] for i in sorted(rng.permutation(len(pool))[: cfg.num_eval_tasks])]
+        chosen = [units[i] for i in sorted(rng.permutation(len(units))[: cfg.num_eval_tasks])]
+        if cfg.holdout == "task":
+            return chosen
+        members = {f: [t for t in pool if family(t) == f] for f in chosen}  # one evaluated task per family
+        return [members[f][int(rng.integers(len(members[f])))] for f in chosen]
 
     def _split_tasks(self, rng: np.random.Generator) -> np.ndarray:
         """Per training task, the cumulative example boundaries over clients: shape (T, K + 1)."""

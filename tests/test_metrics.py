@@ -1,0 +1,94 @@
+"""Metrics as BIG-bench and the papers define them: Rouge-L on any script, multiple_choice_grade with
+target scores (ties, graded credit), and generation long enough for the task's references."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+from rouge_score import rouge_scorer
+
+from fedrank.data import parse_task
+from fedrank.data.examples import Example
+from fedrank.evaluate import EvalConfig, choice_logliks, choose, evaluate_task, longest_reference, rouge_l
+
+
+def bigbench_grade(samples: list[dict]) -> float:
+    """BIG-bench's multiple_choice_grade (bigbench/api/task_metrics.py), as a reference."""
+
+    def argmax(array: np.ndarray) -> int:
+        max_indices = np.arange(len(array))[array == np.max(array)]
+        idx = int(hashlib.sha256(np.asarray(array).tobytes()).hexdigest(), 16) % len(max_indices)
+        return int(max_indices[idx])
+
+    count = 0.0
+    for s in samples:
+        choice = s["choice"][argmax(np.asarray(s["log_prob"]))]
+        count += s["target_scores"][choice]
+    return count / len(samples)
+
+
+def test_rouge_l_scores_cyrillic_and_chinese_references() -> None:
+    default = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    assert default.score("Привет мир", "Привет мир")["rougeL"].fmeasure == 0.0  # what we fixed
+    assert rouge_l("Привет мир", ["привет мир"]) == 1.0
+    assert rouge_l("Привет", ["привет мир"]) == pytest.approx(2 / 3)
+    assert rouge_l("我喜欢猫", ["我喜欢狗"]) == pytest.approx(0.75)  # one token per character
+    assert rouge_l("猫", ["我喜欢狗"]) == 0.0
+    # English unchanged from rouge-score's default (stemmed, punctuation dropped)
+    for pred, ref in [("The cats are running!", "the cat runs"), ("42 apples", "forty-two apples")]:
+        assert rouge_l(pred, [ref]) == pytest.approx(default.score(ref, pred)["rougeL"].fmeasure)
+
+
+def test_choose_matches_bigbench_tie_breaking() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        ll = rng.integers(0, 3, size=int(rng.integers(2, 6))).astype(float).tolist()  # many ties
+        scores = rng.random(len(ll)).round(2).tolist()
+        choices = [f"c{i}" for i in range(len(ll))]
+        ref = bigbench_grade([{"choice": choices, "log_prob": ll, "target_scores": dict(zip(choices, scores))}])
+        ex = Example("q", "c0", choices=tuple(choices), correct=0, scores=tuple(scores))
+        assert ex.credit(choose(ll)) == ref
+
+
+def test_multiple_choice_credits_target_scores_with_ties_and_graded_targets(tiny) -> None:
+    task = {
+        "examples": [
+            # two identical options tie exactly; BIG-bench breaks the tie by hash, credit follows the pick
+            {"input": "Pick one", "target_scores": {"same": 1.0, "same ": 0.0}},
+            {"input": "Pick one", "target_scores": {"red": 0.5, "blue": 0.25, "green": 1.0}},
+            {"input": "Pick one", "target_scores": {"yes": 1, "no": 1}},
+        ]
+    }
+    examples = parse_task(task, "mc")
+    assert examples[1].scores == (0.5, 0.25, 1.0) and examples[1].correct == 2
+    cfg = EvalConfig()
+    samples = []
+    for e in examples:
+        ll = choice_logliks(tiny.model, tiny.tokenizer, e, cfg)
+        samples.append({"choice": list(e.choices), "log_prob": ll, "target_scores": dict(zip(e.choices, e.scores))})
+    res = evaluate_task(tiny.model, tiny.tokenizer, examples, cfg)
+    assert res["accuracy"] == pytest.approx(bigbench_grade(samples))
+    # the old rule (1 if the first argmax is the best-scored option) differs on graded/tied targets
+    assert bigbench_grade(samples[2:]) == 1.0
+
+
+def test_generation_covers_the_longest_reference(tiny) -> None:
+    tok = tiny.tokenizer
+    long_ref = " ".join(["word"] * 4)
+    examples = [Example("Say many words", long_ref), Example("Say one word", "ok")]
+    n = longest_reference(tok, examples)
+    assert n == len(tok(long_ref, add_special_tokens=False)["input_ids"]) > 8
+    cfg = EvalConfig(max_new_tokens=4, max_new_tokens_cap=64)
+    assert (
+        cfg.new_tokens(n) == n
+        and cfg.new_tokens(2) == 4
+        and EvalConfig(max_new_tokens=4, max_new_tokens_cap=6).new_tokens(n) == 6
+    )
+    res = evaluate_task(tiny.model, tok, examples, cfg)
+    assert res["new_tokens"] == n
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        EvalConfig(max_new_tokens=0)
+    with pytest.raises(ValueError, match="max_new_tokens_cap"):
+        EvalConfig(max_new_tokens=32, max_new_tokens_cap=16)
