@@ -13,7 +13,8 @@ RANKS = [4, 8, 16, 32]
     "dist,expected",
     [
         ("uniform", [0.25, 0.25, 0.25, 0.25]),
-        ("heavy_tail_weak", [0.8, 0.1, 0.05, 0.05]),
+        ("heavy_tail_weak", [0.8, 0.05, 0.05, 0.1]),  # the official FlexLoRA code's heavy_tail
+        ("normal", [0.0575, 0.0575, 0.4425, 0.4425]),  # its normal: pdf at the type index
         ("heavy_tail_strong", [0.05, 0.05, 0.1, 0.8]),
         ("fixed", [1.0, 0.0, 0.0, 0.0]),
     ],

@@ -44,6 +44,7 @@ max_seq_len = 48
 participants = 1
 [eval.settings]
 max_new_tokens = 2
+max_new_tokens_cap = 4
 max_seq_len = 48
 [output]
 plots = false
@@ -155,7 +156,7 @@ def test_config_errors_say_what_is_wrong(cfg_path: Path) -> None:
         load_config(cfg_path, ["method.name=fedavg"])
     with pytest.raises(ConfigError, match="ranks.distribution 'zipf' is unknown; choices: uniform"):
         load_config(cfg_path, ["ranks.distribution=zipf"])
-    with pytest.raises(ConfigError, match="train.lr must be positive"):
+    with pytest.raises(ConfigError, match="train.lr must be positive and finite"):
         load_config(cfg_path, ["train.lr=0"])
     with pytest.raises(ConfigError, match="federation.rounds must be int"):
         load_config(cfg_path, ["federation.rounds='x'"])

@@ -91,12 +91,19 @@ class MethodConfig:
             raise ConfigError("method.prune (rank self-pruning) is a HetLoRA option; set method.name = 'hetlora'")
 
 
+WEIGHTINGS = ("examples", "seen", "uniform")
+
+
 @dataclass(frozen=True)
 class FederationConfig:
     rounds: int = 3
     clients_per_round: int = 8
     """Clients sampled per round (0: use ``fraction``)."""
     fraction: float = 0.0
+    weighting: str = "examples"
+    """Aggregation weights p_k: "examples" ∝ n_k (FlexLoRA's and FedAvg's rule), "seen" ∝ the distinct
+    examples the client actually trained on this round (with a fixed number of local steps a client with
+    many examples sees few of them), "uniform" = 1/K."""
 
     def __post_init__(self) -> None:
         if self.rounds <= 0:
@@ -105,6 +112,8 @@ class FederationConfig:
             raise ConfigError("federation.clients_per_round must be >= 0 and federation.fraction in [0, 1]")
         if self.clients_per_round == 0 and self.fraction == 0.0:
             raise ConfigError("set federation.clients_per_round > 0 or federation.fraction > 0")
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(f"federation.weighting {self.weighting!r} is unknown; choices: {', '.join(WEIGHTINGS)}")
 
     def per_round(self, num_clients: int) -> int:
         n = self.clients_per_round or max(1, round(self.fraction * num_clients))

@@ -15,6 +15,7 @@ from torch import Tensor
 
 __all__ = [
     "LowRankSVD",
+    "energy_spectrum",
     "init_lora_factors",
     "lora_scaling",
     "pad_rank",
@@ -214,3 +215,17 @@ def init_lora_factors(m: int, n: int, rank: int, generator: torch.Generator) -> 
     bound = 1.0 / math.sqrt(n)
     A = (torch.rand(rank, n, generator=generator) * 2.0 - 1.0) * bound
     return torch.zeros(m, rank), A
+
+
+def energy_spectrum(S: Tensor, tops: Sequence[int]) -> tuple[list[float], float] | None:
+    """Singular values ``S`` of a ΔW: the share of its energy Σσ² in the top ``k`` directions for each k
+    of ``tops``, and its effective rank exp(H(p)), p = σ/Σσ (Roy & Vetterli, 2007). None when ΔW = 0."""
+    s = S.double().clamp_min(0).sort(descending=True).values
+    energy = s.square()
+    total = float(energy.sum())
+    if total <= 0:
+        return None
+    shares = [float(energy[:k].sum()) / total for k in tops]
+    p = s / s.sum()
+    p = p[p > 0]
+    return shares, float(torch.exp(-(p * p.log()).sum()))

@@ -1,10 +1,22 @@
 """Seeded distributions of LoRA ranks over clients (FlexLoRA §4.1's heterogeneous resources).
 
-* ``uniform``: every rank of the list equally likely.
-* ``heavy_tail_weak``: 80% of clients at the lowest rank, the rest 10/5/5% on the next ones (most
-  clients are weak).
-* ``heavy_tail_strong``: the mirror, 80% at the highest rank.
-* ``normal``: most clients in the middle of the list (a discretised normal over rank positions).
+The four named distributions follow the official FlexLoRA code (alibaba/FederatedScope, branch
+``FlexLoRA``, ``main.py`` ``get_peft``, L121-172), which draws one of four client "types": Type_0 rank 8,
+Type_1 rank 200, Type_2 rank 30 on attention / 200 on the MLP, Type_3 rank 30. Ordered by size, the
+types are rank positions 0 (8), 1 (30), 2 (30/200) and 3 (200) of a 4-rank list, so for 4 ranks:
+
+* ``uniform``: ``randint(0, 4)``: 25% each.
+* ``heavy_tail_weak`` (the code's ``heavy_tail``): 80% Type_0, 10% Type_1, 5% Type_2, 5% Type_3, i.e.
+  [0.80, 0.05, 0.05, 0.10] over ranks by size: most clients weak, the next-largest share on the *largest*
+  rank. The official README says instead "85% ... and the rest uniformly"; we follow the code.
+* ``heavy_tail_strong``: 80% Type_1, 10% Type_2, 5% Type_3, 5% Type_0: [0.05, 0.05, 0.10, 0.80].
+* ``normal``: ``norm.pdf(type index; μ=1.5, σ=0.7)`` normalised, which by the type order gives
+  [0.0575, 0.0575, 0.4425, 0.4425] by size (the two largest configurations get 88.5%). We follow the code.
+
+For a list of other length k: weak = 80% on the smallest, 10% on the largest, 10% spread evenly over the
+rest (strong mirrored: 80% largest, 10% second largest, 10% spread over the rest); normal = a normal
+over rank positions centred on the middle with σ = 0.7·(k−1)/3 (the official σ rescaled). Two more:
+
 * ``fixed``: every client at one rank (the first of the list).
 * ``budget``: each client's memory budget decides: the largest rank whose training fits
   (:func:`training_bytes`).
@@ -20,14 +32,17 @@ import numpy as np
 __all__ = ["DISTRIBUTIONS", "ModelFootprint", "assign_ranks", "budget_ranks", "rank_for_budget", "training_bytes"]
 
 
-def _tail_probs(k: int) -> np.ndarray:
-    """80% on the first rank, then 10/5/5% (for 4 ranks); the 20% split halving for other lengths."""
-    if k == 1:
-        return np.ones(1)
-    if k == 4:
-        return np.array([0.8, 0.1, 0.05, 0.05])
-    rest = np.array([0.5**i for i in range(1, k)])
-    return np.concatenate([[0.8], 0.2 * rest / rest.sum()])
+def _spread(k: int, head: int, second: int) -> np.ndarray:
+    """80% at position ``head``, 10% at ``second``, 10% spread evenly over the other positions."""
+    p = np.zeros(k)
+    p[head] = 0.8
+    rest = [i for i in range(k) if i not in (head, second)]
+    if not rest:
+        p[second] = 0.2
+        return p
+    p[second] = 0.1
+    p[rest] = 0.1 / len(rest)
+    return p
 
 
 def _probs_uniform(k: int) -> np.ndarray:
@@ -35,16 +50,20 @@ def _probs_uniform(k: int) -> np.ndarray:
 
 
 def _probs_weak(k: int) -> np.ndarray:
-    return _tail_probs(k)
+    return np.ones(1) if k == 1 else _spread(k, 0, k - 1)
 
 
 def _probs_strong(k: int) -> np.ndarray:
-    return _tail_probs(k)[::-1].copy()
+    return np.ones(1) if k == 1 else _spread(k, k - 1, k - 2)
 
 
 def _probs_normal(k: int) -> np.ndarray:
+    if k == 4:  # the official code: pdf at the type index, types ordered [8, 200, 30/200, 30]
+        by_type = np.exp(-0.5 * ((np.arange(4) - 1.5) / 0.7) ** 2)
+        p = by_type[[0, 3, 2, 1]]
+        return np.asarray(p / p.sum())
     x = np.arange(k) - (k - 1) / 2.0
-    sigma = max(k / 4.0, 0.5)
+    sigma = max(0.7 * (k - 1) / 3.0, 0.5)
     p = np.exp(-0.5 * (x / sigma) ** 2)
     return np.asarray(p / p.sum())
 

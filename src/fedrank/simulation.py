@@ -28,7 +28,7 @@ from fedrank.data import BigBench, BigBenchStore, Federation, TaskStore, read_js
 from fedrank.data.synthetic import synthetic_store
 from fedrank.data.tokenize import LazyEncoded
 from fedrank.evaluate import evaluate_task, macro_average
-from fedrank.lowrank import lora_scaling, svd_of_sum, truncate, truncate_rank
+from fedrank.lowrank import energy_spectrum, lora_scaling, svd_of_sum, truncate, truncate_rank
 from fedrank.models import LoadedModel, LoraHost, export_peft_adapter, load_causal_lm, tiny_llama
 from fedrank.ranks import ModelFootprint, assign_ranks, budget_ranks
 from fedrank.train import train_local
@@ -128,6 +128,7 @@ class Simulation:
         self.rank_overrides: dict[int, int] = {}
         self.max_rank = min(cfg.ranks.choices) if cfg.ranks.distribution == "fixed" else max(cfg.ranks.choices)
         self.state = self.method.init_state(self.host.shapes, self.max_rank)
+        self.eval_clients = self.fixed_eval_clients()
         if resume:
             self._restore()
         else:
@@ -179,6 +180,15 @@ class Simulation:
         return local
 
     # ----------------------------------------------------------------- the round
+    def fixed_eval_clients(self) -> list[int]:
+        """The participants whose own test splits are evaluated at every evaluation (seen tasks): the first
+        ``eval.participants`` clients of round 1's sample that hold test examples, the same clients before,
+        during and after training so that their before -> after compares like with like."""
+        if self.cfg.eval.participants <= 0:
+            return []
+        chosen = [c for c in self.sample(0) if self.fed.num_test_examples(c) > 0]
+        return chosen[: self.cfg.eval.participants]
+
     def rank_of(self, cid: int) -> int:
         return self.rank_overrides.get(cid, self.ranks[cid])
 
@@ -230,6 +240,7 @@ class Simulation:
             "first_loss": res.losses[0],
             "last_loss": res.losses[-1],
             "examples": res.examples,
+            "seen": res.seen,
             "tokens": res.tokens,
             "truncated": enc.truncated,
             "up_params": up,
@@ -239,6 +250,38 @@ class Simulation:
             "seconds": time.perf_counter() - t0,
         }
         return update, rec
+
+    def weights(self, recs: list[dict[str, Any]]) -> list[float]:
+        """p_k before normalisation, as ``federation.weighting`` says."""
+        key = self.cfg.federation.weighting
+        if key == "uniform":
+            return [1.0] * len(recs)
+        return [float(r["n"] if key == "examples" else r["seen"]) for r in recs]
+
+    def spectrum(self) -> dict[str, float]:
+        """How the global ΔW's energy spreads over directions (the collapse onto the smallest shared rank
+        that raFLoRA, 2026, reports): per layer, the share of Σσ² in the top r_min and top r_max singular
+        directions (r_min, r_max: the smallest and largest client rank) and the effective rank exp(H(σ/Σσ))
+        (Roy & Vetterli, 2007), each averaged over layers with every layer counting once."""
+        gm = self.method.global_model(self.state)
+        r_min, r_max = min(self.ranks), max(self.ranks)
+        top_min, top_max, eff = [], [], []
+        for name in gm.factors or (gm.base_delta or {}):
+            Bs, As, ws = global_delta_terms(gm, name)
+            e = energy_spectrum(svd_of_sum(Bs, As, ws)[1], (r_min, r_max))
+            if e is not None:
+                top_min.append(e[0][0])
+                top_max.append(e[0][1])
+                eff.append(e[1])
+        if not eff:  # ΔW = 0 in every layer
+            return {"r_min": r_min, "r_max": r_max}
+        return {
+            "r_min": r_min,
+            "r_max": r_max,
+            "energy_top_rmin": sum(top_min) / len(top_min),
+            "energy_top_rmax": sum(top_max) / len(top_max),
+            "effective_rank": sum(eff) / len(eff),
+        }
 
     def evaluation_model(self) -> ClientAssignment:
         """The global model; an adapter wider than any client's (FlexLoRA's exact ΔW has rank Σr_k) is
@@ -251,7 +294,7 @@ class Simulation:
             delta = {k: d + gm.base_delta[k] for k, d in delta.items()}
         return ClientAssignment(-1, gm.rank, 0.0, {}, 0, base_delta=delta)
 
-    def evaluate(self, round_done: int, participants: list[int]) -> dict[str, Any]:
+    def evaluate(self, round_done: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         self.host.load(self.evaluation_model())
         settings = self.cfg.eval.settings
@@ -260,10 +303,9 @@ class Simulation:
             t: evaluate_task(self.host.module, tok, self.fed.eval_examples(t), settings) for t in self.fed.eval_tasks
         }
         part: dict[str, dict[str, float]] = {}
-        for cid in participants[: self.cfg.eval.participants]:
+        for cid in self.eval_clients:
             test = self.fed.client(cid).test[: self.cfg.partition.max_eval_examples or None]
-            if test:
-                part[str(cid)] = evaluate_task(self.host.module, tok, test, settings)
+            part[str(cid)] = evaluate_task(self.host.module, tok, test, settings)
         rec = {
             "type": "eval",
             "round": round_done,
@@ -271,6 +313,7 @@ class Simulation:
             "unseen_avg": macro_average(unseen),
             "participants": part,
             "participants_avg": macro_average(part) if part else {},
+            "participant_tasks": {str(c): list(self.fed.client_tasks(c)) for c in self.eval_clients},
             "seconds": time.perf_counter() - t0,
         }
         self._record(rec)
@@ -290,7 +333,7 @@ class Simulation:
             len(self.fed.eval_tasks),
         )
         if self.start_round == 0 and cfg.eval.before:
-            ev = self.evaluate(0, self.sample(0))
+            ev = self.evaluate(0)
             log.info("round 0 (before training): %s", _fmt(ev["unseen_avg"]))
             self._checkpoint(0)
         bar = tqdm(
@@ -315,7 +358,7 @@ class Simulation:
             if not updates:
                 raise RuntimeError(f"round {t + 1}: none of the sampled clients {sampled} has training data")
             t_agg = time.perf_counter()
-            self.state = self.method.aggregate(self.state, updates)
+            self.state = self.method.aggregate(self.state, updates, self.weights(recs))
             agg_s = time.perf_counter() - t_agg
             for u in updates:
                 local = self.method.local_state(u)
@@ -330,6 +373,7 @@ class Simulation:
                 "up_bytes": sum(r["up_bytes"] for r in recs),
                 "down_bytes": sum(r["down_bytes"] for r in recs),
                 "aggregate_seconds": agg_s,
+                "spectrum": self.spectrum(),
                 "seconds": time.perf_counter() - t0,
             }
             self._record(rnd)
@@ -338,7 +382,7 @@ class Simulation:
                 f"down {_mb(rnd['down_bytes'])}  {rnd['seconds']:.1f}s"
             )
             if (cfg.eval.every and (t + 1) % cfg.eval.every == 0) or t + 1 == rounds:
-                ev = self.evaluate(t + 1, sampled)
+                ev = self.evaluate(t + 1)
                 msg += f"  eval {_fmt(ev['unseen_avg'])}"
             log.info(msg)
             self._checkpoint(t + 1)
@@ -390,24 +434,30 @@ def export_global(
     out: dict[str, LoraFactors] = {}
     names = list(gm.factors) or list((gm.base_delta or {}).keys())
     for name in names:
-        Bs: list[Tensor] = []
-        As: list[Tensor] = []
-        ws: list[float] = []
-        if name in gm.factors:
-            f = gm.factors[name]
-            Bs.append(f.B.float())
-            As.append(f.A.float())
-            ws.append(gm.scaling)
-        if gm.base_delta is not None:
-            d = gm.base_delta[name].float()
-            Bs.append(d)
-            As.append(torch.eye(d.shape[1]))
-            ws.append(1.0)
-        U, S, Vh = svd_of_sum(Bs, As, ws, rank=rank)
+        U, S, Vh = svd_of_sum(*global_delta_terms(gm, name), rank=rank)
         out[name] = LoraFactors(*truncate((U, S, Vh), rank, cfg.model.alpha, cfg.model.rslora))
     return export_peft_adapter(
         out_dir, out, lora_scaling(cfg.model.alpha, rank, cfg.model.rslora), base_name, cfg.model.target_modules
     )
+
+
+def global_delta_terms(gm: ClientAssignment, name: str) -> tuple[list[Tensor], list[Tensor], list[float]]:
+    """Layer ``name``'s global update ΔW = s·B A (+ a merged base delta, FLoRA) as the weighted factor
+    products Σ_i w_i·B_i A_i that :func:`svd_of_sum` takes: (Bs, As, ws)."""
+    Bs: list[Tensor] = []
+    As: list[Tensor] = []
+    ws: list[float] = []
+    if name in gm.factors:
+        f = gm.factors[name]
+        Bs.append(f.B.float())
+        As.append(f.A.float())
+        ws.append(gm.scaling)
+    if gm.base_delta is not None:
+        d = gm.base_delta[name].float()
+        Bs.append(d)
+        As.append(torch.eye(d.shape[1]))
+        ws.append(1.0)
+    return Bs, As, ws
 
 
 def _rank_hist(ranks: list[int]) -> str:

@@ -1,9 +1,9 @@
 """Local training of one client's LoRA (no FL logic: the caller decides what is trainable).
 
-AdamW with linear warm-up, a fixed number of optimizer steps (or epochs), micro-batches with gradient
-accumulation, gradient clipping, a seeded data order and optional bf16 autocast. FL methods reach it only
-through what the model exposes as trainable (FFA: A frozen), the scaling set on the adapter (FSLoRA's
-r/k), and an optional regulariser (HetLoRA's self-pruning penalty).
+AdamW (or SGD with momentum) with linear warm-up, a fixed number of optimizer steps (or epochs),
+micro-batches with gradient accumulation, gradient clipping, a seeded data order and optional bf16
+autocast. FL methods reach it only through what the model exposes as trainable (FFA: A frozen), the
+scaling set on the adapter (FSLoRA's r/k), and an optional regulariser (HetLoRA's self-pruning penalty).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from fedrank.data.tokenize import IGNORE, Encoded, collate
 
 PRECISIONS = ("fp32", "bf16")
+OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,20 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     max_seq_len: int = 256
     precision: str = "fp32"
+    optimizer: str = "adamw"
+    """"adamw", or "sgd" (FSLoRA's official code: its r/k sketch scale then reaches the update through the
+    gradient; AdamW normalises it away, shrinking each index's expected server step by about k_i/r)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    nesterov: bool = False
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"train.lr must be positive, got {self.lr}")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"train.lr must be positive and finite, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not 0.0 <= self.momentum < 1.0 or (self.nesterov and self.momentum == 0.0):
+            raise ValueError(f"train.momentum must be in [0, 1) (> 0 for nesterov), got {self.momentum}")
         if self.steps < 0 or self.epochs < 0 or (self.steps == 0 and self.epochs == 0):
             raise ValueError("set train.steps > 0 or train.epochs > 0")
         if self.batch_size <= 0 or self.grad_accum <= 0:
@@ -61,10 +72,22 @@ class TrainResult:
     losses: list[float] = field(repr=False)
     """Loss of each optimizer step (mean over its micro-batches)."""
     examples: int
+    """Examples drawn (an example drawn twice counts twice)."""
+    seen: int
+    """Distinct examples trained on."""
     tokens: int
     """Answer tokens that carried loss."""
     steps: int
     seconds: float
+
+
+def make_optimizer(params: Sequence[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The local optimizer ``cfg`` names."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+        )
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def train_local(
@@ -83,11 +106,12 @@ def train_local(
         raise ValueError("no trainable parameters")
     start = time.perf_counter()
     device = next(iter(params)).device
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(params, cfg)
     warm = max(cfg.warmup_steps, 0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
     steps = cfg.num_steps(len(data))
     order: list[int] = []
+    used: set[int] = set()
     losses: list[float] = []
     examples = tokens = 0
     use_bf16 = cfg.precision == "bf16"
@@ -109,6 +133,7 @@ def train_local(
             (loss / cfg.grad_accum).backward()
             step_loss += float(loss.detach()) / cfg.grad_accum
             examples += len(batch_idx)
+            used.update(batch_idx)
             tokens += int((batch["labels"] != IGNORE).sum())
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -117,4 +142,6 @@ def train_local(
         opt.zero_grad(set_to_none=True)
         losses.append(step_loss)
     model.train(was_training)
-    return TrainResult(sum(losses) / len(losses), losses, examples, tokens, steps, time.perf_counter() - start)
+    return TrainResult(
+        sum(losses) / len(losses), losses, examples, len(used), tokens, steps, time.perf_counter() - start
+    )

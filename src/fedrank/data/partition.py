@@ -206,6 +206,14 @@ class Federation:
         n = self._total(client_id)
         return n - _split(n, self.cfg.test_fraction)
 
+    def num_test_examples(self, client_id: int) -> int:
+        """The client's test examples (no data is loaded)."""
+        return _split(self._total(client_id), self.cfg.test_fraction)
+
+    def client_tasks(self, client_id: int) -> tuple[str, ...]:
+        """The tasks the client holds examples of (no data is loaded)."""
+        return tuple(task for task, _, _ in self._sizes(client_id))
+
     def client(self, client_id: int) -> ClientData:
         """Materialise one client's train/test examples (seeded, identical on every call)."""
         parts: list[Example] = []
