@@ -60,6 +60,10 @@ def test_registry_names_are_exact() -> None:
         "fedsa",
         "fslora",
         "lorafair",
+        "fedplora",
+        "fedex",
+        "rolora",
+        "raflora",
     }
     for name, cls in METHODS.items():
         assert cls.name == name
@@ -90,7 +94,7 @@ def test_dispatch_ranks_equal_client_ranks(name: str) -> None:
             assert f.rank == r and f.shape == SHAPES[layer]
         if name == "fslora":
             expected = lora_scaling(16, 16) * 16 / r
-        elif name in INDEX_SHARING:  # one scale across ranks: the global rank's
+        elif name in INDEX_SHARING or name in ("fedplora", "rolora"):  # one scale across ranks: the global rank's
             expected = lora_scaling(16, max(ranks))
         else:
             expected = lora_scaling(16, r)
@@ -142,7 +146,7 @@ def test_identical_clients_at_one_rank_reproduce_their_update(name: str) -> None
         return
     for k, f in one.factors.items():
         got = gm.factors[k]
-        if name == "flexlora":  # same ΔW, possibly other factors: compare products
+        if name in ("flexlora", "raflora"):  # same ΔW, possibly other factors: compare products
             torch.testing.assert_close(
                 gm.scaling * got.B @ got.A, lora_scaling(16, r) * f.B @ f.A, atol=1e-5, rtol=1e-5
             )

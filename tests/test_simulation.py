@@ -113,7 +113,7 @@ def _interrupt_after(monkeypatch: pytest.MonkeyPatch, rounds: int) -> None:
     monkeypatch.setattr(Simulation, "_checkpoint", crash)
 
 
-@pytest.mark.parametrize("method", ["flexlora", "fedsa", "hetlora"])
+@pytest.mark.parametrize("method", ["flexlora", "fedsa", "hetlora", "fedplora", "fedex", "rolora", "raflora"])
 def test_resume_is_bit_identical(method: str, cfg_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     overrides = ["federation.rounds=3", f"method.name={method}"]
     if method == "hetlora":
@@ -134,6 +134,8 @@ def test_resume_is_bit_identical(method: str, cfg_path: Path, tmp_path: Path, mo
     a, b = flatten(checkpoint.load(full / "global_state.pt")), flatten(checkpoint.load(part / "global_state.pt"))
     assert len(a) == len(b) > 0
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+    if method in ("fedplora", "fedex", "rolora", "raflora"):  # issue 11's methods, with mixed ranks
+        assert {r["rank"] for r in records(part) if r["type"] == "client"} == {2, 4}
     if method == "hetlora":  # self-pruning happened (γ = 0.5: rank 2 -> 1) and survived the resume
         assert any(r["rank"] == 1 for r in records(part) if r["type"] == "client")
 
@@ -156,7 +158,7 @@ def flatten(obj: object) -> list[torch.Tensor]:
 def test_config_errors_say_what_is_wrong(cfg_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['train.lrr'\]; valid keys in \[train\]"):
         load_config(cfg_path, ["train.lrr=1"])
-    with pytest.raises(ConfigError, match="method.name 'fedavg' is unknown; choices: fedit, fedsa, ffa"):
+    with pytest.raises(ConfigError, match="method.name 'fedavg' is unknown; choices: fedex, fedit, fedplora, fedsa"):
         load_config(cfg_path, ["method.name=fedavg"])
     with pytest.raises(ConfigError, match="ranks.distribution 'zipf' is unknown; choices: uniform"):
         load_config(cfg_path, ["ranks.distribution=zipf"])
@@ -210,7 +212,7 @@ def test_jsonl_clients_run_end_to_end(cfg_path: Path, tmp_path: Path) -> None:
     assert res.summary["unseen_after"]["loss"] < res.summary["unseen_before"]["loss"]
 
 
-@pytest.mark.parametrize("method", ["flexlora", "flora", "fslora"])
+@pytest.mark.parametrize("method", ["flexlora", "flora", "fslora", "fedplora", "fedex", "rolora", "raflora"])
 def test_exported_adapter_reproduces_the_global_model(method: str, cfg_path: Path, tmp_path: Path) -> None:
     """export at a rank >= the global update's rank is exact: PEFT's logits equal fedrank's global model."""
     from peft import PeftModel

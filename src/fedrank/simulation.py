@@ -228,7 +228,7 @@ class Simulation:
             if new < rank:
                 factors = {k: LoraFactors(*truncate_rank(f.B, f.A, new)) for k, f in factors.items()}
                 self.rank_overrides[cid] = rank = new
-        update = ClientUpdate(cid, rank, spec.num_examples, factors, a.indices)
+        update = ClientUpdate(cid, rank, spec.num_examples, factors, a.indices, a.train_A, a.train_B)
         up = self.method.upload_params(update)
         rec = {
             "type": "client",

@@ -79,13 +79,18 @@ class ClientAssignment:
 
 @dataclass(frozen=True)
 class ClientUpdate:
-    """A client's trained factors after a round, with what the aggregation needs to weigh them."""
+    """A client's trained factors after a round, with what the aggregation needs to weigh them.
+
+    ``train_A`` / ``train_B`` echo the assignment's: which factors the client trained and so must upload.
+    """
 
     client_id: int
     rank: int
     num_examples: int
     factors: dict[str, LoraFactors]
     indices: Tensor | None = None
+    train_A: bool = True
+    train_B: bool = True
 
     @property
     def spec(self) -> ClientSpec:

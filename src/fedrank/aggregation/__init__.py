@@ -10,7 +10,9 @@ import dataclasses
 from typing import Any
 
 from fedrank.aggregation.base import AggregationError, AggregationMethod, LoraState, MethodOptions
+from fedrank.aggregation.fedex import FedExLoRA, FedExState
 from fedrank.aggregation.fedit import FedIT
+from fedrank.aggregation.fedplora import FedPLoRA
 from fedrank.aggregation.fedsa import FedSALoRA
 from fedrank.aggregation.ffa import FFALoRA
 from fedrank.aggregation.flexlora import FlexLoRA, FlexLoRAState
@@ -18,10 +20,16 @@ from fedrank.aggregation.flora import FLoRA, FLoRAState
 from fedrank.aggregation.fslora import FSLoRA
 from fedrank.aggregation.hetlora import HetLoRA, HetLoRAPruning
 from fedrank.aggregation.lorafair import LoRAFAIR
+from fedrank.aggregation.raflora import RaFLoRA
 from fedrank.aggregation.replication import Replication
+from fedrank.aggregation.rolora import RoLoRA, RoLoRAState
 
 METHODS: dict[str, type] = {
-    cls.name: cls for cls in (FedIT, FlexLoRA, HetLoRA, Replication, FLoRA, FFALoRA, FedSALoRA, FSLoRA, LoRAFAIR)
+    cls.name: cls
+    for cls in (
+        *(FedIT, FlexLoRA, HetLoRA, Replication, FLoRA, FFALoRA, FedSALoRA, FSLoRA, LoRAFAIR),
+        *(FedPLoRA, FedExLoRA, RoLoRA, RaFLoRA),  # the 2025-2026 methods (issue 11)
+    )
 }
 
 HOMOGENEOUS = frozenset({"fedit", "lorafair"})
@@ -57,7 +65,10 @@ __all__ = [
     "FLoRA",
     "FLoRAState",
     "FSLoRA",
+    "FedExLoRA",
+    "FedExState",
     "FedIT",
+    "FedPLoRA",
     "FedSALoRA",
     "FlexLoRA",
     "FlexLoRAState",
@@ -66,7 +77,10 @@ __all__ = [
     "LoRAFAIR",
     "LoraState",
     "MethodOptions",
+    "RaFLoRA",
     "Replication",
+    "RoLoRA",
+    "RoLoRAState",
     "UnknownMethodError",
     "make_method",
 ]

@@ -33,7 +33,7 @@ def require_rank(method: str, rank: int, clients: Sequence[ClientSpec]) -> None:
     if wrong:
         raise AggregationError(
             f"{method} needs every client at the global rank {rank}, got ranks {wrong}; "
-            "use a heterogeneous-rank method (flexlora, fslora, hetlora, replication, flora, ffa, fedsa) "
+            "use a heterogeneous-rank method (e.g. flexlora, fslora, hetlora, fedplora, fedex, rolora, raflora) "
             f"or give all clients rank {rank}"
         )
 

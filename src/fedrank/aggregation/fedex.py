@@ -1,0 +1,133 @@
+"""FedEx-LoRA (Singhal, Ponkshe & Vepakomma, "FedEx-LoRA: Exact Aggregation for Federated and Efficient
+Fine-Tuning of Foundation Models", ACL 2025, arXiv 2410.09432; official code CERT-Lab/fedex-lora,
+``fed_agg.py::aggregate_models_ours``).
+
+The paper (one rank r, scaling s): FedAvg of the factors, plus the residual that FedAvg misses folded into
+the frozen base weight, so that the global model is the exact average of the client models:
+
+    B̄ = Σ_k p_k B_k,   Ā = Σ_k p_k A_k,   W_res ← W_res + s·(Σ_k p_k B_k A_k − B̄ Ā),
+    W0 + W_res + s·B̄ Ā = W0 + W_res_old + Σ_k p_k s·B_k A_k.
+
+Clients start the next round from (B̄, Ā) on the base W0 + W_res.
+
+Mixed ranks (an extension; the paper has one rank). The global adapter has rank R (the pool's largest)
+at s_R = lora_scaling(α, R); client k trains a rank-r_k LoRA (r_k capped at R) with its own scaling
+s_k = lora_scaling(α, r_k) (α/r_k, or α/√r_k with rsLoRA). Dispatch hands it the first r_k global indices
+rescaled to its scaling and folds the other indices into its frozen base, so it starts from the global
+model exactly:
+
+    B_k⁰ = (s_R/s_k)·B̄[:, :r_k],   A_k⁰ = Ā[:r_k],   base W0 + W_res + s_R·B̄[:, r_k:] Ā[r_k:].
+
+After training, client k's model written as a rank-R adapter at s_R is (B̂_k, Â_k) with
+B̂_k = [(s_k/s_R)·B_k, B̄[:, r_k:]] and Â_k = [A_k; Ā[r_k:]], i.e. s_R·B̂_k Â_k = s_k·B_k A_k + s_R·B̄[:, r_k:] Ā[r_k:].
+The paper's rule on those:
+
+    B̄ ← Σ_k p_k B̂_k,   Ā ← Σ_k p_k Â_k,   W_res ← W_res + s_R·(Σ_k p_k B̂_k Â_k − B̄ Ā),
+
+so W0 + W_res + s_R·B̄ Ā = Σ_k p_k (W0 + ΔW_k): the exact p-weighted average of the client models, each
+ΔW_k = W_res_old + s_R·B̄_old[:, r_k:] Ā_old[r_k:] + s_k·B_k A_k. With every r_k = R it is the paper's rule.
+The paper and its code average uniformly (1/K); here p_k = n_k / Σ n (uniform with equal data or weights).
+
+Communication, counted honestly as FLoRA's: a client receives the R global indices (R·(m + n) per layer:
+its r_k plus the R − r_k it folds) and must bring its base up to date with W_res, whichever is smaller: the
+dense m×n residual, or every round's residual in factored form so far, [p_1 s_R B̂_1 … p_K s_R B̂_K, −s_R B̄]
+· [Â_1; …; Â_K; Ā], i.e. (K + 1)·R·(m + n) per layer and round. It sends its factors, r_k·(m + n).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from fedrank.aggregation.base import (
+    AggregationError,
+    MethodOptions,
+    Shapes,
+    check_layers,
+    init_state_factors,
+    normalized_weights,
+)
+from fedrank.aggregation.fold import fold_complement
+from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
+
+
+@dataclass(frozen=True)
+class FedExState:
+    """The global adapter (rank R), the residual folded into the base so far, and its factored size so far."""
+
+    factors: dict[str, LoraFactors]
+    residual: dict[str, Tensor]
+    stacked_params: int = 0
+
+    @property
+    def rank(self) -> int:
+        return next(iter(self.factors.values())).rank
+
+    @property
+    def dense_params(self) -> int:
+        return sum(d.numel() for d in self.residual.values())
+
+
+@dataclass(frozen=True)
+class FedExLoRA(MethodOptions):
+    name: ClassVar[str] = "fedex"
+
+    def init_state(self, shapes: Shapes, max_rank: int) -> FedExState:
+        factors = init_state_factors(shapes, max_rank, self.seed)
+        return FedExState(factors, {name: torch.zeros(f.shape, dtype=f.A.dtype) for name, f in factors.items()})
+
+    def dispatch(
+        self, state: FedExState, client: ClientSpec, round_index: int, local: dict[str, Tensor] | None = None
+    ) -> ClientAssignment:
+        R = state.rank
+        r = min(client.rank, R)
+        s_R, s_k = self.scaling(R), self.scaling(r)
+        factors = {
+            name: LoraFactors((f.B[:, :r] * (s_R / s_k)).contiguous(), f.A[:r].clone())
+            for name, f in state.factors.items()
+        }
+        base = fold_complement(state.factors, torch.arange(r), s_R, state.residual)
+        download = sum(R * sum(f.shape) for f in state.factors.values())
+        download += min(state.stacked_params, state.dense_params)
+        return self.assign(client, factors, download, base_delta=base)
+
+    def aggregate(
+        self, state: FedExState, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None
+    ) -> FedExState:
+        p = normalized_weights(updates, weights)
+        check_layers(state.factors, updates)
+        R = state.rank
+        s_R = self.scaling(R)
+        for u in updates:
+            if u.rank > R:
+                raise AggregationError(f"fedex: client {u.client_id}'s update has rank {u.rank} > the global rank {R}")
+        factors, residual = {}, {}
+        stacked = 0
+        for name, prev in state.factors.items():
+            B_hats, A_hats = [], []
+            for u in updates:
+                f, r = u.factors[name], u.rank
+                B_hats.append(torch.cat([f.B.double() * (self.scaling(r) / s_R), prev.B[:, r:].double()], dim=1))
+                A_hats.append(torch.cat([f.A.double(), prev.A[r:].double()], dim=0))
+            w = p.tolist()
+            B_bar = sum((wk * B for wk, B in zip(w, B_hats, strict=True)), torch.zeros_like(B_hats[0]))
+            A_bar = sum((wk * A for wk, A in zip(w, A_hats, strict=True)), torch.zeros_like(A_hats[0]))
+            # The round's residual in its factored form [p_1 B̂_1 … p_K B̂_K, −B̄]·[Â_1; …; Â_K; Ā], one product.
+            left = torch.cat([wk * B for wk, B in zip(w, B_hats, strict=True)] + [-B_bar], dim=1)
+            right = torch.cat([*A_hats, A_bar], dim=0)
+            res = state.residual[name]
+            residual[name] = res + (s_R * (left @ right)).to(res.dtype)
+            factors[name] = LoraFactors(B_bar.to(prev.B.dtype), A_bar.to(prev.A.dtype))
+            stacked += left.shape[1] * sum(prev.shape)
+        return FedExState(factors, residual, state.stacked_params + stacked)
+
+    def global_model(self, state: FedExState, rank: int | None = None) -> ClientAssignment:
+        """The rank-R adapter at s_R on the base W0 + W_res."""
+        if rank not in (None, state.rank):
+            raise AggregationError(f"fedex's global model has rank {state.rank}; export other ranks via SVD")
+        s = self.scaling(state.rank)
+        return ClientAssignment(-1, state.rank, s, dict(state.factors), 0, base_delta=state.residual)
