@@ -16,6 +16,7 @@ from fedrank.aggregation import (
     AggregationError,
     FedIT,
     FlexLoRA,
+    FlexLoRAState,
     FSLoRA,
     HetLoRAPruning,
     UnknownMethodError,
@@ -270,7 +271,8 @@ def test_flora_merges_exact_weighted_sum_and_restarts_fresh() -> None:
 
 def test_flexlora_dispatch_is_best_rank_r_of_weighted_sum() -> None:
     fx = FlexLoRA(alpha=8.0)
-    state = fx.init_state(SHAPES, 8)
+    init = fx.init_state(SHAPES, 8)  # a float64 global state, for float64 updates
+    state = FlexLoRAState({k: LoraFactors(f.B.double(), f.A.double()) for k, f in init.init.items()})
     g = torch.Generator().manual_seed(7)
     ups = [
         ClientUpdate(c, r, n, rand_factors(g, r, torch.float64)) for c, (r, n) in enumerate([(2, 5), (8, 15), (4, 30)])

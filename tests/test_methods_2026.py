@@ -146,8 +146,8 @@ def test_fedplora_selection_covers_every_module_and_bad_indices_are_rejected() -
 def test_fedex_global_model_is_the_exact_average_of_the_client_models(
     seed: int, ranks: list[int], extra: int, rslora: bool
 ) -> None:
-    """W_res' + s_R B̄'Ā' = Σ_k p_k ΔW_k, each client at its own rank and scaling s_k, after it started exactly
-    from the global model (residual and unheld indices folded into its base)."""
+    """W_res' + s_R B̄'Ā' = Σ_k p_k ΔW_k, each client at its own rank and the global scale s_R, after it started
+    exactly from the global model (residual and unheld indices folded into its base)."""
     R = max(ranks) + extra
     fx = FedExLoRA(alpha=8.0, rslora=rslora)
     g = torch.Generator().manual_seed(seed)
@@ -158,7 +158,7 @@ def test_fedex_global_model_is_the_exact_average_of_the_client_models(
     for cid, r in enumerate(ranks):
         spec = ClientSpec(cid, r, 1 + (seed + cid) % 5)
         a = fx.dispatch(state, spec, 0)
-        assert a.rank == r and a.scaling == lora_scaling(8.0, r, rslora)  # per-client scaling
+        assert a.rank == r and a.scaling == lora_scaling(8.0, R, rslora)  # the global scale s_R
         close(dense(a), before)  # exact start
         u = trained(a, spec, g)
         ups.append(u)
@@ -171,7 +171,8 @@ def test_fedex_global_model_is_the_exact_average_of_the_client_models(
 
 
 def test_fedex_first_round_equals_the_weighted_sum_of_client_products() -> None:
-    """From the init (B = 0, no residual): the global update is Σ_k p_k s_k B_k A_k, the issue's statement."""
+    """From the init (B = 0, no residual): the global update is Σ_k p_k s·B_k A_k, the issue's statement, with
+    every client at the global scale s = s_R (fedrank's one scale across ranks)."""
     fx = FedExLoRA()
     state = fx.init_state(SHAPES, 8)
     g = torch.Generator().manual_seed(1)
@@ -181,7 +182,7 @@ def test_fedex_first_round_equals_the_weighted_sum_of_client_products() -> None:
     p = [5 / 50, 15 / 50, 30 / 50]
     want = {
         k: sum(
-            pk * lora_scaling(16, u.rank) * (u.factors[k].B.double() @ u.factors[k].A.double()) for pk, u in zip(p, ups)
+            pk * lora_scaling(16, 8) * (u.factors[k].B.double() @ u.factors[k].A.double()) for pk, u in zip(p, ups)
         )
         for k in SHAPES
     }

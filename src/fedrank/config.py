@@ -6,6 +6,8 @@ Unknown keys and bad values are errors that say what is wrong and list the valid
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import tomllib
 import types
 import typing
@@ -35,7 +37,15 @@ class ModelConfig:
     alpha: float = 16.0
     rslora: bool = False
     device: str = "cpu"
-    """"cpu", "cuda" or "auto"."""
+    """"cpu", "cuda", "cuda:N" or "auto"."""
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", self.device):
+            raise ConfigError(f"model.device {self.device!r} is unknown; choices: cpu, cuda, cuda:N, auto")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ConfigError(f"model.alpha must be positive, got {self.alpha}")
+        if not self.target_modules:
+            raise ConfigError("model.target_modules must name at least one module")
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,16 @@ class FederationConfig:
     clients_per_round: int = 8
     """Clients sampled per round (0: use ``fraction``)."""
     fraction: float = 0.0
+    min_clients: int = 1
+    """Valid client updates a round needs; with fewer the round is skipped and the global state kept."""
+    max_skipped_rounds: int = 3
+    """Skipped rounds after which the run stops with an error naming the clients' failures."""
+    dropout: float = 0.0
+    """Probability that a sampled client drops out of a round (seeded by seed, round and client)."""
+    client_deadline_s: float = 0.0
+    """Seconds a client may take for its round (checked between steps; 0: no deadline)."""
+    max_update_norm: float = 0.0
+    """Reject updates whose factors moved further than this (Frobenius, all layers) from what was sent (0: off)."""
     weighting: str = "examples"
     """Aggregation weights p_k: "examples" ∝ n_k (FlexLoRA's and FedAvg's rule), "seen" ∝ the distinct
     examples the client actually trained on this round (with a fixed number of local steps a client with
@@ -112,6 +132,12 @@ class FederationConfig:
             raise ConfigError("federation.clients_per_round must be >= 0 and federation.fraction in [0, 1]")
         if self.clients_per_round == 0 and self.fraction == 0.0:
             raise ConfigError("set federation.clients_per_round > 0 or federation.fraction > 0")
+        if self.min_clients < 1 or self.max_skipped_rounds < 0:
+            raise ConfigError("federation.min_clients must be >= 1 and federation.max_skipped_rounds >= 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"federation.dropout must be in [0, 1), got {self.dropout}")
+        if not (self.client_deadline_s >= 0 and self.max_update_norm >= 0):
+            raise ConfigError("federation.client_deadline_s and federation.max_update_norm must be >= 0 (0: off)")
         if self.weighting not in WEIGHTINGS:
             raise ConfigError(f"federation.weighting {self.weighting!r} is unknown; choices: {', '.join(WEIGHTINGS)}")
 
@@ -119,6 +145,8 @@ class FederationConfig:
         n = self.clients_per_round or max(1, round(self.fraction * num_clients))
         if n > num_clients:
             raise ConfigError(f"{n} clients per round but only {num_clients} are registered")
+        if self.min_clients > n:
+            raise ConfigError(f"federation.min_clients = {self.min_clients} but only {n} clients are sampled per round")
         return n
 
 
@@ -131,6 +159,12 @@ class EvalScheduleConfig:
     """Participants of the evaluated round whose test split is also evaluated (0: none)."""
     settings: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.participants < 0:
+            raise ConfigError(
+                f"eval.every and eval.participants must be >= 0 (0: off), got {self.every} and {self.participants}"
+            )
+
 
 @dataclass(frozen=True)
 class OutputConfig:
@@ -138,6 +172,10 @@ class OutputConfig:
     export_rank: int = 0
     """Rank of the exported PEFT adapter (0: the largest client rank)."""
     plots: bool = True
+
+    def __post_init__(self) -> None:
+        if self.export_rank < 0:
+            raise ConfigError(f"output.export_rank must be >= 0 (0: the largest client rank), got {self.export_rank}")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -31,10 +32,15 @@ from fedrank.evaluate import evaluate_task, macro_average
 from fedrank.lowrank import energy_spectrum, lora_scaling, svd_of_sum, truncate, truncate_rank
 from fedrank.models import LoadedModel, LoraHost, export_peft_adapter, load_causal_lm, tiny_llama
 from fedrank.ranks import ModelFootprint, assign_ranks, budget_ranks
-from fedrank.train import train_local
+from fedrank.train import ClientFailure, train_local
 from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
+from fedrank.validation import validate_update
 
 log = logging.getLogger(__name__)
+
+
+class RunFailed(RuntimeError):
+    """A run that cannot go on (e.g. too many rounds without enough valid client updates)."""
 
 BYTES_PER_PARAM = 4  # fp32 on the wire
 FSLORA_SGD_LR = 0.5
@@ -77,6 +83,20 @@ def check_ranks(cfg: RunConfig) -> None:
             f"method {cfg.method.name} needs one rank for all clients: set ranks.distribution = 'fixed' "
             f"(clients then use the smallest of ranks.choices, {min(cfg.ranks.choices)})"
         )
+
+
+def check_ranks_fit(cfg: RunConfig, shapes: dict[str, tuple[int, int]]) -> None:
+    """No rank above what the smallest LoRA layer can hold (min(m, n)): checked once the shapes are known,
+    before any training."""
+    name, (m, n) = min(shapes.items(), key=lambda kv: min(kv[1]))
+    asked = {"ranks.choices": max(cfg.ranks.choices)}
+    if "rank" in cfg.method.options:
+        asked["method.options.rank"] = int(cfg.method.options["rank"])
+    for key, r in asked.items():
+        if r > min(m, n):
+            raise ConfigError(
+                f"{key} asks for rank {r}, but the smallest LoRA layer ({name}, {m}x{n}) holds at most rank {min(m, n)}"
+            )
 
 
 def client_ranks(cfg: RunConfig, num_clients: int, footprint: ModelFootprint | None = None) -> list[int]:
@@ -123,10 +143,12 @@ class Simulation:
         self.pruning = HetLoRAPruning(**cfg.method.prune) if cfg.method.prune else None
         self.lm = build_model(cfg)
         self.host = LoraHost(self.lm.model, cfg.model.target_modules, cfg.model.alpha)
+        check_ranks_fit(cfg, self.host.shapes)
         self.ranks = client_ranks(cfg, self.fed.num_clients, model_footprint(self.lm, self.host.shapes, cfg))
         self.start_round = 0
         self.metrics_lines = 0  # records written; checkpoints keep it so a resume drops a crashed round's records
         self.rank_overrides: dict[int, int] = {}
+        self.skipped_rounds = 0
         self.max_rank = min(cfg.ranks.choices) if cfg.ranks.distribution == "fixed" else max(cfg.ranks.choices)
         self.state = self.method.init_state(self.host.shapes, self.max_rank)
         self.eval_clients = self.fixed_eval_clients()
@@ -145,6 +167,7 @@ class Simulation:
         self.state = ck["state"]
         self.rank_overrides = dict(ck["rank_overrides"])
         self.metrics_lines = int(ck["metrics_lines"])
+        self.skipped_rounds = int(ck.get("skipped_rounds", 0))
         lines = self.metrics_path.read_text().splitlines(keepends=True)[: self.metrics_lines]
         checkpoint.atomic_write_bytes(self.metrics_path, "".join(lines).encode())
         log.info("resuming %s after round %d", self.out, self.start_round)
@@ -155,6 +178,7 @@ class Simulation:
             "state": self.state,
             "rank_overrides": self.rank_overrides,
             "metrics_lines": self.metrics_lines,
+            "skipped_rounds": self.skipped_rounds,
             "config": to_dict(self.cfg),
             "torch_rng": torch.get_rng_state(),
         }
@@ -197,7 +221,9 @@ class Simulation:
         rng = np.random.default_rng([self.cfg.seed, 17, round_index])
         return [int(c) for c in rng.choice(self.fed.num_clients, self.per_round, replace=False)]
 
-    def train_client(self, cid: int, round_index: int) -> tuple[ClientUpdate, dict[str, Any]]:
+    def train_client(self, cid: int, round_index: int) -> tuple[ClientUpdate, dict[str, Any], ClientAssignment]:
+        """Dispatch, train locally, read the update back; raises :class:`ClientFailure` when the client
+        diverges or misses its deadline (the caller drops it from the round)."""
         t0 = time.perf_counter()
         data = self.fed.client(cid)
         spec = ClientSpec(cid, self.rank_of(cid), len(data.train))
@@ -212,6 +238,7 @@ class Simulation:
                 return torch.stack([pr.penalty(B, A) for B, A in self.host.lora_pairs()]).sum()
 
         g = derive_generator(self.cfg.seed, round_index, cid, 0x7A1)
+        deadline = self.cfg.federation.client_deadline_s
         res = train_local(
             self.host.module,
             self.host.trainable_parameters(),
@@ -220,14 +247,21 @@ class Simulation:
             g,
             self.lm.tokenizer.pad_token_id,
             reg,
+            deadline=t0 + deadline if deadline > 0 else None,
         )
+        collapse = 0.9 * math.log(self.lm.model.config.vocab_size)
+        if res.losses[-1] >= collapse > res.losses[0]:
+            raise ClientFailure(
+                f"diverged: loss rose from {res.losses[0]:.3f} to {res.losses[-1]:.3f}, at least 90% of ln(vocab) = "
+                f"{collapse / 0.9:.2f} (a collapsed model: is train.lr = {self.cfg.train.lr:g} too high?)"
+            )
         factors = {k: LoraFactors(f.B.cpu(), f.A.cpu()) for k, f in self.host.read().items()}
         rank = a.rank
         if self.pruning is not None:
             new = self.pruning.pruned_rank(list(factors.values()))
             if new < rank:
                 factors = {k: LoraFactors(*truncate_rank(f.B, f.A, new)) for k, f in factors.items()}
-                self.rank_overrides[cid] = rank = new
+                rank = new
         update = ClientUpdate(cid, rank, spec.num_examples, factors, a.indices, a.train_A, a.train_B)
         up = self.method.upload_params(update)
         rec = {
@@ -250,7 +284,94 @@ class Simulation:
             "down_bytes": a.download_params * BYTES_PER_PARAM,
             "seconds": time.perf_counter() - t0,
         }
+        return update, rec, a
+
+    def client_round(self, cid: int, round_index: int) -> tuple[ClientUpdate, dict[str, Any]] | None:
+        """One sampled client's round: its validated update and record, or None when it dropped out, had no
+        data, failed or was rejected (recorded in metrics.jsonl with the reason; the state never sees it)."""
+        fed = self.cfg.federation
+
+        def drop(kind: str, reason: str) -> None:
+            log.warning("round %d: client %d %s: %s", round_index + 1, cid, kind.replace("client_", ""), reason)
+            self._record({"type": kind, "round": round_index + 1, "client": cid, "reason": reason})
+
+        if self.fed.num_examples(cid) == 0:  # a partition can leave a client without training data
+            drop("client_skipped", "no examples")
+            return None
+        if fed.dropout > 0 and np.random.default_rng([self.cfg.seed, 23, round_index, cid]).random() < fed.dropout:
+            drop("client_dropped", f"dropped out (federation.dropout = {fed.dropout:g})")
+            return None
+        try:
+            update, rec, sent = self.train_client(cid, round_index)
+        except ClientFailure as e:
+            drop("client_failed", str(e))
+            return None
+        except Exception as e:  # a client whose training raises is dropped, not the run
+            drop("client_failed", f"training raised {type(e).__name__}: {e}")
+            return None
+        reason = validate_update(update, sent, may_prune=self.pruning is not None, max_norm=fed.max_update_norm)
+        if reason is not None:
+            drop("client_rejected", reason)
+            return None
+        if update.rank < sent.rank:  # HetLoRA self-pruning: the client keeps its smaller rank from now on
+            self.rank_overrides[cid] = update.rank
+        self._record(rec)
         return update, rec
+
+    def aggregate_round(
+        self, t: int, updates: list[ClientUpdate], recs: list[dict[str, Any]], t0: float
+    ) -> str:
+        """Aggregate round ``t``'s valid updates into the global state; returns the round's log line."""
+        t_agg = time.perf_counter()
+        self.state = self.method.aggregate(self.state, updates, self.weights(recs))
+        agg_s = time.perf_counter() - t_agg
+        for u in updates:
+            local = self.method.local_state(u)
+            if local is not None:
+                checkpoint.save(local, self._local_path(u.client_id, t + 1))
+        n = sum(r["n"] for r in recs)
+        rnd = {
+            "type": "round",
+            "round": t + 1,
+            "clients": len(recs),
+            "train_loss": sum(r["loss"] * r["n"] for r in recs) / max(n, 1),
+            "up_bytes": sum(r["up_bytes"] for r in recs),
+            "down_bytes": sum(r["down_bytes"] for r in recs),
+            "aggregate_seconds": agg_s,
+            "spectrum": self.spectrum(),
+            "seconds": time.perf_counter() - t0,
+        }
+        self._record(rnd)
+        return (
+            f"round {t + 1}/{self.cfg.federation.rounds}: train loss {rnd['train_loss']:.4f}  "
+            f"up {_mb(rnd['up_bytes'])}  down {_mb(rnd['down_bytes'])}  {rnd['seconds']:.1f}s"
+        )
+
+    def skip_round(self, round_index: int, valid: int) -> str:
+        """Too few valid updates: the global state stays as it is (the round's log line)."""
+        need = self.cfg.federation.min_clients
+        self.skipped_rounds += 1
+        self._record({"type": "round_skipped", "round": round_index + 1, "valid_updates": valid, "min_clients": need})
+        return (
+            f"round {round_index + 1}/{self.cfg.federation.rounds} skipped: {valid} valid update(s), "
+            f"federation.min_clients = {need}; the global state is unchanged"
+        )
+
+    def check_skipped(self, round_index: int) -> None:
+        """Too many skipped rounds end the run, naming what the last round's clients ran into."""
+        limit, need = self.cfg.federation.max_skipped_rounds, self.cfg.federation.min_clients
+        if self.skipped_rounds > limit:
+            from fedrank.report import read_metrics
+
+            reasons = [
+                f"client {r['client']}: {r['reason']}"
+                for r in read_metrics(self.metrics_path)
+                if r.get("round") == round_index + 1 and "reason" in r
+            ]
+            raise RunFailed(
+                f"{self.skipped_rounds} rounds skipped with fewer than {need} valid client update(s) (more than "
+                f"federation.max_skipped_rounds = {limit}); the last round's clients: " + "; ".join(reasons)
+            )
 
     def weights(self, recs: list[dict[str, Any]]) -> list[float]:
         """p_k before normalisation, as ``federation.weighting`` says."""
@@ -353,44 +474,20 @@ class Simulation:
             sampled = self.sample(t)
             updates, recs = [], []
             for cid in tqdm(sampled, desc=f"round {t + 1} clients", leave=False, disable=not self.progress):
-                if self.fed.num_examples(cid) == 0:  # a partition can leave a client without training data
-                    self._record({"type": "client_skipped", "round": t + 1, "client": cid, "reason": "no examples"})
-                    continue
-                update, rec = self.train_client(cid, t)
-                updates.append(update)
-                recs.append(rec)
-                self._record(rec)
-            if not updates:
-                raise RuntimeError(f"round {t + 1}: none of the sampled clients {sampled} has training data")
-            t_agg = time.perf_counter()
-            self.state = self.method.aggregate(self.state, updates, self.weights(recs))
-            agg_s = time.perf_counter() - t_agg
-            for u in updates:
-                local = self.method.local_state(u)
-                if local is not None:
-                    checkpoint.save(local, self._local_path(u.client_id, t + 1))
-            n = sum(r["n"] for r in recs)
-            rnd = {
-                "type": "round",
-                "round": t + 1,
-                "clients": len(recs),
-                "train_loss": sum(r["loss"] * r["n"] for r in recs) / max(n, 1),
-                "up_bytes": sum(r["up_bytes"] for r in recs),
-                "down_bytes": sum(r["down_bytes"] for r in recs),
-                "aggregate_seconds": agg_s,
-                "spectrum": self.spectrum(),
-                "seconds": time.perf_counter() - t0,
-            }
-            self._record(rnd)
-            msg = (
-                f"round {t + 1}/{rounds}: train loss {rnd['train_loss']:.4f}  up {_mb(rnd['up_bytes'])}  "
-                f"down {_mb(rnd['down_bytes'])}  {rnd['seconds']:.1f}s"
-            )
+                result = self.client_round(cid, t)
+                if result is not None:
+                    updates.append(result[0])
+                    recs.append(result[1])
+            if len(updates) >= cfg.federation.min_clients:
+                msg = self.aggregate_round(t, updates, recs, t0)
+            else:
+                msg = self.skip_round(t, len(updates))
             if (cfg.eval.every and (t + 1) % cfg.eval.every == 0) or t + 1 == rounds:
                 ev = self.evaluate(t + 1)
                 msg += f"  eval {_fmt(ev['unseen_avg'])}"
             log.info(msg)
             self._checkpoint(t + 1)
+            self.check_skipped(t)
         summary = self.finish(time.perf_counter() - t_start)
         return RunResult(self.out, summary)
 

@@ -81,6 +81,10 @@ class TrainResult:
     seconds: float
 
 
+class ClientFailure(RuntimeError):
+    """A client's local training that must not reach the server: divergence, a missed deadline."""
+
+
 def make_optimizer(params: Sequence[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     """The local optimizer ``cfg`` names."""
     if cfg.optimizer == "sgd":
@@ -98,8 +102,13 @@ def train_local(
     generator: torch.Generator,
     pad_id: int,
     regularizer: Callable[[], Tensor] | None = None,
+    *,
+    deadline: float | None = None,
 ) -> TrainResult:
-    """Train ``params`` of ``model`` on ``data``; returns losses and counts."""
+    """Train ``params`` of ``model`` on ``data``; returns losses and counts.
+
+    Raises :class:`ClientFailure` on a non-finite loss (naming the step and the learning rate) and when
+    ``time.perf_counter()`` passes ``deadline`` between two steps."""
     if not data:
         raise ValueError("a client with no training examples cannot train")
     if not params:
@@ -130,6 +139,8 @@ def train_local(
                 loss = model(**batch).loss
                 if regularizer is not None:
                     loss = loss + regularizer()
+            if not math.isfinite(float(loss.detach())):
+                raise ClientFailure(f"non-finite loss at step {len(losses) + 1}, lr {cfg.lr:g}")
             (loss / cfg.grad_accum).backward()
             step_loss += float(loss.detach()) / cfg.grad_accum
             examples += len(batch_idx)
@@ -141,6 +152,10 @@ def train_local(
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(step_loss)
+        if deadline is not None and time.perf_counter() > deadline and len(losses) < steps:
+            raise ClientFailure(
+                f"missed its deadline after {len(losses)} of {steps} steps ({time.perf_counter() - start:.1f} s)"
+            )
     model.train(was_training)
     return TrainResult(
         sum(losses) / len(losses), losses, examples, len(used), tokens, steps, time.perf_counter() - start

@@ -169,8 +169,9 @@ def normalized_weights(updates: Sequence[ClientUpdate], weights: Sequence[float]
     return p / total
 
 
-def check_layers(state_layers: Mapping[str, Any], updates: Sequence[ClientUpdate]) -> None:
-    """Every update must cover exactly the state's layers with matching layer shapes."""
+def check_layers(state_layers: Mapping[str, Any], updates: Sequence[ClientUpdate], max_rank: int | None = None) -> None:
+    """Every update must cover exactly the state's layers, each with the layer's (m, n) shape (the state's
+    values: LoraFactors or dense deltas) and dtype, at a rank between 1 and ``max_rank`` (when given), finite."""
     names = set(state_layers)
     for u in updates:
         if set(u.factors) != names:
@@ -178,7 +179,21 @@ def check_layers(state_layers: Mapping[str, Any], updates: Sequence[ClientUpdate
             raise AggregationError(
                 f"client {u.client_id}: layers differ from the global state (missing {missing}, extra {extra})"
             )
+        if u.rank <= 0 or (max_rank is not None and u.rank > max_rank):
+            raise AggregationError(f"client {u.client_id}: rank {u.rank} outside 1..{max_rank} of the global state")
         for name, f in u.factors.items():
+            want = tuple(int(x) for x in state_layers[name].shape)
+            if f.shape != want:
+                raise AggregationError(
+                    f"client {u.client_id}: layer {name} has ΔW shape {f.shape}, the global layer is {want}"
+                )
+            dtype = (
+                state_layers[name].B.dtype if isinstance(state_layers[name], LoraFactors) else state_layers[name].dtype
+            )
+            if f.B.dtype != dtype or f.A.dtype != dtype:
+                raise AggregationError(
+                    f"client {u.client_id}: layer {name} has dtype {f.B.dtype}/{f.A.dtype}, the global state {dtype}"
+                )
             if f.rank != u.rank:
                 raise AggregationError(
                     f"client {u.client_id}: layer {name} has rank {f.rank}, the update says {u.rank}"
@@ -242,7 +257,7 @@ def combine_by_index(
 
 def combine_layers(state: LoraState, updates: Sequence[ClientUpdate], p: Tensor, *, mean: bool) -> LoraState:
     """:func:`combine_by_index` for every layer, clients holding their first r_k indices."""
-    check_layers(state.factors, updates)
+    check_layers(state.factors, updates, state.rank)
     idx = [first_indices(u.rank) for u in updates]
     return LoraState(
         {

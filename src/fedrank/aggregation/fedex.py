@@ -11,21 +11,21 @@ the frozen base weight, so that the global model is the exact average of the cli
 Clients start the next round from (B̄, Ā) on the base W0 + W_res.
 
 Mixed ranks (an extension; the paper has one rank). The global adapter has rank R (the pool's largest)
-at s_R = lora_scaling(α, R); client k trains a rank-r_k LoRA (r_k capped at R) with its own scaling
-s_k = lora_scaling(α, r_k) (α/r_k, or α/√r_k with rsLoRA). Dispatch hands it the first r_k global indices
-rescaled to its scaling and folds the other indices into its frozen base, so it starts from the global
-model exactly:
+at s_R = lora_scaling(α, R); client k trains a rank-r_k LoRA (r_k capped at R) at the same global scale
+s_R, like every index-sharing method in fedrank (a rank index means the same update everywhere; a client
+at its own s_k = α/r_k would move ΔW R/r_k times as far per AdamW step). Dispatch hands it the first r_k
+global indices and folds the other indices into its frozen base, so it starts from the global model
+exactly:
 
-    B_k⁰ = (s_R/s_k)·B̄[:, :r_k],   A_k⁰ = Ā[:r_k],   base W0 + W_res + s_R·B̄[:, r_k:] Ā[r_k:].
+    B_k⁰ = B̄[:, :r_k],   A_k⁰ = Ā[:r_k],   base W0 + W_res + s_R·B̄[:, r_k:] Ā[r_k:].
 
-After training, client k's model written as a rank-R adapter at s_R is (B̂_k, Â_k) with
-B̂_k = [(s_k/s_R)·B_k, B̄[:, r_k:]] and Â_k = [A_k; Ā[r_k:]], i.e. s_R·B̂_k Â_k = s_k·B_k A_k + s_R·B̄[:, r_k:] Ā[r_k:].
-The paper's rule on those:
+After training, client k's model as a rank-R adapter at s_R is (B̂_k, Â_k) with B̂_k = [B_k, B̄[:, r_k:]]
+and Â_k = [A_k; Ā[r_k:]], i.e. s_R·B̂_k Â_k = s_R·B_k A_k + s_R·B̄[:, r_k:] Ā[r_k:]. The paper's rule on those:
 
     B̄ ← Σ_k p_k B̂_k,   Ā ← Σ_k p_k Â_k,   W_res ← W_res + s_R·(Σ_k p_k B̂_k Â_k − B̄ Ā),
 
 so W0 + W_res + s_R·B̄ Ā = Σ_k p_k (W0 + ΔW_k): the exact p-weighted average of the client models, each
-ΔW_k = W_res_old + s_R·B̄_old[:, r_k:] Ā_old[r_k:] + s_k·B_k A_k. With every r_k = R it is the paper's rule.
+ΔW_k = W_res_old + s_R·B̄_old[:, r_k:] Ā_old[r_k:] + s_R·B_k A_k. With every r_k = R it is the paper's rule.
 The paper and its code average uniformly (1/K); here p_k = n_k / Σ n (uniform with equal data or weights).
 
 Communication, counted honestly as FLoRA's: a client receives the R global indices (R·(m + n) per layer:
@@ -85,15 +85,12 @@ class FedExLoRA(MethodOptions):
     ) -> ClientAssignment:
         R = state.rank
         r = min(client.rank, R)
-        s_R, s_k = self.scaling(R), self.scaling(r)
-        factors = {
-            name: LoraFactors((f.B[:, :r] * (s_R / s_k)).contiguous(), f.A[:r].clone())
-            for name, f in state.factors.items()
-        }
+        s_R = self.scaling(R)
+        factors = {name: LoraFactors(f.B[:, :r].clone(), f.A[:r].clone()) for name, f in state.factors.items()}
         base = fold_complement(state.factors, torch.arange(r), s_R, state.residual)
         download = sum(R * sum(f.shape) for f in state.factors.values())
         download += min(state.stacked_params, state.dense_params)
-        return self.assign(client, factors, download, base_delta=base)
+        return ClientAssignment(client.client_id, r, s_R, factors, download, base_delta=base)
 
     def aggregate(
         self, state: FedExState, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None
@@ -111,7 +108,7 @@ class FedExLoRA(MethodOptions):
             B_hats, A_hats = [], []
             for u in updates:
                 f, r = u.factors[name], u.rank
-                B_hats.append(torch.cat([f.B.double() * (self.scaling(r) / s_R), prev.B[:, r:].double()], dim=1))
+                B_hats.append(torch.cat([f.B.double(), prev.B[:, r:].double()], dim=1))
                 A_hats.append(torch.cat([f.A.double(), prev.A[r:].double()], dim=0))
             w = p.tolist()
             B_bar = sum((wk * B for wk, B in zip(w, B_hats, strict=True)), torch.zeros_like(B_hats[0]))

@@ -52,7 +52,7 @@ class FFALoRA(MethodOptions):
         self, state: LoraState, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None
     ) -> LoraState:
         p = normalized_weights(updates, weights)
-        check_layers(state.factors, updates)
+        check_layers(state.factors, updates, state.rank)
         out = {}
         for name, prev in state.factors.items():
             for u in updates:

@@ -81,11 +81,19 @@ class FSLoRA(MethodOptions):
         self, state: LoraState, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None
     ) -> LoraState:
         p = normalized_weights(updates, weights)
-        check_layers(state.factors, updates)
+        check_layers(state.factors, updates, self.rank)
         idx = []
         for u in updates:
             if u.indices is None or u.indices.numel() != u.rank:
                 raise AggregationError(f"fslora: client {u.client_id}'s update lacks its {u.rank} sketch indices")
+            i = u.indices
+            if i.dtype not in (torch.int32, torch.int64) or i.ndim != 1:
+                raise AggregationError(f"fslora: client {u.client_id}'s sketch indices must be a 1-d integer tensor")
+            if bool((i < 0).any() or (i >= self.rank).any()) or torch.unique(i).numel() != i.numel():
+                raise AggregationError(
+                    f"fslora: client {u.client_id}'s sketch indices {i.tolist()} must be distinct and in "
+                    f"0..{self.rank - 1}"
+                )
             idx.append(u.indices)
         out = {}
         for name, g in state.factors.items():
