@@ -95,7 +95,7 @@ def test_dispatch_ranks_equal_client_ranks(name: str) -> None:
             assert f.rank == r and f.shape == SHAPES[layer]
         if name == "fslora":
             expected = lora_scaling(16, 16) * 16 / r
-        elif name in INDEX_SHARING or name in ("fedplora", "rolora"):  # one scale across ranks: the global rank's
+        elif name in INDEX_SHARING or name in ("fedplora", "rolora", "fedex"):  # one scale across ranks: the global
             expected = lora_scaling(16, max(ranks))
         else:
             expected = lora_scaling(16, r)

@@ -63,8 +63,9 @@ class FedIT(MethodOptions):
 
 
 def fedavg_factors(parts: Sequence[LoraFactors], p: Tensor) -> LoraFactors:
-    """Σ_k p_k B_k and Σ_k p_k A_k (equal ranks)."""
-    w = p.to(parts[0].A.dtype)
-    B = torch.einsum("k,kmr->mr", w, torch.stack([f.B for f in parts]))
-    A = torch.einsum("k,krn->rn", w, torch.stack([f.A for f in parts]))
+    """Σ_k p_k B_k and Σ_k p_k A_k (equal ranks), in the first part's dtype."""
+    dt = parts[0].A.dtype
+    w = p.to(dt)
+    B = torch.einsum("k,kmr->mr", w, torch.stack([f.B.to(dt) for f in parts]))
+    A = torch.einsum("k,krn->rn", w, torch.stack([f.A.to(dt) for f in parts]))
     return LoraFactors(B, A)
