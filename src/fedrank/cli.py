@@ -12,6 +12,7 @@ from typing import Any
 
 from fedrank.checkpoint import CheckpointError
 from fedrank.config import ConfigError, RunConfig, dumps_toml, load_config, to_dict
+from fedrank.validation import RunFailed
 
 log = logging.getLogger("fedrank")
 
@@ -195,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         code: int = args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, KeyError, RunFailed) as e:
         print(f"fedrank: error: {e}", file=sys.stderr)
         return 2
     return code

@@ -34,13 +34,9 @@ from fedrank.models import LoadedModel, LoraHost, export_peft_adapter, load_caus
 from fedrank.ranks import ModelFootprint, assign_ranks, budget_ranks
 from fedrank.train import ClientFailure, train_local
 from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
-from fedrank.validation import validate_update
+from fedrank.validation import RunFailed, validate_update
 
 log = logging.getLogger(__name__)
-
-
-class RunFailed(RuntimeError):
-    """A run that cannot go on (e.g. too many rounds without enough valid client updates)."""
 
 BYTES_PER_PARAM = 4  # fp32 on the wire
 FSLORA_SGD_LR = 0.5
@@ -83,6 +79,14 @@ def check_ranks(cfg: RunConfig) -> None:
             f"method {cfg.method.name} needs one rank for all clients: set ranks.distribution = 'fixed' "
             f"(clients then use the smallest of ranks.choices, {min(cfg.ranks.choices)})"
         )
+
+
+def collapsed(losses: list[float], vocab_size: int) -> bool:
+    """A client's losses show a collapsed model: stuck at ln(V) (uniform predictions) for its last two steps,
+    or risen from below 90% of ln(V) to above it."""
+    uniform = math.log(vocab_size)
+    stuck = len(losses) >= 2 and all(abs(x - uniform) < 1e-3 * uniform for x in losses[-2:])
+    return stuck or losses[-1] >= 0.9 * uniform > losses[0]
 
 
 def check_ranks_fit(cfg: RunConfig, shapes: dict[str, tuple[int, int]]) -> None:
@@ -249,11 +253,11 @@ class Simulation:
             reg,
             deadline=t0 + deadline if deadline > 0 else None,
         )
-        collapse = 0.9 * math.log(self.lm.model.config.vocab_size)
-        if res.losses[-1] >= collapse > res.losses[0]:
+        if collapsed(res.losses, self.lm.model.config.vocab_size):
             raise ClientFailure(
-                f"diverged: loss rose from {res.losses[0]:.3f} to {res.losses[-1]:.3f}, at least 90% of ln(vocab) = "
-                f"{collapse / 0.9:.2f} (a collapsed model: is train.lr = {self.cfg.train.lr:g} too high?)"
+                f"diverged: loss went from {res.losses[0]:.3f} to {res.losses[-1]:.3f}, against ln(vocab) = "
+                f"{math.log(self.lm.model.config.vocab_size):.3f} for uniform predictions (a collapsed model: is "
+                f"train.lr = {self.cfg.train.lr:g} too high?)"
             )
         factors = {k: LoraFactors(f.B.cpu(), f.A.cpu()) for k, f in self.host.read().items()}
         rank = a.rank

@@ -18,7 +18,11 @@ import torch
 
 from fedrank.types import ClientAssignment, ClientUpdate
 
-__all__ = ["update_norm", "validate_update"]
+__all__ = ["RunFailed", "update_norm", "validate_update"]
+
+
+class RunFailed(RuntimeError):
+    """A run that cannot go on (e.g. too many rounds without enough valid client updates)."""
 
 
 def update_norm(update: ClientUpdate, sent: ClientAssignment) -> float:

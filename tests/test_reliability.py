@@ -1,0 +1,131 @@
+"""Reliability cases of issue 9 handled by the round engine: settings refused before training, clients
+that fail, diverge, miss their deadline or drop out leave the round with a recorded reason, rounds without
+enough valid updates are skipped (state unchanged) and too many of them stop the run with the cause."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fedrank.cli import main
+from fedrank.config import ConfigError, load_config
+from fedrank.simulation import Simulation
+from fedrank.validation import RunFailed
+from test_simulation import TINY, records
+
+
+@pytest.fixture()
+def cfg_path(tmp_path: Path) -> Path:
+    p = tmp_path / "tiny.toml"
+    p.write_text(TINY)
+    return p
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("output.export_rank=-2", "output.export_rank must be >= 0"),
+        ("train.lr=nan", "train.lr must be positive and finite"),
+        ("train.lr=inf", "train.lr must be positive and finite"),
+        ("eval.settings.max_new_tokens=0", "max_new_tokens must be positive"),
+        ('model.device="tpu"', "model.device 'tpu' is unknown"),
+        ("eval.participants=-1", "eval.every and eval.participants must be >= 0"),
+        ("federation.dropout=1.5", "federation.dropout must be in"),
+        ("federation.min_clients=0", "federation.min_clients must be >= 1"),
+        ('federation.weighting="seen_twice"', "federation.weighting 'seen_twice' is unknown"),
+    ],
+)
+def test_bad_settings_are_refused_when_the_config_loads(cfg_path: Path, override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(cfg_path, [override])
+
+
+def test_bad_settings_fail_before_any_training(cfg_path: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(["run", str(cfg_path), "--out", str(out), "--set", "output.export_rank=-2", "--no-progress"]) == 2
+    assert "output.export_rank must be >= 0" in capsys.readouterr().err
+    assert not (out / "metrics.jsonl").exists()
+    # ranks larger than the layers (tiny Llama: 32-wide k/v projections) are refused once the shapes are known
+    with pytest.raises(ConfigError, match=r"ranks.choices asks for rank 200, but the smallest LoRA layer"):
+        Simulation(load_config(cfg_path, ["ranks.choices=[2, 200]"]), tmp_path / "r2", progress=False)
+    assert not (tmp_path / "r2" / "metrics.jsonl").exists()
+    with pytest.raises(ConfigError, match="min_clients = 3 but only 2 clients are sampled"):
+        Simulation(load_config(cfg_path, ["federation.min_clients=3"]), tmp_path / "r3", progress=False)
+
+
+def test_divergence_is_named_and_never_reported_as_an_improvement(cfg_path: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    args = ["run", str(cfg_path), "--out", str(out), "--no-progress", "--set", "train.lr=1e6"]
+    assert main([*args, "--set", "federation.max_skipped_rounds=0", "--set", "train.steps=4"]) == 2
+    err = capsys.readouterr().err
+    assert "1 rounds skipped with fewer than 1 valid client update" in err and "diverged" in err and "lr" in err
+    recs = records(out)
+    failed = [r for r in recs if r["type"] == "client_failed"]
+    assert len(failed) == 2 and all("diverged" in r["reason"] or "non-finite" in r["reason"] for r in failed)
+    assert not any(r["type"] == "round" for r in recs), "no update reached the global state"
+    assert not (out / "summary.json").exists()
+
+
+def test_a_client_that_raises_is_dropped_and_the_round_goes_on(
+    cfg_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sim = Simulation(load_config(cfg_path, ["federation.rounds=1"]), tmp_path / "run", progress=False)
+    victim = sim.sample(0)[0]
+    real = Simulation.train_client
+
+    def flaky(self, cid, round_index):  # type: ignore[no-untyped-def]
+        if cid == victim:
+            raise MemoryError("simulated out-of-memory")
+        return real(self, cid, round_index)
+
+    monkeypatch.setattr(Simulation, "train_client", flaky)
+    sim.run()
+    recs = records(tmp_path / "run")
+    failed = [r for r in recs if r["type"] == "client_failed"]
+    assert failed == [
+        {
+            "type": "client_failed",
+            "round": 1,
+            "client": victim,
+            "reason": "training raised MemoryError: simulated out-of-memory",
+        }
+    ]
+    rounds = [r for r in recs if r["type"] == "round"]
+    assert len(rounds) == 1 and rounds[0]["clients"] == 1
+
+
+def test_deadline_and_dropout_drop_clients_with_reasons(cfg_path: Path, tmp_path: Path) -> None:
+    late = Simulation(
+        load_config(cfg_path, ["federation.client_deadline_s=1e-9", "federation.max_skipped_rounds=5"]),
+        tmp_path / "late",
+        progress=False,
+    )
+    before = late.method.global_model(late.state)
+    late.run()
+    recs = records(tmp_path / "late")
+    assert {r["type"] for r in recs if r.get("client") is not None} == {"client_failed"}
+    assert all("missed its deadline after 1 of 2 steps" in r["reason"] for r in recs if r["type"] == "client_failed")
+    assert [r["round"] for r in recs if r["type"] == "round_skipped"] == [1, 2]
+    after = late.method.global_model(late.state)
+    assert all((after.factors[k].B == before.factors[k].B).all() for k in before.factors), "state unchanged"
+    # seeded dropout: the same clients drop out in a rerun, and they are recorded as such
+    cfg = load_config(cfg_path, ["federation.dropout=0.5", "federation.rounds=3", "federation.max_skipped_rounds=3"])
+    Simulation(cfg, tmp_path / "d1", progress=False).run()
+    Simulation(cfg, tmp_path / "d2", progress=False).run()
+    d1 = [(r["round"], r["client"]) for r in records(tmp_path / "d1") if r["type"] == "client_dropped"]
+    d2 = [(r["round"], r["client"]) for r in records(tmp_path / "d2") if r["type"] == "client_dropped"]
+    assert d1 == d2 and 0 < len(d1) < 6
+
+
+def test_metrics_hold_strict_json(cfg_path: Path, tmp_path: Path) -> None:
+    Simulation(load_config(cfg_path), tmp_path / "run", progress=False).run()
+    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert math.isfinite(records(tmp_path / "run")[-1]["seconds"])
+
+
+def test_run_failed_is_a_runtime_error() -> None:
+    assert issubclass(RunFailed, RuntimeError)
