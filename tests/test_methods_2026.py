@@ -401,3 +401,11 @@ def test_folded_client_model_has_the_global_models_logits(host, name: str) -> No
         base = host.module(input_ids=ids).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(got, base, atol=1e-3)  # the global model is not the base model
+
+
+def test_fedex_caps_a_client_rank_above_the_global_rank() -> None:
+    fx = FedExLoRA()
+    state = fx.init_state(SHAPES, 4)
+    a = fx.dispatch(state, ClientSpec(0, 8, 1), 0)
+    assert a.rank == 4 and a.scaling == lora_scaling(16, 4)
+    assert all(f.rank == 4 for f in a.factors.values())

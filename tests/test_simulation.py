@@ -123,7 +123,7 @@ def test_resume_is_bit_identical(method: str, cfg_path: Path, tmp_path: Path, mo
     Simulation(cfg, full, progress=False).run()
     part = tmp_path / "part"
     with monkeypatch.context() as m:
-        _interrupt_after(m, 2)
+        _interrupt_after(m, 1 if method == "rolora" else 2)  # rolora: stop on an odd step so a lost phase shows
         with pytest.raises(KeyboardInterrupt):
             Simulation(cfg, part, progress=False).run()
     # a partial round's junk after the checkpoint is discarded on resume

@@ -30,19 +30,20 @@ def fold_complement(
     factors: Mapping[str, LoraFactors],
     keep: Tensor,
     scaling: float,
-    base: Mapping[str, Tensor] | None = None,
+    base: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor] | None:
     """D + s·B[:, rest] A[rest] per layer, rest = the indices not in ``keep``.
 
-    With nothing left to fold, returns ``base``'s tensors (not copied), or None when there is no base
-    either, so that a client holding every index trains on the untouched base weights.
+    With nothing left to fold, returns ``base`` itself (the same object, so the model host sees the delta it
+    already applied and does not rewrite the weights), or None when there is no base either, so that a
+    client holding every index trains on the untouched base weights.
     """
     rank = next(iter(factors.values())).rank
     mask = torch.ones(rank, dtype=torch.bool)
     mask[keep] = False
     rest = mask.nonzero().flatten()
     if rest.numel() == 0:
-        return None if base is None else dict(base)
+        return base
     out = {}
     for name, f in factors.items():
         folded = scaling * (f.B[:, rest] @ f.A[rest])
