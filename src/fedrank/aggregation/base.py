@@ -112,7 +112,10 @@ class MethodOptions:
 
         The scaling is the client's own s(r_k) unless ``scale_rank`` names another rank: the index-sharing
         methods pass the global rank R, so that every client trains with s(R) and a rank index means the
-        same update s(R)·b_i·a_iᵀ at every client and in the global model.
+        same update s(R)·b_i·a_iᵀ at every client and in the global model. With each client's own s(r_k) a
+        rank-4 client's components would enter a rank-32 global model at 1/8 strength and come back
+        amplified 8×. (FlexLoRA's official HeteroLoRA baseline instead folds √(s_k) into both factors, which
+        gives the same global ΔW for identical clients.)
         """
         sent = adapter_numel(factors) if download is None else download
         s = self.scaling(client.rank if scale_rank is None else scale_rank)

@@ -11,12 +11,8 @@ Rank self-pruning (client side, §3.3): the client adds λ·‖B[:, r':]‖_F‖
 loss and drops the trailing r_k − r' indices when ‖B[:, r':]A[r':]‖_F / ‖BA‖_F falls below a threshold.
 :class:`HetLoRAPruning` carries those options; the local trainer applies them.
 
-One LoRA scale across ranks: every client trains with the *global* scale s(R) = α/R (α/√R with rsLoRA),
-R the state's rank, not its own s(r_k). A rank index then means the same update s(R)·b_i a_iᵀ at every
-client and in the global model, so sharing factors index by index is consistent (with s(r_k) a rank-4
-client's components would enter a rank-32 global model at 1/8 strength and come back amplified 8×).
-This is the first of the issue's options; FlexLoRA's official HeteroLoRA baseline instead folds √(s_k)
-into both factors, which gives the same global ΔW for identical clients.
+One LoRA scale across ranks: every client trains at the global rank's scale s(R), not its own s(r_k), so a
+rank index means the same update at every client and in the global model (:meth:`MethodOptions.assign`).
 """
 
 from __future__ import annotations
