@@ -12,7 +12,7 @@ import pytest
 
 from fedrank.cli import main
 from fedrank.config import ConfigError, load_config
-from fedrank.simulation import Simulation
+from fedrank.simulation import Simulation, collapsed
 from fedrank.validation import RunFailed
 from test_simulation import TINY, records
 
@@ -72,16 +72,20 @@ def test_divergence_is_named_and_never_reported_as_an_improvement(cfg_path: Path
 def test_a_client_that_raises_is_dropped_and_the_round_goes_on(
     cfg_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import fedrank.simulation as simulation
+
     sim = Simulation(load_config(cfg_path, ["federation.rounds=1"]), tmp_path / "run", progress=False)
     victim = sim.sample(0)[0]
-    real = Simulation.train_client
+    calls = []
+    real = simulation.train_local
 
-    def flaky(self, cid, round_index):  # type: ignore[no-untyped-def]
-        if cid == victim:
+    def flaky(*args, **kw):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 1:  # the first sampled client's training runs out of memory
             raise MemoryError("simulated out-of-memory")
-        return real(self, cid, round_index)
+        return real(*args, **kw)
 
-    monkeypatch.setattr(Simulation, "train_client", flaky)
+    monkeypatch.setattr(simulation, "train_local", flaky)
     sim.run()
     recs = records(tmp_path / "run")
     failed = [r for r in recs if r["type"] == "client_failed"]
@@ -127,5 +131,33 @@ def test_metrics_hold_strict_json(cfg_path: Path, tmp_path: Path) -> None:
     assert math.isfinite(records(tmp_path / "run")[-1]["seconds"])
 
 
-def test_run_failed_is_a_runtime_error() -> None:
-    assert issubclass(RunFailed, RuntimeError)
+def test_server_side_errors_end_the_run_instead_of_failing_every_client(
+    cfg_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sim = Simulation(load_config(cfg_path), tmp_path / "run", progress=False)
+
+    def broken(*args, **kw):  # type: ignore[no-untyped-def]
+        raise RuntimeError("a bug in the server's dispatch")
+
+    monkeypatch.setattr(type(sim.method), "dispatch", broken)
+    with pytest.raises(RuntimeError, match="a bug in the server's dispatch"):
+        sim.run()
+    assert not any(r["type"] == "client_failed" for r in records(tmp_path / "run"))
+
+
+def test_collapse_rule_needs_more_than_one_noisy_step() -> None:
+    V = 316  # ln V = 5.7557 (the tiny Llama's vocabulary)
+    assert collapsed([7.1, 6.7, 5.7558, 5.7557], V)  # stuck at uniform predictions
+    assert collapsed([3.0, 3.2, 5.6, 5.9], V)  # risen from well below to above 90% of ln V
+    assert not collapsed([4.4, 4.5, 5.3, 4.4], V)  # one noisy batch
+    assert not collapsed([5.0], V)
+
+
+def test_a_resumed_run_past_the_skip_limit_goes_on_while_rounds_succeed(cfg_path: Path, tmp_path: Path) -> None:
+    cfg = load_config(cfg_path, ["federation.rounds=3", "federation.max_skipped_rounds=0"])
+    sim = Simulation(cfg, tmp_path / "run", progress=False)
+    sim.skipped_rounds = 1  # as restored from a checkpoint of a run that stopped after a skipped round
+    sim.run()  # rounds that aggregate do not re-raise the old count
+    assert sum(r["type"] == "round" for r in records(tmp_path / "run")) == 3
+    with pytest.raises(RunFailed):
+        sim.check_skipped(0)

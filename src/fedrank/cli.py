@@ -79,15 +79,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
         for seed in seeds
     }  # every configuration is built (and validated) before anything trains
     runs: dict[str, list[Path]] = {}
+    failed: list[str] = []
     for method in methods:
         for seed in seeds:
             run_cfg = configs[(method, seed)]
             run_dir = out / method / f"seed{seed}"
             log.info("compare: %s seed %d -> %s", method, seed, run_dir)
-            Simulation(run_cfg, run_dir, progress=not args.no_progress).run()
+            try:
+                Simulation(run_cfg, run_dir, progress=not args.no_progress).run()
+            except RunFailed as e:  # one method's failed run does not cost the others theirs
+                log.error("compare: %s seed %d failed and is left out of the table: %s", method, seed, e)
+                failed.append(f"{method} seed {seed}")
+                continue
             runs.setdefault(method, []).append(run_dir)
+    if not runs:
+        raise RunFailed(f"every run failed: {', '.join(failed)}")
     md, csv_path = comparison(runs, out)
     print(md.read_text())
+    if failed:
+        print(f"left out (the run failed, see its metrics.jsonl): {', '.join(failed)}")
     print(f"comparison: {md}  {csv_path}  {out / 'comparison.png'}")
     return 0
 

@@ -156,7 +156,8 @@ class EvalScheduleConfig:
     """Evaluate every N rounds (0: only before the first and after the last round)."""
     before: bool = True
     participants: int = 4
-    """Participants of the evaluated round whose test split is also evaluated (0: none)."""
+    """Participants whose own test splits are evaluated at every evaluation (seen tasks; 0: none): the first
+    clients of round 1's sample that hold test examples, the same clients before, during and after."""
     settings: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,23 +46,48 @@ class EvalConfig:
         return min(self.max_new_tokens_cap, max(self.max_new_tokens, longest_reference))
 
 
-_NO_SPACES = "\u0e00-\u0e7f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
-_TOKEN = re.compile(f"[{_NO_SPACES}]|(?:(?![{_NO_SPACES}])[^\\W_])+")
-_ASCII_WORD = re.compile("[a-z0-9]+")
+_NO_SPACES = (
+    (0x0E00, 0x0EFF),  # Thai, Lao
+    (0x1000, 0x109F),  # Myanmar
+    (0x1780, 0x17FF),  # Khmer
+    (0x3040, 0x30FF),  # Hiragana, Katakana
+    (0x3400, 0x4DBF),  # CJK extension A
+    (0x4E00, 0x9FFF),  # CJK unified ideographs
+    (0xF900, 0xFAFF),  # CJK compatibility ideographs
+)
+"""Scripts written without spaces between words: each character is one token."""
+
+
+def _no_spaces(ch: str) -> bool:
+    c = ord(ch)
+    return any(lo <= c <= hi for lo, hi in _NO_SPACES)
 
 
 class UnicodeTokenizer:
     """rouge-score's tokenisation (lower case, words, Porter stemming of ASCII words longer than 3) without
-    its ``[a-z0-9]`` filter, which turns any Cyrillic, Greek or Chinese answer into no tokens at all (Rouge-L
-    0 whatever was generated): words are runs of Unicode letters and digits; Chinese, Japanese, Korean and
-    Thai characters, written without spaces, are one token each."""
+    its ``[a-z0-9]`` filter, which turns any Cyrillic, Greek, Devanagari or Chinese answer into no tokens at
+    all (Rouge-L 0 whatever was generated). Text is NFC-normalised; a word is a run of letters, digits and
+    combining marks (Devanagari's vowel signs stay inside their word); characters of scripts written without
+    spaces (Chinese, Japanese, Thai, Lao, Khmer, Myanmar) are one token each."""
 
     def __init__(self) -> None:
         self._stemmer = porter.PorterStemmer()
 
     def tokenize(self, text: str) -> list[str]:
-        words = _TOKEN.findall(text.lower())
-        return [self._stemmer.stem(w) if len(w) > 3 and _ASCII_WORD.fullmatch(w) else w for w in words]
+        words: list[str] = []
+        word: list[str] = []
+        for ch in unicodedata.normalize("NFC", text.lower()):
+            if _no_spaces(ch) and unicodedata.category(ch)[0] in "LM":
+                words.extend(["".join(word), ch] if word else [ch])
+                word = []
+            elif ch.isalnum() or unicodedata.category(ch)[0] == "M":
+                word.append(ch)
+            elif word:
+                words.append("".join(word))
+                word = []
+        if word:
+            words.append("".join(word))
+        return [self._stemmer.stem(w) if len(w) > 3 and w.isascii() and w.isalnum() else w for w in words]
 
 
 _SCORER = rouge_scorer.RougeScorer(["rougeL"], tokenizer=UnicodeTokenizer())

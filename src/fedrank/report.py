@@ -38,6 +38,12 @@ def run_summary(records: Sequence[dict[str, Any]], method: str) -> dict[str, Any
         "method": method,
         "rounds": len(rounds),
         "client_updates": sum(r["type"] == "client" for r in records),
+        "skipped_rounds": sum(r["type"] == "round_skipped" for r in records),
+        "clients_left_out": {
+            kind: n
+            for kind in ("client_failed", "client_rejected", "client_dropped", "client_skipped")
+            if (n := sum(r["type"] == kind for r in records))
+        },
         "eval_before_round": first.get("round"),
         "eval_after_round": last.get("round"),
         "unseen_before": before,
@@ -127,8 +133,9 @@ def end_of_run_table(summary: dict[str, Any]) -> str:
         (f"unseen ({len(summary.get('unseen_tasks', []))} tasks)", "unseen", summary.get("unseen_examples", 0)),
         (f"seen ({len(summary.get('seen_clients', {}))} clients)", "seen", summary.get("seen_examples", 0)),
     )
+    one_eval = summary.get("eval_before_round") == summary.get("eval_after_round")
     for label, key, n in groups:
-        before, after = summary.get(f"{key}_before", {}), summary.get(f"{key}_after", {})
+        before, after = ({} if one_eval else summary.get(f"{key}_before", {})), summary.get(f"{key}_after", {})
         for i, metric in enumerate(m for m in ("loss", "accuracy", "rougeL") if m in after):
             b = before.get(metric)
             rows.append(
@@ -150,6 +157,14 @@ def end_of_run_table(summary: dict[str, Any]) -> str:
     b_round, a_round = summary.get("eval_before_round"), summary.get("eval_after_round")
     lines.append(f"(before = round {b_round}, the zero-shot base model when 0; after = round {a_round}; loss is the")
     lines.append(" answer loss, lower is better; macro averages over the tasks / clients)")
+    left = summary.get("clients_left_out", {})
+    if summary.get("skipped_rounds") or left:
+        parts = [f"{n} {kind.replace('client_', '')}" for kind, n in left.items()]
+        lines.append(
+            f"{summary.get('skipped_rounds', 0)} round(s) skipped; client updates left out: "
+            + (", ".join(parts) or "none")
+            + " (reasons in metrics.jsonl)"
+        )
     return "\n".join(lines)
 
 

@@ -125,38 +125,42 @@ def train_local(
     examples = tokens = 0
     use_bf16 = cfg.precision == "bf16"
     was_training = model.training
+    opt.zero_grad(set_to_none=True)  # nothing left over from another client (the host reuses parameters)
     model.train()
-    for _ in range(steps):
-        step_loss = 0.0
-        for _ in range(cfg.grad_accum):
-            batch_idx: list[int] = []
-            while len(batch_idx) < cfg.batch_size:
-                if not order:
-                    order = torch.randperm(len(data), generator=generator).tolist()
-                batch_idx.append(order.pop())
-            batch = {k: v.to(device) for k, v in collate([data[i] for i in batch_idx], pad_id).items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = model(**batch).loss
-                if regularizer is not None:
-                    loss = loss + regularizer()
-            if not math.isfinite(float(loss.detach())):
-                raise ClientFailure(f"non-finite loss at step {len(losses) + 1}, lr {cfg.lr:g}")
-            (loss / cfg.grad_accum).backward()
-            step_loss += float(loss.detach()) / cfg.grad_accum
-            examples += len(batch_idx)
-            used.update(batch_idx)
-            tokens += int((batch["labels"] != IGNORE).sum())
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(step_loss)
-        if deadline is not None and time.perf_counter() > deadline and len(losses) < steps:
-            raise ClientFailure(
-                f"missed its deadline after {len(losses)} of {steps} steps ({time.perf_counter() - start:.1f} s)"
-            )
-    model.train(was_training)
+    try:
+        for _ in range(steps):
+            step_loss = 0.0
+            for _ in range(cfg.grad_accum):
+                batch_idx: list[int] = []
+                while len(batch_idx) < cfg.batch_size:
+                    if not order:
+                        order = torch.randperm(len(data), generator=generator).tolist()
+                    batch_idx.append(order.pop())
+                batch = {k: v.to(device) for k, v in collate([data[i] for i in batch_idx], pad_id).items()}
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    loss = model(**batch).loss
+                    if regularizer is not None:
+                        loss = loss + regularizer()
+                if not math.isfinite(float(loss.detach())):
+                    raise ClientFailure(f"non-finite loss at step {len(losses) + 1}, lr {cfg.lr:g}")
+                (loss / cfg.grad_accum).backward()
+                step_loss += float(loss.detach()) / cfg.grad_accum
+                examples += len(batch_idx)
+                used.update(batch_idx)
+                tokens += int((batch["labels"] != IGNORE).sum())
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+            if deadline is not None and time.perf_counter() > deadline and len(losses) < steps:
+                raise ClientFailure(
+                    f"missed its deadline after {len(losses)} of {steps} steps ({time.perf_counter() - start:.1f} s)"
+                )
+    finally:
+        opt.zero_grad(set_to_none=True)  # a failed client leaves no gradient behind for the next one
+        model.train(was_training)
     return TrainResult(
         sum(losses) / len(losses), losses, examples, len(used), tokens, steps, time.perf_counter() - start
     )
