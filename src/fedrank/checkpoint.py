@@ -63,20 +63,18 @@ def _fields(cls: type) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- encoding
-def _layout(t: Tensor) -> tuple[Tensor, list[int] | None]:
-    """``t`` as a fresh contiguous tensor, and the permutation restoring its strides (None: already row-major).
+def _layout(t: Tensor) -> tuple[Tensor, dict[str, list[int]] | None]:
+    """``t`` as a fresh contiguous tensor, and the view (shape, strides) that rebuilds it (None: row-major).
 
-    A dense tensor whose dimensions are stored in another order (a transpose) is saved in its memory order,
-    so that loading rebuilds the same strides: kernels may round differently on another layout, and a resume
-    must be bit-identical. A tensor with gaps (a slice) is saved contiguous."""
+    A non-contiguous tensor (a transpose, a slice of one) is saved as the span of memory it covers and
+    rebuilt with the same strides: kernels may round differently on another layout, and a resume must be
+    bit-identical."""
     t = t.detach().cpu()
-    if t.ndim >= 2 and not t.is_contiguous():
-        strides = t.stride()
-        perm = sorted(range(t.ndim), key=lambda d: -strides[d])
-        p = t.permute(perm)
-        if p.is_contiguous():
-            return p.clone(memory_format=torch.contiguous_format), perm
-    return t.clone(memory_format=torch.contiguous_format), None
+    if t.is_contiguous() or t.numel() == 0:
+        return t.clone(memory_format=torch.contiguous_format), None
+    span = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
+    flat = t.as_strided((span,), (1,)).clone()
+    return flat, {"shape": list(t.shape), "stride": list(t.stride())}
 
 
 def encode(obj: Any) -> tuple[Any, dict[str, Tensor]]:
@@ -87,8 +85,8 @@ def encode(obj: Any) -> tuple[Any, dict[str, Tensor]]:
     def enc(x: Any, path: str) -> Any:
         if isinstance(x, Tensor):
             key = f"{len(tensors)}:{path}"
-            tensors[key], perm = _layout(x)
-            return {"__tensor__": key} if perm is None else {"__tensor__": key, "perm": perm}
+            tensors[key], view = _layout(x)
+            return {"__tensor__": key} if view is None else {"__tensor__": key, "view": view}
         if x is None or isinstance(x, bool | int | str):
             return x
         if isinstance(x, np.integer):
@@ -130,13 +128,14 @@ def decode(manifest: Any, tensors: dict[str, Tensor]) -> Any:
         kind = marker[0]
         if kind == "__tensor__":
             t = tensors[x["__tensor__"]]
-            perm = x.get("perm")
-            if perm is None:
+            view = x.get("view")
+            if view is None:
                 return t
-            inverse = [0] * len(perm)
-            for i, d in enumerate(perm):
-                inverse[d] = i
-            return t.permute(inverse)
+            shape, stride = [int(n) for n in view["shape"]], [int(n) for n in view["stride"]]
+            span = 1 + sum((n - 1) * st for n, st in zip(shape, stride, strict=True))
+            if t.ndim != 1 or min(shape, default=1) <= 0 or min(stride, default=0) < 0 or span > t.numel():
+                raise CheckpointError(f"tensor {x['__tensor__']!r}: view {view} does not fit its {tuple(t.shape)} data")
+            return t.as_strided(shape, stride)
         if kind == "__class__":
             name = x["__class__"]
             if name not in allowed:
@@ -179,20 +178,23 @@ def to_bytes(obj: Any, kind: str = "state") -> bytes:
 
 
 def _header(data: bytes, where: str) -> dict[str, Any]:
-    if data[:2] == b"PK" or data[:1] == b"\x80":
+    n = struct.unpack("<Q", data[:8])[0] if len(data) >= 8 else -1
+    header: Any = None
+    if 0 <= n <= len(data) - 8:
+        try:
+            header = json.loads(data[8 : 8 + n])
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = None
+    if header is None and (data[:4] == b"PK\x03\x04" or (data[:1] == b"\x80" and data[1:2] in b"\x02\x03\x04\x05")):
         raise CheckpointError(
             f"{where} is a pickle (torch.save) file, not a fedrank checkpoint; it is not loaded, because "
             "unpickling a file can run any code. Start the run afresh (--overwrite) or use another directory"
         )
-    if len(data) < 8:
-        raise CheckpointError(f"{where} is truncated ({len(data)} bytes)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8:
-        raise CheckpointError(f"{where} is truncated (header of {n} bytes, file of {len(data)})")
-    try:
-        header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{where} is not a fedrank checkpoint or is corrupt (unreadable header: {e})") from e
+    if header is None:
+        raise CheckpointError(
+            f"{where} is truncated or corrupt, or not a fedrank checkpoint (no readable safetensors header; "
+            f"{len(data)} bytes)"
+        )
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{where} is not a fedrank checkpoint (no {FORMAT!r} metadata)")
@@ -239,6 +241,13 @@ def tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp")
 
 
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def atomic_write_bytes(path: Path, data: bytes, *, fault_round: int | None = None) -> None:
     """Write to a temporary file in the same directory, fsync, rename over ``path``, fsync the directory.
 
@@ -246,10 +255,11 @@ def atomic_write_bytes(path: Path, data: bytes, *, fault_round: int | None = Non
     checkpoint of that round (the ``pre-rename``/``post-rename`` fault points, see :mod:`fedrank.faults`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        _write_synced(tmp, data)
+    except BaseException:  # e.g. ENOSPC: leave no partial temporary behind
+        tmp.unlink(missing_ok=True)
+        raise
     if fault_round is not None:
         faults.hit("pre-rename", fault_round)
     os.replace(tmp, path)

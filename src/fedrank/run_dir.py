@@ -48,7 +48,7 @@ RUN_ENTRIES = frozenset(
     {CONFIG, METRICS, SUMMARY, CHECKPOINTS, CLIENTS, GLOBAL_STATE, ADAPTER, PLOTS, *LEGACY, *COMPARISON}
 )
 ADAPTER_ENTRIES = frozenset({"adapter_config.json", "adapter_model.safetensors", "README.md"})
-LAYOUTS = ("run", "compare", "adapter")
+LAYOUTS = {"run": "a fedrank run's", "compare": "a fedrank comparison's", "adapter": "an exported adapter's"}
 
 RESUMABLE = ("output", "eval", "data.cache_dir")
 """Config keys (dotted prefixes) that --resume may change: they do not alter the training trajectory."""
@@ -74,7 +74,7 @@ def foreign_entries(path: Path, layout: str = "run") -> list[str]:
     from fedrank.aggregation import METHODS
 
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; layouts: {LAYOUTS}")
+        raise ValueError(f"unknown layout {layout!r}; layouts: {', '.join(LAYOUTS)}")
     if not path.is_dir():
         return []
     out: list[str] = []
@@ -105,7 +105,7 @@ def clear(path: Path, layout: str = "run") -> None:
     if bad:
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise RunDirError(
-            f"refusing to empty {path}: it holds files fedrank did not write ({', '.join(bad[:5])}{more}); "
+            f"refusing to empty {path}: it holds files that are not {LAYOUTS[layout]} ({', '.join(bad[:5])}{more}); "
             "remove them or choose another output directory"
         )
     for e in path.iterdir():
@@ -124,7 +124,8 @@ def prepare_output(path: Path, layout: str, overwrite: bool) -> None:
     if not path.is_dir() or not any(path.iterdir()):
         return
     if not overwrite:
-        holds = f" (it holds a run; use --resume {path} to continue it)" if (path / CONFIG).exists() else ""
+        run = layout == "run" and (path / CONFIG).exists()
+        holds = f" (it holds a run; use --resume {path} to continue it)" if run else ""
         raise RunDirError(
             f"{path} is not empty{holds}; pass --overwrite to replace fedrank's files in it, or choose another --out"
         )
@@ -277,19 +278,19 @@ def _resumable(key: str) -> bool:
     return any(key == p or key.startswith(p + ".") for p in RESUMABLE)
 
 
-def _at(data: Any, key: str) -> Any:
+def _at(data: Any, key: str) -> str:
     for k in key.split("."):
         if not isinstance(data, dict) or k not in data:
-            return "(unset)"
+            return "unset"
         data = data[k]
-    return data
+    return repr(data)
 
 
 def check_resume_config(saved: dict[str, Any], now: dict[str, Any], where: Path) -> None:
     """--resume may change only :data:`RESUMABLE` settings; any other difference is an error naming its keys."""
     keys = [k for k in config_diff(saved, now) if not _resumable(k)]
     if keys:
-        diffs = ", ".join(f"{k} ({_at(saved, k)!r} -> {_at(now, k)!r})" for k in keys)
+        diffs = ", ".join(f"{k} ({_at(saved, k)} -> {_at(now, k)})" for k in keys)
         raise ConfigError(
             f"--resume: {diffs} differ(s) from the config of {where}; only {', '.join(p + '.*' for p in RESUMABLE)} "
             "may change on resume (they do not alter training). Start a new run (--out) to change the others"
