@@ -439,7 +439,7 @@ def test_compare_and_export_refuse_a_non_empty_directory_without_overwrite(
         assert main(["export", str(run), "--rank", "2", "--out", str(run), *overwrite]) == 2
     err = capsys.readouterr().err
     assert f"{run} is not empty; pass --overwrite" in err
-    assert f"refusing to empty {run}: it holds files that are not an exported adapter's (checkpoints, config" in err
+    assert f"refusing to empty {run}: it holds files that are not an exported adapter's (adapter, checkpoints" in err
     assert main(["compare", str(cfg_path), "--methods", "fedit", "--out", str(run), "--no-progress"]) == 2
     assert "is not empty" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

@@ -44,7 +44,7 @@ def _print_outputs(summary: dict[str, Any], out: Path) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fedrank import run_dir
-    from fedrank.simulation import Simulation
+    from fedrank.simulation import Simulation, check_ranks
 
     if args.resume:
         out = Path(args.resume)
@@ -56,6 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         cfg = _load(args)
         out = Path(args.out or cfg.output.dir)
+        check_ranks(cfg)  # settings are checked before --overwrite removes anything
         run_dir.prepare_output(out, "run", args.overwrite)
     print("resolved config:\n" + dumps_config(cfg))
     result = Simulation(cfg, out, resume=bool(args.resume), progress=not args.no_progress).run()
