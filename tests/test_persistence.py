@@ -410,6 +410,12 @@ def test_a_failed_overwrite_leaves_no_old_outputs(
     assert main(["export", str(out), "--rank", "2", "--out", str(tmp_path / "ad")]) == 0
     _, saved, source = run_dir.load_global_state(out)
     assert saved["seed"] == 5 and source == run_dir.checkpoint_path(out, 1)
+    # and a state file that does not belong to config.toml (the mix main left behind) is never exported
+    (out / "config.toml").write_text(dumps_config(load_config(cfg_path, ["seed=6"])))
+    capsys.readouterr()
+    assert main(["export", str(out), "--rank", "2", "--out", str(tmp_path / "ad2")]) == 2
+    err = capsys.readouterr().err
+    assert "round-0001.safetensors was written under another config than" in err and "(differs in seed)" in err
 
 
 def test_overwrite_refuses_a_directory_holding_other_files(

@@ -274,7 +274,8 @@ def config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if same else [prefix]
 
 
-def _resumable(key: str) -> bool:
+def resumable(key: str) -> bool:
+    """Whether dotted config ``key`` may differ between a run's checkpoints and its config (see RESUMABLE)."""
     return any(key == p or key.startswith(p + ".") for p in RESUMABLE)
 
 
@@ -288,7 +289,7 @@ def _at(data: Any, key: str) -> str:
 
 def check_resume_config(saved: dict[str, Any], now: dict[str, Any], where: Path) -> None:
     """--resume may change only :data:`RESUMABLE` settings; any other difference is an error naming its keys."""
-    keys = [k for k in config_diff(saved, now) if not _resumable(k)]
+    keys = [k for k in config_diff(saved, now) if not resumable(k)]
     if keys:
         diffs = ", ".join(f"{k} ({_at(saved, k)} -> {_at(now, k)})" for k in keys)
         raise ConfigError(
