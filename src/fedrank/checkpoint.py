@@ -5,8 +5,9 @@ Format (``fedrank-state/1``): a safetensors file whose ``__metadata__`` holds
 
 - ``format``: ``fedrank-state/1``; ``kind``: what the file is (``checkpoint``, ``global_state``, ``client_state``);
 - ``manifest``: the object as JSON. Plain JSON stands for itself (ints, strings, bools, None, finite floats,
-  lists, dicts with string keys); everything else is a one-key marker object: ``{"__tensor__": key}`` (with
-  ``"perm"`` when the tensor's memory layout is a permutation, e.g. a transpose, so strides survive),
+  lists, dicts with string keys); everything else is a marker object: ``{"__tensor__": key}`` (with
+  ``"view": {"shape", "stride"}`` for a non-contiguous tensor, stored as the memory span it covers, so that its
+  strides survive),
   ``{"__class__": name, "fields": {...}}`` for a state class of :func:`state_classes` (an explicit
   allow-list: nothing else is ever constructed), ``{"__tuple__": [...]}``, ``{"__dict__": [[k, v], ...]}``
   (non-string keys, e.g. ``rank_overrides``) and ``{"__float__": "nan" | "inf" | "-inf"}``;
