@@ -131,7 +131,8 @@ def test_resume_is_bit_identical(method: str, cfg_path: Path, tmp_path: Path, mo
         f.write(json.dumps({"type": "client", "round": 3, "junk": True}) + "\n")
     assert main(["run", "--resume", str(part), "--no-progress"]) == 0
     assert strip_times(records(part)) == strip_times(records(full))
-    a, b = flatten(checkpoint.load(full / "global_state.pt")), flatten(checkpoint.load(part / "global_state.pt"))
+    a = flatten(checkpoint.load(full / "global_state.safetensors"))
+    b = flatten(checkpoint.load(part / "global_state.safetensors"))
     assert len(a) == len(b) > 0
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     if method in ("fedplora", "fedex", "rolora", "raflora"):  # issue 11's methods, with mixed ranks

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -11,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from fedrank.checkpoint import CheckpointError
-from fedrank.config import ConfigError, RunConfig, dumps_toml, load_config, to_dict
+from fedrank.config import ConfigError, RunConfig, dumps_config, load_config, to_dict
+from fedrank.run_dir import RunDirError
 from fedrank.validation import RunFailed
 
 log = logging.getLogger("fedrank")
@@ -42,17 +44,22 @@ def _print_outputs(summary: dict[str, Any], out: Path) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedrank.simulation import Simulation
+    from fedrank import run_dir
+    from fedrank.simulation import Simulation, check_ranks
 
     if args.resume:
         out = Path(args.resume)
-        cfg = load_config(out / "config.toml", args.set or [])
+        if args.overwrite:
+            raise ConfigError("--resume and --overwrite exclude each other")
+        if not (out / run_dir.CONFIG).is_file():
+            raise RunDirError(f"cannot resume {out}: it holds no {run_dir.CONFIG} (is it a fedrank run directory?)")
+        cfg = load_config(out / run_dir.CONFIG, args.set or [])
     else:
         cfg = _load(args)
         out = Path(args.out or cfg.output.dir)
-        if (out / "checkpoint.pt").exists() and not args.overwrite:
-            raise ConfigError(f"{out} already holds a run; use --resume {out}, --overwrite, or another --out")
-    print("resolved config:\n" + dumps_toml(to_dict(cfg)))
+        check_ranks(cfg)  # settings are checked before --overwrite removes anything
+        run_dir.prepare_output(out, "run", args.overwrite)
+    print("resolved config:\n" + dumps_config(cfg))
     result = Simulation(cfg, out, resume=bool(args.resume), progress=not args.no_progress).run()
     _print_outputs(result.summary, out)
     return 0
@@ -78,6 +85,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         for m in methods
         for seed in seeds
     }  # every configuration is built (and validated) before anything trains
+    from fedrank.run_dir import prepare_output
+
+    prepare_output(out, "compare", args.overwrite)
     runs: dict[str, list[Path]] = {}
     failed: list[str] = []
     for method in methods:
@@ -120,17 +130,22 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from fedrank import checkpoint
+    from fedrank import run_dir
     from fedrank.models.loading import SMOLLM2, SMOLLM2_ID
     from fedrank.simulation import build_method, export_global
 
-    d = Path(args.run_dir)
-    cfg = load_config(d / "config.toml")
-    state = checkpoint.load(d / "global_state.pt" if (d / "global_state.pt").exists() else d / "checkpoint.pt")
-    if isinstance(state, dict) and "state" in state:
-        state = state["state"]
+    d, out = Path(args.run_dir), Path(args.out)
+    cfg = load_config(d / run_dir.CONFIG)
+    state, saved, source = run_dir.load_global_state(d)
+    differ = [k for k in run_dir.config_diff(saved, to_dict(cfg)) if not run_dir.resumable(k)]
+    if differ:
+        raise ConfigError(
+            f"{source} was written under another config than {d / run_dir.CONFIG} (differs in {', '.join(differ)}); "
+            "not exporting a model under the wrong config"
+        )
+    run_dir.prepare_output(out, "adapter", args.overwrite)
     base = SMOLLM2_ID if cfg.model.name == SMOLLM2 else cfg.model.name
-    path = export_global(build_method(cfg), state, cfg, args.rank, Path(args.out), base)
+    path = export_global(build_method(cfg), state, cfg, args.rank, out, base)
     print(f"exported rank-{args.rank} PEFT adapter to {path}")
     return 0
 
@@ -156,11 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="one federated run")
     config_args(r)
     r.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
-    r.add_argument("--overwrite", action="store_true", help="start afresh in a directory that holds a run")
+    r.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in a non-empty --out: fedrank's files there are removed first (other files are refused)",
+    )
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("compare", help="the same clients, data, ranks and seeds for several methods")
     config_args(c)
+    c.add_argument(
+        "--overwrite", action="store_true", help="replace fedrank's files in a non-empty --out (others are refused)"
+    )
     c.add_argument("--methods", required=True, help="comma-separated, e.g. flexlora,fslora,hetlora,fedit")
     c.add_argument("--seeds", help="comma-separated seeds (default: the config's seed)")
     c.add_argument(
@@ -185,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--rank", type=int, required=True)
     e.add_argument("--out", required=True)
+    e.add_argument(
+        "--overwrite", action="store_true", help="replace an adapter in a non-empty --out (other files are refused)"
+    )
     e.set_defaults(func=cmd_export)
 
     b = sub.add_parser("bench", help="benchmarks printing ratios measured side by side in one run")
@@ -206,10 +231,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         code: int = args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, KeyError, RunFailed) as e:
+    except (ConfigError, CheckpointError, RunDirError, ValueError, KeyError, RunFailed) as e:
         print(f"fedrank: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # read-only or missing directories, a path under a file, a full disk: one line, no traceback
+        print(f"fedrank: error: {os_error(e)}", file=sys.stderr)
+        return 2
     return code
+
+
+def os_error(e: OSError) -> str:
+    """An OSError as one line naming the path(s)."""
+    what = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    paths = [str(p) for p in (e.filename, e.filename2) if p is not None]
+    return f"{what}: {' -> '.join(paths)}" if paths else what
 
 
 if __name__ == "__main__":

@@ -173,8 +173,13 @@ class OutputConfig:
     export_rank: int = 0
     """Rank of the exported PEFT adapter (0: the largest client rank)."""
     plots: bool = True
+    keep_checkpoints: int = 2
+    """Round checkpoints kept in ``checkpoints/`` (the newest; an older one is the fallback when the newest is
+    corrupt)."""
 
     def __post_init__(self) -> None:
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"output.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.export_rank < 0:
             raise ConfigError(f"output.export_rank must be >= 0 (0: the largest client rank), got {self.export_rank}")
 
@@ -300,36 +305,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return cfg
 
 
-def dumps_toml(data: dict[str, Any]) -> str:
-    """A small TOML writer for the resolved config (tables, arrays, scalars)."""
-    lines: list[str] = []
+def dumps_config(cfg: RunConfig) -> str:
+    """The resolved config as TOML (written by tomli-w); :func:`load_config` reads it back to an equal config."""
+    import tomli_w
 
-    def scalar(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-        if isinstance(v, list):
-            return "[" + ", ".join(scalar(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{k} = {scalar(x)}" for k, x in v.items()) + "}"
-        raise TypeError(f"cannot write {v!r} as TOML")
-
-    def table(prefix: str, d: dict[str, Any]) -> None:
-        simple = {k: v for k, v in d.items() if not (isinstance(v, dict) and _is_table(v))}
-        if prefix:
-            lines.append(f"\n[{prefix}]")
-        lines.extend(f"{k} = {scalar(v)}" for k, v in simple.items())
-        for k, v in d.items():
-            if isinstance(v, dict) and _is_table(v):
-                table(f"{prefix}.{k}" if prefix else k, v)
-
-    table("", data)
-    return "\n".join(lines).lstrip() + "\n"
-
-
-def _is_table(d: dict[str, Any]) -> bool:
-    """Sections with nested values are written as [tables]; empty/flat option maps stay inline only if empty."""
-    return bool(d)
+    try:
+        return tomli_w.dumps(to_dict(cfg))
+    except TypeError as e:  # e.g. a None in method.options: TOML has no null
+        raise ConfigError(f"the resolved config cannot be written as TOML: {e}") from e

@@ -20,7 +20,22 @@ from matplotlib.ticker import MaxNLocator
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (is this a fedrank run directory?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line, object_hook=_null_as_nan))
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path} line {i + 1} is not JSON ({e}); a line cut by a crash is repaired by --resume"
+            ) from e
+    return records
+
+
+def _null_as_nan(d: dict[str, Any]) -> dict[str, Any]:
+    """metrics.jsonl is strict JSON: a non-finite metric (a diverged loss) is written as null and read back as NaN."""
+    return {k: math.nan if v is None else v for k, v in d.items()}
 
 
 def _evals(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

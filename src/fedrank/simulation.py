@@ -7,7 +7,6 @@ global state, one model, and the round's updates; persistent per-client state (F
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -21,10 +20,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fedrank import checkpoint
+from fedrank import checkpoint, faults, run_dir
 from fedrank.aggregation import HOMOGENEOUS, AggregationMethod, HetLoRAPruning, make_method
 from fedrank.aggregation.base import derive_generator
-from fedrank.config import ConfigError, RunConfig, dumps_toml, override, to_dict
+from fedrank.config import ConfigError, RunConfig, override, to_dict
 from fedrank.data import BigBench, BigBenchStore, Federation, TaskStore, read_jsonl
 from fedrank.data.synthetic import synthetic_store
 from fedrank.data.tokenize import LazyEncoded
@@ -40,7 +39,6 @@ log = logging.getLogger(__name__)
 
 BYTES_PER_PARAM = 4  # fp32 on the wire
 FSLORA_SGD_LR = 0.5
-CHECKPOINT = "checkpoint.pt"
 
 
 def build_store(cfg: RunConfig) -> TaskStore:
@@ -141,8 +139,11 @@ class Simulation:
 
     def __init__(self, cfg: RunConfig, out_dir: Path, resume: bool = False, progress: bool = True):
         self.cfg, self.out, self.progress = cfg, out_dir, progress
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.out / "metrics.jsonl"
+        if resume:
+            run_dir.open_existing(self.out)
+        else:  # an earlier run's files are removed (the CLI asks for --overwrite first), other files refused
+            run_dir.start_fresh(self.out)
+        self.metrics_path = self.out / run_dir.METRICS
         check_ranks(cfg)
         self.store = build_store(cfg)
         self.fed = Federation(self.store, cfg.partition)
@@ -160,27 +161,29 @@ class Simulation:
         self.max_rank = min(cfg.ranks.choices) if cfg.ranks.distribution == "fixed" else max(cfg.ranks.choices)
         self.state = self.method.init_state(self.host.shapes, self.max_rank)
         self.eval_clients = self.fixed_eval_clients()
+        run_dir.check_writable(self.out, run_dir.checkpoint_bytes(self.state))
         if resume:
             self._restore()
         else:
-            self.metrics_path.write_text("")
-        (self.out / "config.toml").write_text(dumps_toml(to_dict(cfg)))
+            checkpoint.atomic_write_bytes(self.metrics_path, b"")
+        run_dir.write_config(self.out, cfg)
 
     # ----------------------------------------------------------------- persistence
     def _restore(self) -> None:
-        ck = checkpoint.load(self.out / CHECKPOINT)
-        if ck["config"] != to_dict(self.cfg):
-            raise ConfigError(f"--resume: the config differs from the one {self.out} was started with")
+        """Continue from the newest usable checkpoint (see :func:`fedrank.run_dir.restore`), or from the start
+        when the run stopped before its first."""
+        ck = run_dir.restore(self.out, to_dict(self.cfg))
+        if ck is None:
+            return
         self.start_round = int(ck["round"])
         self.state = ck["state"]
-        self.rank_overrides = dict(ck["rank_overrides"])
+        self.rank_overrides = {int(k): int(v) for k, v in ck["rank_overrides"].items()}
         self.metrics_lines = int(ck["metrics_lines"])
         self.skipped_rounds = int(ck.get("skipped_rounds", 0))
-        lines = self.metrics_path.read_text().splitlines(keepends=True)[: self.metrics_lines]
-        checkpoint.atomic_write_bytes(self.metrics_path, "".join(lines).encode())
-        log.info("resuming %s after round %d", self.out, self.start_round)
+        torch.set_rng_state(ck["torch_rng"])
 
     def _checkpoint(self, round_done: int) -> None:
+        run_dir.fsync_file(self.metrics_path)  # the records this checkpoint counts are on disk before it is
         ck = {
             "round": round_done,
             "state": self.state,
@@ -190,23 +193,20 @@ class Simulation:
             "config": to_dict(self.cfg),
             "torch_rng": torch.get_rng_state(),
         }
-        checkpoint.save(ck, self.out / CHECKPOINT)
+        run_dir.write_checkpoint(self.out, round_done, ck, self.cfg.output.keep_checkpoints)
 
     def _record(self, rec: dict[str, Any]) -> None:
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+        run_dir.append_record(self.metrics_path, rec)  # strict JSON: NaN/inf are written as null
         self.metrics_lines += 1
+        if rec.get("type") == "client":
+            faults.hit("train", int(rec["round"]))
 
     def _local_path(self, cid: int, round_done: int) -> Path:
-        return self.out / "clients" / str(cid) / f"after-round-{round_done}.pt"
+        return run_dir.client_state_path(self.out, cid, round_done)
 
     def _load_local(self, cid: int, round_index: int) -> dict[str, Tensor] | None:
         """The client's persisted state from its latest round before ``round_index`` (0-based)."""
-        folder = self.out / "clients" / str(cid)
-        if not folder.is_dir():
-            return None
-        done = sorted(int(p.stem.rsplit("-", 1)[1]) for p in folder.glob("after-round-*.pt"))
-        done = [d for d in done if d <= round_index]
+        done = [d for d in run_dir.client_state_rounds(self.out, cid) if d <= round_index]
         if not done:
             return None
         local: dict[str, Tensor] = checkpoint.load(self._local_path(cid, done[-1]))
@@ -335,6 +335,7 @@ class Simulation:
         t_agg = time.perf_counter()
         self.state = self.method.aggregate(self.state, updates, self.weights(recs))
         agg_s = time.perf_counter() - t_agg
+        faults.hit("aggregate", t + 1)
         for u in updates:
             local = self.method.local_state(u)
             if local is not None:
@@ -507,7 +508,8 @@ class Simulation:
         records = read_metrics(self.metrics_path)
         rank = self.cfg.output.export_rank or self.max_rank
         adapter = export_global(self.method, self.state, self.cfg, rank, self.out / "adapter", self.lm.name_or_path)
-        checkpoint.save(self.state, self.out / "global_state.pt")
+        final = {"round": self.cfg.federation.rounds, "state": self.state, "config": to_dict(self.cfg)}
+        checkpoint.save(final, self.out / run_dir.GLOBAL_STATE, kind="global_state")
         summary = run_summary(records, self.cfg.method.name)
         summary.update(
             {
@@ -517,12 +519,12 @@ class Simulation:
                 "held_out": self.fed.held_out,
                 "training_tasks": len(self.fed.train_tasks),
                 "registered_clients": self.fed.num_clients,
-                "global_state": str(self.out / "global_state.pt"),
+                "global_state": str(self.out / run_dir.GLOBAL_STATE),
             }
         )
         if self.cfg.output.plots:
             summary["plots"] = [str(p) for p in write_plots(records, self.out / "plots", self.ranks)]
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        run_dir.write_json(self.out / run_dir.SUMMARY, summary)  # strict JSON, written atomically
         return summary
 
 

@@ -1,0 +1,433 @@
+"""The run directory: what fedrank writes there, and the rules for starting, overwriting, checkpointing and
+resuming a run in it. Nothing here knows how clients are trained.
+
+    config.toml                                the resolved config (tomli-w); rewritten by --resume
+    metrics.jsonl                              one strict-JSON record a line; each checkpoint counts the lines
+                                               it covers, and --resume cuts the file back to that count
+    checkpoints/round-NNNN.safetensors         the last ``output.keep_checkpoints`` round checkpoints
+    clients/<id>/after-round-N.safetensors     persistent per-client state (FedSA's B)
+    global_state.safetensors, summary.json, adapter/, plots/      written when the run finishes
+
+A checkpoint is written to a temporary file, fsynced, renamed, and the directory fsynced (see
+:mod:`fedrank.checkpoint`); only then are older ones pruned. ``--resume`` takes the newest checkpoint that
+verifies (checksum) and whose records ``metrics.jsonl`` still holds, logging every one it skips.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedrank import checkpoint
+from fedrank.checkpoint import SUFFIX, CheckpointError, atomic_write_bytes, fsync_dir
+from fedrank.config import ConfigError, RunConfig, dumps_config
+
+log = logging.getLogger(__name__)
+
+CONFIG = "config.toml"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+CHECKPOINTS = "checkpoints"
+CLIENTS = "clients"
+GLOBAL_STATE = "global_state" + SUFFIX
+ADAPTER = "adapter"
+PLOTS = "plots"
+LEGACY = ("checkpoint.pt", "checkpoint.pt.sha256", "global_state.pt", "global_state.pt.sha256")
+"""Pickle files of fedrank before 0.2: removed by --overwrite, never loaded."""
+COMPARISON = ("comparison.md", "comparison.csv", "comparison.png")
+RUN_ENTRIES = frozenset(
+    {CONFIG, METRICS, SUMMARY, CHECKPOINTS, CLIENTS, GLOBAL_STATE, ADAPTER, PLOTS, *LEGACY, *COMPARISON}
+)
+ADAPTER_ENTRIES = frozenset({"adapter_config.json", "adapter_model.safetensors", "README.md"})
+LAYOUTS = {"run": "a fedrank run's", "compare": "a fedrank comparison's", "adapter": "an exported adapter's"}
+
+RESUMABLE = ("output", "eval", "data.cache_dir")
+"""Config keys (dotted prefixes) that --resume may change: they do not alter the training trajectory."""
+
+CHECKPOINT_SLACK = 1 << 20
+"""Bytes added to a checkpoint's tensors for its manifest, the metrics and the config."""
+
+
+class RunDirError(RuntimeError):
+    """An output directory that cannot be used as asked: not empty, holding other files, not writable, full."""
+
+
+# ---------------------------------------------------------------------------------------------- layout
+def _ours(name: str, entries: frozenset[str]) -> bool:
+    if name in entries or name.startswith(".fedrank-probe-"):
+        return True
+    return name.startswith(".") and name.endswith(".tmp") and name[1:-4] in entries  # an interrupted write
+
+
+def foreign_entries(path: Path, layout: str = "run") -> list[str]:
+    """Entries of ``path`` (relative names) that fedrank does not write for a directory of ``layout``:
+    ``run`` (one run), ``compare`` (comparison files and <method>/seed<k>/ runs) or ``adapter`` (an export)."""
+    from fedrank.aggregation import METHODS
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; layouts: {', '.join(LAYOUTS)}")
+    if not path.is_dir():
+        return []
+    out: list[str] = []
+    for e in sorted(path.iterdir()):
+        if layout == "run" and _ours(e.name, RUN_ENTRIES):
+            continue
+        if layout == "adapter" and _ours(e.name, ADAPTER_ENTRIES):
+            continue
+        if layout == "compare":
+            if _ours(e.name, frozenset(COMPARISON)):
+                continue
+            if e.is_dir() and not e.is_symlink() and e.name in METHODS:
+                for s in sorted(e.iterdir()):
+                    if s.is_dir() and not s.is_symlink() and re.fullmatch(r"seed-?\d+", s.name):
+                        out += [f"{e.name}/{s.name}/{n}" for n in foreign_entries(s, "run")]
+                    else:
+                        out.append(f"{e.name}/{s.name}")
+                continue
+        out.append(e.name)
+    return out
+
+
+def clear(path: Path, layout: str = "run") -> None:
+    """Remove what fedrank wrote in ``path``; refuse (and remove nothing) if it holds anything else."""
+    if not path.is_dir():
+        return
+    bad = foreign_entries(path, layout)
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise RunDirError(
+            f"refusing to empty {path}: it holds files that are not {LAYOUTS[layout]} ({', '.join(bad[:5])}{more}); "
+            "remove them or choose another output directory"
+        )
+    for e in path.iterdir():
+        if e.is_dir() and not e.is_symlink():
+            shutil.rmtree(e)
+        else:
+            e.unlink()
+    fsync_dir(path)
+
+
+def prepare_output(path: Path, layout: str, overwrite: bool) -> None:
+    """The command-line rule for an output directory: absent or empty, or ``--overwrite`` and holding nothing but
+    fedrank's files of that ``layout``, which are then removed before anything is written."""
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"output directory {path} exists and is not a directory")
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    if not overwrite:
+        run = layout == "run" and (path / CONFIG).exists()
+        holds = f" (it holds a run; use --resume {path} to continue it)" if run else ""
+        raise RunDirError(
+            f"{path} is not empty{holds}; pass --overwrite to replace fedrank's files in it, or choose another --out"
+        )
+    clear(path, layout)
+    log.info("--overwrite: emptied %s", path)
+
+
+def check_writable(path: Path, need_bytes: int = 0) -> None:
+    """Fail before training, not after it: ``path`` is created if needed and must take a file, with
+    ``need_bytes`` free (about one checkpoint: :func:`checkpoint_bytes`)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"cannot create output directory {path}: {e.strerror or e}") from e
+    probe = path / f".fedrank-probe-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"fedrank")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise RunDirError(f"output directory {path} is not writable: {e.strerror or e}") from e
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+    free = shutil.disk_usage(path).free
+    if need_bytes and free < need_bytes:
+        raise RunDirError(
+            f"output directory {path} has {_size(free)} free; a checkpoint of this run needs about {_size(need_bytes)}"
+        )
+
+
+def checkpoint_bytes(state: Any) -> int:
+    """About what one checkpoint of ``state`` takes on disk."""
+    return checkpoint.tensor_bytes(state) + CHECKPOINT_SLACK
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def open_existing(out: Path) -> None:
+    """A run to resume: ``out`` must exist and be writable."""
+    if not out.is_dir():
+        raise RunDirError(f"cannot resume {out}: no such directory")
+    check_writable(out)
+
+
+def start_fresh(out: Path) -> None:
+    """A new run owns ``out``: an earlier run's files there are removed (the CLI asks for --overwrite first),
+    other files are refused, and the directory must be writable."""
+    clear(out, "run")
+    check_writable(out)
+
+
+# ---------------------------------------------------------------------------------------------- records
+def json_safe(obj: Any) -> Any:
+    """``obj`` as strict JSON data: non-finite floats become None (null), numpy scalars Python numbers."""
+    if isinstance(obj, bool) or obj is None or isinstance(obj, int | str):
+        return obj
+    if isinstance(obj, float | np.floating):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def dumps_json(obj: Any, **kwargs: Any) -> str:
+    """Strict JSON (never ``NaN``/``Infinity``, which other JSON readers reject)."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
+
+
+def append_record(path: Path, rec: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(dumps_json(rec) + "\n")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, dumps_json(obj, indent=2).encode())
+
+
+def write_config(out: Path, cfg: RunConfig) -> None:
+    atomic_write_bytes(out / CONFIG, dumps_config(cfg).encode())
+
+
+def fsync_file(path: Path) -> None:
+    """Make appended records durable (before a checkpoint that counts them)."""
+    if path.exists():
+        with path.open("ab") as f:
+            os.fsync(f.fileno())
+
+
+def _metrics_lines(path: Path) -> tuple[list[bytes], int]:
+    """metrics.jsonl's complete lines (without their newline) and the length of a partial last line."""
+    data = path.read_bytes() if path.is_file() else b""
+    *lines, partial = data.split(b"\n")
+    return lines, len(partial)
+
+
+def _check_records(path: Path, lines: list[bytes], count: int, where: str) -> None:
+    if len(lines) < count:
+        raise CheckpointError(f"{path} holds {len(lines)} complete records, fewer than the {count} that {where} counts")
+    for i, line in enumerate(lines[:count]):
+        try:
+            json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path} line {i + 1} (counted by {where}) is not JSON: {e}") from e
+
+
+def repair_metrics(path: Path, count: int, where: str) -> None:
+    """Cut ``path`` back to its first ``count`` records (those ``where`` counts), logging what is dropped:
+    records of a round that did not reach its checkpoint, and a line cut mid-way by a crash."""
+    lines, partial = _metrics_lines(path)
+    _check_records(path, lines, count, where)
+    extra = len(lines) - count
+    if not extra and not partial:
+        return
+    dropped = []
+    if extra:
+        dropped.append(f"{extra} record(s) written after {where}")
+    if partial:
+        dropped.append(f"a partial last line of {partial} bytes (cut mid-line)")
+    log.warning("%s: dropped %s", path, " and ".join(dropped))
+    atomic_write_bytes(path, b"".join(line + b"\n" for line in lines[:count]))
+
+
+# ---------------------------------------------------------------------------------------------- config
+_MISSING = object()
+
+
+def config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in dict.fromkeys([*a, *b]):
+            out += config_diff(a.get(k, _MISSING), b.get(k, _MISSING), f"{prefix}.{k}" if prefix else k)
+        return out
+    same = a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+    return [] if same else [prefix]
+
+
+def resumable(key: str) -> bool:
+    """Whether dotted config ``key`` may differ between a run's checkpoints and its config (see RESUMABLE)."""
+    return any(key == p or key.startswith(p + ".") for p in RESUMABLE)
+
+
+def _at(data: Any, key: str) -> str:
+    for k in key.split("."):
+        if not isinstance(data, dict) or k not in data:
+            return "unset"
+        data = data[k]
+    return repr(data)
+
+
+def check_resume_config(saved: dict[str, Any], now: dict[str, Any], where: Path) -> None:
+    """--resume may change only :data:`RESUMABLE` settings; any other difference is an error naming its keys."""
+    keys = [k for k in config_diff(saved, now) if not resumable(k)]
+    if keys:
+        diffs = ", ".join(f"{k} ({_at(saved, k)} -> {_at(now, k)})" for k in keys)
+        raise ConfigError(
+            f"--resume: {diffs} differ(s) from the config of {where}; only {', '.join(p + '.*' for p in RESUMABLE)} "
+            "may change on resume (they do not alter training). Start a new run (--out) to change the others"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def checkpoint_path(out: Path, round_done: int) -> Path:
+    return out / CHECKPOINTS / f"round-{round_done:04d}{SUFFIX}"
+
+
+def checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """The round checkpoints in ``out``, oldest first (complete files only; temporaries are not listed)."""
+    found = []
+    for p in (out / CHECKPOINTS).glob(f"round-*{SUFFIX}"):
+        m = re.fullmatch(rf"round-(\d+){re.escape(SUFFIX)}", p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def write_checkpoint(out: Path, round_done: int, obj: dict[str, Any], keep: int) -> Path:
+    """Write round ``round_done``'s checkpoint durably, then prune all but the newest ``keep``."""
+    path = checkpoint_path(out, round_done)
+    checkpoint.save(obj, path, kind="checkpoint", fault_round=round_done)
+    older = [(r, p) for r, p in checkpoints(out) if r <= round_done]
+    kept = {r for r, _ in older[-max(keep, 1) :]}
+    for r, p in checkpoints(out):
+        if r not in kept:  # older ones, and newer ones left from before a fallback
+            p.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return path
+
+
+def remove_temporaries(out: Path) -> None:
+    """Temporary files of writes a crash interrupted (never valid data: the rename did not happen)."""
+    for folder in [out, out / CHECKPOINTS, *sorted((out / CLIENTS).glob("*"))]:
+        for p in folder.glob(".*.tmp"):
+            log.info("removing %s (a write interrupted by a crash)", p)
+            p.unlink(missing_ok=True)
+        for p in folder.glob(".fedrank-probe-*"):
+            p.unlink(missing_ok=True)
+
+
+def client_state_path(out: Path, cid: int, round_done: int) -> Path:
+    return out / CLIENTS / str(cid) / f"after-round-{round_done}{SUFFIX}"
+
+
+def client_state_rounds(out: Path, cid: int) -> list[int]:
+    """Rounds after which client ``cid``'s state was saved, oldest first."""
+    rounds = []
+    for p in (out / CLIENTS / str(cid)).glob(f"after-round-*{SUFFIX}"):
+        m = re.fullmatch(rf"after-round-(\d+){re.escape(SUFFIX)}", p.name)
+        if m:
+            rounds.append(int(m.group(1)))
+    return sorted(rounds)
+
+
+def remove_client_states_after(out: Path, round_done: int) -> None:
+    """Client states of rounds after the checkpoint a run resumes from: those rounds are trained again."""
+    for p in (out / CLIENTS).glob(f"*/after-round-*{SUFFIX}"):
+        m = re.fullmatch(rf"after-round-(\d+){re.escape(SUFFIX)}", p.name)
+        if m and int(m.group(1)) > round_done:
+            log.info("removing %s (a round after the checkpoint, trained again)", p)
+            p.unlink()
+
+
+def _refuse_legacy(out: Path) -> None:
+    old = out / "checkpoint.pt"
+    if old.exists() and not checkpoints(out):
+        raise CheckpointError(
+            f"{old} is a checkpoint of fedrank before 0.2 (a pickle): it is not loaded, because unpickling a file "
+            "can run any code. Start the run afresh with --overwrite"
+        )
+
+
+def restore(out: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The newest usable checkpoint of the run in ``out`` (its dict), with ``metrics.jsonl`` cut back to the
+    records it counts and later client states removed; ``None`` when the run has no checkpoint yet (it then
+    restarts from round 0, with ``metrics.jsonl`` and ``clients/`` emptied).
+
+    Usable: the file verifies (checksum, format) and ``metrics.jsonl`` still holds the records it counts.
+    Every checkpoint skipped is logged with why, and the one used is named; none usable is an error. A
+    config differing in a setting that alters training (see :data:`RESUMABLE`) is an error, not a fallback."""
+    _refuse_legacy(out)
+    remove_temporaries(out)
+    metrics = out / METRICS
+    skipped: list[tuple[Path, str]] = []
+    for rnd, path in reversed(checkpoints(out)):
+        try:
+            ck: dict[str, Any] = checkpoint.load(path, kind="checkpoint")
+            check_resume_config(ck["config"], config, path)
+            lines, _ = _metrics_lines(metrics)
+            _check_records(metrics, lines, int(ck["metrics_lines"]), path.name)
+        except CheckpointError as e:
+            log.warning("skipping checkpoint %s: %s", path, e)
+            skipped.append((path, str(e)))
+            continue
+        if skipped:
+            log.warning(
+                "falling back from %s to %s, the newest checkpoint that verifies (the skipped files are kept as *.bad)",
+                ", ".join(str(p) for p, _ in skipped),
+                path,
+            )
+            for p, _ in skipped:
+                p.replace(p.with_name(p.name + ".bad"))
+        repair_metrics(metrics, int(ck["metrics_lines"]), path.name)
+        remove_client_states_after(out, rnd)
+        log.info("resuming %s from %s (after round %d)", out, path, rnd)
+        return ck
+    if skipped:
+        raise CheckpointError(
+            f"no usable checkpoint in {out / CHECKPOINTS}: " + "; ".join(f"{p.name}: {why}" for p, why in skipped)
+        )
+    log.warning("%s has no complete checkpoint (the run stopped before its first): restarting from round 0", out)
+    if metrics.exists():
+        repair_metrics(metrics, 0, "the start of the run")
+    remove_client_states_after(out, 0)
+    return None
+
+
+def load_global_state(out: Path) -> tuple[Any, dict[str, Any], Path]:
+    """(state, config dict, file) of a run: its final global state, else its newest checkpoint that verifies."""
+    final = out / GLOBAL_STATE
+    if final.exists():
+        g = checkpoint.load(final, kind="global_state")
+        return g["state"], g["config"], final
+    _refuse_legacy(out)
+    errors = []
+    for _, path in reversed(checkpoints(out)):
+        try:
+            ck = checkpoint.load(path, kind="checkpoint")
+        except CheckpointError as e:
+            log.warning("skipping checkpoint %s: %s", path, e)
+            errors.append(str(e))
+            continue
+        return ck["state"], ck["config"], path
+    why = f" ({'; '.join(errors)})" if errors else ""
+    raise CheckpointError(f"{out} holds no global state and no usable checkpoint{why}")
