@@ -6,6 +6,7 @@ Unknown keys and bad values are errors that say what is wrong and list the valid
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import re
 import tomllib
@@ -172,10 +173,17 @@ class OutputConfig:
     export_rank: int = 0
     """Rank of the exported PEFT adapter (0: the largest client rank)."""
     plots: bool = True
+    tensorboard: bool = False
+    """TensorBoard event files in ``<dir>/tensorboard`` at the end of the run (needs ``fedrank[tensorboard]``)."""
 
     def __post_init__(self) -> None:
         if self.export_rank < 0:
             raise ConfigError(f"output.export_rank must be >= 0 (0: the largest client rank), got {self.export_rank}")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:  # refused before anything trains
+            raise ConfigError(
+                "output.tensorboard = true needs the tensorboard package: pip install 'fedrank[tensorboard]' "
+                "(or set output.tensorboard = false)"
+            )
 
 
 @dataclass(frozen=True)
