@@ -404,7 +404,7 @@ def _config_diff(runs: dict[str, list[Run]]) -> str:
         return "<p>Every run has the same config.</p>\n"
     rows = [[m, r.path.name, *(f.get(k, "–") for k in differ)] for m, r, f in flat]
     return "<h3>Settings that differ between runs</h3>\n" + table(
-        ["method", "run", *differ], rows, id="config-diff", left=2
+        ["method", "run", *differ], rows, id="config-diff", left=2 + len(differ)
     )
 
 

@@ -128,24 +128,29 @@ def _line(ax: Any, curve: Curve, label: str, k: int) -> None:
 
 
 def eval_figure(curves: dict[str, Curves]) -> Figure | None:
-    """One panel per split (rows: unseen, seen) and metric (columns), one line per label (method) with its
-    spread over seeds, and the base model (round 0, the mean over every run) as a dotted reference line."""
+    """One row of panels per split (unseen, seen), one panel per metric that split has, one line per label
+    (method) with its spread over seeds, and the base model (round 0, the mean over every run) as a dotted
+    reference line."""
     panels = {p for c in curves.values() for p in c}
-    groups = [(key, split) for key, split, _ in GROUPS if any(g == key for g, _ in panels)]
-    metrics = ordered_metrics({m for _, m in panels})
-    if not groups or not metrics:
+    rows = [
+        (key, split, ordered_metrics({m for g, m in panels if g == key}))
+        for key, split, _ in GROUPS
+        if any(g == key for g, _ in panels)
+    ]
+    rows = [r for r in rows if r[2]]
+    if not rows:
         return None
-    fig, axes = plt.subplots(len(groups), len(metrics), figsize=(4.3 * len(metrics), 3.4 * len(groups)), squeeze=False)
-    for row, (key, split) in zip(axes, groups, strict=True):
-        for ax, metric in zip(row, metrics, strict=True):
+    ncols = max(len(metrics) for _, _, metrics in rows)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(4.3 * ncols, 3.4 * len(rows)), squeeze=False)
+    for row, (key, split, metrics) in zip(axes, rows, strict=True):
+        for ax in row[len(metrics) :]:
+            ax.set_axis_off()
+        for ax, metric in zip(row, metrics, strict=False):
             base: list[float] = []
             for k, (label, c) in enumerate(curves.items()):
                 if (key, metric) in c:
                     _line(ax, c[(key, metric)], label, k)
                     base += c[(key, metric)].get(0, [])
-            if not ax.lines:
-                ax.set_axis_off()
-                continue
             if base:
                 ax.axhline(sum(base) / len(base), **BASE_STYLE, label="base model (round 0)")
             ax.set(title=f"{split}: {metric} ({_better(metric)})", xlabel="round", ylabel=f"{split} {metric}")
@@ -160,7 +165,7 @@ def train_loss_figure(curves: dict[str, Curve]) -> Figure | None:
     for k, (label, c) in enumerate(curves.items()):
         if c:
             _line(ax, c, label, k)
-    ax.set(title="train loss per round", xlabel="round", ylabel="train loss (answer tokens, n-weighted)")
+    ax.set(title="train loss (n-weighted over clients)", xlabel="round", ylabel="train loss")
     ax.legend(fontsize=7)
     return fig
 
