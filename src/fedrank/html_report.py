@@ -148,10 +148,8 @@ def _eval_tasks(records: Sequence[dict[str, Any]]) -> str:
     if not evals:
         return "<p>No evaluation was recorded.</p>\n"
     first, last = evals[0], evals[-1]
-    metrics = ordered_metrics(
-        {k for g in ("unseen", "participants") for m in last.get(g, {}).values() for k in m} - {"n"}
-    )
-    metrics = [m for m in metrics if m != "new_tokens"]
+    found = {k for g in ("unseen", "participants") for m in last.get(g, {}).values() for k in m}
+    metrics = ordered_metrics(found - {"n", "new_tokens"})
     rows: list[list[object]] = []
     for key, split in (("unseen", "unseen"), ("participants", "seen")):
         for who, after in last.get(key, {}).items():
@@ -207,7 +205,7 @@ def _rounds_table(records: Sequence[dict[str, Any]]) -> str:
     head = [
         "round",
         "updates",
-        "dropped / failed / rejected",
+        "left out (dropped, failed, rejected)",
         "train loss",
         "up MiB",
         "down MiB",

@@ -238,16 +238,13 @@ def round_seconds(records: Sequence[dict[str, Any]]) -> dict[int, dict[str, floa
     diagnostic, FedSA-style local state), evaluation."""
     out: dict[int, dict[str, float]] = {}
     for r in records:
-        parts = out.setdefault(r["round"], {}) if r["type"] in ("client", "round", "eval") else None
-        if parts is None:
-            continue
         if r["type"] == "client":
+            parts = out.setdefault(r["round"], {})
             parts["client training"] = parts.get("client training", 0.0) + r["seconds"]
         elif r["type"] == "round":
-            parts["aggregation"] = r["aggregate_seconds"]
-            parts["round"] = r["seconds"]
-        else:
-            parts["evaluation"] = r["seconds"]
+            out.setdefault(r["round"], {}).update(aggregation=r["aggregate_seconds"], round=r["seconds"])
+        elif r["type"] == "eval":
+            out.setdefault(r["round"], {})["evaluation"] = r["seconds"]
     for parts in out.values():
         if "round" in parts:
             parts["other"] = max(0.0, parts.pop("round") - parts.get("client training", 0.0) - parts["aggregation"])
