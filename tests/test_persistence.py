@@ -551,7 +551,7 @@ def test_resolved_config_round_trips_through_tomli_w_for_every_field(tmp_path: P
                 "generate": False,
             },
         },
-        "output": {"dir": "runs/x", "export_rank": 3, "plots": False, "keep_checkpoints": 3},
+        "output": {"dir": "runs/x", "export_rank": 3, "plots": False, "keep_checkpoints": 3, "tensorboard": True},
     }
     from fedrank.config import from_dict
 

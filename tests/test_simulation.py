@@ -94,6 +94,7 @@ def test_run_outputs_plots_and_summary(cfg_path: Path, tmp_path: Path) -> None:
         "eval.png",
         "ranks.png",
         "spectrum.png",
+        "time.png",
         "train_loss.png",
     ]
     assert s["rounds"] == 2 and s["client_updates"] == 4

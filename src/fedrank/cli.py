@@ -41,6 +41,10 @@ def _print_outputs(summary: dict[str, Any], out: Path) -> None:
     print(f"adapter:  {summary['adapter']}  (PEFT, rank {summary['export_rank']})")
     if summary.get("plots"):
         print(f"plots:    {out / 'plots'}")
+    if summary.get("tensorboard"):
+        print(f"tensorboard: tensorboard --logdir {summary['tensorboard']}")
+    if summary.get("report"):
+        print(f"report:   {summary['report']}  (one self-contained HTML file)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -67,6 +71,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from fedrank.aggregation import METHODS
+    from fedrank.html_report import write_comparison_report
     from fedrank.report import comparison
     from fedrank.simulation import Simulation, with_method
 
@@ -105,27 +110,36 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not runs:
         raise RunFailed(f"every run failed: {', '.join(failed)}")
     md, csv_path = comparison(runs, out)
+    report = write_comparison_report(runs, out / "report.html")
     print(md.read_text())
     if failed:
         print(f"left out (the run failed, see its metrics.jsonl): {', '.join(failed)}")
     print(f"comparison: {md}  {csv_path}  {out / 'comparison.png'}")
+    print(f"report:     {report}  (one self-contained HTML file)")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from fedrank.report import comparison, read_metrics, run_summary, write_plots
+    from fedrank.html_report import write_comparison_report, write_run_report
+    from fedrank.report import close, comparison, figures, load_run, save_figures
 
     runs: dict[str, list[Path]] = {}
     for d in map(Path, args.run_dirs):
-        records = read_metrics(d / "metrics.jsonl")
-        cfg = load_config(d / "config.toml")
-        summary = run_summary(records, cfg.method.name)
-        plots = write_plots(records, d / "plots")
-        print(f"{d}: {json.dumps(summary['unseen_after'])}  plots: {[str(p) for p in plots]}")
-        runs.setdefault(cfg.method.name, []).append(d)
+        run = load_run(d)
+        figs = figures(run.records, run.ranks, run.method)
+        try:
+            plots = save_figures(figs, d / "plots")
+            if args.html and len(args.run_dirs) == 1:
+                print(f"report: {write_run_report(d, figs, Path(args.html))}")
+        finally:
+            close(figs)
+        print(f"{d}: {json.dumps(run.summary['unseen_after'])}  plots: {[str(p) for p in plots]}")
+        runs.setdefault(run.method, []).append(d)
     if args.out:
         md, _ = comparison(runs, Path(args.out))
         print(md.read_text())
+    if args.html and len(args.run_dirs) > 1:
+        print(f"report: {write_comparison_report(runs, Path(args.html))}")
     return 0
 
 
@@ -198,9 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(func=cmd_compare)
 
-    rp = sub.add_parser("report", help="rebuild tables and plots from run directories")
+    rp = sub.add_parser("report", help="rebuild tables, plots and HTML reports from run directories")
     rp.add_argument("run_dirs", nargs="+")
-    rp.add_argument("--out", help="also write comparison.md/csv here")
+    rp.add_argument("--out", help="also write comparison.md/csv/png here")
+    rp.add_argument(
+        "--html",
+        metavar="OUT.html",
+        help="one self-contained HTML report: of the run (one RUN_DIR) or a comparison of the runs by method",
+    )
     rp.set_defaults(func=cmd_report)
 
     e = sub.add_parser("export", help="the global model at any rank as a PEFT adapter")

@@ -6,6 +6,7 @@ Unknown keys and bad values are errors that say what is wrong and list the valid
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import re
 import tomllib
@@ -176,12 +177,19 @@ class OutputConfig:
     keep_checkpoints: int = 2
     """Round checkpoints kept in ``checkpoints/`` (the newest; an older one is the fallback when the newest is
     corrupt)."""
+    tensorboard: bool = False
+    """TensorBoard event files in ``<dir>/tensorboard`` at the end of the run (needs ``fedrank[tensorboard]``)."""
 
     def __post_init__(self) -> None:
         if self.keep_checkpoints < 1:
             raise ConfigError(f"output.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.export_rank < 0:
             raise ConfigError(f"output.export_rank must be >= 0 (0: the largest client rank), got {self.export_rank}")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:  # refused before anything trains
+            raise ConfigError(
+                "output.tensorboard = true needs the tensorboard package: pip install 'fedrank[tensorboard]' "
+                "(or set output.tensorboard = false)"
+            )
 
 
 @dataclass(frozen=True)

@@ -41,11 +41,14 @@ CLIENTS = "clients"
 GLOBAL_STATE = "global_state" + SUFFIX
 ADAPTER = "adapter"
 PLOTS = "plots"
+REPORT = "report.html"
+TENSORBOARD = "tensorboard"
 LEGACY = ("checkpoint.pt", "checkpoint.pt.sha256", "global_state.pt", "global_state.pt.sha256")
 """Pickle files of fedrank before 0.2: removed by --overwrite, never loaded."""
 COMPARISON = ("comparison.md", "comparison.csv", "comparison.png")
 RUN_ENTRIES = frozenset(
-    {CONFIG, METRICS, SUMMARY, CHECKPOINTS, CLIENTS, GLOBAL_STATE, ADAPTER, PLOTS, *LEGACY, *COMPARISON}
+    {CONFIG, METRICS, SUMMARY, CHECKPOINTS, CLIENTS, GLOBAL_STATE, ADAPTER, PLOTS, REPORT, TENSORBOARD, *LEGACY}
+    | set(COMPARISON)
 )
 ADAPTER_ENTRIES = frozenset({"adapter_config.json", "adapter_model.safetensors", "README.md"})
 LAYOUTS = {"run": "a fedrank run's", "compare": "a fedrank comparison's", "adapter": "an exported adapter's"}

@@ -150,7 +150,9 @@ class Simulation:
         self.per_round = cfg.federation.per_round(self.fed.num_clients)
         self.method = build_method(cfg)
         self.pruning = HetLoRAPruning(**cfg.method.prune) if cfg.method.prune else None
+        t_load = time.perf_counter()
         self.lm = build_model(cfg)
+        self.load_seconds = time.perf_counter() - t_load
         self.host = LoraHost(self.lm.model, cfg.model.target_modules, cfg.model.alpha)
         check_ranks_fit(cfg, self.host.shapes)
         self.ranks = client_ranks(cfg, self.fed.num_clients, model_footprint(self.lm, self.host.shapes, cfg))
@@ -503,7 +505,16 @@ class Simulation:
 
     # ----------------------------------------------------------------- outputs
     def finish(self, seconds: float) -> dict[str, Any]:
-        from fedrank.report import read_metrics, run_summary, write_plots
+        from fedrank.html_report import write_run_report
+        from fedrank.report import (
+            close,
+            figures,
+            rank_counts,
+            read_metrics,
+            run_summary,
+            save_figures,
+            write_tensorboard,
+        )
 
         records = read_metrics(self.metrics_path)
         rank = self.cfg.output.export_rank or self.max_rank
@@ -514,17 +525,30 @@ class Simulation:
         summary.update(
             {
                 "seconds": seconds,
+                "load_seconds": self.load_seconds,
                 "adapter": str(adapter),
                 "export_rank": rank,
                 "held_out": self.fed.held_out,
                 "training_tasks": len(self.fed.train_tasks),
                 "registered_clients": self.fed.num_clients,
+                "rank_counts": rank_counts(self.ranks),
                 "global_state": str(self.out / run_dir.GLOBAL_STATE),
+                "report": str(self.out / "report.html"),
             }
         )
-        if self.cfg.output.plots:
-            summary["plots"] = [str(p) for p in write_plots(records, self.out / "plots", self.ranks)]
-        run_dir.write_json(self.out / run_dir.SUMMARY, summary)  # strict JSON, written atomically
+        figs = figures(records, self.ranks, self.cfg.method.name) if self.cfg.output.plots else {}
+        try:
+            if figs:
+                summary["plots"] = [str(p) for p in save_figures(figs, self.out / "plots")]
+            if self.cfg.output.tensorboard:
+                config_text = (self.out / "config.toml").read_text()
+                summary["tensorboard"] = str(
+                    write_tensorboard(records, self.out / "tensorboard", self.ranks, config_text)
+                )
+            run_dir.write_json(self.out / run_dir.SUMMARY, summary)  # strict JSON, written atomically
+            write_run_report(self.out, figs)
+        finally:
+            close(figs)
         return summary
 
 
