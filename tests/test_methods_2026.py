@@ -181,9 +181,7 @@ def test_fedex_first_round_equals_the_weighted_sum_of_client_products() -> None:
     new = fx.aggregate(state, ups)
     p = [5 / 50, 15 / 50, 30 / 50]
     want = {
-        k: sum(
-            pk * lora_scaling(16, 8) * (u.factors[k].B.double() @ u.factors[k].A.double()) for pk, u in zip(p, ups)
-        )
+        k: sum(pk * lora_scaling(16, 8) * (u.factors[k].B.double() @ u.factors[k].A.double()) for pk, u in zip(p, ups))
         for k in SHAPES
     }
     close(global_dense(fx, new), want, tol=1e-4)

@@ -38,7 +38,7 @@ from fedrank.validation import RunFailed, validate_update
 log = logging.getLogger(__name__)
 
 BYTES_PER_PARAM = 4  # fp32 on the wire
-FSLORA_SGD_LR = 0.5
+FSLORA_SGD_LR = 0.01
 
 
 def build_store(cfg: RunConfig) -> TaskStore:
@@ -330,9 +330,7 @@ class Simulation:
         self._record(rec)
         return update, rec
 
-    def aggregate_round(
-        self, t: int, updates: list[ClientUpdate], recs: list[dict[str, Any]], t0: float
-    ) -> str:
+    def aggregate_round(self, t: int, updates: list[ClientUpdate], recs: list[dict[str, Any]], t0: float) -> str:
         """Aggregate round ``t``'s valid updates into the global state; returns the round's log line."""
         t_agg = time.perf_counter()
         self.state = self.method.aggregate(self.state, updates, self.weights(recs))
