@@ -28,7 +28,7 @@ from fedrank.lowrank import LowRankSVD
 from fedrank.run_dir import RunDirError
 from fedrank.simulation import Simulation
 from fedrank.types import ClientSpec, ClientUpdate, LoraFactors
-from test_simulation import TINY, flatten, records, strip_times
+from test_simulation import TINY, _interrupt_after, flatten, records, strip_times
 
 SHAPES = {"layers.0.q_proj": (12, 10), "layers.0.down_proj": (10, 16)}
 
@@ -260,17 +260,6 @@ def test_fault_spec_is_checked() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- fallback
-def _interrupt_after(monkeypatch: pytest.MonkeyPatch, rounds: int) -> None:
-    real = Simulation._checkpoint
-
-    def crash(self: Simulation, round_done: int) -> None:
-        real(self, round_done)
-        if round_done == rounds:
-            raise KeyboardInterrupt("simulated crash")
-
-    monkeypatch.setattr(Simulation, "_checkpoint", crash)
-
-
 def interrupted(cfg_path: Path, out: Path, monkeypatch: pytest.MonkeyPatch, after: int, sets: list[str]) -> None:
     with monkeypatch.context() as m:
         _interrupt_after(m, after)
