@@ -124,3 +124,10 @@ def test_compare_resample_data_redraws_held_out_families(cfg_path: Path, tmp_pat
     assert main([*args, "--resample-data", "--set", "federation.rounds=1", "--set", "eval.before=false"]) == 0
     held = [json.loads((out / "fedit" / f"seed{s}" / "summary.json").read_text())["unseen_tasks"] for s in (0, 1)]
     assert held[0] != held[1]
+
+
+def test_end_of_run_output_shortens_long_task_lists() -> None:
+    from fedrank.cli import _few
+
+    assert _few(["a", "b"]) == "a, b"
+    assert _few([f"t{i}" for i in range(40)]) == "t0, t1, t2 and 37 more"

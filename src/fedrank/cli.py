@@ -23,6 +23,12 @@ def _load(args: argparse.Namespace) -> RunConfig:
     return load_config(args.config, args.set or [])
 
 
+def _few(tasks: Sequence[str], most: int = 3) -> str:
+    """Up to ``most`` task names, then how many more (a Dirichlet client can hold dozens)."""
+    shown = ", ".join(tasks[:most])
+    return shown + (f" and {len(tasks) - most} more" if len(tasks) > most else "")
+
+
 def _print_outputs(summary: dict[str, Any], out: Path) -> None:
     from fedrank.report import end_of_run_table
 
@@ -30,7 +36,7 @@ def _print_outputs(summary: dict[str, Any], out: Path) -> None:
     print(f"\nheld-out task families: {', '.join(summary.get('held_out', []))}")
     print(f"unseen tasks evaluated: {', '.join(summary.get('unseen_tasks', []))}")
     seen = summary.get("seen_clients", {})
-    print("seen (participants):    " + ", ".join(f"client {c} ({', '.join(t)})" for c, t in seen.items()))
+    print("seen (participants):    " + ", ".join(f"client {c} ({_few(t)})" for c, t in seen.items()))
     sp = summary.get("spectrum", {})
     if "effective_rank" in sp:
         print(
