@@ -23,6 +23,7 @@ from fedrank.aggregation import (
 from fedrank.aggregation.base import derive_generator, normalized_weights
 from fedrank.lowrank import lora_scaling
 from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
+from helpers import trained_update as trained
 
 SHAPES = {"layers.0.q_proj": (12, 10), "layers.0.down_proj": (10, 16)}
 NEW = ["fedplora", "fedex", "rolora", "raflora"]
@@ -51,16 +52,6 @@ def dense(a: ClientAssignment) -> dict[str, torch.Tensor]:
 
 def global_dense(method, state) -> dict[str, torch.Tensor]:
     return dense(method.global_model(state))
-
-
-def trained(a: ClientAssignment, spec: ClientSpec, g: torch.Generator) -> ClientUpdate:
-    """Perturb what the client may train (a stand-in for local training); echo the flags as the simulator does."""
-    out = {}
-    for k, f in a.factors.items():
-        B = f.B + (torch.randn(f.B.shape, generator=g, dtype=f.B.dtype) if a.train_B else 0)
-        A = f.A + (torch.randn(f.A.shape, generator=g, dtype=f.A.dtype) if a.train_A else 0)
-        out[k] = LoraFactors(B, A)
-    return ClientUpdate(spec.client_id, a.rank, spec.num_examples, out, a.indices, a.train_A, a.train_B)
 
 
 def unchanged(a: ClientAssignment, spec: ClientSpec) -> ClientUpdate:

@@ -27,7 +27,8 @@ from fedrank.config import ConfigError, RunConfig, dumps_config, load_config, to
 from fedrank.lowrank import LowRankSVD
 from fedrank.run_dir import RunDirError
 from fedrank.simulation import Simulation
-from fedrank.types import ClientSpec, ClientUpdate, LoraFactors
+from fedrank.types import ClientSpec
+from helpers import dispatch_and_train as perturbed
 from test_simulation import TINY, _interrupt_after, flatten, records, strip_times
 
 SHAPES = {"layers.0.q_proj": (12, 10), "layers.0.down_proj": (10, 16)}
@@ -67,17 +68,6 @@ def assert_identical(a: Any, b: Any, where: str = "") -> None:
         assert math.isnan(b), where
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
-
-
-def perturbed(method: Any, state: Any, spec: ClientSpec, g: torch.Generator, rnd: int, local: Any) -> ClientUpdate:
-    """Dispatch, then change what the client may train (a stand-in for local training)."""
-    a = method.dispatch(state, spec, rnd, local)
-    out = {}
-    for name, f in a.factors.items():
-        B = f.B + (torch.randn(f.B.shape, generator=g, dtype=f.B.dtype) if a.train_B else 0)
-        A = f.A + (torch.randn(f.A.shape, generator=g, dtype=f.A.dtype) if a.train_A else 0)
-        out[name] = LoraFactors(B, A)
-    return ClientUpdate(spec.client_id, a.rank, spec.num_examples, out, a.indices, a.train_A, a.train_B)
 
 
 def roundtrip(obj: Any, kind: str = "state") -> Any:

@@ -15,7 +15,8 @@ from fedrank.aggregation import make_method
 from fedrank.aggregation.base import LoraState
 from fedrank.aggregation.hetlora import product_norm
 from fedrank.lowrank import lora_scaling
-from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
+from fedrank.types import ClientSpec, ClientUpdate, LoraFactors
+from helpers import perturb as perturbed
 
 SHAPES = {"q": (12, 10), "down": (10, 16)}
 INDEX_SHARING = ("hetlora", "replication", "ffa", "fedsa")
@@ -23,16 +24,6 @@ INDEX_SHARING = ("hetlora", "replication", "ffa", "fedsa")
 
 def effective(factors: dict[str, LoraFactors], scaling: float) -> dict[str, torch.Tensor]:
     return {k: scaling * f.B.double() @ f.A.double() for k, f in factors.items()}
-
-
-def perturbed(a: ClientAssignment, g: torch.Generator) -> dict[str, LoraFactors]:
-    """What a client trained: its dispatched factors moved wherever it may train."""
-    out = {}
-    for k, f in a.factors.items():
-        B = f.B + (torch.randn(f.B.shape, generator=g) if a.train_B else 0)
-        A = f.A + (torch.randn(f.A.shape, generator=g) if a.train_A else 0)
-        out[k] = LoraFactors(B, A)
-    return out
 
 
 @pytest.mark.parametrize("rslora", [False, True])

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from fedrank.aggregation import HOMOGENEOUS, METHODS, AggregationError, make_method
 from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
 from fedrank.validation import update_norm, validate_update
+from helpers import trained_update
 
 SHAPES = {"q": (12, 10), "down": (10, 16)}
 R = 8
@@ -37,12 +38,7 @@ def make(name: str):
 
 
 def honest(sent: ClientAssignment, g: torch.Generator) -> ClientUpdate:
-    out = {}
-    for k, f in sent.factors.items():
-        B = f.B + (0.1 * torch.randn(f.B.shape, generator=g) if sent.train_B else 0)
-        A = f.A + (0.1 * torch.randn(f.A.shape, generator=g) if sent.train_A else 0)
-        out[k] = LoraFactors(B, A)
-    return ClientUpdate(sent.client_id, sent.rank, 10, out, sent.indices, sent.train_A, sent.train_B)
+    return trained_update(sent, ClientSpec(sent.client_id, sent.rank, 10), g, scale=0.1)
 
 
 def corrupt(u: ClientUpdate, sent: ClientAssignment, fault: str, g: torch.Generator) -> ClientUpdate:
