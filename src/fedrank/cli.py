@@ -13,7 +13,7 @@ from typing import Any
 
 from fedrank.checkpoint import CheckpointError
 from fedrank.config import ConfigError, RunConfig, dumps_config, load_config, to_dict
-from fedrank.run_dir import RunDirError
+from fedrank.run_dir import REPORT, RunDirError
 from fedrank.validation import RunFailed
 
 log = logging.getLogger("fedrank")
@@ -116,7 +116,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not runs:
         raise RunFailed(f"every run failed: {', '.join(failed)}")
     md, csv_path = comparison(runs, out)
-    report = write_comparison_report(runs, out / "report.html")
+    report = write_comparison_report(runs, out / REPORT)
     print(md.read_text())
     if failed:
         print(f"left out (the run failed, see its metrics.jsonl): {', '.join(failed)}")

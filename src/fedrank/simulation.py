@@ -531,7 +531,7 @@ class Simulation:
                 "registered_clients": self.fed.num_clients,
                 "rank_counts": rank_counts(self.ranks),
                 "global_state": str(self.out / run_dir.GLOBAL_STATE),
-                "report": str(self.out / "report.html"),
+                "report": str(self.out / run_dir.REPORT),
             }
         )
         figs = figures(records, self.ranks, self.cfg.method.name) if self.cfg.output.plots else {}
