@@ -72,12 +72,12 @@ def test_divergence_is_named_and_never_reported_as_an_improvement(cfg_path: Path
 def test_a_client_that_raises_is_dropped_and_the_round_goes_on(
     cfg_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import fedrank.simulation as simulation
+    import fedrank.local as local
 
     sim = Simulation(load_config(cfg_path, ["federation.rounds=1"]), tmp_path / "run", progress=False)
     victim = sim.sample(0)[0]
     calls = []
-    real = simulation.train_local
+    real = local.train_local
 
     def flaky(*args, **kw):  # type: ignore[no-untyped-def]
         calls.append(1)
@@ -85,7 +85,7 @@ def test_a_client_that_raises_is_dropped_and_the_round_goes_on(
             raise MemoryError("simulated out-of-memory")
         return real(*args, **kw)
 
-    monkeypatch.setattr(simulation, "train_local", flaky)
+    monkeypatch.setattr(local, "train_local", flaky)
     sim.run()
     recs = records(tmp_path / "run")
     failed = [r for r in recs if r["type"] == "client_failed"]

@@ -251,6 +251,21 @@ def test_budget_distribution_gives_the_largest_rank_that_fits(cfg_path: Path, tm
     assert sim.ranks == [4] * sim.fed.num_clients
 
 
+def test_per_client_ranks_are_used_in_client_order_and_checked(cfg_path: Path, tmp_path: Path) -> None:
+    from fedrank.simulation import client_ranks
+
+    cfg = load_config(cfg_path, ["ranks.choices=[4, 8, 16]"])
+    per = [16, 4, 8, 4, 16, 8][: cfg.partition.num_clients]
+    per += [4] * (cfg.partition.num_clients - len(per))
+    assert client_ranks(load_config(cfg_path, ["ranks.choices=[4, 8, 16]", f"ranks.per_client={per}"]), len(per)) == per
+    with pytest.raises(ConfigError, match=r"lists 2 rank\(s\) for 5 registered clients"):
+        client_ranks(load_config(cfg_path, ["ranks.choices=[4, 8, 16]", "ranks.per_client=[4, 8]"]), 5)
+    with pytest.raises(ConfigError, match="rank 32, above the global rank 16"):
+        client_ranks(load_config(cfg_path, ["ranks.choices=[4, 8, 16]", "ranks.per_client=[32, 4]"]), 2)
+    with pytest.raises(ConfigError, match="must be positive"):
+        load_config(cfg_path, ["ranks.per_client=[0, 4]"])
+
+
 def test_wide_global_adapter_is_evaluated_merged_with_the_same_logits(cfg_path: Path, tmp_path: Path) -> None:
     """FlexLoRA's exact ΔW (rank Σr_k > every client's rank) is evaluated merged into the base weights."""
     cfg = load_config(cfg_path, ["federation.clients_per_round=3", "ranks.choices=[4]", "ranks.distribution=fixed"])

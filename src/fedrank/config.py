@@ -73,8 +73,13 @@ class RanksConfig:
     choices: tuple[int, ...] = (4, 8, 16, 32)
     budgets_mib: tuple[float, ...] = ()
     """``budget``: client memory budgets (MiB), one drawn per client; its rank is the largest that fits."""
+    per_client: tuple[int, ...] = ()
+    """One rank per registered client, in client order (overrides ``distribution``; each at most the global
+    rank, max(choices)). Flower SuperNodes may declare their own rank instead (node config ``rank``)."""
 
     def __post_init__(self) -> None:
+        if any(r <= 0 for r in self.per_client):
+            raise ConfigError(f"ranks.per_client must be positive integers, got {list(self.per_client)}")
         known = [*DISTRIBUTIONS, "budget"]
         if self.distribution not in known:
             raise ConfigError(f"ranks.distribution {self.distribution!r} is unknown; choices: {', '.join(known)}")

@@ -8,7 +8,6 @@ global state, one model, and the round's updates; persistent per-client state (F
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -21,18 +20,18 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from fedrank import checkpoint, faults, run_dir
-from fedrank.aggregation import HOMOGENEOUS, AggregationMethod, HetLoRAPruning, make_method
-from fedrank.aggregation.base import derive_generator
+from fedrank.aggregation import HOMOGENEOUS, AggregationMethod, make_method
 from fedrank.config import ConfigError, RunConfig, override, to_dict
 from fedrank.data import BigBench, BigBenchStore, Federation, TaskStore, read_jsonl
 from fedrank.data.synthetic import synthetic_store
-from fedrank.data.tokenize import LazyEncoded
 from fedrank.evaluate import evaluate_task, macro_average
-from fedrank.lowrank import energy_spectrum, lora_scaling, svd_of_sum, truncate, truncate_rank
+from fedrank.local import ClientExecutor, InProcessClients, LocalTrainer, Outcome, collapsed
+from fedrank.lowrank import energy_spectrum, lora_scaling, svd_of_sum, truncate
 from fedrank.models import LoadedModel, LoraHost, export_peft_adapter, load_causal_lm, tiny_llama
 from fedrank.ranks import ModelFootprint, assign_ranks, budget_ranks
-from fedrank.train import ClientFailure, train_local
 from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
+
+__all__ = ["RunResult", "Simulation", "collapsed", "export_global", "with_method"]
 from fedrank.validation import RunFailed, validate_update
 
 log = logging.getLogger(__name__)
@@ -79,18 +78,6 @@ def check_ranks(cfg: RunConfig) -> None:
         )
 
 
-def collapsed(losses: list[float], vocab_size: int) -> bool:
-    """A client's losses show a collapsed model: stuck at ln(V) (uniform predictions) for its last two steps,
-    or risen from below 80% of ln(V) (mean of the first two steps) to above 90% (mean of the last two): single
-    mini-batch losses are noisy, so neither rule looks at one step alone."""
-    uniform = math.log(vocab_size)
-    if len(losses) < 2:
-        return False
-    stuck = all(abs(x - uniform) < 1e-3 * uniform for x in losses[-2:])
-    first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
-    return stuck or (last >= 0.9 * uniform and first < 0.8 * uniform)
-
-
 def check_ranks_fit(cfg: RunConfig, shapes: dict[str, tuple[int, int]]) -> None:
     """No rank above what the smallest LoRA layer can hold (min(m, n)): checked once the shapes are known,
     before any training."""
@@ -105,9 +92,21 @@ def check_ranks_fit(cfg: RunConfig, shapes: dict[str, tuple[int, int]]) -> None:
             )
 
 
+def global_rank(cfg: RunConfig) -> int:
+    """The global state's rank: the pool's largest rank (its smallest for a ``fixed`` distribution)."""
+    return min(cfg.ranks.choices) if cfg.ranks.distribution == "fixed" else max(cfg.ranks.choices)
+
+
 def client_ranks(cfg: RunConfig, num_clients: int, footprint: ModelFootprint | None = None) -> list[int]:
     """Every registered client's rank (a few bytes each)."""
     check_ranks(cfg)
+    if cfg.ranks.per_client:
+        per, top = list(cfg.ranks.per_client), global_rank(cfg)
+        if len(per) != num_clients:
+            raise ConfigError(f"ranks.per_client lists {len(per)} rank(s) for {num_clients} registered clients")
+        if max(per) > top:
+            raise ConfigError(f"ranks.per_client has rank {max(per)}, above the global rank {top} (ranks.choices)")
+        return per
     if cfg.ranks.distribution == "budget":
         if footprint is None:
             raise ConfigError("ranks.distribution 'budget' needs the model's footprint")
@@ -137,7 +136,16 @@ class RunResult:
 class Simulation:
     """One federated run writing to ``out_dir`` (see the README for the files)."""
 
-    def __init__(self, cfg: RunConfig, out_dir: Path, resume: bool = False, progress: bool = True):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        out_dir: Path,
+        resume: bool = False,
+        progress: bool = True,
+        executor: Callable[[Simulation], ClientExecutor] | None = None,
+    ):
+        """``executor`` builds how sampled clients are trained from the engine (default: in this process,
+        :class:`fedrank.local.InProcessClients`; Flower's ServerApp passes its own)."""
         self.cfg, self.out, self.progress = cfg, out_dir, progress
         if resume:
             run_dir.open_existing(self.out)
@@ -149,7 +157,7 @@ class Simulation:
         self.fed = Federation(self.store, cfg.partition)
         self.per_round = cfg.federation.per_round(self.fed.num_clients)
         self.method = build_method(cfg)
-        self.pruning = HetLoRAPruning(**cfg.method.prune) if cfg.method.prune else None
+        self.may_prune = bool(cfg.method.prune)  # HetLoRA's clients may return a smaller rank
         t_load = time.perf_counter()
         self.lm = build_model(cfg)
         self.load_seconds = time.perf_counter() - t_load
@@ -160,7 +168,7 @@ class Simulation:
         self.metrics_lines = 0  # records written; checkpoints keep it so a resume drops a crashed round's records
         self.rank_overrides: dict[int, int] = {}
         self.skipped_rounds = 0
-        self.max_rank = min(cfg.ranks.choices) if cfg.ranks.distribution == "fixed" else max(cfg.ranks.choices)
+        self.max_rank = global_rank(cfg)
         self.state = self.method.init_state(self.host.shapes, self.max_rank)
         self.eval_clients = self.fixed_eval_clients()
         run_dir.check_writable(self.out, run_dir.checkpoint_bytes(self.state))
@@ -169,6 +177,9 @@ class Simulation:
         else:
             checkpoint.atomic_write_bytes(self.metrics_path, b"")
         run_dir.write_config(self.out, cfg)
+        self.executor: ClientExecutor = (
+            executor(self) if executor else InProcessClients(LocalTrainer(self.lm, self.host, cfg), self.fed, progress)
+        )
 
     # ----------------------------------------------------------------- persistence
     def _restore(self) -> None:
@@ -231,104 +242,71 @@ class Simulation:
         rng = np.random.default_rng([self.cfg.seed, 17, round_index])
         return [int(c) for c in rng.choice(self.fed.num_clients, self.per_round, replace=False)]
 
-    def train_client(self, cid: int, round_index: int) -> tuple[ClientUpdate, dict[str, Any], ClientAssignment]:
-        """Dispatch, train locally, read the update back; raises :class:`ClientFailure` when the client
-        diverges or misses its deadline (the caller drops it from the round)."""
-        t0 = time.perf_counter()
-        data = self.fed.client(cid)
-        spec = ClientSpec(cid, self.rank_of(cid), len(data.train))
-        a = self.method.dispatch(self.state, spec, round_index, self._load_local(cid, round_index))
-        self.host.load(a)
-        enc = LazyEncoded(self.lm.tokenizer, data.train, self.cfg.train.max_seq_len)
-        reg: Callable[[], Tensor] | None = None
-        if self.pruning is not None:
-            pr = self.pruning
+    def specs(self, round_index: int) -> list[ClientSpec]:
+        """The round's sampled clients that take part: those without training data, or dropped out by
+        ``federation.dropout`` (seeded per round and client), are recorded and left out."""
+        fed = self.cfg.federation
+        out = []
+        for cid in self.sample(round_index):
+            if self.fed.num_examples(cid) == 0:  # a partition can leave a client without training data
+                self._drop("client_skipped", round_index, cid, "no examples")
+            elif fed.dropout > 0 and self._drops_out(round_index, cid):
+                self._drop("client_dropped", round_index, cid, f"dropped out (federation.dropout = {fed.dropout:g})")
+            else:
+                out.append(ClientSpec(cid, self.rank_of(cid), self.fed.num_examples(cid)))
+        return out
 
-            def reg() -> Tensor:
-                return torch.stack([pr.penalty(B, A) for B, A in self.host.lora_pairs()]).sum()
+    def _drops_out(self, round_index: int, cid: int) -> bool:
+        return bool(np.random.default_rng([self.cfg.seed, 23, round_index, cid]).random() < self.cfg.federation.dropout)
 
-        g = derive_generator(self.cfg.seed, round_index, cid, 0x7A1)
-        deadline = self.cfg.federation.client_deadline_s
-        try:
-            res = train_local(
-                self.host.module,
-                self.host.trainable_parameters(),
-                enc,
-                self.cfg.train,
-                g,
-                self.lm.tokenizer.pad_token_id,
-                reg,
-                deadline=t0 + deadline if deadline > 0 else None,
-            )
-        except ClientFailure:
-            raise
-        except Exception as e:  # the client's own training failed (e.g. out of memory): drop it, not the run
-            raise ClientFailure(f"training raised {type(e).__name__}: {e}") from e
-        if collapsed(res.losses, self.lm.model.config.vocab_size):
-            raise ClientFailure(
-                f"diverged: loss went from {res.losses[0]:.3f} to {res.losses[-1]:.3f}, against ln(vocab) = "
-                f"{math.log(self.lm.model.config.vocab_size):.3f} for uniform predictions (a collapsed model: is "
-                f"train.lr = {self.cfg.train.lr:g} too high?)"
-            )
-        factors = {k: LoraFactors(f.B.cpu(), f.A.cpu()) for k, f in self.host.read().items()}
-        rank = a.rank
-        if self.pruning is not None:
-            new = self.pruning.pruned_rank(list(factors.values()))
-            if new < rank:
-                factors = {k: LoraFactors(*truncate_rank(f.B, f.A, new)) for k, f in factors.items()}
-                rank = new
-        update = ClientUpdate(cid, rank, spec.num_examples, factors, a.indices, a.train_A, a.train_B)
+    def dispatch(self, spec: ClientSpec, round_index: int) -> ClientAssignment:
+        """What the server sends client ``spec`` this round (its persisted local state included)."""
+        return self.method.dispatch(self.state, spec, round_index, self._load_local(spec.client_id, round_index))
+
+    def _drop(self, kind: str, round_index: int, cid: int, reason: str) -> None:
+        log.warning("round %d: client %d %s: %s", round_index + 1, cid, kind.replace("client_", ""), reason)
+        self._record({"type": kind, "round": round_index + 1, "client": cid, "reason": reason})
+
+    def accept(self, out: Outcome, round_index: int) -> tuple[ClientUpdate, dict[str, Any]] | None:
+        """A client's outcome as the server takes it: its validated update and record, or None when it failed
+        or was rejected (recorded in metrics.jsonl with the reason; the state never sees it)."""
+        cid, sent, update = out.client_id, out.sent, out.update
+        if update is None:
+            self._drop("client_failed", round_index, cid, out.error or "no update")
+            return None
+        fed = self.cfg.federation
+        reason = validate_update(update, sent, may_prune=self.may_prune, max_norm=fed.max_update_norm)
+        if reason is not None:
+            self._drop("client_rejected", round_index, cid, reason)
+            return None
+        if update.rank < sent.rank:  # HetLoRA self-pruning: the client keeps its smaller rank from now on
+            self.rank_overrides[cid] = update.rank
         up = self.method.upload_params(update)
         rec = {
             "type": "client",
             "round": round_index + 1,
             "client": cid,
-            "rank": rank,
-            "n": spec.num_examples,
-            "tasks": list(data.tasks),
-            "loss": res.loss,
-            "first_loss": res.losses[0],
-            "last_loss": res.losses[-1],
-            "examples": res.examples,
-            "seen": res.seen,
-            "tokens": res.tokens,
-            "truncated": enc.truncated,
+            "rank": update.rank,
+            "n": update.num_examples,
+            **out.stats,
             "up_params": up,
-            "down_params": a.download_params,
+            "down_params": sent.download_params,
             "up_bytes": up * BYTES_PER_PARAM,
-            "down_bytes": a.download_params * BYTES_PER_PARAM,
-            "seconds": time.perf_counter() - t0,
+            "down_bytes": sent.download_params * BYTES_PER_PARAM,
         }
-        return update, rec, a
-
-    def client_round(self, cid: int, round_index: int) -> tuple[ClientUpdate, dict[str, Any]] | None:
-        """One sampled client's round: its validated update and record, or None when it dropped out, had no
-        data, failed or was rejected (recorded in metrics.jsonl with the reason; the state never sees it)."""
-        fed = self.cfg.federation
-
-        def drop(kind: str, reason: str) -> None:
-            log.warning("round %d: client %d %s: %s", round_index + 1, cid, kind.replace("client_", ""), reason)
-            self._record({"type": kind, "round": round_index + 1, "client": cid, "reason": reason})
-
-        if self.fed.num_examples(cid) == 0:  # a partition can leave a client without training data
-            drop("client_skipped", "no examples")
-            return None
-        if fed.dropout > 0 and np.random.default_rng([self.cfg.seed, 23, round_index, cid]).random() < fed.dropout:
-            drop("client_dropped", f"dropped out (federation.dropout = {fed.dropout:g})")
-            return None
-        try:
-            update, rec, sent = self.train_client(cid, round_index)
-        except ClientFailure as e:  # server-side errors (dispatch, the model host) still end the run
-            drop("client_failed", str(e))
-            return None
-        reason = validate_update(update, sent, may_prune=self.pruning is not None, max_norm=fed.max_update_norm)
-        if reason is not None:
-            drop("client_rejected", reason)
-            return None
-        if update.rank < sent.rank:  # HetLoRA self-pruning: the client keeps its smaller rank from now on
-            self.rank_overrides[cid] = update.rank
         self._record(rec)
         return update, rec
+
+    def train_round(self, round_index: int) -> tuple[list[ClientUpdate], list[dict[str, Any]]]:
+        """Sample, dispatch, train (through the executor), validate: the round's accepted updates and records."""
+        updates, recs = [], []
+        specs = self.specs(round_index)
+        for out in self.executor.run(round_index, specs, lambda spec: self.dispatch(spec, round_index)):
+            result = self.accept(out, round_index)
+            if result is not None:
+                updates.append(result[0])
+                recs.append(result[1])
+        return updates, recs
 
     def aggregate_round(self, t: int, updates: list[ClientUpdate], recs: list[dict[str, Any]], t0: float) -> str:
         """Aggregate round ``t``'s valid updates into the global state; returns the round's log line."""
@@ -482,13 +460,7 @@ class Simulation:
         )
         for t in bar:
             t0 = time.perf_counter()
-            sampled = self.sample(t)
-            updates, recs = [], []
-            for cid in tqdm(sampled, desc=f"round {t + 1} clients", leave=False, disable=not self.progress):
-                result = self.client_round(cid, t)
-                if result is not None:
-                    updates.append(result[0])
-                    recs.append(result[1])
+            updates, recs = self.train_round(t)
             skipped = len(updates) < cfg.federation.min_clients
             msg = self.skip_round(t, len(updates)) if skipped else self.aggregate_round(t, updates, recs, t0)
             if (cfg.eval.every and (t + 1) % cfg.eval.every == 0) or t + 1 == rounds:
