@@ -1,0 +1,104 @@
+"""fedrank's Flower ClientApp: a SuperNode trains the assignment it is sent with the simulator's own
+:class:`fedrank.local.LocalTrainer` (same model host, same ``train_local``, same seeds).
+
+Node config (``flower-supernode --node-config "..."``; in Ray simulation Flower sets the first two):
+
+* ``partition-id`` (required): which of the run's registered clients this node is; its data is that
+  client's partition of the run's data (``partition.*``), exactly as in the simulator.
+* ``num-partitions``: must equal the run's ``partition.num_clients`` when given.
+* ``rank``: the largest LoRA rank this node can train. The server asks for it in a query round and
+  dispatches that rank; a payload of a higher rank is refused with an error reply.
+
+The model is built once per process and kept for the next message where the process lives on (Ray
+simulation's actors); a deployment's SuperNode starts a fresh ``flwr-clientapp`` process per message
+(Flower 1.42), which loads the base model each time (measured in ``benchmarks/flower_overhead.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import tomllib
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedrank.config import ConfigError, RunConfig, dumps_config, from_dict
+from fedrank.data import ClientData, Federation
+from fedrank.flower.records import decode_assignment, encode_failure, encode_update
+from fedrank.local import LocalTrainer
+from fedrank.models import LoraHost
+from fedrank.simulation import build_model, build_store
+from fedrank.train import ClientFailure
+
+log = logging.getLogger(__name__)
+
+app = ClientApp()
+
+_CACHE: dict[str, Any] = {}
+
+
+def node_int(context: Context, key: str) -> int | None:
+    value = context.node_config.get(key)
+    return None if value is None or value == "" else int(value)
+
+
+def partition_id(context: Context) -> int:
+    pid = node_int(context, "partition-id")
+    if pid is None:
+        raise ValueError("this SuperNode has no partition-id in its node config (--node-config 'partition-id=N ...')")
+    return pid
+
+
+def _setup(cfg: RunConfig) -> tuple[LocalTrainer, Federation]:
+    """The model host and the federation for ``cfg``, kept for the process's next message."""
+    key = dumps_config(cfg)
+    if _CACHE.get("key") != key:
+        _CACHE.clear()
+        lm = build_model(cfg)
+        host = LoraHost(lm.model, cfg.model.target_modules, cfg.model.alpha)
+        fed = Federation(build_store(cfg), cfg.partition)
+        _CACHE.update(key=key, trainer=LocalTrainer(lm, host, cfg), fed=fed)
+    return _CACHE["trainer"], _CACHE["fed"]
+
+
+def client_data(fed: Federation, context: Context) -> ClientData:
+    pid = partition_id(context)
+    parts = node_int(context, "num-partitions")
+    if parts is not None and parts != fed.num_clients:
+        raise ValueError(f"node config num-partitions = {parts}, but the run registers {fed.num_clients} clients")
+    if not 0 <= pid < fed.num_clients:
+        raise ValueError(f"partition-id {pid} is outside the run's {fed.num_clients} clients")
+    return fed.client(pid)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Who this node is: its partition id and the rank it declares (0: none, the run's distribution decides)."""
+    info = ConfigRecord({"partition-id": partition_id(context), "rank": node_int(context, "rank") or 0})
+    return Message(RecordDict({"node": info}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    a, round_index, config_toml = decode_assignment(msg.content)
+    declared = node_int(context, "rank")
+    if declared and a.rank > declared:
+        raise ValueError(
+            f"refused: the server sent a rank-{a.rank} assignment, but this node declared rank {declared} "
+            "(node config 'rank'); it cannot train above it"
+        )
+    pid = partition_id(context)
+    if a.client_id != pid:
+        raise ValueError(f"refused: the assignment is for client {a.client_id}, this node is partition {pid}")
+    try:
+        cfg: RunConfig = from_dict(RunConfig, tomllib.loads(config_toml))
+    except (tomllib.TOMLDecodeError, ConfigError) as e:
+        raise ValueError(f"the run's config could not be read: {e}") from e
+    trainer, fed = _setup(cfg)
+    try:
+        update, stats = trainer.train(a, client_data(fed, context), round_index)
+    except ClientFailure as e:
+        log.warning("round %d: client %d failed: %s", round_index + 1, a.client_id, e)
+        return Message(encode_failure(a.client_id, str(e)), reply_to=msg)
+    return Message(encode_update(update, stats), reply_to=msg)
