@@ -1,0 +1,210 @@
+"""fedrank's Flower apps, in process: the ServerApp's executor and the ClientApp exchange real Flower Messages
+through a stand-in Grid that calls the ClientApp directly (no SuperLink, no processes: seconds). The loopback
+deployment with real processes is in tests/test_flower_deploy.py."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+flwr = pytest.importorskip("flwr", reason="the Flower extra is not installed (pip install -e '.[flower]')")
+
+from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from fedrank.checkpoint import load  # noqa: E402
+from fedrank.config import load_config  # noqa: E402
+from fedrank.flower import client_app, server_app  # noqa: E402
+from fedrank.simulation import Simulation, with_method  # noqa: E402
+from fedrank.types import ClientSpec  # noqa: E402
+
+TINY = """
+seed = 0
+[model]
+name = "tiny"
+[data]
+source = "synthetic"
+synthetic_tasks = 8
+synthetic_examples = 16
+[partition]
+kind = "task"
+num_clients = 3
+num_eval_tasks = 2
+min_examples = 8
+[ranks]
+choices = [4, 8, 16]
+per_client = [4, 8, 16]
+[method]
+name = "flexlora"
+[federation]
+rounds = 2
+clients_per_round = 3
+[train]
+steps = 2
+batch_size = 2
+lr = 0.01
+max_seq_len = 48
+[eval]
+participants = 1
+[eval.settings]
+max_new_tokens = 2
+max_new_tokens_cap = 4
+max_seq_len = 48
+[output]
+plots = false
+"""
+
+
+class FakeGrid:
+    """A Grid whose nodes are ClientApp calls in this process, each with its own node config and state.
+
+    ``drop``: node ids that answer the query but no training message (a node that died); ``fail_round``: the 1-based round whose send raises,
+    as a ServerApp crash would end the run there."""
+
+    def __init__(self, node_configs: dict[int, dict[str, Any]], drop: Iterable[int] = (), fail_round: int = 0):
+        self.configs = node_configs
+        self.state = {n: RecordDict() for n in node_configs}
+        self.drop, self.fail_round = set(drop), fail_round
+        self.sent: list[Message] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.configs)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterator[Message]:
+        out = []
+        for msg in messages:
+            if msg.metadata.group_id == str(self.fail_round):
+                raise ConnectionError("the SuperLink went away")
+            msg.metadata.__dict__["_message_id"] = msg.object_id  # as Grid.push_messages does
+            self.sent.append(msg)
+            node = msg.metadata.dst_node_id
+            if node in self.drop and msg.metadata.message_type == "train":  # it died after the query round
+                continue
+            ctx = Context(1, node, self.configs[node], self.state[node], {})
+            try:
+                out.append(client_app.app(message=msg, context=ctx))
+            except Exception as e:  # what flwr-clientapp turns an exception into
+                out.append(Message(Error(code=3, reason=f"{type(e)}:<'{e}'>"), reply_to=msg))
+        return iter(out)
+
+
+@pytest.fixture(autouse=True)
+def task_identity() -> Iterator[None]:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # Messages need a run
+    yield
+    TaskIdentity._run_id = TaskIdentity._node_id = TaskIdentity._task_id = None
+
+
+@pytest.fixture()
+def cfg_path(tmp_path: Path) -> Path:
+    p = tmp_path / "tiny.toml"
+    p.write_text(TINY)
+    return p
+
+
+def nodes(ranks: list[int]) -> dict[int, dict[str, Any]]:
+    """Node id 100 + i holds partition i and declares ranks[i]."""
+    return {100 + i: {"partition-id": i, "num-partitions": len(ranks), "rank": r} for i, r in enumerate(ranks)}
+
+
+def run_server(grid: FakeGrid, cfg_path: Path, out: Path, **run_config: Any) -> None:
+    rc = {"config": str(cfg_path), "out-dir": str(out), "node-wait": 1, **run_config}
+    server_app.main(grid, Context(1, 1, {}, RecordDict(), rc))  # type: ignore[arg-type]
+
+
+def records(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def same_state(a: Path, b: Path) -> bool:
+    sa, sb = load(a / "global_state.safetensors")["state"], load(b / "global_state.safetensors")["state"]
+    flat_a, flat_b = _flat(sa), _flat(sb)
+    return flat_a.keys() == flat_b.keys() and all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a)
+
+
+def _flat(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    if isinstance(obj, dict):
+        return {k: v for key, val in obj.items() for k, v in _flat(val, f"{prefix}/{key}").items()}
+    if hasattr(obj, "__dataclass_fields__"):
+        return _flat({f: getattr(obj, f) for f in obj.__dataclass_fields__}, prefix)
+    return {}
+
+
+@pytest.mark.parametrize("method", ["flexlora", "fslora"])
+def test_flower_run_equals_the_simulator_bit_for_bit(method: str, cfg_path: Path, tmp_path: Path) -> None:
+    """Same config and seed: the ServerApp + ClientApps reach exactly the in-process simulator's global state,
+    each node training at its own rank."""
+    cfg = with_method(load_config(cfg_path), method, 0, presets=False)
+    sim_out = tmp_path / "sim"
+    Simulation(cfg, sim_out, progress=False).run()
+    grid = FakeGrid(nodes([4, 8, 16]))
+    run_server(grid, cfg_path, tmp_path / "flower", overrides=f"method.name={method}")
+    assert same_state(sim_out, tmp_path / "flower")
+    clients = [r for r in records(tmp_path / "flower") if r["type"] == "client"]
+    assert len(clients) == 6 and {(r["client"], r["rank"]) for r in clients} <= {(0, 4), (1, 8), (2, 16)}
+    if method == "fslora":  # a node of rank r holds r of the global rank-16 indices
+        assert all(r["rank"] == [4, 8, 16][r["client"]] for r in clients)
+    strip = [{k: v for k, v in r.items() if "seconds" not in k and "wire" not in k} for r in records(sim_out)]
+    ours = [{k: v for k, v in r.items() if "seconds" not in k and "wire" not in k} for r in records(tmp_path / "flower")]
+    assert ours == strip  # every record the same, in the same order
+    assert (tmp_path / "flower" / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((tmp_path / "flower" / "summary.json").read_text())["rounds"] == 2
+
+
+def test_declared_node_ranks_override_the_config(cfg_path: Path, tmp_path: Path) -> None:
+    grid = FakeGrid(nodes([8, 4, 4]))
+    run_server(grid, cfg_path, tmp_path / "run")
+    ranks = {r["client"]: r["rank"] for r in records(tmp_path / "run") if r["type"] == "client"}
+    assert ranks == {0: 8, 1: 4, 2: 4}
+
+
+def test_a_node_refuses_a_rank_above_its_declared_rank(cfg_path: Path, tmp_path: Path) -> None:
+    sim = Simulation(load_config(cfg_path), tmp_path / "run", progress=False)
+    grid = FakeGrid(nodes([4, 8, 16]))
+    ex = server_app.FlowerClients(grid, {0: 100}, "", timeout=5)  # type: ignore[arg-type]
+    (out,) = ex.run(0, [ClientSpec(0, 16, 13)], lambda s: sim.dispatch(s, 0))
+    assert out.update is None and out.error is not None
+    assert "refused: the server sent a rank-16 assignment, but this node declared rank 4" in out.error
+
+
+def test_a_silent_node_is_recorded_and_the_round_goes_on(cfg_path: Path, tmp_path: Path) -> None:
+    grid = FakeGrid(nodes([4, 8, 16]), drop=[101])
+    run_server(grid, cfg_path, tmp_path / "run", **{"round-timeout": 5})
+    recs = records(tmp_path / "run")
+    failed = [r for r in recs if r["type"] == "client_failed"]
+    assert [(r["round"], r["client"]) for r in failed] == [(1, 1), (2, 1)]
+    assert failed[0]["reason"] == "node 101: no reply within 5 s"
+    assert [r["clients"] for r in recs if r["type"] == "round"] == [2, 2]
+
+
+def test_a_missing_partition_is_recorded(cfg_path: Path, tmp_path: Path) -> None:
+    grid = FakeGrid({100: {"partition-id": 0, "rank": 4}, 102: {"partition-id": 2, "rank": 16}})
+    run_server(grid, cfg_path, tmp_path / "run")
+    failed = {r["reason"] for r in records(tmp_path / "run") if r["type"] == "client_failed"}
+    assert failed == {"no SuperNode holds partition 1"}
+
+
+def test_the_serverapp_resumes_after_a_restart(cfg_path: Path, tmp_path: Path) -> None:
+    whole = tmp_path / "whole"
+    run_server(FakeGrid(nodes([4, 8, 16])), cfg_path, whole)
+    cut = tmp_path / "cut"
+    with pytest.raises(ConnectionError):
+        run_server(FakeGrid(nodes([4, 8, 16]), fail_round=2), cfg_path, cut)
+    run_server(FakeGrid(nodes([4, 8, 16])), cfg_path, cut, resume=True)
+    assert same_state(whole, cut)
+    rounds = [r["round"] for r in records(cut) if r["type"] == "round"]
+    assert rounds == [1, 2]
+
+
+def test_run_config_errors_are_clear(tmp_path: Path) -> None:
+    from fedrank.config import ConfigError
+
+    with pytest.raises(ConfigError, match="must be the absolute path"):
+        server_app.run_settings({"config": "relative.toml"})
