@@ -63,8 +63,8 @@ plots = false
 class FakeGrid:
     """A Grid whose nodes are ClientApp calls in this process, each with its own node config and state.
 
-    ``drop``: node ids that answer the query but no training message (a node that died); ``fail_round``: the 1-based round whose send raises,
-    as a ServerApp crash would end the run there."""
+    ``drop``: node ids that answer the query but no training message (a node that died); ``fail_round``:
+    the 1-based round whose send raises, as a ServerApp crash would end the run there."""
 
     def __init__(self, node_configs: dict[int, dict[str, Any]], drop: Iterable[int] = (), fail_round: int = 0):
         self.configs = node_configs
@@ -121,6 +121,10 @@ def records(run: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def untimed(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if "seconds" not in k and "wire" not in k} for r in recs]
+
+
 def same_state(a: Path, b: Path) -> bool:
     sa, sb = load(a / "global_state.safetensors")["state"], load(b / "global_state.safetensors")["state"]
     flat_a, flat_b = _flat(sa), _flat(sb)
@@ -152,7 +156,9 @@ def test_flower_run_equals_the_simulator_bit_for_bit(method: str, cfg_path: Path
     if method == "fslora":  # a node of rank r holds r of the global rank-16 indices
         assert all(r["rank"] == [4, 8, 16][r["client"]] for r in clients)
     strip = [{k: v for k, v in r.items() if "seconds" not in k and "wire" not in k} for r in records(sim_out)]
-    ours = [{k: v for k, v in r.items() if "seconds" not in k and "wire" not in k} for r in records(tmp_path / "flower")]
+    ours = [
+        {k: v for k, v in r.items() if "seconds" not in k and "wire" not in k} for r in records(tmp_path / "flower")
+    ]
     assert ours == strip  # every record the same, in the same order
     assert (tmp_path / "flower" / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((tmp_path / "flower" / "summary.json").read_text())["rounds"] == 2
@@ -163,6 +169,17 @@ def test_declared_node_ranks_override_the_config(cfg_path: Path, tmp_path: Path)
     run_server(grid, cfg_path, tmp_path / "run")
     ranks = {r["client"]: r["rank"] for r in records(tmp_path / "run") if r["type"] == "client"}
     assert ranks == {0: 8, 1: 4, 2: 4}
+
+
+def test_a_declared_memory_budget_gives_the_largest_rank_that_fits(cfg_path: Path, tmp_path: Path) -> None:
+    from fedrank.ranks import training_bytes
+    from fedrank.simulation import model_footprint
+
+    probe = Simulation(load_config(cfg_path), tmp_path / "probe", progress=False)
+    fits_8 = (training_bytes(model_footprint(probe.lm, probe.host.shapes, probe.cfg), 8) + 1) / 2**20
+    grid = FakeGrid({100 + i: {"partition-id": i, "memory-mib": fits_8} for i in range(3)})
+    run_server(grid, cfg_path, tmp_path / "run")
+    assert {r["rank"] for r in records(tmp_path / "run") if r["type"] == "client"} == {8}
 
 
 def test_a_node_refuses_a_rank_above_its_declared_rank(cfg_path: Path, tmp_path: Path) -> None:

@@ -8,6 +8,9 @@ Node config (``flower-supernode --node-config "..."``; in Ray simulation Flower 
 * ``num-partitions``: must equal the run's ``partition.num_clients`` when given.
 * ``rank``: the largest LoRA rank this node can train. The server asks for it in a query round and
   dispatches that rank; a payload of a higher rank is refused with an error reply.
+* ``memory-mib``: without ``rank``, the node's memory budget; the server gives it the largest rank of
+  ``ranks.choices`` that fits (the ``budget`` distribution's rule). With neither, the run's distribution
+  (or ``ranks.per_client``) decides.
 
 The model is built once per process and kept for the next message where the process lives on (Ray
 simulation's actors); a deployment's SuperNode starts a fresh ``flwr-clientapp`` process per message
@@ -75,7 +78,10 @@ def client_data(fed: Federation, context: Context) -> ClientData:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Who this node is: its partition id and the rank it declares (0: none, the run's distribution decides)."""
-    info = ConfigRecord({"partition-id": partition_id(context), "rank": node_int(context, "rank") or 0})
+    memory = context.node_config.get("memory-mib") or 0
+    info = ConfigRecord(
+        {"partition-id": partition_id(context), "rank": node_int(context, "rank") or 0, "memory-mib": float(memory)}
+    )
     return Message(RecordDict({"node": info}), reply_to=msg)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import Context, Message, MessageType, RecordDict
@@ -26,7 +27,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedrank.config import ConfigError, RunConfig, dumps_config, load_config
 from fedrank.flower.records import decode_outcome, encode_assignment
 from fedrank.local import Outcome
-from fedrank.simulation import Simulation, global_rank
+from fedrank.ranks import rank_for_budget
+from fedrank.simulation import Simulation, model_footprint
 from fedrank.types import ClientAssignment, ClientSpec
 
 log = logging.getLogger(__name__)
@@ -59,10 +61,19 @@ def wait_for_nodes(grid: Grid, want: int, wait_s: float) -> list[int]:
         time.sleep(1.0)
 
 
-def query_nodes(grid: Grid, nodes: Sequence[int], timeout: float) -> dict[int, tuple[int, int]]:
-    """partition id -> (node id, declared rank or 0), asked of every node in a QUERY round."""
+@dataclass(frozen=True)
+class NodeInfo:
+    """What a SuperNode declares in the query round (0: not declared)."""
+
+    node_id: int
+    rank: int = 0
+    memory_mib: float = 0.0
+
+
+def query_nodes(grid: Grid, nodes: Sequence[int], timeout: float) -> dict[int, NodeInfo]:
+    """partition id -> what its node declares, asked of every node in a QUERY round."""
     msgs = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY, group_id="query") for n in nodes]
-    out: dict[int, tuple[int, int]] = {}
+    out: dict[int, NodeInfo] = {}
     for reply in grid.send_and_receive(msgs, timeout=timeout):
         if reply.has_error():
             log.warning("node query failed: %s", reply.error.reason)
@@ -70,9 +81,31 @@ def query_nodes(grid: Grid, nodes: Sequence[int], timeout: float) -> dict[int, t
         info = reply.content.config_records["node"]
         pid, node = int(info["partition-id"]), reply.metadata.src_node_id  # type: ignore[arg-type]
         if pid in out:
-            raise ConfigError(f"SuperNodes {out[pid][0]} and {node} both declare partition-id {pid}")
-        out[pid] = (node, int(info["rank"]))  # type: ignore[arg-type]
+            raise ConfigError(f"SuperNodes {out[pid].node_id} and {node} both declare partition-id {pid}")
+        out[pid] = NodeInfo(node, int(info["rank"]), float(info["memory-mib"]))  # type: ignore[arg-type]
     return out
+
+
+def apply_declared_ranks(engine: Simulation, found: dict[int, NodeInfo]) -> None:
+    """A node's declared rank replaces the run's draw for its partition (capped at the global rank); a
+    declared memory budget (MiB) gives the largest of ``ranks.choices`` that fits it
+    (:func:`fedrank.ranks.rank_for_budget`, the ``budget`` distribution's rule)."""
+    cfg, top = engine.cfg, engine.max_rank
+    fp = model_footprint(engine.lm, engine.host.shapes, cfg)
+    for pid, node in sorted(found.items()):
+        if pid >= len(engine.ranks):
+            log.warning(
+                "node %d declares partition-id %d; the run has %d clients", node.node_id, pid, len(engine.ranks)
+            )
+            continue
+        rank = node.rank or (rank_for_budget(node.memory_mib * 2**20, cfg.ranks.choices, fp) if node.memory_mib else 0)
+        if rank > top:
+            log.warning(
+                "partition %d (node %d) declares rank %d; it trains the global rank %d", pid, node.node_id, rank, top
+            )
+            rank = top
+        if rank:
+            engine.ranks[pid] = rank
 
 
 class FlowerClients:
@@ -126,17 +159,10 @@ def main(grid: Grid, context: Context) -> None:
         raise RuntimeError(f"no SuperNode connected within {node_wait:g} s")
     found = query_nodes(grid, nodes, timeout=min(timeout, 300.0))
     log.info("%d SuperNode(s) answered for %d registered clients: %s", len(found), want, sorted(found))
-    top = global_rank(cfg)
 
     def executor(engine: Simulation) -> FlowerClients:
-        for pid, (node, rank) in found.items():
-            if rank and pid < len(engine.ranks):
-                if rank > top:
-                    log.warning(
-                        "partition %d (node %d) declares rank %d; it trains the global rank %d", pid, node, rank, top
-                    )
-                engine.ranks[pid] = min(rank, top)
-        return FlowerClients(grid, {pid: node for pid, (node, _) in found.items()}, dumps_config(cfg), timeout)
+        apply_declared_ranks(engine, found)
+        return FlowerClients(grid, {pid: n.node_id for pid, n in found.items()}, dumps_config(cfg), timeout)
 
     res = Simulation(cfg, out, resume=resume, progress=False, executor=executor).run()
     log.info("run finished: %s", res.out_dir)
