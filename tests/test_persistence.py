@@ -485,7 +485,7 @@ def test_resolved_config_round_trips_through_tomli_w_for_every_field(tmp_path: P
             "max_eval_examples": 13,
             "seed": 5,
         },
-        "ranks": {"distribution": "budget", "choices": [2, 8], "budgets_mib": [1.5, 3.0]},
+        "ranks": {"distribution": "budget", "choices": [2, 8], "budgets_mib": [1.5, 3.0], "per_client": [2, 8]},
         "method": {
             "name": "hetlora",
             "options": {"x": 1, "nested": {"a": [1, 2], "b": "s"}, "f": 1e-7},
