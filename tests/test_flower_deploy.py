@@ -348,6 +348,15 @@ def test_cli_up_stays_until_interrupted_then_stops_everything(no_leftovers: Path
     assert scan_proc(no_leftovers / "flwr-home") == []
 
 
+def test_failed_start_stops_what_it_started(no_leftovers: Path) -> None:
+    """A SuperLink not ready in time: start() raises and leaves nothing running (no context manager needed)."""
+    dep = LocalDeployment(no_leftovers, nodes(), start_timeout=0.01)
+    with pytest.raises(DeploymentError, match="not ready within"):
+        dep.start()
+    assert dep.superlink is not None and dep.superlink.popen.poll() is not None
+    assert dep.nodes == [] and scan_proc(dep.flwr_home) == []
+
+
 def test_stop_raises_when_a_process_survives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """stop() verifies: a process that ignores SIGTERM and SIGKILL is reported (simulated by a failing kill)."""
     import psutil
