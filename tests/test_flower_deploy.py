@@ -339,6 +339,8 @@ def test_cli_up_stays_until_interrupted_then_stops_everything(no_leftovers: Path
         assert "flwr run " in text and "fedrank-local" in text and "FLWR_HOME=" in text
         assert len(scan_proc(no_leftovers / "flwr-home")) >= 3
         proc.send_signal(signal.SIGINT)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)  # an impatient second Ctrl-C must not cut the clean-up short
         rest, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, text + rest
     finally:
@@ -376,3 +378,16 @@ def test_stop_raises_when_a_process_survives(tmp_path: Path, monkeypatch: pytest
     finally:
         sleeper.kill()
         sleeper.wait(timeout=10)
+
+
+def test_stop_holds_back_ctrl_c_until_clean_up_is_done() -> None:
+    """A Ctrl-C during stop() does not interrupt it; it is raised once the clean-up has finished."""
+    from fedrank.flower.deploy import _signals_held
+
+    finished = False
+    with pytest.raises(KeyboardInterrupt), _signals_held():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)  # the signal arrives here and must not interrupt the block
+        finished = True
+    assert finished
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -30,10 +30,10 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import IO, TypeAlias
 
 import psutil
@@ -556,9 +556,17 @@ class LocalDeployment:
         return sorted(p.pid for p in self._all_processes() if _alive(p))
 
     def stop(self, check: bool = True) -> None:
-        """SIGTERM every process of this deployment, wait (bounded), SIGKILL stragglers; raise if any is left."""
+        """SIGTERM every process of this deployment, wait (bounded), SIGKILL stragglers; raise if any is left.
+
+        A second Ctrl-C (or SIGTERM) while this runs is held back until it is done (at most `stop_timeout`
+        + 10 s), so an impatient user cannot cut the clean-up short and orphan the SuperExecs.
+        """
         if not self._started:
             return
+        with _signals_held():
+            self._stop(check)
+
+    def _stop(self, check: bool) -> None:
         procs = self._all_processes()
         for proc in self._tracked():
             if proc.popen.poll() is None:
@@ -711,6 +719,28 @@ class LocalDeployment:
                                       f"see {proc.log}:\n{_tail(proc.log)}")
             time.sleep(0.2)
         raise DeploymentError(f"{proc.name} not connected within {self.start_timeout:.0f} s; see {proc.log}")
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Defer SIGINT/SIGTERM in the main thread; re-deliver them (as KeyboardInterrupt) when the block ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        got.append(signum)
+        logger.warning("still stopping the Flower processes; signal %d held until that is done", signum)
+
+    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if got and sys.exc_info()[0] is None:
+        raise KeyboardInterrupt
 
 
 def _tee(popen: subprocess.Popen[bytes], log_file: IO[bytes]) -> None:
