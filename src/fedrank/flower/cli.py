@@ -1,0 +1,158 @@
+"""`fedrank flower up|run`: a local Flower deployment (or Ray simulation) for a quick try; thin over `deploy`."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+
+from fedrank.flower.deploy import ConfigValue, LocalDeployment, NodeConfig, run_ray_simulation, write_app_dir
+
+SERVERAPP = "fedrank.flower.server_app:app"
+CLIENTAPP = "fedrank.flower.client_app:app"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedrank flower", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--nodes", type=int, default=3, help="number of SuperNodes (default 3)")
+        q.add_argument("--ranks", default=None, help="LoRA rank per node, comma-separated (one value: all nodes)")
+        q.add_argument("--tls", action="store_true", help="serve the SuperLink over TLS (a fresh local CA)")
+        q.add_argument("--auth", action="store_true", help="SuperNode authentication (needs --tls)")
+        q.add_argument("--dir", type=Path, default=None,
+                       help="run directory: logs, keys, FLWR_HOME (default: a new temp dir)")
+        q.add_argument("--serverapp", default=SERVERAPP, help=argparse.SUPPRESS)
+        q.add_argument("--clientapp", default=CLIENTAPP, help=argparse.SUPPRESS)
+        q.add_argument("--pythonpath", action="append", default=[], help=argparse.SUPPRESS)
+
+    up = sub.add_parser("up", help="start a SuperLink + SuperNodes on 127.0.0.1 until Ctrl-C")
+    common(up)
+    run = sub.add_parser("run", help="start, run CONFIG.toml as a Flower app, stop; exit code of the run")
+    run.add_argument("config", type=Path, help="fedrank TOML config")
+    common(run)
+    run.add_argument("--ray", action="store_true", help="Ray simulation instead of a deployment")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V",
+                     help="dotted config override, repeatable (e.g. --set federation.rounds=1)")
+    run.add_argument("--out", type=Path, default=None, help="output directory (run-config out-dir)")
+    run.add_argument("--resume", action="store_true", help="resume from --out's newest checkpoint")
+    run.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped")
+    return p
+
+
+def node_configs(nodes: int, ranks: str | None) -> list[NodeConfig]:
+    """`{"partition-id": i, "num-partitions": N, "rank": r_i}` per node (no rank key without --ranks)."""
+    if nodes < 1:
+        raise SystemExit("fedrank flower: --nodes must be >= 1")
+    rank_list: list[int] = []
+    if ranks is not None:
+        try:
+            rank_list = [int(r) for r in ranks.split(",") if r.strip()]
+        except ValueError:
+            raise SystemExit(f"fedrank flower: --ranks {ranks!r}: expected integers like 4,8,16") from None
+        if len(rank_list) == 1:
+            rank_list *= nodes
+        if len(rank_list) != nodes or min(rank_list) < 1:
+            raise SystemExit(f"fedrank flower: --ranks {ranks!r}: need {nodes} positive ranks (or one for all)")
+    out: list[NodeConfig] = []
+    for i in range(nodes):
+        cfg: dict[str, ConfigValue] = {"partition-id": i, "num-partitions": nodes}
+        if rank_list:
+            cfg["rank"] = rank_list[i]
+        out.append(cfg)
+    return out
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM ends the command like Ctrl-C, so the deployment is stopped rather than orphaned."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main_flower(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.auth and not args.tls:
+        raise SystemExit("fedrank flower: --auth needs --tls (SuperNode authentication runs over TLS)")
+    run_dir = (args.dir or Path(tempfile.mkdtemp(prefix="fedrank-flower-"))).absolute()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    app_dir = write_app_dir(run_dir / "app", args.serverapp, args.clientapp)
+    with _sigterm_as_interrupt():
+        if args.command == "up":
+            return _up(args, run_dir, app_dir)
+        return _run(args, run_dir, app_dir)
+
+
+def _up(args: argparse.Namespace, run_dir: Path, app_dir: Path) -> int:
+    dep = LocalDeployment(run_dir, node_configs(args.nodes, args.ranks), tls=args.tls, auth=args.auth,
+                          pythonpath=args.pythonpath)
+    try:
+        with dep:
+            mode = "TLS + SuperNode auth" if args.auth else "TLS" if args.tls else "insecure"
+            print(f"SuperLink {dep.address} ({mode}), {args.nodes} SuperNodes {dep.node_ids}; logs: {dep.log_dir}")
+            print(f"connection: {dep.connection}\nrun an app from another shell:")
+            print(f"  export FLWR_HOME={shlex.quote(str(dep.flwr_home))} "
+                  f"PYTHONPATH={shlex.quote(':'.join(dep.python_paths()))}")
+            example = shlex.quote('config="/abs/path/CONFIG.toml" overrides="federation.rounds=1"')
+            print(f"  flwr run {shlex.quote(str(app_dir))} {dep.connection} --stream --run-config {example}")
+            print("Ctrl-C stops everything.", flush=True)
+            assert dep.superlink is not None
+            while dep.superlink.popen.poll() is None:
+                time.sleep(1.0)
+            print(f"the SuperLink exited ({dep.superlink.popen.returncode}); see {dep.superlink.log}",
+                  file=sys.stderr)
+            return 1
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+        return 0
+
+
+def _run(args: argparse.Namespace, run_dir: Path, app_dir: Path) -> int:
+    if not args.config.is_file():
+        raise SystemExit(f"fedrank flower run: no config file {args.config}")
+    for item in args.overrides:
+        if "=" not in item or ";" in item:
+            raise SystemExit(f"fedrank flower run: --set {item!r}: expected key=value without ';'")
+    run_config: dict[str, ConfigValue] = {"config": str(args.config.absolute()),
+                                          "overrides": ";".join(args.overrides), "resume": args.resume}
+    if args.out is not None:
+        run_config["out-dir"] = str(args.out.absolute())
+    try:
+        if args.ray:
+            if args.ranks is not None:
+                raise SystemExit("fedrank flower run --ray: simulated nodes get only partition-id/num-partitions; "
+                                 "drop --ranks and set the ranks in the config's [ranks] table")
+            sim = run_ray_simulation(app_dir, args.nodes, run_config, args.timeout, run_dir=run_dir,
+                                     pythonpath=args.pythonpath, echo=True)
+            result = sim.run
+        else:
+            with LocalDeployment(run_dir, node_configs(args.nodes, args.ranks), tls=args.tls, auth=args.auth,
+                                 pythonpath=args.pythonpath) as dep:
+                result = dep.run(app_dir, run_config, args.timeout, echo=True)
+    except KeyboardInterrupt:
+        print("interrupted; everything stopped", file=sys.stderr)
+        return 130
+    print(f"run {result.run_id}: {result.status} in {result.seconds:.1f} s; logs: {run_dir / 'logs'}",
+          file=sys.stderr)
+    return result.exit_code
+
+
+__all__ = ["main_flower", "node_configs"]
+
+if __name__ == "__main__":
+    raise SystemExit(main_flower())
