@@ -50,8 +50,17 @@ from fedrank.flower.deploy import (
 TESTS = Path(__file__).parent
 SRC = TESTS.parent / "src"
 RANKS = (4, 8, 16)
-FLOWER_NAMES = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp",
-                "flwr-simulation", "raylet", "gcs_server", "ray::")
+FLOWER_NAMES = (
+    "flower-superlink",
+    "flower-supernode",
+    "flower-superexec",
+    "flwr-serverapp",
+    "flwr-clientapp",
+    "flwr-simulation",
+    "raylet",
+    "gcs_server",
+    "ray::",
+)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -101,8 +110,12 @@ def no_leftovers(tmp_path: Path) -> Iterator[Path]:
 
 @pytest.fixture
 def app_dir(tmp_path: Path) -> Path:
-    return write_app_dir(tmp_path / "app", "flower_dummy_app:app", "flower_dummy_app:client",
-                         {"num-nodes": 3, "wait-s": 60.0, "out-dir": ""})
+    return write_app_dir(
+        tmp_path / "app",
+        "flower_dummy_app:app",
+        "flower_dummy_app:client",
+        {"num-nodes": 3, "wait-s": 60.0, "out-dir": ""},
+    )
 
 
 def replies(out_dir: Path) -> dict[str, object]:
@@ -129,8 +142,10 @@ def test_app_dir_is_a_valid_flower_app(app_dir: Path) -> None:
     ok, errors, warnings = validate_config(doc, check_module=False)
     assert ok, errors
     assert warnings == []
-    assert doc["tool"]["flwr"]["app"]["components"] == {"serverapp": "flower_dummy_app:app",
-                                                        "clientapp": "flower_dummy_app:client"}
+    assert doc["tool"]["flwr"]["app"]["components"] == {
+        "serverapp": "flower_dummy_app:app",
+        "clientapp": "flower_dummy_app:client",
+    }
     assert app_config_defaults(app_dir) == {"num-nodes": 3, "wait-s": 60.0, "out-dir": ""}
     default = write_app_dir(app_dir.parent / "default")
     assert app_config_defaults(default) == {"config": "", "overrides": "", "out-dir": "", "resume": False}
@@ -170,8 +185,10 @@ def test_tls_certificate_verifies_for_loopback(tmp_path: Path) -> None:
         t = threading.Thread(target=serve, daemon=True)
         t.start()
         client_ctx = ssl.create_default_context(cafile=str(tls.ca_cert))
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
-                client_ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            client_ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s,
+        ):
             assert s.recv(2) == b"ok"
         t.join(timeout=10)
 
@@ -195,10 +212,11 @@ def test_arguments_are_checked_before_anything_starts(tmp_path: Path, app_dir: P
     with pytest.raises(RunConfigError, match=r"\['bogus'\].*known: \['num-nodes', 'out-dir', 'wait-s'\]"):
         dep.run(app_dir, {"bogus": 1})
     assert node_configs(3, "4,8,16") == nodes()
-    assert node_configs(2, "8") == [{"partition-id": 0, "num-partitions": 2, "rank": 8},
-                                    {"partition-id": 1, "num-partitions": 2, "rank": 8}]
-    assert node_configs(2, None) == [{"partition-id": 0, "num-partitions": 2},
-                                     {"partition-id": 1, "num-partitions": 2}]
+    assert node_configs(2, "8") == [
+        {"partition-id": 0, "num-partitions": 2, "rank": 8},
+        {"partition-id": 1, "num-partitions": 2, "rank": 8},
+    ]
+    assert node_configs(2, None) == [{"partition-id": 0, "num-partitions": 2}, {"partition-id": 1, "num-partitions": 2}]
     with pytest.raises(SystemExit, match="need 3 positive ranks"):
         node_configs(3, "4,8")
     with pytest.raises(SystemExit, match="needs --tls"):
@@ -253,8 +271,7 @@ def test_failed_server_app_gives_nonzero_exit_code(no_leftovers: Path, app_dir: 
 
 
 @pytest.mark.slow
-def test_tls_auth_registered_nodes_work_unregistered_refused(no_leftovers: Path, app_dir: Path,
-                                                             tmp_path: Path) -> None:
+def test_tls_auth_registered_nodes_work_unregistered_refused(no_leftovers: Path, app_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     with LocalDeployment(no_leftovers, nodes(), tls=True, auth=True, pythonpath=[TESTS]) as dep:
         assert dep.tls_files is not None and len(dep.node_keys) == 3
@@ -265,11 +282,14 @@ def test_tls_auth_registered_nodes_work_unregistered_refused(no_leftovers: Path,
         with pytest.raises((urllib.error.URLError, ConnectionError)):
             urllib.request.urlopen(f"http://{dep.address}/health", timeout=10)
         with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
-            urllib.request.urlopen(f"https://{dep.address}/health", timeout=10,
-                                   context=ssl.create_default_context())
+            urllib.request.urlopen(f"https://{dep.address}/health", timeout=10, context=ssl.create_default_context())
         # A node with a key the SuperLink does not know is refused (Flower exit code 305, API error 2004).
-        intruder = dep.start_node({"partition-id": 3, "num-partitions": 4, "rank": 2},
-                                  make_node_key(tmp_path / "other-keys", "intruder"), wait=False, name="intruder")
+        intruder = dep.start_node(
+            {"partition-id": 3, "num-partitions": 4, "rank": 2},
+            make_node_key(tmp_path / "other-keys", "intruder"),
+            wait=False,
+            name="intruder",
+        )
         assert dep.wait_exit(intruder, timeout=60) != 0
         log = dep.nodes[intruder].log.read_text()
         assert "[code: 2004] Failed to activate SuperNode" in log and "Exit Code: 305" in log
@@ -288,8 +308,7 @@ def test_tls_auth_registered_nodes_work_unregistered_refused(no_leftovers: Path,
 @pytest.mark.slow
 def test_ray_simulation_stays_on_loopback_and_stops(no_leftovers: Path, app_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    sim = run_ray_simulation(app_dir, 3, {"out-dir": str(out)}, timeout=240, run_dir=no_leftovers,
-                             pythonpath=[TESTS])
+    sim = run_ray_simulation(app_dir, 3, {"out-dir": str(out)}, timeout=240, run_dir=no_leftovers, pythonpath=[TESTS])
     assert sim.run.ok, sim.run.output()[-3000:]
     doc = replies(out)
     # In a simulation node_config holds only partition-id / num-partitions: no rank.
@@ -306,23 +325,65 @@ def test_cli_run_passes_config_and_overrides(no_leftovers: Path, tmp_path: Path)
     config = tmp_path / "quick.toml"
     config.write_text("[federation]\nrounds = 1\n")
     out = tmp_path / "out"
-    rc = main_flower(["run", str(config), "--nodes", "2", "--ranks", "4,8", "--set", "federation.rounds=2",
-                      "--set", "train.lr=0.1", "--out", str(out), "--dir", str(no_leftovers),
-                      "--serverapp", "flower_dummy_app:app", "--clientapp", "flower_dummy_app:client",
-                      "--pythonpath", str(TESTS), "--timeout", "120"])
+    rc = main_flower(
+        [
+            "run",
+            str(config),
+            "--nodes",
+            "2",
+            "--ranks",
+            "4,8",
+            "--set",
+            "federation.rounds=2",
+            "--set",
+            "train.lr=0.1",
+            "--out",
+            str(out),
+            "--dir",
+            str(no_leftovers),
+            "--serverapp",
+            "flower_dummy_app:app",
+            "--clientapp",
+            "flower_dummy_app:client",
+            "--pythonpath",
+            str(TESTS),
+            "--timeout",
+            "120",
+        ]
+    )
     assert rc == 0
     doc = replies(out)
-    assert doc["run_config"] == {"config": str(config), "overrides": "federation.rounds=2;train.lr=0.1",
-                                 "out-dir": str(out), "resume": False}
+    assert doc["run_config"] == {
+        "config": str(config),
+        "overrides": "federation.rounds=2;train.lr=0.1",
+        "out-dir": str(out),
+        "resume": False,
+    }
     assert sorted(r["rank"] for r in doc["replies"]) == [4, 8]  # type: ignore[union-attr, index]
 
 
 @pytest.mark.slow
 def test_cli_up_stays_until_interrupted_then_stops_everything(no_leftovers: Path) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, "-m", "fedrank.flower.cli", "up", "--nodes", "2", "--ranks", "4,8",
-                             "--dir", str(no_leftovers)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fedrank.flower.cli",
+            "up",
+            "--nodes",
+            "2",
+            "--ranks",
+            "4,8",
+            "--dir",
+            str(no_leftovers),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     lines: list[str] = []
     try:
         assert proc.stdout is not None
@@ -366,8 +427,7 @@ def test_stop_raises_when_a_process_survives(tmp_path: Path, monkeypatch: pytest
     dep = LocalDeployment(tmp_path / "run", [])
     dep.flwr_home.mkdir(parents=True)
     env = dict(os.environ, FLWR_HOME=str(dep.flwr_home))
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env,
-                               start_new_session=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env, start_new_session=True)
     try:
         dep._started = True
         monkeypatch.setattr(psutil.Process, "terminate", lambda self: None)

@@ -237,6 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.set_defaults(func=cmd_export)
 
+    fl = sub.add_parser(
+        "flower",
+        add_help=False,
+        help="Flower: 'fedrank flower run CONFIG.toml' on a local deployment or Ray, 'fedrank flower up' to "
+        "start one (needs: pip install -e '.[flower]'; 'fedrank flower --help' for options)",
+    )
+    fl.add_argument("flower_args", nargs=argparse.REMAINDER)
+    fl.set_defaults(func=cmd_flower)
+
     b = sub.add_parser("bench", help="benchmarks printing ratios measured side by side in one run")
     b.add_argument("what", choices=["aggregate"], help="aggregate: FlexLoRA dense SVD vs svd_of_sum")
     b.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
@@ -244,9 +253,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cmd_flower(args: argparse.Namespace) -> int:
+    try:
+        from fedrank.flower.cli import main_flower
+    except ImportError as e:
+        raise ConfigError(f"fedrank flower needs the Flower extra: pip install -e '.[flower]' ({e})") from e
+    return main_flower(args.flower_args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["flower"]:  # its own parser, options included (argparse's REMAINDER would take no --help)
+        args = argparse.Namespace(func=cmd_flower, flower_args=argv[1:], verbose=False)
+    else:
+        args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s: %(message)s",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import signal
 import sys
@@ -24,12 +25,15 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--nodes", type=int, default=3, help="number of SuperNodes (default 3)")
+        q.add_argument(
+            "--nodes", type=int, default=None, help="number of SuperNodes (default: run: partition.num_clients; up: 3)"
+        )
         q.add_argument("--ranks", default=None, help="LoRA rank per node, comma-separated (one value: all nodes)")
         q.add_argument("--tls", action="store_true", help="serve the SuperLink over TLS (a fresh local CA)")
         q.add_argument("--auth", action="store_true", help="SuperNode authentication (needs --tls)")
-        q.add_argument("--dir", type=Path, default=None,
-                       help="run directory: logs, keys, FLWR_HOME (default: a new temp dir)")
+        q.add_argument(
+            "--dir", type=Path, default=None, help="run directory: logs, keys, FLWR_HOME (default: a new temp dir)"
+        )
         q.add_argument("--serverapp", default=SERVERAPP, help=argparse.SUPPRESS)
         q.add_argument("--clientapp", default=CLIENTAPP, help=argparse.SUPPRESS)
         q.add_argument("--pythonpath", action="append", default=[], help=argparse.SUPPRESS)
@@ -40,10 +44,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", type=Path, help="fedrank TOML config")
     common(run)
     run.add_argument("--ray", action="store_true", help="Ray simulation instead of a deployment")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V",
-                     help="dotted config override, repeatable (e.g. --set federation.rounds=1)")
-    run.add_argument("--out", type=Path, default=None, help="output directory (run-config out-dir)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="dotted config override, repeatable (e.g. --set federation.rounds=1)",
+    )
+    run.add_argument("--out", type=Path, default=None, help="output directory (default: the config's output.dir)")
     run.add_argument("--resume", action="store_true", help="resume from --out's newest checkpoint")
+    run.add_argument(
+        "--overwrite", action="store_true", help="start afresh in a non-empty output directory (fedrank's files only)"
+    )
     run.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped")
     return p
 
@@ -99,23 +112,26 @@ def main_flower(argv: Sequence[str] | None = None) -> int:
 
 
 def _up(args: argparse.Namespace, run_dir: Path, app_dir: Path) -> int:
-    dep = LocalDeployment(run_dir, node_configs(args.nodes, args.ranks), tls=args.tls, auth=args.auth,
-                          pythonpath=args.pythonpath)
+    args.nodes = args.nodes or 3
+    dep = LocalDeployment(
+        run_dir, node_configs(args.nodes, args.ranks), tls=args.tls, auth=args.auth, pythonpath=args.pythonpath
+    )
     try:
         with dep:
             mode = "TLS + SuperNode auth" if args.auth else "TLS" if args.tls else "insecure"
             print(f"SuperLink {dep.address} ({mode}), {args.nodes} SuperNodes {dep.node_ids}; logs: {dep.log_dir}")
             print(f"connection: {dep.connection}\nrun an app from another shell:")
-            print(f"  export FLWR_HOME={shlex.quote(str(dep.flwr_home))} "
-                  f"PYTHONPATH={shlex.quote(':'.join(dep.python_paths()))}")
+            print(
+                f"  export FLWR_HOME={shlex.quote(str(dep.flwr_home))} "
+                f"PYTHONPATH={shlex.quote(':'.join(dep.python_paths()))}"
+            )
             example = shlex.quote('config="/abs/path/CONFIG.toml" overrides="federation.rounds=1"')
             print(f"  flwr run {shlex.quote(str(app_dir))} {dep.connection} --stream --run-config {example}")
             print("Ctrl-C stops everything.", flush=True)
             assert dep.superlink is not None
             while dep.superlink.popen.poll() is None:
                 time.sleep(1.0)
-            print(f"the SuperLink exited ({dep.superlink.popen.returncode}); see {dep.superlink.log}",
-                  file=sys.stderr)
+            print(f"the SuperLink exited ({dep.superlink.popen.returncode}); see {dep.superlink.log}", file=sys.stderr)
             return 1
     except KeyboardInterrupt:
         print("stopped", file=sys.stderr)
@@ -128,27 +144,48 @@ def _run(args: argparse.Namespace, run_dir: Path, app_dir: Path) -> int:
     for item in args.overrides:
         if "=" not in item or ";" in item:
             raise SystemExit(f"fedrank flower run: --set {item!r}: expected key=value without ';'")
-    run_config: dict[str, ConfigValue] = {"config": str(args.config.absolute()),
-                                          "overrides": ";".join(args.overrides), "resume": args.resume}
-    if args.out is not None:
-        run_config["out-dir"] = str(args.out.absolute())
+    run_config: dict[str, ConfigValue] = {
+        "config": str(args.config.absolute()),
+        "overrides": ";".join(args.overrides),
+        "resume": args.resume,
+    }
+    from fedrank import run_dir as fedrank_run_dir
+    from fedrank.config import load_config
+
+    cfg = load_config(args.config, list(args.overrides))  # errors here, before any process starts
+    out = (args.out or Path(cfg.output.dir)).absolute()
+    if args.resume and args.overwrite:
+        raise SystemExit("fedrank flower run: --resume and --overwrite exclude each other")
+    if not args.resume:  # the same rules as `fedrank run`: a non-empty directory needs --overwrite
+        fedrank_run_dir.prepare_output(out, "run", args.overwrite)
+    run_config["out-dir"] = str(out)
+    if args.nodes is None:  # one SuperNode per registered client
+        args.nodes = cfg.partition.num_clients
     try:
         if args.ray:
             if args.ranks is not None:
-                raise SystemExit("fedrank flower run --ray: simulated nodes get only partition-id/num-partitions; "
-                                 "drop --ranks and set the ranks in the config's [ranks] table")
-            sim = run_ray_simulation(app_dir, args.nodes, run_config, args.timeout, run_dir=run_dir,
-                                     pythonpath=args.pythonpath, echo=True)
+                raise SystemExit(
+                    "fedrank flower run --ray: simulated nodes get only partition-id/num-partitions; "
+                    "drop --ranks and set the ranks in the config's [ranks] table"
+                )
+            sim = run_ray_simulation(
+                app_dir, args.nodes, run_config, args.timeout, run_dir=run_dir, pythonpath=args.pythonpath, echo=True
+            )
             result = sim.run
         else:
-            with LocalDeployment(run_dir, node_configs(args.nodes, args.ranks), tls=args.tls, auth=args.auth,
-                                 pythonpath=args.pythonpath) as dep:
+            with LocalDeployment(
+                run_dir, node_configs(args.nodes, args.ranks), tls=args.tls, auth=args.auth, pythonpath=args.pythonpath
+            ) as dep:
                 result = dep.run(app_dir, run_config, args.timeout, echo=True)
     except KeyboardInterrupt:
         print("interrupted; everything stopped", file=sys.stderr)
         return 130
-    print(f"run {result.run_id}: {result.status} in {result.seconds:.1f} s; logs: {run_dir / 'logs'}",
-          file=sys.stderr)
+    print(f"run {result.run_id}: {result.status} in {result.seconds:.1f} s; logs: {run_dir / 'logs'}", file=sys.stderr)
+    summary = out / "summary.json"
+    if result.exit_code == 0 and summary.is_file():  # the same end-of-run output as `fedrank run`
+        from fedrank.cli import _print_outputs
+
+        _print_outputs(json.loads(summary.read_text()), out)
     return result.exit_code
 
 

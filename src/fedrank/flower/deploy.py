@@ -56,8 +56,14 @@ LOOPBACK = "127.0.0.1"
 # What a SuperNode prints once the SuperLink has activated it (flwr 1.42.0).
 _NODE_READY = re.compile(r"SuperNode ID: (\d+)")
 _RUN_STARTED = re.compile(r"Successfully started run (\d+)")
-_FLOWER_NAMES = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp",
-                 "flwr-simulation")
+_FLOWER_NAMES = (
+    "flower-superlink",
+    "flower-supernode",
+    "flower-superexec",
+    "flwr-serverapp",
+    "flwr-clientapp",
+    "flwr-simulation",
+)
 
 
 class DeploymentError(RuntimeError):
@@ -88,7 +94,14 @@ def write_app_dir(
     No `dependencies`: the SuperLink/SuperNodes run with runtime dependency installation disabled and import
     the components from their environment (PYTHONPATH).
     """
-    defaults = {"config": "", "overrides": "", "out-dir": "", "resume": False}
+    defaults: dict[str, ConfigValue] = {
+        "config": "",
+        "overrides": "",
+        "out-dir": "",
+        "resume": False,
+        "round-timeout": 0.0,
+        "node-wait": 120.0,
+    }
     if config_defaults is not None:
         defaults = dict(config_defaults)
     for key, value in defaults.items():
@@ -96,13 +109,21 @@ def write_app_dir(
             raise TypeError(f"run-config default {key!r} = {value!r}: Flower allows only bool, int, float, str")
     doc = {
         "build-system": {"requires": ["setuptools>=68"], "build-backend": "setuptools.build_meta"},
-        "project": {"name": name, "version": version, "description": "fedrank as a Flower app",
-                    "license": "Apache-2.0"},
-        "tool": {"flwr": {"app": {
-            "publisher": publisher,
-            "components": {"serverapp": serverapp, "clientapp": clientapp},
-            "config": defaults,
-        }}},
+        "project": {
+            "name": name,
+            "version": version,
+            "description": "fedrank as a Flower app",
+            "license": "Apache-2.0",
+        },
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": publisher,
+                    "components": {"serverapp": serverapp, "clientapp": clientapp},
+                    "config": defaults,
+                }
+            }
+        },
     }
     app_dir = Path(path).absolute()
     app_dir.mkdir(parents=True, exist_ok=True)
@@ -178,13 +199,27 @@ def make_tls(directory: Path | str, *, days: int = 30) -> TlsFiles:
     ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
     ca_cert = (
         x509.CertificateBuilder()
-        .subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now).not_valid_after(now + dt.timedelta(days=days))
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(ca_ski, critical=False)
         .sign(ca_key, hashes.SHA256())
     )
@@ -192,14 +227,21 @@ def make_tls(directory: Path | str, *, days: int = 30) -> TlsFiles:
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name).public_key(key.public_key())
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now).not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName([
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-            x509.IPAddress(ipaddress.ip_address("::1")),
-            x509.DNSName("localhost"),
-        ]), critical=False)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    x509.IPAddress(ipaddress.ip_address("::1")),
+                    x509.DNSName("localhost"),
+                ]
+            ),
+            critical=False,
+        )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -209,8 +251,10 @@ def make_tls(directory: Path | str, *, days: int = 30) -> TlsFiles:
     files = TlsFiles(out / "ca.crt", out / "server.pem", out / "server.key")
     files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     files.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(files.server_key, key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    _write_private(
+        files.server_key,
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+    )
     return files
 
 
@@ -220,8 +264,12 @@ def make_node_key(directory: Path | str, name: str) -> NodeKey:
     out.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
     node = NodeKey(name, out / name, out / f"{name}.pub")
-    _write_private(node.private_key, key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    _write_private(
+        node.private_key,
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ),
+    )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     node.public_key.write_bytes(public + f" {name}\n".encode())
     return node
@@ -399,16 +447,18 @@ class LocalDeployment:
         paths = self.python_paths()
         if env.get("PYTHONPATH"):
             paths.append(env["PYTHONPATH"])
-        env.update({
-            "PYTHONPATH": os.pathsep.join(paths),
-            "FLWR_HOME": str(self.flwr_home),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "PYTHONUNBUFFERED": "1",
-            # Ray (simulation): local-only mode binds every listener to 127.0.0.1; no usage-stats upload.
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-            "RAY_USAGE_STATS_ENABLED": "0",
-        })
+        env.update(
+            {
+                "PYTHONPATH": os.pathsep.join(paths),
+                "FLWR_HOME": str(self.flwr_home),
+                "FLWR_TELEMETRY_ENABLED": "0",
+                "FLWR_DISABLE_UPDATE_CHECK": "1",
+                "PYTHONUNBUFFERED": "1",
+                # Ray (simulation): local-only mode binds every listener to 127.0.0.1; no usage-stats upload.
+                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                "RAY_USAGE_STATS_ENABLED": "0",
+            }
+        )
         return env
 
     def start(self) -> LocalDeployment:
@@ -425,13 +475,20 @@ class LocalDeployment:
     def __enter__(self) -> LocalDeployment:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop(check=exc is None)
 
-    def run(self, app_dir: Path | str, run_config: Mapping[str, ConfigValue] | None = None,
-            timeout: float = 300.0, *, federation_config: Mapping[str, ConfigValue] | None = None,
-            echo: bool = False) -> RunResult:
+    def run(
+        self,
+        app_dir: Path | str,
+        run_config: Mapping[str, ConfigValue] | None = None,
+        timeout: float = 300.0,
+        *,
+        federation_config: Mapping[str, ConfigValue] | None = None,
+        echo: bool = False,
+    ) -> RunResult:
         """`flwr run <app_dir> <connection> --run-config <file.toml> --stream`, bounded by `timeout` seconds.
 
         The run config goes through a TOML file, so strings need no shell/TOML quoting; every key must be
@@ -444,8 +501,10 @@ class LocalDeployment:
         known = app_config_defaults(app)
         unknown = sorted(set(overrides) - set(known))
         if unknown:
-            raise RunConfigError(f"run-config keys {unknown} are not declared in {app / 'pyproject.toml'} "
-                                 f"[tool.flwr.app.config]; known: {sorted(known)}")
+            raise RunConfigError(
+                f"run-config keys {unknown} are not declared in {app / 'pyproject.toml'} "
+                f"[tool.flwr.app.config]; known: {sorted(known)}"
+            )
         self._runs += 1
         n = self._runs
         cmd = ["flwr", "run", str(app), self.connection, "--stream"]
@@ -470,8 +529,7 @@ class LocalDeployment:
             if isinstance(err, subprocess.TimeoutExpired):
                 if run_id is not None:
                     self.flwr(["stop", str(run_id), self.connection], timeout=60, check=False)
-                raise DeploymentError(f"`{' '.join(cmd)}` did not finish within {timeout:.0f} s; "
-                                      f"see {log}") from None
+                raise DeploymentError(f"`{' '.join(cmd)}` did not finish within {timeout:.0f} s; see {log}") from None
             raise
         self._close(proc)
         seconds = time.monotonic() - t0
@@ -481,8 +539,7 @@ class LocalDeployment:
 
     def run_status(self, run_id: int) -> str | None:
         """The run's status text on the SuperLink, e.g. `finished:completed` or `finished:failed`."""
-        res = self.flwr(["ls", self.connection, "--run-id", str(run_id), "--format", "json"], timeout=60,
-                        check=False)
+        res = self.flwr(["ls", self.connection, "--run-id", str(run_id), "--format", "json"], timeout=60, check=False)
         try:
             doc = json.loads(res.stdout)
             runs = doc.get("runs", [])
@@ -493,8 +550,15 @@ class LocalDeployment:
     def flwr(self, args: Sequence[str], timeout: float = 60.0, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run one `flwr` CLI command against this deployment's FLWR_HOME (bounded, in its own session)."""
         cmd = ["flwr", *args]
-        p = subprocess.Popen(cmd, env=self.environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True, cwd=self.run_dir)
+        p = subprocess.Popen(
+            cmd,
+            env=self.environ(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            cwd=self.run_dir,
+        )
         try:
             out, err = p.communicate(timeout=timeout)
         except BaseException:
@@ -508,13 +572,21 @@ class LocalDeployment:
             raise DeploymentError(f"`{' '.join(cmd)}` exited {p.returncode}: {(err or out).strip()[-2000:]}")
         return res
 
-    def start_node(self, config: NodeConfig, key: NodeKey | None = None, *, wait: bool = True,
-                   name: str | None = None) -> int:
+    def start_node(
+        self, config: NodeConfig, key: NodeKey | None = None, *, wait: bool = True, name: str | None = None
+    ) -> int:
         """Start one more SuperNode (index returned); with auth, `key` must be given (registered or not)."""
         i = len(self.nodes)
         port = free_port()
-        cmd = ["flower-supernode", "--superlink", self.address, "--port", str(port),
-               "--node-config", format_node_config(config)]
+        cmd = [
+            "flower-supernode",
+            "--superlink",
+            self.address,
+            "--port",
+            str(port),
+            "--node-config",
+            format_node_config(config),
+        ]
         if self.tls:
             assert self.tls_files is not None
             cmd += ["--root-certificates", str(self.tls_files.ca_cert)]
@@ -534,8 +606,9 @@ class LocalDeployment:
         try:
             return self.nodes[i].popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise DeploymentError(f"SuperNode {i} still running after {timeout:.0f} s; "
-                                  f"see {self.nodes[i].log}") from None
+            raise DeploymentError(
+                f"SuperNode {i} still running after {timeout:.0f} s; see {self.nodes[i].log}"
+            ) from None
 
     def kill_node(self, i: int) -> None:
         """SIGKILL SuperNode i and its process group (its SuperExec and ClientApp children too): a crash."""
@@ -549,8 +622,10 @@ class LocalDeployment:
 
     def register(self, key: NodeKey) -> None:
         """`flwr supernode register <key.pub> <connection> --name <name>` (SuperNode authentication)."""
-        self.flwr(["supernode", "register", str(key.public_key), self.connection, "--name", key.name],
-                  timeout=self.start_timeout)
+        self.flwr(
+            ["supernode", "register", str(key.public_key), self.connection, "--name", key.name],
+            timeout=self.start_timeout,
+        )
 
     def pids(self) -> list[int]:
         """Every live process of this deployment (tracked pids, their descendants, our FLWR_HOME in env)."""
@@ -605,14 +680,26 @@ class LocalDeployment:
         if self.tls:
             self.tls_files = make_tls(self.run_dir / "tls")
         self._write_connections()
-        cmd = ["flower-superlink", "--host", LOOPBACK, "--port", str(self.port),
-               "--disable-runtime-dependency-installation"]
+        cmd = [
+            "flower-superlink",
+            "--host",
+            LOOPBACK,
+            "--port",
+            str(self.port),
+            "--disable-runtime-dependency-installation",
+        ]
         if self.simulation:
             cmd += ["--simulation"]
         if self.tls:
             assert self.tls_files is not None
-            cmd += ["--ssl-ca-certfile", str(self.tls_files.ca_cert), "--ssl-certfile",
-                    str(self.tls_files.server_cert), "--ssl-keyfile", str(self.tls_files.server_key)]
+            cmd += [
+                "--ssl-ca-certfile",
+                str(self.tls_files.ca_cert),
+                "--ssl-certfile",
+                str(self.tls_files.server_cert),
+                "--ssl-keyfile",
+                str(self.tls_files.server_key),
+            ]
         else:
             cmd += ["--insecure"]
         if self.auth:
@@ -646,13 +733,27 @@ class LocalDeployment:
         log_file.write(f"$ {' '.join(cmd)}\n".encode())
         log_file.flush()
         if echo:
-            popen = subprocess.Popen(cmd, env=self.environ(), cwd=self.run_dir, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+            popen = subprocess.Popen(
+                cmd,
+                env=self.environ(),
+                cwd=self.run_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             pump = threading.Thread(target=_tee, args=(popen, log_file), daemon=True)
             pump.start()
         else:
-            popen = subprocess.Popen(cmd, env=self.environ(), cwd=self.run_dir, stdin=subprocess.DEVNULL,
-                                     stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+            popen = subprocess.Popen(
+                cmd,
+                env=self.environ(),
+                cwd=self.run_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         proc = _Proc(name, popen, log, log_file, pump)
         self._remember(popen.pid)
         return proc
@@ -696,8 +797,10 @@ class LocalDeployment:
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.superlink.popen.poll() is not None:
-                raise DeploymentError(f"flower-superlink exited {self.superlink.popen.returncode} during start; "
-                                      f"see {self.superlink.log}:\n{_tail(self.superlink.log)}")
+                raise DeploymentError(
+                    f"flower-superlink exited {self.superlink.popen.returncode} during start; "
+                    f"see {self.superlink.log}:\n{_tail(self.superlink.log)}"
+                )
             try:
                 with urllib.request.urlopen(url, timeout=2, context=context) as res:
                     if res.status == 200:
@@ -705,8 +808,7 @@ class LocalDeployment:
             except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.2)
-        raise DeploymentError(f"flower-superlink not ready within {self.start_timeout:.0f} s; "
-                              f"see {self.superlink.log}")
+        raise DeploymentError(f"flower-superlink not ready within {self.start_timeout:.0f} s; see {self.superlink.log}")
 
     def _wait_node(self, proc: _Proc) -> int:
         """Wait until the SuperNode logs its node id (the SuperLink activated it); bounded by `start_timeout`."""
@@ -716,8 +818,9 @@ class LocalDeployment:
             if m:
                 return int(m.group(1))
             if proc.popen.poll() is not None:
-                raise DeploymentError(f"{proc.name} exited {proc.popen.returncode} before connecting; "
-                                      f"see {proc.log}:\n{_tail(proc.log)}")
+                raise DeploymentError(
+                    f"{proc.name} exited {proc.popen.returncode} before connecting; see {proc.log}:\n{_tail(proc.log)}"
+                )
             time.sleep(0.2)
         raise DeploymentError(f"{proc.name} not connected within {self.start_timeout:.0f} s; see {proc.log}")
 
@@ -825,9 +928,13 @@ def run_ray_simulation(
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         try:
-            result = dep.run(app_dir, run_config, timeout,
-                             federation_config={"num-supernodes": num_supernodes,
-                                                "client-resources-num-cpus": cpus_per_client}, echo=echo)
+            result = dep.run(
+                app_dir,
+                run_config,
+                timeout,
+                federation_config={"num-supernodes": num_supernodes, "client-resources-num-cpus": cpus_per_client},
+                echo=echo,
+            )
         finally:
             done.set()
             sampler.join(timeout=10)
@@ -839,7 +946,8 @@ def _is_ray(proc: psutil.Process) -> bool:
     if name in ("raylet", "gcs_server") or name.startswith("ray::"):
         return True
     return any("ray" in part.split("/")[-1] for part in proc.cmdline()[:3]) and not any(
-        n in " ".join(proc.cmdline()[:3]) for n in _FLOWER_NAMES)
+        n in " ".join(proc.cmdline()[:3]) for n in _FLOWER_NAMES
+    )
 
 
 __all__ = [

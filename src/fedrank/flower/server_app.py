@@ -16,6 +16,7 @@ last checkpoint after the ServerApp was restarted), ``round-timeout`` (seconds a
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -150,8 +151,19 @@ class FlowerClients:
                 yield out
 
 
+def _log_to_stdout() -> None:
+    """fedrank's log lines in the ServerApp's output (what ``flwr run --stream`` shows)."""
+    root = logging.getLogger("fedrank")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    _log_to_stdout()
     cfg, out, resume, timeout, node_wait = run_settings(dict(context.run_config))
     want = cfg.partition.num_clients
     nodes = wait_for_nodes(grid, want, node_wait)
