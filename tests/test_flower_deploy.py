@@ -148,7 +148,14 @@ def test_app_dir_is_a_valid_flower_app(app_dir: Path) -> None:
     }
     assert app_config_defaults(app_dir) == {"num-nodes": 3, "wait-s": 60.0, "out-dir": ""}
     default = write_app_dir(app_dir.parent / "default")
-    assert app_config_defaults(default) == {"config": "", "overrides": "", "out-dir": "", "resume": False}
+    assert app_config_defaults(default) == {
+        "config": "",
+        "overrides": "",
+        "out-dir": "",
+        "resume": False,
+        "round-timeout": 0.0,
+        "node-wait": 120.0,
+    }
 
 
 def test_node_config_text_round_trips_through_flwr_parser() -> None:
