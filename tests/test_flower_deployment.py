@@ -1,0 +1,136 @@
+"""fedrank's own Flower apps on real processes: a SuperLink and SuperNodes on 127.0.0.1 (insecure, and TLS +
+SuperNode authentication), a SuperNode killed mid-round, and a Ray simulation. Every run is compared with
+the in-process simulator on the same config and seed: the global state must be bit-identical (the processes
+use one torch thread, as the test process does: see conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("flwr", reason="flwr is not installed: pip install -e '.[flower]'")
+pytest.importorskip("psutil", reason="psutil is not installed: pip install -e '.[flower]'")
+
+from fedrank.config import load_config
+from fedrank.flower.deploy import LocalDeployment, run_ray_simulation, write_app_dir
+from fedrank.simulation import Simulation, with_method
+from test_flower import TINY, records, same_state, untimed
+from test_flower_deploy import scan_proc
+
+pytestmark = pytest.mark.slow
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+RANKS = (4, 8, 16)
+
+
+def node_configs(ranks: tuple[int, ...] = RANKS) -> list[dict[str, int]]:
+    return [{"partition-id": i, "num-partitions": len(ranks), "rank": r} for i, r in enumerate(ranks)]
+
+
+@pytest.fixture()
+def setup(tmp_path: Path) -> tuple[Path, Path]:
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TINY)
+    return cfg, write_app_dir(tmp_path / "app")
+
+
+def simulate(cfg_path: Path, out: Path, method: str = "flexlora", overrides: tuple[str, ...] = ()) -> Path:
+    Simulation(with_method(load_config(cfg_path, list(overrides)), method, 0, presets=False), out, progress=False).run()
+    return out
+
+
+def run_config(cfg_path: Path, out: Path, method: str = "flexlora", **extra: Any) -> dict[str, Any]:
+    return {"config": str(cfg_path), "out-dir": str(out), "overrides": f"method.name={method}", **extra}
+
+
+def check_run(out: Path, sim: Path) -> None:
+    assert same_state(out, sim)
+    ours, theirs = untimed(records(out)), untimed(records(sim))
+    # The spectrum diagnostic is the server's own SVD: its last digits follow the ServerApp's thread count.
+    spectra = [(a.pop("spectrum", None), b.pop("spectrum", None)) for a, b in zip(ours, theirs)]
+    assert ours == theirs
+    assert all(a == pytest.approx(b, rel=1e-6) for a, b in spectra)
+    clients = [r for r in records(out) if r["type"] == "client"]
+    assert {(r["client"], r["rank"]) for r in clients} == {(i, r) for i, r in enumerate(RANKS)}
+    assert all(r["wire_up_bytes"] > 0 and r["wire_down_bytes"] > 0 for r in clients)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "summary.json").read_text())["rounds"] == 2
+
+
+def test_loopback_deployment_equals_the_simulator(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    """3 SuperNodes of ranks 4, 8, 16; two rounds of flexlora and of fslora, each node at its own rank."""
+    cfg_path, app = setup
+    with LocalDeployment(tmp_path / "dep", node_configs(), env=ONE_THREAD) as dep:
+        for method in ("flexlora", "fslora"):
+            out = tmp_path / f"flower-{method}"
+            result = dep.run(app, run_config(cfg_path, out, method), timeout=300)
+            assert result.ok, result.output()[-3000:]
+            check_run(out, simulate(cfg_path, tmp_path / f"sim-{method}", method))
+    assert scan_proc(dep.flwr_home) == []
+
+
+def test_tls_and_node_authentication(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    """The same over TLS with SuperNode authentication; a node whose key is not registered is refused."""
+    from fedrank.flower.deploy import make_node_key
+
+    cfg_path, app = setup
+    with LocalDeployment(tmp_path / "dep", node_configs(), tls=True, auth=True, env=ONE_THREAD) as dep:
+        intruder = dep.start_node(
+            {"partition-id": 1, "num-partitions": 3, "rank": 16},
+            make_node_key(tmp_path / "other", "intruder"),
+            wait=False,
+            name="intruder",
+        )
+        assert dep.wait_exit(intruder, timeout=60) != 0
+        assert "[code: 2004] Failed to activate SuperNode" in dep.nodes[intruder].log.read_text()
+        out = tmp_path / "flower"
+        result = dep.run(app, run_config(cfg_path, out), timeout=300)
+        assert result.ok, result.output()[-3000:]
+    check_run(out, simulate(cfg_path, tmp_path / "sim"))
+    assert scan_proc(dep.flwr_home) == []
+
+
+def test_a_supernode_killed_mid_round(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    """SIGKILL one SuperNode while round 1 trains: both rounds complete with the two survivors, and its
+    partition is recorded as failed in each."""
+    cfg_path, app = setup
+    out = tmp_path / "flower"
+    with LocalDeployment(tmp_path / "dep", node_configs(), env=ONE_THREAD) as dep:
+        done: dict[str, Any] = {}
+        cfg = run_config(cfg_path, out, **{"round-timeout": 40.0})
+        cfg["overrides"] += ";train.steps=20"
+        runner = threading.Thread(target=lambda: done.update(result=dep.run(app, cfg, timeout=400)))
+        runner.start()
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + 180
+        while not (metrics.is_file() and metrics.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.2)  # the evaluation before training is written; round 1's messages go out next
+        assert metrics.is_file(), "the run never started"
+        time.sleep(3.0)
+        dep.kill_node(2)
+        runner.join(timeout=420)
+        assert not runner.is_alive()
+        assert done["result"].ok, done["result"].output()[-3000:]
+    recs = records(out)
+    assert [r["clients"] for r in recs if r["type"] == "round"] == [2, 2]
+    failed = [r for r in recs if r["type"] == "client_failed"]
+    assert [(r["round"], r["client"]) for r in failed] == [(1, 2), (2, 2)]
+    assert all(r["reason"].startswith(f"node {dep.node_ids[2]}: ") for r in failed)
+    assert (out / "summary.json").is_file()
+    assert scan_proc(dep.flwr_home) == []
+
+
+def test_ray_simulation_equals_the_simulator(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    """Ray simulation (ranks from the config's ranks.per_client, by partition id), Ray on loopback only."""
+    cfg_path, app = setup
+    out = tmp_path / "flower"
+    sim = run_ray_simulation(app, 3, run_config(cfg_path, out), timeout=300, run_dir=tmp_path / "ray")
+    assert sim.run.ok, sim.run.output()[-3000:]
+    assert sim.exposed == [], f"Ray listens beyond loopback: {sim.exposed}"
+    check_run(out, simulate(cfg_path, tmp_path / "sim"))
+    assert scan_proc(tmp_path / "ray" / "flwr-home") == []
