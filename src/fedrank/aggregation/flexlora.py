@@ -69,9 +69,9 @@ class FlexLoRAState:
 
 @dataclass(frozen=True)
 class FlexLoRA(MethodOptions):
-    """``components``: SVD components of ΔW kept in the state. None keeps all of them (ΔW exactly, so the
-    global model can be exported at any rank); k keeps the top k, all that dispatching ranks <= k needs,
-    and is faster where Σ r_k approaches the layer size."""
+    """``components``: None (default) keeps ΔW exactly, as its stacked factors, so the global model can be
+    evaluated and exported at any rank, plus the top SVD components any client may need (the ``max_rank``
+    the state was made for); k keeps only the top k components, all that dispatching ranks <= k needs."""
 
     components: int | None = None
     name: ClassVar[str] = "flexlora"
