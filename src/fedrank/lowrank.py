@@ -20,7 +20,10 @@ __all__ = [
     "lora_scaling",
     "pad_rank",
     "stack_factors",
+    "stack_factors_batched",
+    "svd_of_product_batched",
     "svd_of_sum",
+    "svd_of_sums_batched",
     "truncate",
     "truncate_rank",
 ]
@@ -73,14 +76,77 @@ def _check_stack(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Sequence[f
             raise ValueError(f"client {k}: layer shape {(B.shape[0], A.shape[1])} differs from client 0's {(m, n)}")
 
 
-def _dense_is_cheaper(m: int, n: int, R: int, rank: int | None = None) -> bool:
-    """Flop model choosing between the dense route and the QR route.
+def svd_of_sum(
+    Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Sequence[float] | Tensor, *, rank: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of ΔW = Σ_k w_k·B_k·A_k without forming the m×n matrix where it is large.
 
-    Dense: form ΔW (2mnR), then a full SVD (~c·mn·min(m,n)) or, when only the top ``rank`` components
-    are wanted, the Gram matrix (2mn·min(m,n)) and its eigendecomposition (~4·min(m,n)³). QR route: two
-    Householder QRs (~2(m+n)R²), the R×R core SVD ((1 + c)·R³) and the rotations back (2(m+n)R²).
-    The SVD constant c (~6 with LAPACK's divide and conquer) was checked with ``fedrank bench aggregate``
-    on 2 CPU cores.
+    With B = [w_1B_1 … w_KB_K] (m×R) and A = [A_1; …; A_K] (R×n), ΔW = B·A; the routes are those of
+    :func:`svd_of_sums_batched` for one layer. ``rank``: only the top ``rank`` components are wanted (all
+    FlexLoRA's dispatch needs is the top max(r_k)).
+
+    Returns U (m, q), S (q,) descending, Vh (q, n) with q = min(R, m, n) (or ``rank`` if smaller), in the
+    dtype of B_1.
+    """
+    _check_stack(Bs, As, weights)
+    if rank is not None and rank <= 0:
+        raise ValueError(f"rank must be positive, got {rank}")
+    dtype = Bs[0].dtype
+    w = torch.as_tensor(weights, dtype=dtype, device=Bs[0].device).reshape(-1)
+    B = torch.cat([wk * Bk.to(dtype) for wk, Bk in zip(w, Bs, strict=True)], dim=1)
+    A = torch.cat([Ak.to(dtype) for Ak in As], dim=0)
+    return svd_of_sums_batched([B], [A], rank=rank)[0]
+
+
+def svd_of_sums_batched(
+    Bs: Sequence[Tensor], As: Sequence[Tensor], *, rank: int | None = None, oversample: int = 16
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Thin SVDs of many products ΔW_i = B_i·A_i, B_i (m, R), A_i (R, n): e.g. each layer's
+    :func:`stack_factors`. Layers of one (m, R, n) shape share one batched factorisation.
+
+    Per shape the cheapest exact route is taken (:func:`_dense_is_cheaper`, :func:`_gram_is_cheaper`):
+
+    * every component (``rank`` None or close to min(m, n, R)): either the SVD of ΔW formed by one matmul,
+      or the QR route, B = Q_b R_b, Aᵀ = Q_a R_a, ΔW = Q_b (R_b R_aᵀ) Q_aᵀ with the R×R core's SVD in
+      float64 rotated back;
+    * the top ``rank`` only: the eigenvectors of the Gram matrix of the smaller side, of ΔW itself (when R
+      is not small against m and n) or of the R×R core (when it is), span the top subspace; one
+      Rayleigh–Ritz step in float64 on ``rank + oversample`` of them recovers the triplets. The Gram squares
+      the condition number but only the top components are kept, whose relative error stays at the input
+      precision over the gaps at the cut, and the float64 step separates close singular values.
+      Rank-deficient ΔW and tied singular values need no special case: the Rayleigh–Ritz step works on an
+      orthonormal basis whatever the Gram's null space.
+
+    Returns, in input order, (U (m, q), S (q,) descending, Vh (q, n)) with q = min(R, m, n) or ``rank``
+    if smaller, in the dtype of B_i.
+    """
+    if len(Bs) != len(As):
+        raise ValueError(f"Bs and As differ in length: {len(Bs)}, {len(As)}")
+    if rank is not None and rank <= 0:
+        raise ValueError(f"rank must be positive, got {rank}")
+    groups: dict[tuple[int, int, int, torch.dtype, torch.device], list[int]] = {}
+    for i, (B, A) in enumerate(zip(Bs, As, strict=True)):
+        if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
+            raise ValueError(f"layer {i}: B{tuple(B.shape)} and A{tuple(A.shape)} are not factors (m,R),(R,n)")
+        key = (int(B.shape[0]), int(B.shape[1]), int(A.shape[1]), B.dtype, B.device)
+        groups.setdefault(key, []).append(i)
+    out: list[tuple[Tensor, Tensor, Tensor] | None] = [None] * len(Bs)
+    for (_, _, _, dtype, _), idx in groups.items():
+        Bb = torch.stack([Bs[i] for i in idx])
+        Ab = torch.stack([As[i].to(dtype) for i in idx])
+        U, S, Vh = svd_of_product_batched(Bb, Ab, rank=rank, oversample=oversample)
+        for j, i in enumerate(idx):
+            out[i] = (U[j], S[j], Vh[j])
+    return [o for o in out if o is not None]
+
+
+def _dense_is_cheaper(m: int, n: int, R: int, rank: int | None = None) -> bool:
+    """Flop model choosing, for every component, between the dense SVD and the QR route.
+
+    Dense: form ΔW (2mnR), then a full SVD (~c·mn·min(m,n)). QR route: two Householder QRs (~2(m+n)R²),
+    the R×R core SVD ((1 + c)·R³) and the rotations back (2(m+n)R²). The SVD constant c (~6 with LAPACK's
+    divide and conquer) was checked with ``fedrank bench aggregate`` on 2 CPU cores. (``rank``: kept for
+    callers of the old signature; the top-``rank`` routes are chosen by :func:`_gram_is_cheaper`.)
     """
     if min(m, n) <= R:
         return True
@@ -91,70 +157,75 @@ def _dense_is_cheaper(m: int, n: int, R: int, rank: int | None = None) -> bool:
     return dense <= qr
 
 
-def svd_of_sum(
-    Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Sequence[float] | Tensor, *, rank: int | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin SVD of ΔW = Σ_k w_k·B_k·A_k without forming the m×n matrix.
+def _gram_is_cheaper(m: int, n: int, R: int) -> bool:
+    """Flop model for the top components: eigh of ΔW's smaller Gram versus QR of both factors + the core's.
 
-    With B = [w_1B_1 … w_KB_K] (m×R) and A = [A_1; …; A_K] (R×n), ΔW = B·A. QR gives
-    B = Q_b R_b and Aᵀ = Q_a R_a, so ΔW = Q_b (R_b R_aᵀ) Q_aᵀ; the SVD of the small R×R core
-    C = U_c S V_cᵀ rotates back to U = Q_b U_c, Vh = V_cᵀ Q_aᵀ. The QRs run in the input dtype and the
-    core in float64. Where R >= min(m, n), or a flop model says the dense SVD is cheaper, the m×n
-    matrix is small enough and is formed instead.
-
-    ``rank``: only the top ``rank`` components are wanted (all FlexLoRA's dispatch needs is the top
-    max(r_k)). On the dense route they then come from the Gram matrix's eigenvectors, refined by one
-    Rayleigh–Ritz step in float64 (:func:`_top_svd_dense`), which is faster than a full SVD and, checked
-    against float64, more accurate than a float32 one.
-
-    Returns U (m, q), S (q,) descending, Vh (q, n) with q = min(R, m, n) (or ``rank`` if smaller), in the
-    dtype of B_1.
+    In matmul-equivalent flops (2 CPU cores, MKL; ``fedrank bench aggregate``): a Householder QR with its Q
+    costs ~1.8·(4mR² - 4/3·R³), a symmetric eigendecomposition of size s ~11·s³. Gram route: ΔW (2mnR),
+    its Gram (2mn·s), eigh (s = min(m, n)); core route: the two QRs, the core and its Gram (3R³), eigh (R).
     """
-    _check_stack(Bs, As, weights)
-    dtype = Bs[0].dtype
-    w = torch.as_tensor(weights, dtype=dtype, device=Bs[0].device).reshape(-1)
-    B = torch.cat([wk * Bk.to(dtype) for wk, Bk in zip(w, Bs, strict=True)], dim=1)
-    A = torch.cat([Ak.to(dtype) for Ak in As], dim=0)
-    m, R = B.shape
-    n = A.shape[1]
-    q = min(R, m, n) if rank is None else min(R, m, n, rank)
+    s = min(m, n)
+    if s <= R:
+        return True
+    gram = 2.0 * m * n * R + 2.0 * m * n * s + 11.0 * s**3
+    qr = 1.8 * (4.0 * (m + n) * R * R - 8.0 / 3.0 * R**3) + 3.0 * R**3 + 11.0 * R**3
+    return gram <= qr
+
+
+def svd_of_product_batched(
+    B: Tensor, A: Tensor, *, rank: int | None = None, oversample: int = 16
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`svd_of_sums_batched` of one batch of products B·A, B (L, m, R), A (L, R, n) (e.g. from
+    :func:`stack_factors_batched`): U (L, m, q), S (L, q), Vh (L, q, n)."""
+    if B.ndim != 3 or A.ndim != 3 or B.shape[0] != A.shape[0] or B.shape[2] != A.shape[1]:
+        raise ValueError(f"B{tuple(B.shape)} and A{tuple(A.shape)} are not batches of factors (L,m,R),(L,R,n)")
     if rank is not None and rank <= 0:
         raise ValueError(f"rank must be positive, got {rank}")
-    if _dense_is_cheaper(m, n, R, rank):
-        if rank is not None and rank < min(m, n):
-            return _top_svd_dense(B @ A, q)
-        U, S, Vh = torch.linalg.svd(B @ A, full_matrices=False)
-        return U[:, :q], S[:q], Vh[:q]
-    Qb, Rb = torch.linalg.qr(B)  # (m, R), (R, R)
-    Qa, Ra = torch.linalg.qr(A.T)  # (n, R), (R, R)
-    core = Rb.double() @ Ra.double().T
-    if rank is not None and q + 16 < R:
-        Uc, S, Vch = _top_svd_dense(core, q, gram_dtype=dtype)
-    else:
+    m, R, n = B.shape[1], B.shape[2], A.shape[2]
+    full = min(m, n, R)
+    q = full if rank is None else min(full, rank)
+    if q + oversample >= full:  # (nearly) every component: an SVD, of ΔW or of the core
+        if _dense_is_cheaper(m, n, R):
+            U, S, Vh = torch.linalg.svd(B @ A, full_matrices=False)
+            return U[..., :q], S[..., :q], Vh[..., :q, :]
+        Qb, Qa, core = _qr_core(B, A)
         Uc, S, Vch = torch.linalg.svd(core)
-    U = Qb @ Uc[:, :q].to(dtype)
-    Vh = Vch[:q].to(dtype) @ Qa.T
-    return U, S[:q].to(dtype), Vh
+        return Qb @ Uc[..., :q].to(B.dtype), S[..., :q].to(B.dtype), Vch[..., :q, :].to(B.dtype) @ Qa.mT
+    if _gram_is_cheaper(m, n, R):
+        return _top_svd_gram(B @ A, q, oversample)
+    Qb, Qa, core = _qr_core(B, A)
+    Uc, S, Vch = _top_svd_gram(core, q, oversample, gram_dtype=B.dtype)
+    return Qb @ Uc.to(B.dtype), S.to(B.dtype), Vch.to(B.dtype) @ Qa.mT
 
 
-def _top_svd_dense(
+def _qr_core(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """B = Q_b R_b, Aᵀ = Q_a R_a (input dtype) and the core R_b R_aᵀ in float64: B·A = Q_b·core·Q_aᵀ."""
+    Qb, Rb = torch.linalg.qr(B)
+    Qa, Ra = torch.linalg.qr(A.mT)
+    return Qb, Qa, Rb.double() @ Ra.double().mT
+
+
+def _top_svd_gram(
     M: Tensor, k: int, oversample: int = 16, gram_dtype: torch.dtype | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-k SVD of a dense M: eigenvectors of the smaller Gram matrix span the top subspace; one
-    Rayleigh–Ritz step in float64 (QR of M·V, SVD of the l×n projection) recovers the triplets to
-    float64-level accuracy for the kept components. ``gram_dtype`` (default M's) is the precision of the
-    eigendecomposition that only has to find the subspace: float32 is enough for float32 data."""
-    m, n = M.shape
+    """Top-k SVD of a batch of matrices M (L, m, n): the eigenvectors of the smaller Gram matrix span the
+    top subspace; one Rayleigh–Ritz step in float64 (QR of M·V, SVD of the l×n projection) recovers the
+    kept triplets to float64-level accuracy. ``gram_dtype`` (default M's) is the precision of the Gram and
+    its eigendecomposition, which only have to find the subspace: float32 is enough for float32 data."""
+    m, n = M.shape[-2], M.shape[-1]
     if m < n:
-        U, S, Vh = _top_svd_dense(M.T, k, oversample, gram_dtype)
-        return Vh.T, S, U.T
+        U, S, Vh = _top_svd_gram(M.mT, k, oversample, gram_dtype)
+        return Vh.mT, S, U.mT
     dtype = M.dtype
     l = min(k + oversample, n)
     Mg = M if gram_dtype is None else M.to(gram_dtype)
-    _, V = torch.linalg.eigh(Mg.T @ Mg)  # ascending eigenvalues
-    Q, _ = torch.linalg.qr(M.double() @ V[:, -l:].double())
-    Uz, S, Vh = torch.linalg.svd(Q.T @ M.double(), full_matrices=False)
-    return (Q @ Uz[:, :k]).to(dtype), S[:k].to(dtype), Vh[:k].to(dtype)
+    _, V = torch.linalg.eigh(Mg.mT @ Mg)  # ascending eigenvalues
+    Vl = V[..., -l:].to(Mg.dtype)
+    Q, _ = torch.linalg.qr((Mg @ Vl).double())
+    # Qᵀ·M in float64, one matrix at a time: a float64 copy of the whole batch would double its memory.
+    Z = torch.stack([Q[i].mT @ M[i].double() for i in range(M.shape[0])])
+    Uz, S, Vh = torch.linalg.svd(Z, full_matrices=False)
+    return (Q @ Uz[..., :k]).to(dtype), S[..., :k].to(dtype), Vh[..., :k, :].to(dtype)
 
 
 def truncate(
@@ -203,11 +274,30 @@ def stack_factors(
 ) -> tuple[Tensor, Tensor]:
     """FLoRA's stacking: [w_1B_1 … w_KB_K] and [A_1; …; A_K], whose product is Σ w_k B_k A_k exactly."""
     _check_stack(Bs, As, weights)
-    w = torch.as_tensor(weights, dtype=Bs[0].dtype).reshape(-1)
-    return (
-        torch.cat([wk * Bk for wk, Bk in zip(w, Bs, strict=True)], dim=1),
-        torch.cat(list(As), dim=0),
-    )
+    B, A = stack_factors_batched([Bs], [As], weights)
+    return B[0], A[0]
+
+
+def stack_factors_batched(
+    Bs: Sequence[Sequence[Tensor]], As: Sequence[Sequence[Tensor]], weights: Sequence[float] | Tensor
+) -> tuple[Tensor, Tensor]:
+    """:func:`stack_factors` of L layers of one shape (``Bs[l][k]``: layer l, client k) into one batch,
+    B (L, m, R) and A (L, R, n), in one copy: each client's weight multiplies its columns of B once."""
+    if not Bs or len(Bs) != len(As):
+        raise ValueError(f"need one list of factors per layer for B and A, got {len(Bs)} and {len(As)}")
+    dtype, device = Bs[0][0].dtype, Bs[0][0].device
+    ranks = [int(B.shape[1]) for B in Bs[0]]
+    w = torch.as_tensor(weights, dtype=dtype).reshape(-1)
+    if w.numel() != len(ranks):
+        raise ValueError(f"{w.numel()} weights for {len(ranks)} clients")
+    m, n, R = int(Bs[0][0].shape[0]), int(As[0][0].shape[1]), sum(ranks)
+    Bb = torch.empty(len(Bs), m, R, dtype=dtype, device=device)
+    Ab = torch.empty(len(As), R, n, dtype=dtype, device=device)
+    for i, (Bl, Al) in enumerate(zip(Bs, As, strict=True)):
+        torch.cat([B.to(dtype) for B in Bl], dim=1, out=Bb[i])
+        torch.cat([A.to(dtype) for A in Al], dim=0, out=Ab[i])
+    Bb *= torch.repeat_interleave(w, torch.tensor(ranks)).to(device)
+    return Bb, Ab
 
 
 def init_lora_factors(m: int, n: int, rank: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:

@@ -8,8 +8,11 @@ Client k trains LoRA at its own rank r_k. The server synthesises the full-size u
 and sends client k the best rank-r_k approximation of ΔW (Eckart–Young, via the SVD), with the singular
 values folded into B and the client's scaling undone (B ← U_r diag(S_r) · r_k/α, A ← V_rᵀ).
 
-ΔW is kept as its thin SVD (``fedrank.lowrank.svd_of_sum``: QR of the stacked factors + an R×R SVD),
-memory O((m+n)·R) with R = Σ r_k: the m×n matrix is never formed for the large layers.
+ΔW is kept exactly as the weighted stacked factors, ΔW = [p_1 s_1 B_1 … p_K s_K B_K]·[A_1; …; A_K] (memory
+O((m+n)·R) with R = Σ r_k, s_k = α/r_k), for evaluation and export; dispatch needs only the top max(r_k) SVD
+triplets, which ``fedrank.lowrank.svd_of_sums_batched`` computes for all layers of one shape at once (eigh of
+the smaller Gram matrix, or QR of the stacked factors + the R×R core, whichever is cheaper, and a float64
+Rayleigh–Ritz step).
 """
 
 from __future__ import annotations
@@ -28,30 +31,47 @@ from fedrank.aggregation.base import (
     init_state_factors,
     normalized_weights,
 )
-from fedrank.lowrank import LowRankSVD, svd_of_sum, truncate, truncate_rank
+from fedrank.lowrank import (
+    LowRankSVD,
+    stack_factors_batched,
+    svd_of_product_batched,
+    svd_of_sums_batched,
+    truncate,
+    truncate_rank,
+)
 from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
 
 
 @dataclass(frozen=True)
 class FlexLoRAState:
-    """Before the first aggregation: the shared LoRA init (``init``); after: ΔW as thin SVDs (``svd``)."""
+    """Before the first aggregation: the shared LoRA init (``init``). After: ΔW of every layer exactly, as
+    the weighted stacked factors ΔW = B·A (``delta``, rank Σ r_k), and its top SVD components, as many as a
+    client may have (``svd``). Without ``delta`` (``components`` set, or raFLoRA) ``svd`` is all there is."""
 
     init: dict[str, LoraFactors]
     svd: dict[str, LowRankSVD] | None = None
+    delta: dict[str, LoraFactors] | None = None
+
+    @property
+    def init_rank(self) -> int:
+        """The largest client rank the state was made for (``init_state``'s ``max_rank``)."""
+        return next(iter(self.init.values())).rank
 
     @property
     def max_rank(self) -> int:
         """Rank that holds every component of every layer (smaller layers are zero-padded)."""
         if self.svd is None:
-            return next(iter(self.init.values())).rank
+            return self.init_rank
+        if self.delta is not None:
+            return next(iter(self.delta.values())).rank
         return max(s.rank for s in self.svd.values())
 
 
 @dataclass(frozen=True)
 class FlexLoRA(MethodOptions):
-    """``components``: SVD components of ΔW kept in the state. None keeps all of them (ΔW exactly, so the
-    global model can be exported at any rank); k keeps the top k, all that dispatching ranks <= k needs,
-    and is faster where Σ r_k approaches the layer size."""
+    """``components``: None (default) keeps ΔW exactly, as its stacked factors, so the global model can be
+    evaluated and exported at any rank, plus the top SVD components any client may need (the ``max_rank``
+    the state was made for); k keeps only the top k components, all that dispatching ranks <= k needs."""
 
     components: int | None = None
     name: ClassVar[str] = "flexlora"
@@ -71,7 +91,14 @@ class FlexLoRA(MethodOptions):
                     f"client rank {rank} exceeds the max_rank {state.max_rank} the state was made for"
                 )
             return {k: LoraFactors(*truncate_rank(f.B, f.A, rank)) for k, f in state.init.items()}
-        return {k: LoraFactors(*truncate(s, rank, self.alpha, self.rslora)) for k, s in state.svd.items()}
+        svd = dict(state.svd)
+        if state.delta is not None:  # more components than kept: from ΔW itself
+            short = [k for k, s in svd.items() if s.rank < min(rank, *state.delta[k].shape, state.delta[k].rank)]
+            if short:
+                Bs, As = [state.delta[k].B for k in short], [state.delta[k].A for k in short]
+                tops = svd_of_sums_batched(Bs, As, rank=rank)
+                svd.update({k: LowRankSVD(*t) for k, t in zip(short, tops, strict=True)})
+        return {k: LoraFactors(*truncate(s, rank, self.alpha, self.rslora)) for k, s in svd.items()}
 
     def dispatch(
         self, state: FlexLoRAState, client: ClientSpec, round_index: int, local: dict[str, Tensor] | None = None
@@ -87,17 +114,39 @@ class FlexLoRA(MethodOptions):
     def aggregate(
         self, state: FlexLoRAState, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None
     ) -> FlexLoRAState:
+        """ΔW = Σ_k p_k·s(r_k)·B_k A_k per layer, kept as its stacked factors, and its top SVD triplets: the
+        layers of one shape (the 30 q_proj of a model, ...) stacked and factorised as one batch."""
         p = normalized_weights(updates, weights)
         check_layers(state.init, updates)
         w = [float(pk) * self.scaling(u.rank) for pk, u in zip(p, updates, strict=True)]
-        svd = {}
-        for name in state.init:
-            Bs, As = [u.factors[name].B for u in updates], [u.factors[name].A for u in updates]
-            U, S, Vh = svd_of_sum(Bs, As, w, rank=self.components)
-            svd[name] = LowRankSVD(U, S, Vh)
-        return FlexLoRAState(state.init, svd)
+        top = self.components or max(state.init_rank, *(u.rank for u in updates))
+        by_shape: dict[tuple[int, int], list[str]] = {}
+        for name, f in state.init.items():
+            by_shape.setdefault(f.shape, []).append(name)
+        delta, svd = {}, {}
+        for names in by_shape.values():
+            B, A = stack_factors_batched(
+                [[u.factors[k].B for u in updates] for k in names],
+                [[u.factors[k].A for u in updates] for k in names],
+                w,
+            )
+            U, S, Vh = svd_of_product_batched(B, A, rank=top)
+            for i, k in enumerate(names):
+                delta[k] = LoraFactors(B[i], A[i])
+                svd[k] = LowRankSVD(U[i], S[i], Vh[i])
+        order = list(state.init)
+        return FlexLoRAState(
+            state.init,
+            {k: svd[k] for k in order},
+            {k: delta[k] for k in order} if self.components is None else None,
+        )
 
     def global_model(self, state: FlexLoRAState, rank: int | None = None) -> ClientAssignment:
-        """At ``rank`` (default: every component kept, i.e. ΔW exactly)."""
+        """At ``rank`` (default: ΔW exactly, the stacked factors at rank Σ r_k, or every component kept)."""
+        if rank is None and state.delta is not None:
+            r = state.max_rank
+            s = self.scaling(r)
+            factors = {k: LoraFactors(f.B / s, f.A) for k, f in state.delta.items()}
+            return ClientAssignment(-1, r, s, factors, 0)
         r = rank or state.max_rank
         return ClientAssignment(-1, r, self.scaling(r), self._factors(state, r), 0)

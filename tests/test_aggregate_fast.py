@@ -1,0 +1,228 @@
+"""The batched FlexLoRA routes (issue 12): every dispatched product equals the float64 best rank-r approximation,
+on flat spectra (random factors), tied singular values and rank-deficient ΔW, for every route."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedrank.aggregation.flexlora import FlexLoRA
+from fedrank.lowrank import (
+    _dense_is_cheaper,
+    _gram_is_cheaper,
+    lora_scaling,
+    stack_factors,
+    stack_factors_batched,
+    svd_of_product_batched,
+    svd_of_sum,
+    svd_of_sums_batched,
+    truncate,
+)
+from fedrank.types import ClientSpec, ClientUpdate, LoraFactors
+
+F64 = torch.float64
+
+
+def random_batch(seed: int, L: int, m: int, n: int, ranks: list[int], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """L layers of random LoRA-like factors (a flat spectrum) stacked with random weights."""
+    g = torch.Generator().manual_seed(seed)
+    Bs = [[torch.randn(m, r, generator=g, dtype=dtype) * 0.01 for r in ranks] for _ in range(L)]
+    As = [[(torch.rand(r, n, generator=g, dtype=dtype) * 2 - 1) / n**0.5 for r in ranks] for _ in range(L)]
+    w = (torch.rand(len(ranks), generator=g, dtype=F64) + 0.5).tolist()
+    return stack_factors_batched(Bs, As, w)
+
+
+def best_rank(M: torch.Tensor, r: int) -> torch.Tensor:
+    U, S, Vh = torch.linalg.svd(M.double(), full_matrices=False)
+    return (U[:, :r] * S[:r]) @ Vh[:r]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.matrix_norm(a.double() - b.double()) / torch.linalg.matrix_norm(b.double()))
+
+
+# (m, n, R, route): the predicate each case must satisfy, so that every route is exercised
+TOP_CASES = [
+    ((120, 90), [8, 16, 32, 16, 8, 32], "gram"),  # R = 112 >= min(m, n): Gram of ΔW's smaller side
+    ((40, 300), [4, 8, 8, 16, 8], "gram"),  # wide, R > m: the Gram of ΔWᵀ
+    ((300, 200), [4, 8, 8, 16, 8], "core"),  # R = 44 << m, n: QR of the factors + the R×R core
+]
+
+
+@pytest.mark.parametrize("shape,ranks,route", TOP_CASES)
+@pytest.mark.parametrize("dtype,tol", [(F64, 1e-10), (torch.float32, 2e-5)])
+def test_top_route_dispatch_equals_float64_best_rank_r(
+    shape: tuple[int, int], ranks: list[int], route: str, dtype: torch.dtype, tol: float
+) -> None:
+    m, n = shape
+    R = sum(ranks)
+    assert _gram_is_cheaper(m, n, R) == (route == "gram")
+    B, A = random_batch(1, 3, m, n, ranks, dtype)
+    k = 8
+    assert k + 16 < min(m, n, R), "the top-k route must run"
+    U, S, Vh = svd_of_product_batched(B, A, rank=k)
+    assert U.shape == (3, m, k) and S.shape == (3, k) and Vh.shape == (3, k, n) and U.dtype == dtype
+    for i in range(3):
+        dW = B[i].double() @ A[i].double()
+        ref_S = torch.linalg.svdvals(dW)[:k]
+        torch.testing.assert_close(S[i].double(), ref_S, rtol=tol, atol=0)
+        for r in (1, 2, 4, k):
+            Bt, At = truncate((U[i], S[i], Vh[i]), r, alpha=16.0)
+            got = lora_scaling(16.0, r) * (Bt.double() @ At.double())
+            assert rel(got, best_rank(dW, r)) < tol
+
+
+@pytest.mark.parametrize("shape,R", [((120, 90), 112), ((300, 200), 44), ((40, 300), 44)])
+def test_every_component_routes_match_dense_svd(shape: tuple[int, int], R: int) -> None:
+    m, n = shape
+    ranks = [R // 4] * 4
+    B, A = random_batch(2, 2, m, n, ranks, F64)
+    U, S, Vh = svd_of_product_batched(B, A)
+    q = min(m, n, R)
+    assert S.shape == (2, q)
+    assert _dense_is_cheaper(m, n, R) == ((m, n) in [(120, 90), (40, 300)])
+    for i in range(2):
+        dW = B[i] @ A[i]
+        torch.testing.assert_close((U[i] * S[i]) @ Vh[i], dW, atol=1e-10 * float(S[i, 0]), rtol=0)
+        torch.testing.assert_close(S[i], torch.linalg.svdvals(dW)[:q], atol=1e-10 * float(S[i, 0]), rtol=0)
+
+
+def tied_clients(m: int, n: int, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Five rank-8 clients whose sum has singular values with exact ties: 5 (×4), 4 (×4), 3 (×8), 2 (×8), 1 (×16)."""
+    g = torch.Generator().manual_seed(5)
+    U0, _ = torch.linalg.qr(torch.randn(m, 40, generator=g, dtype=F64))
+    V0, _ = torch.linalg.qr(torch.randn(n, 40, generator=g, dtype=F64))
+    s = torch.tensor([5.0] * 4 + [4.0] * 4 + [3.0] * 8 + [2.0] * 8 + [1.0] * 16, dtype=F64)
+    perm = torch.randperm(40, generator=g)  # each client holds a mix of levels
+    Bs = [(U0[:, perm[i : i + 8]] * s[perm[i : i + 8]]).to(dtype) for i in range(0, 40, 8)]
+    As = [V0[:, perm[i : i + 8]].T.to(dtype) for i in range(0, 40, 8)]
+    return Bs, As, s
+
+
+@pytest.mark.parametrize("shape", [(150, 120), (60, 400), (400, 300)])
+@pytest.mark.parametrize("dtype,tol", [(F64, 1e-10), (torch.float32, 2e-6)])
+def test_ties_keep_the_eckart_young_optimum(shape: tuple[int, int], dtype: torch.dtype, tol: float) -> None:
+    """Where a cut falls between tied values the best rank-r approximation is unique and must match; where it
+    splits a tie, any choice is optimal: the error must equal the tail energy Σ_{i>r} σ_i²."""
+    m, n = shape
+    Bs, As, s = tied_clients(m, n, dtype)
+    dW = sum(B.double() @ A.double() for B, A in zip(Bs, As, strict=True))
+    U, S, Vh = svd_of_sum(Bs, As, [1.0] * 5, rank=12)
+    torch.testing.assert_close(S.double(), s[:12], atol=tol * 5, rtol=0)
+    for r in (1, 2, 4, 6, 8, 12):
+        approx = (U[:, :r].double() * S[:r].double()) @ Vh[:r].double()
+        if r in (4, 8):  # cut between tie levels: unique
+            assert rel(approx, best_rank(dW, r)) < tol
+        err = float(torch.linalg.matrix_norm(dW - approx) ** 2)
+        tail = float((s[r:] ** 2).sum())
+        assert abs(err - tail) <= tol * float((s**2).sum())
+        assert int(torch.linalg.matrix_rank(approx, atol=1e-3)) == r
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("shape", [(150, 120), (300, 200)])
+def test_rank_deficient_and_zero_delta(dtype: torch.dtype, shape: tuple[int, int]) -> None:
+    m, n = shape
+    g = torch.Generator().manual_seed(9)
+    B1, A1 = torch.randn(m, 6, generator=g, dtype=dtype), torch.randn(6, n, generator=g, dtype=dtype)
+    # six copies of one rank-6 client: R = 36, rank ΔW = 6 < the 8 components asked for
+    U, S, Vh = svd_of_sum([B1] * 6, [A1] * 6, [1 / 6] * 6, rank=8)
+    dW = B1.double() @ A1.double()
+    assert torch.isfinite(U).all() and torch.isfinite(S).all() and torch.isfinite(Vh).all()
+    tol = 1e-10 if dtype == F64 else 2e-5
+    assert rel((U.double() * S.double()) @ Vh.double(), dW) < tol
+    assert float(S[6:].abs().max()) <= tol * float(S[0])
+    for r in (2, 6, 8):
+        B, A = truncate((U, S, Vh), r, alpha=8.0)
+        assert rel(lora_scaling(8.0, r) * B.double() @ A.double(), best_rank(dW, r)) < tol
+    # all weights zero: ΔW = 0, every triplet finite, S = 0
+    U, S, Vh = svd_of_sum([B1] * 6, [A1] * 6, [0.0] * 6, rank=8)
+    assert torch.isfinite(U).all() and torch.isfinite(Vh).all() and float(S.abs().max()) == 0.0
+
+
+def test_list_api_groups_by_shape_and_keeps_order() -> None:
+    g = torch.Generator().manual_seed(3)
+    shapes = [(50, 40), (30, 70), (50, 40), (30, 70), (50, 40)]
+    Bs = [torch.randn(m, 36, generator=g, dtype=F64) for m, _ in shapes]
+    As = [torch.randn(36, n, generator=g, dtype=F64) for _, n in shapes]
+    got = svd_of_sums_batched(Bs, As, rank=5)
+    assert len(got) == len(shapes)
+    for (U, S, Vh), B, A in zip(got, Bs, As, strict=True):
+        assert U.shape == (B.shape[0], 5) and Vh.shape == (5, A.shape[1])
+        torch.testing.assert_close(S, torch.linalg.svdvals(B @ A)[:5], rtol=1e-10, atol=0)
+        assert rel((U * S) @ Vh, best_rank(B @ A, 5)) < 1e-10
+
+
+def test_stack_factors_batched_is_stack_factors_per_layer() -> None:
+    g = torch.Generator().manual_seed(4)
+    ranks, w = [2, 5, 3], [0.25, 1.5, 0.75]
+    Bs = [[torch.randn(7, r, generator=g) for r in ranks] for _ in range(4)]
+    As = [[torch.randn(r, 9, generator=g) for r in ranks] for _ in range(4)]
+    B, A = stack_factors_batched(Bs, As, w)
+    assert B.shape == (4, 7, 10) and A.shape == (4, 10, 9)
+    for i in range(4):
+        Bi, Ai = stack_factors(Bs[i], As[i], w)
+        assert torch.equal(B[i], Bi) and torch.equal(A[i], Ai)
+        exact = sum(wk * Bk.double() @ Ak.double() for wk, Bk, Ak in zip(w, Bs[i], As[i], strict=True))
+        torch.testing.assert_close(B[i].double() @ A[i].double(), exact, atol=1e-5, rtol=1e-5)
+
+
+SHAPES = {"l0.q": (96, 80), "l1.q": (96, 80), "l0.down": (80, 200), "l1.down": (80, 200), "l0.k": (24, 80)}
+
+
+def updates(ranks: list[int], dtype: torch.dtype) -> list[ClientUpdate]:
+    g = torch.Generator().manual_seed(21)
+    ups = []
+    for c, r in enumerate(ranks):
+        f = {
+            k: LoraFactors(
+                torch.randn(m, r, generator=g, dtype=dtype) * 0.01, torch.randn(r, n, generator=g, dtype=dtype)
+            )
+            for k, (m, n) in SHAPES.items()
+        }
+        ups.append(ClientUpdate(c, r, 10 + 7 * c, f))
+    return ups
+
+
+@pytest.mark.parametrize("dtype,tol", [(F64, 1e-10), (torch.float32, 2e-5)])
+def test_flexlora_round_dispatches_best_rank_r_and_keeps_delta_exactly(dtype: torch.dtype, tol: float) -> None:
+    ranks = [4, 8, 16, 8, 4, 16, 2]
+    ups = updates(ranks, dtype)
+    fx = FlexLoRA(alpha=16.0)
+    state = fx.init_state(SHAPES, 16)
+    new = fx.aggregate(state, ups)
+    assert new.delta is not None and new.svd is not None
+    p = torch.tensor([u.num_examples for u in ups], dtype=F64)
+    p = p / p.sum()
+    dW = {
+        k: sum(
+            float(pk) * lora_scaling(16.0, u.rank) * u.factors[k].B.double() @ u.factors[k].A.double()
+            for pk, u in zip(p, ups, strict=True)
+        )
+        for k in SHAPES
+    }
+    for k in SHAPES:  # ΔW kept exactly, and only the components a client may need
+        assert new.delta[k].rank == sum(ranks) and new.svd[k].rank == min(16, *SHAPES[k])
+        assert rel(new.delta[k].B.double() @ new.delta[k].A.double(), dW[k]) < (1e-14 if dtype == F64 else 1e-6)
+    for r in sorted(set(ranks)):
+        a = fx.dispatch(new, ClientSpec(0, r, 1), 1)
+        for k in SHAPES:
+            f = a.factors[k]
+            assert f.B.shape == (SHAPES[k][0], r) and f.A.shape == (r, SHAPES[k][1])
+            assert rel(a.scaling * f.B.double() @ f.A.double(), best_rank(dW[k], r)) < tol
+    gm = fx.global_model(new)
+    assert gm.rank == sum(ranks)
+    for k in SHAPES:
+        assert rel(gm.scaling * gm.factors[k].B.double() @ gm.factors[k].A.double(), dW[k]) < 10 * tol
+    # a rank beyond the kept components comes from ΔW itself
+    wide = fx.global_model(new, 40)
+    for k in SHAPES:
+        f = wide.factors[k]
+        assert rel(wide.scaling * f.B.double() @ f.A.double(), best_rank(dW[k], 40)) < tol
+    # components=k keeps only the top k (no ΔW) and dispatches the same products
+    top = FlexLoRA(alpha=16.0, components=16).aggregate(state, ups)
+    assert top.delta is None
+    b = FlexLoRA(alpha=16.0, components=16).dispatch(top, ClientSpec(0, 8, 1), 1)
+    a = fx.dispatch(new, ClientSpec(0, 8, 1), 1)
+    for k in SHAPES:
+        torch.testing.assert_close(b.factors[k].B @ b.factors[k].A, a.factors[k].B @ a.factors[k].A)
