@@ -400,3 +400,20 @@ def test_flexlora_components_keeps_the_top_k_and_dispatches_identically() -> Non
         top.dispatch(s_top, ClientSpec(0, 8, 1), 1)
     with pytest.raises(ValueError, match="components must be positive"):
         FlexLoRA(components=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_check_layers_names_the_layer_with_a_non_finite_factor(bad: float) -> None:
+    from fedrank.aggregation.base import AggregationError, check_layers
+    from fedrank.types import ClientUpdate, LoraFactors
+
+    g = torch.Generator().manual_seed(0)
+    f = {f"l{i}": LoraFactors(torch.randn(6, 2, generator=g), torch.randn(2, 5, generator=g)) for i in range(4)}
+    check_layers(f, [ClientUpdate(0, 2, 1, f)])
+    huge = {k: LoraFactors(v.B * 3e38, v.A * 3e38) for k, v in f.items()}  # finite, but their sum overflows
+    check_layers(huge, [ClientUpdate(0, 2, 1, huge)])
+    A = f["l2"].A.clone()
+    A[1, 3] = bad
+    broken = {**f, "l2": LoraFactors(f["l2"].B, A)}
+    with pytest.raises(AggregationError, match="client 0: layer l2 has non-finite factors"):
+        check_layers(f, [ClientUpdate(0, 2, 1, broken)])
