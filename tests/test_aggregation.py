@@ -410,6 +410,7 @@ def test_check_layers_names_the_layer_with_a_non_finite_factor(bad: float) -> No
     g = torch.Generator().manual_seed(0)
     f = {f"l{i}": LoraFactors(torch.randn(6, 2, generator=g), torch.randn(2, 5, generator=g)) for i in range(4)}
     check_layers(f, [ClientUpdate(0, 2, 1, f)])
+    # finite factors whose sum overflows to inf: settled layer by layer, and accepted
     huge = {
         k: LoraFactors(torch.full_like(v.B, 3e38), torch.full_like(v.A, 3e38)) for k, v in f.items()
     }  # sums overflow
