@@ -1,0 +1,143 @@
+"""The same small federated run in process, in a Flower Ray simulation and on a loopback Flower deployment,
+in one run: wall time per round, its ratio to in-process, and bytes on the wire against the simulator's own
+accounting.
+
+    python benchmarks/flower_overhead.py [--steps 1,300] [--rounds 3] [--skip-ray]
+
+The run: the tiny random Llama, 3 clients of ranks 4, 8, 16, all sampled every round, FlexLoRA. Each
+``--steps`` value is one training load: 1 step per client shows Flower's fixed cost per round; a few hundred
+make local training take tens of seconds per round. A round's time is the engine's own ("seconds" of its
+"round" record in metrics.jsonl: dispatch, training, replies, validation, aggregation; not evaluation);
+round 1 carries the cold start (a deployment's SuperNodes and a Ray simulation's actors load the model), so
+the ratio is given for the mean of the later rounds. In process the clients train one after another with
+all cores; on Flower each node is its own process, so the three train side by side on the machine's cores.
+
+Bytes: ``payload`` is what fedrank puts in the messages' ArrayRecords (client records' wire_*_bytes);
+``accounted`` is the method's own count (fp32 parameters x 4 bytes, as the simulator reports);
+``loopback`` is the whole traffic on the ``lo`` interface during the deployment run (HTTP, protobuf,
+heartbeats, polling; machine-wide, so anything else on loopback counts too), per round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from fedrank.config import load_config
+from fedrank.flower.deploy import LocalDeployment, run_ray_simulation, write_app_dir
+from fedrank.simulation import Simulation
+
+CONFIG = """
+seed = 0
+[model]
+name = "tiny"
+[data]
+source = "synthetic"
+synthetic_tasks = 8
+synthetic_examples = 64
+[partition]
+kind = "task"
+num_clients = 3
+num_eval_tasks = 2
+min_examples = 8
+[ranks]
+choices = [4, 8, 16]
+per_client = [4, 8, 16]
+[method]
+name = "flexlora"
+[federation]
+rounds = {rounds}
+clients_per_round = 3
+[train]
+steps = {steps}
+batch_size = 4
+lr = 0.001
+max_seq_len = 64
+[eval]
+before = false
+participants = 0
+[eval.settings]
+max_new_tokens = 2
+max_new_tokens_cap = 4
+max_seq_len = 48
+[output]
+plots = false
+"""
+
+
+def round_stats(out: Path) -> dict[str, Any]:
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r["seconds"] for r in recs if r["type"] == "round"]
+    clients = [r for r in recs if r["type"] == "client"]
+    n = max(len(rounds), 1)
+    return {
+        "rounds": rounds,
+        "later": statistics.mean(rounds[1:]) if len(rounds) > 1 else rounds[0],
+        "train": sum(r["seconds"] for r in clients if r["round"] > 1) / max(len(rounds) - 1, 1),
+        "accounted": sum(r["up_bytes"] + r["down_bytes"] for r in clients) / n,
+        "payload": sum(r.get("wire_up_bytes", 0) + r.get("wire_down_bytes", 0) for r in clients) / n,
+    }
+
+
+def lo_bytes() -> int:
+    c = psutil.net_io_counters(pernic=True).get("lo")
+    return 0 if c is None else int(c.bytes_sent)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", default="1,300", help="comma-separated local steps per client and round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--skip-ray", action="store_true")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="fedrank-flower-bench-"))
+    app = write_app_dir(tmp / "app")
+    print(f"{psutil.cpu_count()} CPU cores; {args.rounds} rounds of 3 clients (ranks 4, 8, 16); Flower on 127.0.0.1")
+    print(
+        f"{'steps':>5}  {'driver':<12} {'round 1 s':>9} {'later s':>8} {'ratio':>6}  "
+        f"{'payload/round':>14} {'accounted':>10} {'loopback':>10}"
+    )
+    for steps in (int(s) for s in args.steps.split(",")):
+        cfg_path = tmp / f"steps{steps}.toml"
+        cfg_path.write_text(CONFIG.format(rounds=args.rounds, steps=steps))
+        res: dict[str, dict[str, Any]] = {}
+        Simulation(load_config(cfg_path), tmp / f"inproc-{steps}", progress=False).run()
+        res["in-process"] = round_stats(tmp / f"inproc-{steps}")
+        rc = {"config": str(cfg_path), "out-dir": str(tmp / f"deploy-{steps}")}
+        nodes = [{"partition-id": i, "num-partitions": 3, "rank": r} for i, r in enumerate((4, 8, 16))]
+        with LocalDeployment(tmp / f"dep-{steps}", nodes) as dep:
+            before = lo_bytes()
+            result = dep.run(app, rc, timeout=3600)
+            lo = lo_bytes() - before
+        if not result.ok:
+            raise SystemExit(f"deployment run failed: {result.output()[-2000:]}")
+        res["deployment"] = round_stats(tmp / f"deploy-{steps}") | {"loopback": lo / args.rounds}
+        if not args.skip_ray:
+            rc["out-dir"] = str(tmp / f"ray-{steps}")
+            sim = run_ray_simulation(app, 3, rc, timeout=3600, run_dir=tmp / f"ray-run-{steps}")
+            if not sim.run.ok:
+                raise SystemExit(f"Ray run failed: {sim.run.output()[-2000:]}")
+            res["ray"] = round_stats(tmp / f"ray-{steps}")
+        base = res["in-process"]["later"]
+        for name, r in res.items():
+            lo_txt = f"{r['loopback'] / 2**20:9.2f}M" if "loopback" in r else f"{'':>10}"
+            print(
+                f"{steps:>5}  {name:<12} {r['rounds'][0]:9.2f} {r['later']:8.2f} {r['later'] / base:5.2f}x  "
+                f"{r['payload'] / 2**20:13.3f}M {r['accounted'] / 2**20:9.3f}M {lo_txt}"
+            )
+        print(
+            f"{'':>5}  in-process local training per later round: {res['in-process']['train']:.1f} s "
+            f"(the <=1.3x goal is for rounds with >= 30 s of it); fixed Flower cost per later round: "
+            f"deployment {res['deployment']['later'] - base:+.2f} s"
+            + (f", Ray {res['ray']['later'] - base:+.2f} s" if "ray" in res else "")
+        )
+
+
+if __name__ == "__main__":
+    main()
