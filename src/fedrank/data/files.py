@@ -225,7 +225,10 @@ def _column(ds: datasets.Dataset, name: str) -> list[Any]:
 
 
 def _check_columns(path: Path, ds: datasets.Dataset) -> None:
-    """Every row needs a prompt and an answer: the error names the file and the missing column."""
+    """Every row needs a prompt and an answer: the error names the file and the missing column (checked on the
+    Arrow columns, without reading the texts into Python)."""
+    import pyarrow.compute as pc
+
     cols = ds.column_names
     for options in (PROMPT_COLUMNS, ANSWER_COLUMNS):
         present = [c for c in options if c in cols]
@@ -235,11 +238,12 @@ def _check_columns(path: Path, ds: datasets.Dataset) -> None:
                 f"{path}: missing column {missing!r} (each row needs 'prompt' and 'target', or 'instruction' and "
                 f"'output'; the file has columns {cols})"
             )
-        values = [None] * len(ds)
-        for c in reversed(present):  # the first of the pair wins where both are set
-            values = [v if v is not None else old for v, old in zip(_column(ds, c), values, strict=True)]
-        if None in values:
+        empty = pc.is_null(ds.data.column(present[0]))
+        for c in present[1:]:
+            empty = pc.and_(empty, pc.is_null(ds.data.column(c)))
+        nulls = pc.sum(empty).as_py() or 0
+        if nulls:
             raise ValueError(
-                f"{path}: row {values.index(None)} has no {' or '.join(map(repr, present))} value "
-                f"({values.count(None)} rows without one)"
+                f"{path}: row {pc.index(empty, True).as_py()} has no {' or '.join(map(repr, present))} value "
+                f"({nulls} rows without one)"
             )

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Protocol
 
 from fedrank.data.bigbench import BigBench
+from fedrank.data.examples import Example
 from fedrank.data.files import FileStore
 from fedrank.data.partition import ClientData, Federation, PartitionConfig, client_data, family
 from fedrank.data.store import BigBenchStore, TaskStore
@@ -72,6 +73,14 @@ def federation(data: DataSource, partition: PartitionConfig, seed: int = 0) -> F
     return Federation(open_store(data, seed), partition)
 
 
+@functools.lru_cache(maxsize=2)
+def _own_file(path: str, mtime_ns: int, group_by: str, cache_dir: str) -> tuple[tuple[str, ...], tuple[Example, ...]]:
+    """A node's own file, read once per process while it is unchanged (``mtime_ns`` is part of the key)."""
+    store = FileStore([path], group_by, cache_dir or None)
+    tasks = tuple(store.task_names())
+    return tasks, tuple(e for t in tasks for e in store.examples(t))
+
+
 def _int(node_config: Mapping[str, NodeValue], key: str) -> int | None:
     value = node_config.get(key)
     if value is None or value == "":
@@ -93,9 +102,10 @@ def node_data(
     if path and task:
         raise ValueError("node config has both data-path and task; give one")
     if path:
-        store = FileStore([os.fspath(Path(str(path)).expanduser())], data.group_by, data.cache_dir or None)
-        tasks = store.task_names()
-        return client_data(pid or 0, tuple(tasks), [e for t in tasks for e in store.examples(t)], partition)
+        file = Path(str(path)).expanduser()
+        stamp = file.stat().st_mtime_ns if file.is_file() else 0
+        tasks, examples = _own_file(os.fspath(file), stamp, data.group_by, data.cache_dir)
+        return client_data(pid or 0, tasks, list(examples), partition)
     fed = federation(data, partition, seed)
     if task:
         name = str(task)
