@@ -407,3 +407,24 @@ def test_node_data_routes(data_files: dict[str, Path]) -> None:
         node_data(data, part, {"rank": 8}, seed=5)
     with pytest.raises(FileNotFoundError, match="missing.jsonl does not exist"):
         node_data(data, part, {"data-path": "/nonexistent/missing.jsonl"}, seed=5)
+
+
+def test_data_imports_no_flwr_and_datasets_only_offline_and_on_use() -> None:
+    """``flwr`` is fedrank.flower's alone; datasets / flwr-datasets load when a file or partition needs them,
+    with the offline switches on."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fedrank.config, fedrank.data\n"
+        "assert not {'datasets', 'flwr_datasets', 'flwr'} & set(sys.modules), 'imported at start'\n"
+        "from fedrank.data import Federation, PartitionConfig\n"
+        "from fedrank.data.synthetic import synthetic_store\n"
+        "Federation(synthetic_store(), PartitionConfig(kind='dirichlet', num_clients=4, num_eval_tasks=1))\n"
+        "import datasets\n"
+        "assert 'flwr_datasets' in sys.modules and 'flwr' not in sys.modules\n"
+        "assert datasets.config.HF_DATASETS_OFFLINE and datasets.config.HF_HUB_OFFLINE\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1] / "src"), env.get("PYTHONPATH", "")])
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)

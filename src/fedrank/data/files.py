@@ -73,14 +73,14 @@ def _load(path: Path, cache: Path) -> datasets.Dataset:
         with path.open(newline="", encoding="utf-8") as f:
             header = next(csv.reader(f), [])
         kwargs["features"] = ds_lib.Features({c: ds_lib.Value("string") for c in header})
-    bars = not ds_lib.utils.is_progress_bar_enabled()
+    bars_were_on = ds_lib.utils.is_progress_bar_enabled()
     ds_lib.disable_progress_bars()
     try:
         ds = ds_lib.load_dataset(builder, data_files=[str(path)], split="train", cache_dir=str(cache), **kwargs)
     except Exception as e:  # datasets wraps parser errors in its own types
         raise ValueError(f"data file {path} could not be read as {builder}: {e}") from e
     finally:
-        if not bars:
+        if bars_were_on:
             ds_lib.enable_progress_bars()
     assert isinstance(ds, ds_lib.Dataset)
     return ds
