@@ -428,3 +428,49 @@ def test_data_imports_no_flwr_and_datasets_only_offline_and_on_use() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1] / "src"), env.get("PYTHONPATH", "")])
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+def test_a_run_on_users_files_with_the_natural_partition(data_files: dict[str, Path], tmp_path: Path) -> None:
+    from fedrank.config import load_config
+    from fedrank.simulation import Simulation
+
+    cfg_path = tmp_path / "files.toml"
+    cfg_path.write_text(
+        f"""
+[model]
+name = "tiny"
+[data]
+source = "files"
+paths = [{json.dumps(str(data_files["csv"]))}, {json.dumps(str(data_files["parquet"]))}]
+group_by = "task"
+[partition]
+kind = "natural"
+num_clients = 3
+num_eval_tasks = 1
+min_examples = 1
+[ranks]
+distribution = "uniform"
+choices = [2, 4]
+[federation]
+rounds = 1
+clients_per_round = 2
+[train]
+steps = 1
+batch_size = 2
+max_seq_len = 32
+[eval]
+participants = 1
+[eval.settings]
+max_new_tokens = 2
+max_new_tokens_cap = 2
+max_seq_len = 32
+[output]
+plots = false
+"""
+    )
+    sim = Simulation(load_config(cfg_path), tmp_path / "run", progress=False)
+    assert sim.fed.natural_ids == [1, 2, 10] and len(sim.fed.train_tasks) == 2
+    assert sum(sim.fed.num_examples(c) + sim.fed.num_test_examples(c) for c in range(3)) == 16  # 2 tasks x 4 x 2 files
+    sim.run()
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in recs if r["type"] == "client"]) == 2
