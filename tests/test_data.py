@@ -267,6 +267,10 @@ def test_file_errors_name_the_file_and_what_is_wrong(tmp_path: Path) -> None:
     half_clients.write_text('{"instruction": "x", "output": "y", "client": 1}\n{"instruction": "z", "output": "w"}\n')
     with pytest.raises(ValueError, match=r"g\.jsonl: row 1 has no 'client' value"):
         FileStore([half_clients])
+    broken = tmp_path / "h.jsonl"
+    broken.write_text('{"instruction": "x", "output": "y"}\n{"instruction": "z", "output": \n')
+    with pytest.raises(ValueError, match=r"h\.jsonl could not be read as json: JSON parse error.* row 1"):
+        FileStore([broken])
     with pytest.raises(ConfigError, match="needs data.paths"):
         DataConfig(source="files")
     with pytest.raises(ConfigError, match=r"\['x\.txt'\]: unknown extension"):

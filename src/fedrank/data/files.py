@@ -77,8 +77,11 @@ def _load(path: Path, cache: Path) -> datasets.Dataset:
     ds_lib.disable_progress_bars()
     try:
         ds = ds_lib.load_dataset(builder, data_files=[str(path)], split="train", cache_dir=str(cache), **kwargs)
-    except Exception as e:  # datasets wraps parser errors in its own types
-        raise ValueError(f"data file {path} could not be read as {builder}: {e}") from e
+    except Exception as e:  # datasets wraps the parser's error (which says where) in its own
+        cause: BaseException = e
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise ValueError(f"data file {path} could not be read as {builder}: {cause}") from e
     finally:
         if bars_were_on:
             ds_lib.enable_progress_bars()
