@@ -131,8 +131,12 @@ def node_data(
 def _why_not_training(fed: Federation, task: str) -> str:
     if task in fed.skipped:
         return f"skipped: {fed.skipped[task]} (partition.min_examples)"
-    if family(task) in fed.held_out or task in fed.held_out:
-        return f"held out for evaluation (family {family(task)!r}); no client trains on it"
+    if task in fed.held_out or (fed.cfg.holdout == "family" and family(task) in fed.held_out):
+        what = f"its family {family(task)!r} is" if fed.cfg.holdout == "family" else "it is"
+        return f"{what} held out for evaluation; no client trains on it"
     if task in fed.store.task_names():
-        return "not among the run's training tasks (partition.tasks)"
+        return (
+            f"not among the run's {len(fed.train_tasks)} training tasks (partition.tasks, or partition.kind = "
+            "'task' with fewer clients than tasks)"
+        )
     return f"unknown; the run's data has {len(fed.store.task_names())} tasks"
