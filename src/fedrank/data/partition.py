@@ -74,8 +74,10 @@ def family(task: str) -> str:
 @dataclass(frozen=True)
 class PartitionConfig:
     kind: str = "task"
+    """"task" (one task per client), "dirichlet" / "iid" (flwr-datasets' partitioners over the training
+    examples) or "natural" (one client per distinct id in the data's ``client`` column)."""
     num_clients: int = 40
-    """Registered clients."""
+    """Registered clients ("natural": must equal the number of distinct client ids)."""
     num_eval_tasks: int = 4
     holdout: str = "family"
     """"family": held-out tasks' whole families are kept out of training; "task": only the exact tasks
@@ -85,6 +87,7 @@ class PartitionConfig:
     tasks: tuple[str, ...] = ()
     """Restrict the pool to these tasks (empty: every task with enough examples)."""
     dirichlet_alpha: float = 0.5
+    """Concentration of each task's Dirichlet(α·1_K) proportions over the clients (smaller: fewer holders)."""
     test_fraction: float = 0.2
     min_examples: int = 20
     max_examples_per_client: int = 0
