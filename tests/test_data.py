@@ -1,13 +1,25 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-from fedrank.data import BigBench, BigBenchStore, Federation, InMemoryStore, PartitionConfig, parse_task, read_jsonl
+from fedrank.config import ConfigError, DataConfig
+from fedrank.data import (
+    BigBench,
+    BigBenchStore,
+    Federation,
+    FileStore,
+    InMemoryStore,
+    PartitionConfig,
+    node_data,
+    parse_task,
+)
 from fedrank.data.bigbench import INDEX_VERSION, build_index, iter_tasks
 from fedrank.data.examples import Example
+from fedrank.data.files import row_example
 from fedrank.data.tokenize import IGNORE, collate, encode
 
 
@@ -105,26 +117,6 @@ def test_dirichlet_and_iid_partitions_are_disjoint_complete_and_seeded(kind: str
         assert sum(len(fed.client(c).tasks) for c in range(7)) / 7 < 5
 
 
-def test_jsonl_clients(tmp_path: Path) -> None:
-    f = tmp_path / "data.jsonl"
-    rows = [
-        {"instruction": "Translate", "input": "chat", "output": "cat", "client": "a"},
-        {"instruction": "Add 1+1", "output": "2", "client": "b"},
-        {"instruction": "Translate", "input": "chien", "output": "dog", "client": "a"},
-    ]
-    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    store = read_jsonl([f])
-    assert store.task_names() == ["a", "b"] and store.count("a") == 2
-    assert store.examples("a")[0].prompt == "Translate\n\nchat" and store.examples("b")[0].prompt == "Add 1+1"
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"instruction": "x", "output": "y"}\n{"instruction": "no output"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected a JSON object"):
-        read_jsonl([bad])
-    per_client = tmp_path / "client7.jsonl"
-    per_client.write_text(json.dumps({"instruction": "hi", "output": "there"}) + "\n")
-    assert read_jsonl([per_client]).task_names() == ["client7"]
-
-
 def test_encode_masks_prompt_and_truncates_prompt_first(tiny) -> None:
     tok = tiny.tokenizer
     ex = Example("what is the answer to the question", "yes no yes")
@@ -154,13 +146,15 @@ def test_sdist_lookup_never_downloads_when_told_not_to(tmp_path: Path, bigbench_
 
 
 def family_store() -> InMemoryStore:
-    """Six families; three of them with sibling subtasks (``fam:sub``), like BIG-bench."""
+    """Six families; three of them with sibling subtasks (``fam:sub``), like BIG-bench; example j of every
+    task is held by client j mod 5 (for the ``natural`` partition)."""
     names = ["solo_a", "solo_b", "solo_c", "fam1:x", "fam1:y", "fam1:z", "fam2:x", "fam2:y", "fam3:only"]
     tasks = {t: [Example(f"{t} q{j}", "a", task=t) for j in range(30)] for t in names}
-    return InMemoryStore(tasks, {t: ("kw",) if t.startswith("fam1") else ("other",) for t in names})
+    clients = {t: [f"c{j % 5}" for j in range(30)] for t in names}
+    return InMemoryStore(tasks, {t: ("kw",) if t.startswith("fam1") else ("other",) for t in names}, clients)
 
 
-@pytest.mark.parametrize("kind", ["task", "dirichlet", "iid"])
+@pytest.mark.parametrize("kind", ["task", "dirichlet", "iid", "natural"])
 @pytest.mark.parametrize("seed", range(6))
 def test_no_training_client_shares_a_family_with_an_evaluation_task(kind: str, seed: int) -> None:
     store = family_store()
@@ -169,11 +163,14 @@ def test_no_training_client_shares_a_family_with_an_evaluation_task(kind: str, s
     held = {t.split(":")[0] for t in fed.eval_tasks}
     assert set(fed.held_out) == held
     for cid in range(fed.num_clients):
-        for task in fed.client(cid).tasks:
+        c = fed.client(cid)
+        for task in c.tasks:
             assert task.split(":")[0] not in held, (task, fed.eval_tasks)
+        assert all(e.task.split(":")[0] not in held for e in c.train + c.test)
     # every task outside the held-out families trains
     assert set(fed.train_tasks) == {t for t in store.task_names() if t.split(":")[0] not in held} or kind == "task"
-    kw = Federation(store, PartitionConfig(kind=kind, num_clients=3, eval_keywords=("kw",), num_eval_tasks=1))
+    k = 5 if kind == "natural" else 3  # natural: one client per distinct id
+    kw = Federation(store, PartitionConfig(kind=kind, num_clients=k, eval_keywords=("kw",), num_eval_tasks=1))
     assert kw.held_out == ["fam1"] and not any(t.startswith("fam1") for t in kw.train_tasks)
 
 
@@ -188,3 +185,296 @@ def test_task_holdout_is_the_old_behaviour_and_lets_siblings_train() -> None:
     assert leaks > 0, "with holdout = 'task' a held-out subtask's siblings can train"
     with pytest.raises(ValueError, match="holdout"):
         PartitionConfig(holdout="families")
+
+
+# ---------------------------------------------------------------------------------------------- users' files
+FILES = Path(__file__).parent / "fixtures" / "files"
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same 12 rows as .jsonl, .json, .csv (committed) and .parquet (written here from the JSONL)."""
+    import pyarrow.json
+    import pyarrow.parquet
+
+    out = tmp_path_factory.mktemp("files") / "examples.parquet"
+    pyarrow.parquet.write_table(pyarrow.json.read_json(FILES / "examples.jsonl"), out)
+    return {
+        "jsonl": FILES / "examples.jsonl",
+        "json": FILES / "examples.json",
+        "csv": FILES / "examples.csv",
+        "parquet": out,
+    }
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Arrow copies of data files go to a test cache, not ~/.cache/fedrank."""
+    monkeypatch.setenv("FEDRANK_CACHE", str(tmp_path_factory.getbasetemp() / "fedrank-cache"))
+
+
+def test_every_file_format_reads_to_the_same_examples(data_files: dict[str, Path]) -> None:
+    stores = {fmt: FileStore([p], group_by="task") for fmt, p in data_files.items()}
+    base = stores["jsonl"]
+    assert base.task_names() == ["compare", "math", "translate"]
+    assert [base.count(t) for t in base.task_names()] == [4, 4, 4]
+    tr = base.examples("translate")
+    assert tr[0] == Example("Translate to English\n\nchat", "cat", ("cat",), task="translate")
+    math = base.examples("math")
+    assert (
+        math[0].prompt == "What is 2 plus 3?" and math[0].references == ("5", "five") and math[1].references == ("8",)
+    )
+    mc = base.examples("compare")
+    assert mc[1] == Example("Is 1 greater than 5?", "no", ("no",), ("yes", "no"), 1, "compare")
+    assert mc[2].scores == (1.0, 0.0, 0.5) and mc[2].credit(2) == 0.5
+    assert base.client_ids("translate") == [1, 2, 10, 1]
+    for fmt, store in stores.items():
+        assert store.task_names() == base.task_names(), fmt
+        for t in base.task_names():
+            assert store.examples(t) == base.examples(t), (fmt, t)
+            assert store.client_ids(t) == base.client_ids(t), (fmt, t)  # CSV's "10" is the number 10 too
+    # group_by's default is "client" (each client's rows one task, as JSONL was read before); no such
+    # column: the file's stem
+    by_client = FileStore([data_files["csv"]])
+    assert by_client.task_names() == ["1", "10", "2"] and by_client.count("10") == 4
+    assert FileStore([data_files["json"]], group_by="nope").task_names() == ["examples"]
+
+
+def test_file_errors_name_the_file_and_what_is_wrong(tmp_path: Path) -> None:
+    no_output = tmp_path / "a.jsonl"
+    no_output.write_text('{"instruction": "x", "answer": "y"}\n')
+    with pytest.raises(ValueError, match=r"a\.jsonl: missing column 'output'.*'answer'"):
+        FileStore([no_output])
+    no_prompt = tmp_path / "b.csv"
+    no_prompt.write_text("question,target\nx,y\n")
+    with pytest.raises(ValueError, match=r"b\.csv: missing column 'prompt'"):
+        FileStore([no_prompt])
+    empty_cell = tmp_path / "c.jsonl"
+    empty_cell.write_text('{"instruction": "x", "output": "y"}\n{"instruction": "z", "output": null}\n')
+    with pytest.raises(ValueError, match=r"c\.jsonl: row 1 has no 'output' value"):
+        FileStore([empty_cell])
+    with pytest.raises(
+        ValueError, match=r"d\.txt: unknown extension '\.txt'; known: \.json, \.jsonl, \.csv, \.parquet"
+    ):
+        FileStore([tmp_path / "d.txt"])
+    with pytest.raises(FileNotFoundError, match=r"e\.parquet does not exist"):
+        FileStore([tmp_path / "e.parquet"])
+    bad_mc = tmp_path / "f.json"
+    bad_mc.write_text('[{"prompt": "p", "target": "t", "choices": ["t", "u"], "correct": 5}]')
+    with pytest.raises(ValueError, match=r"f\.json: row 0: multiple-choice example needs 0 <= correct < 2"):
+        FileStore([bad_mc]).examples("f")
+    half_clients = tmp_path / "g.jsonl"
+    half_clients.write_text('{"instruction": "x", "output": "y", "client": 1}\n{"instruction": "z", "output": "w"}\n')
+    with pytest.raises(ValueError, match=r"g\.jsonl: row 1 has no 'client' value"):
+        FileStore([half_clients])
+    broken = tmp_path / "h.jsonl"
+    broken.write_text('{"instruction": "x", "output": "y"}\n{"instruction": "z", "output": \n')
+    with pytest.raises(ValueError, match=r"h\.jsonl could not be read as json: JSON parse error.* row 1"):
+        FileStore([broken])
+    with pytest.raises(ConfigError, match="needs data.paths"):
+        DataConfig(source="files")
+    with pytest.raises(ConfigError, match=r"\['x\.txt'\]: unknown extension"):
+        DataConfig(source="files", paths=("x.jsonl", "x.txt"))
+    assert DataConfig(source="jsonl", paths=("x.csv",)).source == "jsonl"  # the old name still reads any format
+
+
+def test_files_are_cached_as_arrow_outside_the_data_directory(data_files: dict[str, Path], tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "rows.jsonl").write_bytes(data_files["jsonl"].read_bytes())
+    store = FileStore([data / "rows.jsonl"], cache_dir=tmp_path / "cache")
+    assert sorted(p.name for p in data.iterdir()) == ["rows.jsonl"]
+    assert list((tmp_path / "cache" / "datasets").rglob("*.arrow"))
+    assert store.count("2") == 4
+    # a changed file is read again, not served from the cache
+    (data / "rows.jsonl").write_text('{"instruction": "x", "output": "y", "client": 7}\n')
+    os.utime(data / "rows.jsonl", (1, 1))
+    assert FileStore([data / "rows.jsonl"], cache_dir=tmp_path / "cache").task_names() == ["7"]
+
+
+# ---------------------------------------------------------------------------------------------- partitions
+def counted_store(tasks: int = 6, per_task: int = 40) -> InMemoryStore:
+    return InMemoryStore(
+        {f"t{i}": [Example(f"t{i} q{j}", "a", task=f"t{i}") for j in range(per_task)] for i in range(tasks)}
+    )
+
+
+def test_dirichlet_is_flwr_datasets_dirichlet_partitioner_over_the_task_index() -> None:
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    store = counted_store()
+    cfg = PartitionConfig(kind="dirichlet", num_clients=7, num_eval_tasks=1, dirichlet_alpha=0.3, seed=4)
+    fed = Federation(store, cfg)
+    counts = [store.count(t) for t in fed.train_tasks]
+    table = Dataset.from_dict({"task": [i for i, n in enumerate(counts) for _ in range(n)]})
+    ref = DirichletPartitioner(num_partitions=7, partition_by="task", alpha=0.3, min_partition_size=2, seed=4)
+    ref.dataset = table
+    for cid in range(7):
+        part = ref.load_partition(cid)["task"]
+        assert fed.num_examples(cid) + fed.num_test_examples(cid) == len(part) >= 2
+        assert fed.client_tasks(cid) == tuple(fed.train_tasks[t] for t in sorted(set(part)))
+
+
+def test_iid_clients_hold_equal_shares() -> None:
+    fed = Federation(counted_store(), PartitionConfig(kind="iid", num_clients=7, num_eval_tasks=1, seed=2))
+    sizes = [fed.num_examples(c) + fed.num_test_examples(c) for c in range(7)]
+    assert sum(sizes) == 200 and max(sizes) - min(sizes) <= 1 and sizes == [29, 29, 29, 29, 28, 28, 28]
+    assert all(len(fed.client_tasks(c)) >= 3 for c in range(7))  # 29 random rows of 5 tasks: most of them
+
+
+def test_partitions_refuse_clearly_what_they_cannot_do() -> None:
+    store = counted_store(tasks=6, per_task=40)
+    with pytest.raises(ValueError, match=r"200 training examples cannot give each of the 101 clients 2"):
+        Federation(store, PartitionConfig(kind="iid", num_clients=101, num_eval_tasks=1))
+    with pytest.raises(
+        ValueError, match=r"Dirichlet\(alpha=0\.001\) over 20 clients .* raise partition\.dirichlet_alpha"
+    ):
+        Federation(store, PartitionConfig(kind="dirichlet", num_clients=20, num_eval_tasks=1, dirichlet_alpha=0.001))
+    with pytest.raises(ValueError, match="natural' needs a 'client' column"):
+        Federation(store, PartitionConfig(kind="natural", num_clients=3, num_eval_tasks=1))
+
+
+def test_natural_partition_is_the_client_column(data_files: dict[str, Path]) -> None:
+    store = FileStore([data_files["csv"]], group_by="task")
+    with pytest.raises(ValueError, match=r"3 distinct 'client' ids, but partition.num_clients = 4; set .* = 3"):
+        Federation(store, PartitionConfig(kind="natural", num_clients=4, num_eval_tasks=1, min_examples=1))
+    for seed in range(4):
+        cfg = PartitionConfig(
+            kind="natural", num_clients=3, num_eval_tasks=1, min_examples=1, test_fraction=0.0, seed=seed
+        )
+        fed = Federation(store, cfg)
+        assert fed.natural_ids == [1, 2, 10]  # numeric order, from CSV text as from JSON numbers
+        rows = [json.loads(line) for line in data_files["jsonl"].read_text().splitlines()]
+        for cid, natural in enumerate(fed.natural_ids):
+            want = {row_example(r, "").prompt for r in rows if r["client"] == natural and r["task"] in fed.train_tasks}
+            got = fed.client(cid)
+            assert {e.prompt for e in got.train} == want and fed.num_examples(cid) == len(want)
+            assert set(got.tasks) <= set(fed.train_tasks) and fed.eval_tasks[0] not in got.tasks
+
+
+@pytest.mark.parametrize("kind", ["dirichlet", "iid", "natural"])
+def test_library_partitions_are_seeded_and_build_no_examples(kind: str) -> None:
+    class Counting(InMemoryStore):
+        loads = 0
+
+        def examples(self, task: str) -> list[Example]:
+            Counting.loads += 1
+            return super().examples(task)
+
+    base = counted_store()
+    store = Counting(base.tasks, clients={t: [j % 7 for j in range(40)] for t in base.tasks})
+    cfg = PartitionConfig(kind=kind, num_clients=7, num_eval_tasks=1, seed=3)
+    a, b = Federation(store, cfg), Federation(store, cfg)
+    assert Counting.loads == 0 and [a.num_examples(c) for c in range(7)] == [b.num_examples(c) for c in range(7)]
+    assert [a.client(c) for c in range(7)] == [b.client(c) for c in range(7)]
+    other = Federation(store, PartitionConfig(kind=kind, num_clients=7, num_eval_tasks=1, seed=8))
+    assert [other.client(c).train for c in range(7)] != [a.client(c).train for c in range(7)]
+
+
+# ---------------------------------------------------------------------------------------------- node data
+def test_node_data_routes(data_files: dict[str, Path]) -> None:
+    data = DataConfig(source="synthetic", synthetic_tasks=6, synthetic_examples=20)
+    part = PartitionConfig(kind="dirichlet", num_clients=4, num_eval_tasks=1, min_examples=1, seed=1)
+    from fedrank.data import federation, open_store
+
+    fed = Federation(open_store(data, seed=5), part)
+    # partition-id (Ray simulation: partition-id and num-partitions only): the simulator's client
+    for pid in range(4):
+        got = node_data(data, part, {"partition-id": pid, "num-partitions": 4}, seed=5)
+        assert got == fed.client(pid)
+    assert node_data(data, part, {"partition-id": "2"}, seed=5) == fed.client(2)  # node config values may be text
+    assert federation(data, part, 5) is federation(data, part, 5)  # built once per process
+    with pytest.raises(ValueError, match="num-partitions = 3, but the run registers partition.num_clients = 4"):
+        node_data(data, part, {"partition-id": 0, "num-partitions": 3}, seed=5)
+    with pytest.raises(ValueError, match="partition-id 4 is outside the run's 4 clients"):
+        node_data(data, part, {"partition-id": 4}, seed=5)
+    # task: every example of one training task
+    task = fed.train_tasks[0]
+    got = node_data(data, part, {"task": task, "partition-id": 3}, seed=5)
+    assert got.client_id == 3 and got.tasks == (task,) and len(got.train) == 16 and len(got.test) == 4
+    assert sorted(e.prompt for e in got.train + got.test) == sorted(e.prompt for e in fed.store.examples(task))
+    with pytest.raises(ValueError, match=f"task {fed.eval_tasks[0]!r}: its family .* is held out for evaluation"):
+        node_data(data, part, {"task": fed.eval_tasks[0]}, seed=5)
+    with pytest.raises(ValueError, match="task 'nope': unknown; the run's data has 6 tasks"):
+        node_data(data, part, {"task": "nope"}, seed=5)
+    # data-path: the node's own file, all of it
+    own = node_data(data, part, {"data-path": str(data_files["parquet"]), "partition-id": 1}, seed=5)
+    assert own.client_id == 1 and own.tasks == ("1", "10", "2")
+    assert len(own.train) == 10 and len(own.test) == 2
+    assert {e.prompt for e in own.train + own.test} == {
+        e.prompt for e in FileStore([data_files["jsonl"]]).examples("1")
+    } | {e.prompt for t in ("2", "10") for e in FileStore([data_files["jsonl"]]).examples(t)}
+    with pytest.raises(ValueError, match="both data-path and task"):
+        node_data(data, part, {"data-path": str(data_files["csv"]), "task": task}, seed=5)
+    with pytest.raises(ValueError, match="names no data: give partition-id"):
+        node_data(data, part, {"rank": 8}, seed=5)
+    with pytest.raises(FileNotFoundError, match="missing.jsonl does not exist"):
+        node_data(data, part, {"data-path": "/nonexistent/missing.jsonl"}, seed=5)
+
+
+def test_data_imports_no_flwr_and_datasets_only_offline_and_on_use() -> None:
+    """``flwr`` is fedrank.flower's alone; datasets / flwr-datasets load when a file or partition needs them,
+    with the offline switches on."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fedrank.config, fedrank.data\n"
+        "assert not {'datasets', 'flwr_datasets', 'flwr'} & set(sys.modules), 'imported at start'\n"
+        "from fedrank.data import Federation, PartitionConfig\n"
+        "from fedrank.data.synthetic import synthetic_store\n"
+        "Federation(synthetic_store(), PartitionConfig(kind='dirichlet', num_clients=4, num_eval_tasks=1))\n"
+        "import datasets\n"
+        "assert 'flwr_datasets' in sys.modules and 'flwr' not in sys.modules\n"
+        "assert datasets.config.HF_DATASETS_OFFLINE and datasets.config.HF_HUB_OFFLINE\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1] / "src"), env.get("PYTHONPATH", "")])
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+def test_a_run_on_users_files_with_the_natural_partition(data_files: dict[str, Path], tmp_path: Path) -> None:
+    from fedrank.config import load_config
+    from fedrank.simulation import Simulation
+
+    cfg_path = tmp_path / "files.toml"
+    cfg_path.write_text(
+        f"""
+[model]
+name = "tiny"
+[data]
+source = "files"
+paths = [{json.dumps(str(data_files["csv"]))}, {json.dumps(str(data_files["parquet"]))}]
+group_by = "task"
+[partition]
+kind = "natural"
+num_clients = 3
+num_eval_tasks = 1
+min_examples = 1
+[ranks]
+distribution = "uniform"
+choices = [2, 4]
+[federation]
+rounds = 1
+clients_per_round = 2
+[train]
+steps = 1
+batch_size = 2
+max_seq_len = 32
+[eval]
+participants = 1
+[eval.settings]
+max_new_tokens = 2
+max_new_tokens_cap = 2
+max_seq_len = 32
+[output]
+plots = false
+"""
+    )
+    sim = Simulation(load_config(cfg_path), tmp_path / "run", progress=False)
+    assert sim.fed.natural_ids == [1, 2, 10] and len(sim.fed.train_tasks) == 2
+    assert sum(sim.fed.num_examples(c) + sim.fed.num_test_examples(c) for c in range(3)) == 16  # 2 tasks x 4 x 2 files
+    sim.run()
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in recs if r["type"] == "client"]) == 2

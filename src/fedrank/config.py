@@ -17,13 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from fedrank.aggregation import METHODS
+from fedrank.data.files import BUILDERS as _BUILDERS
+from fedrank.data.node import SOURCES
 from fedrank.data.partition import PartitionConfig
 from fedrank.evaluate import EvalConfig
 from fedrank.models.lora import DEFAULT_TARGETS
 from fedrank.ranks import DISTRIBUTIONS
 from fedrank.train import TrainConfig
 
-SOURCES = ("bigbench", "jsonl", "synthetic")
+SUFFIXES = tuple(_BUILDERS)
 
 
 class ConfigError(ValueError):
@@ -53,18 +55,24 @@ class ModelConfig:
 class DataConfig:
     source: str = "bigbench"
     paths: tuple[str, ...] = ()
-    """JSONL files (source "jsonl")."""
+    """Source "files" ("jsonl" is its old name): .json/.jsonl/.csv/.parquet files, one example per row
+    (columns: ``fedrank.data.files``)."""
     group_by: str = "client"
+    """Source "files": the column naming a row's task (rows without it: the file's stem)."""
     cache_dir: str = ""
-    """BIG-bench cache (default $FEDRANK_CACHE or ~/.cache/fedrank)."""
+    """BIG-bench's cache and the Arrow copies of data files (default $FEDRANK_CACHE or ~/.cache/fedrank)."""
     synthetic_tasks: int = 16
     synthetic_examples: int = 40
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise ConfigError(f"data.source {self.source!r} is unknown; choices: {', '.join(SOURCES)}")
-        if self.source == "jsonl" and not self.paths:
-            raise ConfigError("data.source 'jsonl' needs data.paths = ['file.jsonl', ...]")
+        if self.source in ("files", "jsonl"):
+            if not self.paths:
+                raise ConfigError(f"data.source {self.source!r} needs data.paths = ['file.jsonl', ...]")
+            bad = [p for p in self.paths if not p.lower().endswith(SUFFIXES)]
+            if bad:
+                raise ConfigError(f"data.paths {bad}: unknown extension; known: {', '.join(SUFFIXES)}")
 
 
 @dataclass(frozen=True)

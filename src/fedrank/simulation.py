@@ -22,8 +22,7 @@ from tqdm.auto import tqdm
 from fedrank import checkpoint, faults, run_dir
 from fedrank.aggregation import HOMOGENEOUS, AggregationMethod, make_method
 from fedrank.config import ConfigError, RunConfig, override, to_dict
-from fedrank.data import BigBench, BigBenchStore, Federation, TaskStore, read_jsonl
-from fedrank.data.synthetic import synthetic_store
+from fedrank.data import Federation, TaskStore, open_store
 from fedrank.evaluate import evaluate_task, macro_average
 from fedrank.local import ClientExecutor, InProcessClients, LocalTrainer, Outcome, collapsed
 from fedrank.lowrank import energy_spectrum, lora_scaling, svd_of_sum, truncate
@@ -41,12 +40,7 @@ FSLORA_SGD_LR = 0.01
 
 
 def build_store(cfg: RunConfig) -> TaskStore:
-    d = cfg.data
-    if d.source == "bigbench":
-        return BigBenchStore(BigBench.open(d.cache_dir or None))
-    if d.source == "jsonl":
-        return read_jsonl(list(d.paths), d.group_by)
-    return synthetic_store(d.synthetic_tasks, d.synthetic_examples, cfg.seed)
+    return open_store(cfg.data, cfg.seed)
 
 
 def build_model(cfg: RunConfig) -> LoadedModel:

@@ -4,7 +4,31 @@ Partitions (FlexLoRA §4.1 is (a)):
 
 * ``task``: one task per client; a disjoint set of held-out *unseen* tasks is kept for evaluation
   (chosen by seed, or every task carrying one of ``eval_keywords``). With more clients than training
-  tasks, client k holds task k mod T and clients sharing a task hold disjoint shards of it.
+  tasks, client k holds task k mod T and clients sharing a task hold disjoint shards of it. No library
+  offers this one; it is fedrank's own.
+* ``dirichlet``: flwr-datasets' ``DirichletPartitioner(partition_by="task")``: for each training task
+  (its "class") proportions p ~ Dirichlet(α·1_K) over the K clients, and the task's examples (in a seeded
+  order) cut at the cumulative proportions. Small α concentrates each task on few clients (the total
+  concentration is α·K, so with many clients α must be small for clients to hold few tasks).
+* ``iid``: flwr-datasets' ``IidPartitioner``: every training example, in a seeded order, cut into K equal
+  contiguous shards (sizes differ by at most one).
+* ``natural``: flwr-datasets' ``NaturalIdPartitioner(partition_by="client")``: each distinct value of the
+  data's ``client`` column is one client (client k = the k-th id in sorted order: numeric when the ids are
+  integers), so ``num_clients`` must equal the number of distinct ids. Partitions are built over every row of
+  the store, then rows of tasks that do not train (held out, skipped, outside ``tasks``) are dropped, so a
+  client keeps its number when the held-out draw changes (and may be left with no training data).
+
+How flwr-datasets' Dirichlet differs from the rule fedrank had before it (counts ~ Multinomial(n_t, p_t) per
+task, with p_t ~ Dirichlet(α·1_K); empty clients allowed). The proportions are the same distribution, but:
+(1) a task's n_t examples are cut at ``floor(cumsum(p_t)·n_t)`` instead of sampled multinomially (no sampling
+noise on top of p_t); (2) ``min_partition_size``: when any client ends with fewer examples than that, *all*
+proportions are redrawn, at most 10 times, then it fails; fedrank sets it to what a client needs (1 train
+example, plus 1 test example when ``test_fraction > 0``), checks first that N ≥ K·that, and turns the
+library's "max number of attempts" into an error naming α, K and N; (3) ``self_balancing`` (a client above
+the average size N/K gets no share of later tasks) is off: it would make a client's tasks depend on the order
+of tasks, which the old rule did not; (4) the draws come from the library's own generator seeded with
+``partition.seed``, so the same seed gives different partitions than before this change (and the same ones
+every time since).
 
 Unseen means unseen: BIG-bench has ~1,000 tasks but most are subtasks (``parent:sub``) of a few dozen
 parent tasks, and siblings are near-copies (``mult_data_wrangling:convert_1_units_2`` vs ``..._4_times_2``).
@@ -12,30 +36,33 @@ With ``holdout = "family"`` (the default) a held-out task's whole family (the na
 out of training, for every partition kind; ``num_eval_tasks`` families are drawn and one task of each is
 evaluated. ``holdout = "task"`` is the old behaviour, named as such: only the exact task names are held
 out and their siblings may train.
-* ``dirichlet``: each training task's examples are split over the clients by proportions drawn from
-  Dirichlet(α·1_K): small α concentrates each task on few clients (the total concentration is α·K, so
-  with many clients α must be small for clients to hold few tasks).
-* ``iid``: each training task's examples are split uniformly at random over the clients.
 
 Every client's examples are split into train/test by a seeded shuffle; n_k (the server's weight) is the
-train size, known without loading anything. Memory holds per-task boundaries only, never the clients'
-examples, so thousands of registered clients cost what the sampled ones cost.
+train size, known without loading anything. The library partitions a light Arrow table of (task, row) with
+one row per training example, never the examples themselves; the Federation then keeps each client's row
+numbers as one int64 array (8 bytes per training example; for ``task`` only per-task boundaries), so
+thousands of registered clients cost what the sampled ones cost.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import warnings
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from fedrank.data.examples import Example
-from fedrank.data.store import TaskStore
+from fedrank.data.files import CLIENT_COLUMN, offline_datasets
+from fedrank.data.store import ClientColumn, TaskStore
 
 log = logging.getLogger(__name__)
 
-PARTITIONS = ("task", "dirichlet", "iid")
+PARTITIONS = ("task", "dirichlet", "iid", "natural")
 HOLDOUTS = ("family", "task")
 
 
@@ -47,8 +74,10 @@ def family(task: str) -> str:
 @dataclass(frozen=True)
 class PartitionConfig:
     kind: str = "task"
+    """"task" (one task per client), "dirichlet" / "iid" (flwr-datasets' partitioners over the training
+    examples) or "natural" (one client per distinct id in the data's ``client`` column)."""
     num_clients: int = 40
-    """Registered clients."""
+    """Registered clients ("natural": must equal the number of distinct client ids)."""
     num_eval_tasks: int = 4
     holdout: str = "family"
     """"family": held-out tasks' whole families are kept out of training; "task": only the exact tasks
@@ -58,6 +87,7 @@ class PartitionConfig:
     tasks: tuple[str, ...] = ()
     """Restrict the pool to these tasks (empty: every task with enough examples)."""
     dirichlet_alpha: float = 0.5
+    """Concentration of each task's Dirichlet(α·1_K) proportions over the clients (smaller: fewer holders)."""
     test_fraction: float = 0.2
     min_examples: int = 20
     max_examples_per_client: int = 0
@@ -96,6 +126,17 @@ def _split(n: int, test_fraction: float) -> int:
     return min(n - 1, max(1, round(n * test_fraction)))
 
 
+def client_data(client_id: int, tasks: tuple[str, ...], examples: list[Example], cfg: PartitionConfig) -> ClientData:
+    """A client's examples shuffled (seeded by ``cfg.seed`` and the client), capped at
+    ``max_examples_per_client`` and split into train/test by ``test_fraction``."""
+    rng = np.random.default_rng([cfg.seed, 11, client_id])
+    parts = [examples[i] for i in rng.permutation(len(examples))]
+    if cfg.max_examples_per_client:
+        parts = parts[: cfg.max_examples_per_client]
+    k = _split(len(parts), cfg.test_fraction)
+    return ClientData(client_id, tasks, parts[k:], parts[:k])
+
+
 class Federation:
     """Registered clients over a :class:`TaskStore`, plus the held-out evaluation tasks."""
 
@@ -103,7 +144,8 @@ class Federation:
         self.store, self.cfg = store, cfg
         rng = np.random.default_rng(cfg.seed)
         pool = list(cfg.tasks) if cfg.tasks else store.task_names()
-        missing = [t for t in pool if t not in set(store.task_names())]
+        known = set(store.task_names())
+        missing = [t for t in pool if t not in known]
         if missing:
             raise ValueError(f"unknown task(s) {missing[:5]}; the store has {len(store.task_names())} tasks")
         small = [t for t in pool if store.count(t) < cfg.min_examples]
@@ -132,11 +174,15 @@ class Federation:
             len(self.eval_tasks),
             len(train),
         )
+        self.natural_ids: list[int] | list[str] | None = None
+        """``natural``: client k's id in the data's ``client`` column."""
+        self._rows: np.ndarray | None = None
+        self._starts: np.ndarray | None = None
         if cfg.kind == "task":
             self.train_tasks = self.train_tasks[: cfg.num_clients]
-            self._bounds = None
         else:
-            self._bounds = self._split_tasks(rng)
+            self._task_starts = np.cumsum([0] + [store.count(t) for t in self.train_tasks])
+            self._partition()
 
     def _choose_eval(self, pool: list[str], rng: np.random.Generator) -> list[str]:
         cfg = self.cfg
@@ -161,43 +207,155 @@ class Federation:
         members = {f: [t for t in pool if family(t) == f] for f in chosen}  # one evaluated task per family
         return [members[f][int(rng.integers(len(members[f])))] for f in chosen]
 
-    def _split_tasks(self, rng: np.random.Generator) -> np.ndarray:
-        """Per training task, the cumulative example boundaries over clients: shape (T, K + 1)."""
-        K = self.cfg.num_clients
-        bounds = np.zeros((len(self.train_tasks), K + 1), dtype=np.int64)
-        for t, task in enumerate(self.train_tasks):
-            n = self.store.count(task)
-            if self.cfg.kind == "dirichlet":
-                p = rng.dirichlet(np.full(K, self.cfg.dirichlet_alpha))
-                counts = rng.multinomial(n, p)
-            else:
-                counts = rng.multinomial(n, np.full(K, 1.0 / K))
-            bounds[t, 1:] = np.cumsum(counts)
-        return bounds
+    def _index(self) -> tuple[np.ndarray, np.ndarray]:
+        """The (task, row) table to partition, one entry per training example: task = index into
+        ``train_tasks``, rows of each task in a seeded order (the library cuts a task's rows in table order)."""
+        counts = np.diff(self._task_starts)
+        task = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+        row = np.concatenate([self._order(t, n) for t, n in zip(self.train_tasks, counts.tolist(), strict=True)])
+        return task, row
+
+    def _order(self, task: str, n: int) -> np.ndarray:
+        return np.random.default_rng([self.cfg.seed, 7, zlib.crc32(task.encode())]).permutation(n)
+
+    def _partition(self) -> None:
+        """Each client's training examples, with flwr-datasets' partitioners (see the module docstring)."""
+        offline_datasets()
+        from datasets import Dataset
+        from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner, Partitioner
+
+        cfg, K = self.cfg, self.cfg.num_clients
+        need = 2 if cfg.test_fraction > 0 else 1  # a client needs one training example (and one test example)
+        if cfg.kind == "natural":
+            table, train_of = self._natural_index()
+        else:
+            task, row = self._index()
+            if len(task) < K * need:
+                raise ValueError(
+                    f"partition.kind {cfg.kind!r}: {len(task)} training examples cannot give each of the "
+                    f"{K} clients {need}; lower partition.num_clients"
+                )
+            if cfg.kind == "iid":
+                order = np.random.default_rng([cfg.seed, 17]).permutation(len(task))
+                task, row = task[order], row[order]
+            table = {"task": task, "row": row}
+            train_of = np.arange(len(self.train_tasks))
+        dataset = Dataset.from_dict(table).with_format("arrow")  # arrow: columns read as arrays, not row by row
+        partitioner: Partitioner
+        if cfg.kind == "dirichlet":
+            partitioner = DirichletPartitioner(
+                num_partitions=K,
+                partition_by="task",
+                alpha=float(cfg.dirichlet_alpha),
+                min_partition_size=need,
+                self_balancing=False,
+                shuffle=True,
+                seed=cfg.seed,
+            )
+        elif cfg.kind == "iid":
+            partitioner = IidPartitioner(num_partitions=K)
+        else:
+            partitioner = NaturalIdPartitioner(partition_by=CLIENT_COLUMN)
+        partitioner.dataset = dataset
+        with warnings.catch_warnings(record=True) as redraws, contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("always")  # the library warns on every redraw; one log line says how many
+            try:
+                parts = [partitioner.load_partition(k) for k in range(K)]
+            except ValueError as e:
+                if cfg.kind != "dirichlet":
+                    raise
+                raise ValueError(
+                    f"partition.kind 'dirichlet': every draw from Dirichlet(alpha={cfg.dirichlet_alpha}) over {K} "
+                    f"clients left a client with fewer than {need} of the {len(dataset)} training examples "
+                    f"({len(self.train_tasks)} tasks), also after 10 redraws (flwr-datasets: {e}); raise "
+                    "partition.dirichlet_alpha (more even splits) or lower partition.num_clients"
+                ) from e
+        if redraws:
+            log.info("dirichlet partition: %d redraw(s) until every client held >= %d examples", len(redraws), need)
+        if cfg.kind == "natural":
+            assert isinstance(partitioner, NaturalIdPartitioner)
+            self.natural_ids = [partitioner.partition_id_to_natural_id[k] for k in range(K)]
+        rows, starts = [], [0]
+        for part in parts:
+            t = train_of[part["task"].to_numpy()]
+            r = part["row"].to_numpy()
+            keep = t >= 0
+            rows.append(self._task_starts[t[keep]] + r[keep])
+            starts.append(starts[-1] + int(keep.sum()))
+        self._rows = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
+        self._starts = np.asarray(starts, dtype=np.int64)
+        empty = int((np.diff(self._starts) == 0).sum())
+        if empty:
+            log.info("%d of %d clients hold no training examples", empty, K)
+
+    def _natural_index(self) -> tuple[dict[str, Any], np.ndarray]:
+        """Every row of the store with its client id; ``train_of[code]``: the task's index in ``train_tasks``
+        (-1: the task does not train)."""
+        store, cfg = self.store, self.cfg
+        if not isinstance(store, ClientColumn):
+            raise ValueError(
+                f"partition.kind 'natural' needs a {CLIENT_COLUMN!r} column: use data.source = 'files' with a "
+                f"{CLIENT_COLUMN!r} column in the files (this data source has none)"
+            )
+        names = store.task_names()
+        clients: list[Any] = []
+        for name in names:
+            ids = store.client_ids(name)
+            if ids is None:
+                raise ValueError(
+                    f"partition.kind 'natural' needs a {CLIENT_COLUMN!r} column in the data files: each row "
+                    "names the client holding it"
+                )
+            clients.extend(ids)
+        distinct = len(set(clients))
+        if distinct != cfg.num_clients:
+            raise ValueError(
+                f"partition.kind 'natural': the data has {distinct} distinct {CLIENT_COLUMN!r} ids, but "
+                f"partition.num_clients = {cfg.num_clients}; set partition.num_clients = {distinct}"
+            )
+        counts = [store.count(t) for t in names]
+        position = {t: i for i, t in enumerate(self.train_tasks)}
+        table = {
+            "task": np.repeat(np.arange(len(names), dtype=np.int32), counts),
+            "row": np.concatenate([np.arange(n, dtype=np.int64) for n in counts]),
+            CLIENT_COLUMN: clients,
+        }
+        return table, np.asarray([position.get(t, -1) for t in names], dtype=np.int64)
 
     @property
     def num_clients(self) -> int:
         return self.cfg.num_clients
 
-    def _sizes(self, client_id: int) -> list[tuple[str, int, int]]:
-        """(task, start, stop) slices of the task's seeded example order held by ``client_id``."""
+    def _shard(self, client_id: int) -> tuple[str, int, int]:
+        """``task`` partition: (task, start, stop) of the task's seeded example order held by ``client_id``;
+        with more clients than tasks, clients sharing a task hold disjoint shards of it."""
+        T = len(self.train_tasks)
+        task = self.train_tasks[client_id % T]
+        shards = len(range(client_id % T, self.num_clients, T))
+        s, n = client_id // T, self.store.count(task)
+        return task, n * s // shards, n * (s + 1) // shards
+
+    def _check(self, client_id: int) -> None:
         if not 0 <= client_id < self.num_clients:
             raise IndexError(f"client {client_id} is not registered (0..{self.num_clients - 1})")
-        if self._bounds is None:  # one task per client; with more clients than tasks, disjoint shards
-            T = len(self.train_tasks)
-            task = self.train_tasks[client_id % T]
-            shards = len(range(client_id % T, self.num_clients, T))
-            s, n = client_id // T, self.store.count(task)
-            return [(task, n * s // shards, n * (s + 1) // shards)]
-        b = self._bounds
-        return [
-            (task, int(b[t, client_id]), int(b[t, client_id + 1]))
-            for t, task in enumerate(self.train_tasks)
-            if b[t, client_id + 1] > b[t, client_id]
-        ]
+
+    def _holdings(self, client_id: int) -> list[tuple[str, np.ndarray]]:
+        """(task, example indices into ``store.examples(task)``) held by ``client_id``, in ``train_tasks`` order."""
+        self._check(client_id)
+        if self._rows is None or self._starts is None:
+            task, start, stop = self._shard(client_id)
+            return [(task, self._order(task, self.store.count(task))[start:stop])]
+        gids = self._rows[self._starts[client_id] : self._starts[client_id + 1]]
+        t = np.searchsorted(self._task_starts, gids, side="right") - 1
+        return [(self.train_tasks[int(i)], gids[t == i] - self._task_starts[i]) for i in np.unique(t)]
 
     def _total(self, client_id: int) -> int:
-        n = sum(stop - start for _, start, stop in self._sizes(client_id))
+        self._check(client_id)
+        if self._starts is None:
+            _, start, stop = self._shard(client_id)
+            n = stop - start
+        else:
+            n = int(self._starts[client_id + 1] - self._starts[client_id])
         cap = self.cfg.max_examples_per_client
         return min(n, cap) if cap else n
 
@@ -212,23 +370,20 @@ class Federation:
 
     def client_tasks(self, client_id: int) -> tuple[str, ...]:
         """The tasks the client holds examples of (no data is loaded)."""
-        return tuple(task for task, _, _ in self._sizes(client_id))
+        if self._starts is None:
+            self._check(client_id)
+            return (self._shard(client_id)[0],)
+        return tuple(task for task, _ in self._holdings(client_id))
 
     def client(self, client_id: int) -> ClientData:
         """Materialise one client's train/test examples (seeded, identical on every call)."""
         parts: list[Example] = []
         tasks = []
-        for task, start, stop in self._sizes(client_id):
+        for task, rows in self._holdings(client_id):
             ex = self.store.examples(task)
-            order = np.random.default_rng([self.cfg.seed, 7, zlib.crc32(task.encode())]).permutation(len(ex))
-            parts.extend(ex[i] for i in order[start:stop])
+            parts.extend(ex[i] for i in rows.tolist())
             tasks.append(task)
-        rng = np.random.default_rng([self.cfg.seed, 11, client_id])
-        parts = [parts[i] for i in rng.permutation(len(parts))]
-        if self.cfg.max_examples_per_client:
-            parts = parts[: self.cfg.max_examples_per_client]
-        k = _split(len(parts), self.cfg.test_fraction)
-        return ClientData(client_id, tuple(tasks), parts[k:], parts[:k])
+        return client_data(client_id, tuple(tasks), parts, self.cfg)
 
     def eval_examples(self, task: str) -> list[Example]:
         """Up to ``max_eval_examples`` examples of a held-out task (seeded subset)."""

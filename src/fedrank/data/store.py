@@ -1,13 +1,11 @@
-"""Task stores: named tasks whose examples load on demand (BIG-bench, users' JSONL)."""
+"""Task stores: named tasks whose examples load on demand (BIG-bench, in memory; users' files: files.py)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from fedrank.data.bigbench import BigBench
 from fedrank.data.examples import Example
@@ -25,6 +23,15 @@ class TaskStore(Protocol):
     def keywords(self, task: str) -> tuple[str, ...]: ...
 
     def examples(self, task: str) -> list[Example]: ...
+
+
+@runtime_checkable
+class ClientColumn(Protocol):
+    """A store whose examples may name the client holding them (``partition.kind = "natural"``)."""
+
+    def client_ids(self, task: str) -> Sequence[int] | Sequence[str] | None:
+        """Each of the task's examples' client id, in :meth:`TaskStore.examples` order; None: the data has none."""
+        ...
 
 
 class BigBenchStore:
@@ -56,11 +63,20 @@ class BigBenchStore:
 
 
 class InMemoryStore:
-    """:class:`TaskStore` over examples already in memory (users' JSONL, tests)."""
+    """:class:`TaskStore` over examples already in memory (synthetic tasks, tests); ``clients``: per task, each
+    example's client id (for ``partition.kind = "natural"``)."""
 
-    def __init__(self, tasks: dict[str, list[Example]], keywords: dict[str, tuple[str, ...]] | None = None):
+    def __init__(
+        self,
+        tasks: dict[str, list[Example]],
+        keywords: dict[str, tuple[str, ...]] | None = None,
+        clients: dict[str, list[int]] | dict[str, list[str]] | None = None,
+    ):
         self.tasks = tasks
         self._keywords = keywords or {}
+        self._clients = clients
+        if clients is not None and any(len(clients.get(t, ())) != len(ex) for t, ex in tasks.items()):
+            raise ValueError("clients must give one client id per example of every task")
 
     def task_names(self) -> list[str]:
         return sorted(self.tasks)
@@ -74,33 +90,5 @@ class InMemoryStore:
     def examples(self, task: str) -> list[Example]:
         return self.tasks[task]
 
-
-def read_jsonl(paths: Sequence[str | Path], group_by: str = "client") -> InMemoryStore:
-    """Users' data: JSONL records {"instruction", "input", "output"} grouped into tasks by ``group_by``.
-
-    One file per client works too: records without the field take the file's stem as their group.
-    The prompt is the instruction, then the input after a blank line when there is one.
-    """
-    tasks: dict[str, list[Example]] = {}
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise FileNotFoundError(f"data file {path} does not exist")
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                    instruction, output = str(rec["instruction"]), str(rec["output"])
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(
-                        f"{path}:{lineno}: expected a JSON object with 'instruction' and 'output' "
-                        f"(and optional 'input', '{group_by}'): {e}"
-                    ) from e
-                extra = str(rec.get("input") or "")
-                prompt = instruction + ("\n\n" + extra if extra else "")
-                group = str(rec.get(group_by, path.stem))
-                tasks.setdefault(group, []).append(Example(prompt, output, (output,), task=group))
-    if not tasks:
-        raise ValueError(f"no records in {[str(p) for p in paths]}")
-    return InMemoryStore(tasks)
+    def client_ids(self, task: str) -> list[int] | list[str] | None:
+        return None if self._clients is None else self._clients[task]
