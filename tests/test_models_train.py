@@ -270,3 +270,27 @@ def test_generation_keeps_the_end_of_a_too_long_prompt(host: LoraHost, tiny) -> 
     want = tok.decode(ids[0, 32:], skip_special_tokens=True).strip()
     assert generate(host.module, tok, [long.prompt], short_cfg) == [want]
     assert tok.truncation_side == "right" and tok.padding_side == "right"  # restored
+
+
+def test_merged_evaluation_model_equals_the_adapter_and_restores_the_weights(host: LoraHost, tiny) -> None:
+    """LoraHost.merged: W + base_delta + s·B A in the weights gives the adapter's (and FLoRA delta's) logits to
+    float tolerance, with the adapter switched off; afterwards the weights are the originals bit for bit and
+    the adapter computes again."""
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    fac = random_factors(host, 8, 3)
+    delta = {
+        k: torch.randn(m, n, generator=torch.Generator().manual_seed(4)) * 0.05 for k, (m, n) in host.shapes.items()
+    }
+    a = ClientAssignment(0, 8, 1.7, fac, 0, base_delta=delta)
+    host.load(a)
+    with torch.no_grad():
+        want = host.module(input_ids=ids).logits.clone()
+        host.load(ClientAssignment(-1, 1, 0.0, {}, 0))
+        before = {name: mod.base_layer.weight.detach().clone() for name, mod in host.lora_layers()}
+        with host.merged(a) as model:
+            got = model(input_ids=ids).logits.clone()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        for name, mod in host.lora_layers():
+            assert torch.equal(mod.base_layer.weight, before[name]), name
+        host.load(a)
+        torch.testing.assert_close(host.module(input_ids=ids).logits, want, atol=0, rtol=0)

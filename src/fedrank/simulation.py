@@ -417,28 +417,23 @@ class Simulation:
         }
 
     def evaluation_model(self) -> ClientAssignment:
-        """The global model; an adapter wider than any client's (FlexLoRA's exact ΔW has rank Σr_k) is
-        merged into the base weights instead, the same function at the cost of the base model alone."""
-        gm = self.method.global_model(self.state)
-        if not gm.factors or gm.rank <= self.max_rank:
-            return gm
-        delta = {k: gm.scaling * (f.B @ f.A) for k, f in gm.factors.items()}
-        if gm.base_delta is not None:
-            delta = {k: d + gm.base_delta[k] for k, d in delta.items()}
-        return ClientAssignment(-1, gm.rank, 0.0, {}, 0, base_delta=delta)
+        """The global model (merged into the base weights for evaluation, see :meth:`LoraHost.merged`)."""
+        return self.method.global_model(self.state)
 
     def evaluate(self, round_done: int) -> dict[str, Any]:
+        """Every evaluated set on the global model, its update merged into the weights: an adapter of any width
+        (FlexLoRA's exact ΔW has rank Σr_k) then costs what the base model costs, and no dense ΔW is kept."""
         t0 = time.perf_counter()
-        self.host.load(self.evaluation_model())
         settings = self.cfg.eval.settings
         tok = self.lm.tokenizer
-        unseen = {
-            t: evaluate_task(self.host.module, tok, self.fed.eval_examples(t), settings) for t in self.fed.eval_tasks
-        }
+        unseen: dict[str, dict[str, float]] = {}
         part: dict[str, dict[str, float]] = {}
-        for cid in self.eval_clients:
-            test = self.fed.client(cid).test[: self.cfg.partition.max_eval_examples or None]
-            part[str(cid)] = evaluate_task(self.host.module, tok, test, settings)
+        with self.host.merged(self.evaluation_model()) as model:
+            for t in self.fed.eval_tasks:
+                unseen[t] = evaluate_task(model, tok, self.fed.eval_examples(t), settings)
+            for cid in self.eval_clients:
+                test = self.fed.client(cid).test[: self.cfg.partition.max_eval_examples or None]
+                part[str(cid)] = evaluate_task(model, tok, test, settings)
         rec = {
             "type": "eval",
             "round": round_done,

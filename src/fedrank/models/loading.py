@@ -78,6 +78,13 @@ def load_causal_lm(source: str = SMOLLM2, dtype: torch.dtype = torch.float32) ->
     return LoadedModel(model, tok, name)
 
 
+def kv_cache() -> Any:
+    """An empty KV cache for incremental decoding (transformers' DynamicCache)."""
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
 def tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 384) -> Any:
     """A small byte-level BPE tokenizer trained in-process (milliseconds), with a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
