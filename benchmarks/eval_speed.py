@@ -5,8 +5,9 @@
 The base model (round 0) on the config's evaluation sets (the unseen tasks and the evaluated participants'
 test splits, as ``Simulation.evaluate`` builds them):
 
-* whole evaluation: :func:`fedrank.evaluate.evaluate_task` (one prompt pass per example) vs the separate
-  routes (``answer_nll`` + ``choice_logliks`` + ``generate``, the code before), metrics compared;
+* whole evaluation: :func:`fedrank.evaluate.evaluate_task` (one prompt pass per example) on the global model
+  merged into the weights (``LoraHost.merged``) vs the separate routes (``answer_nll`` + ``choice_logliks`` +
+  ``generate``, the code before) on the global model as an adapter, metrics compared;
 * generation: fedrank's one-pass route on the generative examples (prompt pass, answer loss from its KV cache,
   greedy decoding with early stop) vs a plain ``model.generate`` loop over the same prompts (batches of
   ``eval.settings.batch_size`` in task order, left-padded), generated tokens/s of both; the texts must be
@@ -74,8 +75,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     cfg = override(load_config(Path(args.config)), {"model.device": args.device})
     sim = Simulation(cfg, Path(tempfile.mkdtemp()) / "run", progress=False)
-    sim.host.load(sim.evaluation_model())
-    model, tok, settings = sim.host.module, sim.lm.tokenizer, cfg.eval.settings
+    gm = sim.evaluation_model()
+    tok, settings = sim.lm.tokenizer, cfg.eval.settings
     sets = [(t, sim.fed.eval_examples(t)) for t in sim.fed.eval_tasks]
     n_eval = cfg.partition.max_eval_examples or None
     sets += [(f"client {c}", list(sim.fed.client(c).test[:n_eval])) for c in sim.eval_clients]
@@ -86,12 +87,14 @@ def main() -> None:
     t_old = t_new = 0.0
     for name, ex in sets:
         sync()
+        sim.host.load(gm)  # before: the global model as an adapter
         t = time.perf_counter()
-        old = separate_routes(model, tok, ex, settings)
+        old = separate_routes(sim.host.module, tok, ex, settings)
         sync()
         t_old += time.perf_counter() - t
         t = time.perf_counter()
-        new = evaluate_task(model, tok, ex, settings)
+        with sim.host.merged(gm) as model:  # now: merged into the weights (the merge counted, once per set)
+            new = evaluate_task(model, tok, ex, settings)
         sync()
         t_new += time.perf_counter() - t
         for k, v in old.items():
@@ -102,7 +105,9 @@ def main() -> None:
         f"speed-up {t_old / t_new:.2f}x (metrics equal: loss to 1e-4, accuracy and Rouge-L exactly)"
     )
 
-    # generation alone: fedrank's one-pass route vs a plain model.generate loop, same prompts
+    # generation alone: fedrank's one-pass route vs a plain model.generate loop, same prompts and model
+    merged = sim.host.merged(gm)
+    model = merged.__enter__()
     plain_tok = fed_tok = 0
     t_plain = t_fed = 0.0
     for name, ex in sets:
@@ -122,6 +127,7 @@ def main() -> None:
         assert [s.generated for s in scored] == texts, f"{name}: generated text differs from model.generate"
         plain_tok += sum(counts)
         fed_tok += sum(s.generated_tokens for s in scored)
+    merged.__exit__(None, None, None)
     assert plain_tok == fed_tok
     print(
         f"generation ({fed_tok} tokens, identical text): plain model.generate loop {fed_tok / t_plain:.1f} tokens/s "

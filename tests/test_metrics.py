@@ -137,7 +137,7 @@ def test_one_pass_evaluation_equals_the_separate_routes(tiny) -> None:
         Example(long * 2 + "pick", "no", choices=("yes", "no"), correct=1),
         Example(long * 2 + "pick", "green yes", choices=("no", "green yes"), correct=1),  # cut as encode cuts
     ]
-    cfg = EvalConfig(max_new_tokens=6, batch_size=3, max_seq_len=96)
+    cfg = EvalConfig(max_new_tokens=6, batch_size=3, generate_batch_size=2, max_seq_len=96)
     got = score_and_generate(model, tok, examples, cfg, max_new_tokens=6)
     for ex, s in zip(examples, got):
         ((nll, count),) = answer_nll(model, tok, [ex], cfg)

@@ -29,6 +29,10 @@ class EvalConfig:
     max_new_tokens_cap: int = 64
     """The most tokens generated for any task, however long its references."""
     batch_size: int = 8
+    """Examples per scoring pass (answer loss, options: the full-vocabulary log-probabilities are the memory)."""
+    generate_batch_size: int = 32
+    """Prompts decoded together (one prompt pass, then greedy steps): a decoding step reads every weight once
+    whatever the rows, so more rows per step cost little more; the text does not depend on it."""
     max_seq_len: int = 256
     generate: bool = True
     """Rouge-L on generated text for generative tasks (the costly part)."""
@@ -39,8 +43,8 @@ class EvalConfig:
                 f"eval max_new_tokens must be positive and <= max_new_tokens_cap, got {self.max_new_tokens} "
                 f"and {self.max_new_tokens_cap}"
             )
-        if self.batch_size <= 0 or self.max_seq_len < 2:
-            raise ValueError("eval batch_size must be positive and max_seq_len >= 2")
+        if self.batch_size <= 0 or self.generate_batch_size <= 0 or self.max_seq_len < 2:
+            raise ValueError("eval batch_size and generate_batch_size must be positive and max_seq_len >= 2")
 
     def new_tokens(self, longest_reference: int) -> int:
         """Tokens to generate for a task whose longest reference has ``longest_reference`` tokens."""
@@ -351,9 +355,10 @@ def score_and_generate(
 
     Multiple choice: :func:`choice_logliks` exactly as it is (bit for bit, so BIG-bench's hash tie-break
     picks the same option), and the answer loss is the target option's score, no second pass.
-    Generative: prompts grouped by length (fewer pad tokens), ``cfg.batch_size`` at a time, left-padded and
-    run once with a KV cache; the answer is scored as a continuation from that cache, then the batch decodes
-    greedily from it with early stop at the end of turn (the text of ``model.generate``).
+    Generative: prompts grouped by length (fewer pad tokens), ``cfg.generate_batch_size`` at a time,
+    left-padded and run once with a KV cache; the answer is scored as a continuation from that cache
+    (``cfg.batch_size`` rows at a time), then the batch decodes greedily from it with early stop at the end of
+    turn (the text of ``model.generate``).
     Where :func:`encode` would cut a prompt differently (too long for ``max_seq_len``), that example's
     answer loss comes from :func:`answer_nll` instead, so every number is the separate route's to float
     tolerance.
@@ -389,19 +394,20 @@ def score_and_generate(
     was = model.training
     model.eval()
     try:
-        for b in range(0, len(order), cfg.batch_size):
-            idx = order[b : b + cfg.batch_size]
+        step = cfg.generate_batch_size if max_new_tokens else cfg.batch_size
+        for b in range(0, len(order), step):
+            idx = order[b : b + step]
             ids, mask, pos = _left_pad([prompts[i] for i in idx], pad_id, device)
             cache = kv_cache()
             out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, logits_to_keep=1)
             first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
             lengths = mask.sum(1)
-            rows = [r for r, i in enumerate(idx) if i not in rest]
-            if rows:
+            own = [r for r, i in enumerate(idx) if i not in rest]
+            for c in range(0, len(own), cfg.batch_size):
+                rows = own[c : c + cfg.batch_size]
                 conts = [answers[idx[r]] for r in rows]
-                for r, ll in zip(
-                    rows, _continuation_logliks(model, cache, first, mask, lengths, rows, conts, pad_id), strict=True
-                ):
+                lls = _continuation_logliks(model, cache, first, mask, lengths, rows, conts, pad_id)
+                for r, ll in zip(rows, lls, strict=True):
                     scored[idx[r]].nll, scored[idx[r]].tokens = -float(ll.sum()), len(answers[idx[r]])
             if max_new_tokens:
                 toks = _greedy(model, cache, out.logits[:, -1], mask, lengths, max_new_tokens, eos_id, pad_id)
