@@ -16,8 +16,8 @@ from fedrank.evaluate import (
     UnicodeTokenizer,
     choice_logliks,
     choose,
-    generate,
     evaluate_task,
+    generate,
     longest_reference,
     rouge_l,
 )

@@ -349,9 +349,11 @@ def score_and_generate(
     examples: Sequence[Example],
     cfg: EvalConfig,
     max_new_tokens: int = 0,
+    *,
+    score: bool = True,
 ) -> list[Scored]:
     """Answer loss, option log-likelihoods (multiple choice) and greedy generations (generative examples,
-    when ``max_new_tokens`` > 0) with one prompt pass per example.
+    when ``max_new_tokens`` > 0) with one prompt pass per example (``score=False``: generations only).
 
     Multiple choice: :func:`choice_logliks` exactly as it is (bit for bit, so BIG-bench's hash tie-break
     picks the same option), and the answer loss is the target option's score, no second pass.
@@ -372,6 +374,8 @@ def score_and_generate(
     for i, ex in enumerate(examples):
         p = tokenizer(prompt_text(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"]
         a = tokenizer(ex.target + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        if ex.is_multiple_choice and not score:
+            continue
         if ex.is_multiple_choice:
             s, choices = scored[i], ex.choices or ()
             s.option_logliks = choice_logliks(model, tokenizer, ex, cfg)
@@ -388,7 +392,7 @@ def score_and_generate(
         else:
             prompts[i] = p[max(0, len(p) - n_max) :]
             answers[i] = a
-            if len(p) + len(a) > n_max:
+            if len(p) + len(a) > n_max or not score:
                 rest.append(i)
     order = sorted(prompts, key=lambda i: (len(prompts[i]), i))
     was = model.training
@@ -416,7 +420,7 @@ def score_and_generate(
                     scored[i].generated_tokens = len(t)
     finally:
         model.train(was)
-    if rest:
+    if rest and score:
         for i, (nll, count) in zip(rest, answer_nll(model, tokenizer, [examples[i] for i in rest], cfg), strict=True):
             scored[i].nll, scored[i].tokens = nll, count
     return scored
