@@ -29,7 +29,7 @@ from fedrank.data.synthetic import synthetic_store
 from fedrank.data.tokenize import LazyEncoded
 from fedrank.evaluate import evaluate_task, macro_average
 from fedrank.lowrank import energy_spectrum, lora_scaling, svd_of_sum, truncate, truncate_rank
-from fedrank.models import LoadedModel, LoraHost, export_peft_adapter, load_causal_lm, tiny_llama
+from fedrank.models import LoadedModel, LoraHost, export_peft_adapter, load_causal_lm, release_memory, tiny_llama
 from fedrank.ranks import ModelFootprint, assign_ranks, budget_ranks
 from fedrank.train import ClientFailure, train_local
 from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
@@ -434,6 +434,7 @@ class Simulation:
             for cid in self.eval_clients:
                 test = self.fed.client(cid).test[: self.cfg.partition.max_eval_examples or None]
                 part[str(cid)] = evaluate_task(model, tok, test, settings)
+        release_memory()  # the merged weights and the evaluation's buffers go back to the system
         rec = {
             "type": "eval",
             "round": round_done,
