@@ -503,10 +503,12 @@ class Simulation:
         from fedrank.report import (
             close,
             figures,
+            peak_rss_bytes,
             rank_counts,
             read_metrics,
             run_summary,
             save_figures,
+            time_split_summary,
             write_tensorboard,
         )
 
@@ -530,6 +532,7 @@ class Simulation:
                 "report": str(self.out / run_dir.REPORT),
             }
         )
+        summary["time_split"] = time_split_summary(records, summary)  # this process's; a resume's earlier ones not
         figs = figures(records, self.ranks, self.cfg.method.name) if self.cfg.output.plots else {}
         try:
             if figs:
@@ -539,6 +542,7 @@ class Simulation:
                 summary["tensorboard"] = str(
                     write_tensorboard(records, self.out / "tensorboard", self.ranks, config_text)
                 )
+            summary["peak_rss_bytes"] = peak_rss_bytes()  # this process's, the plots included
             run_dir.write_json(self.out / run_dir.SUMMARY, summary)  # strict JSON, written atomically
             write_run_report(self.out, figs)
         finally:
