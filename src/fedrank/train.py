@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from fedrank.data.tokenize import IGNORE, Encoded, collate, pack
+from fedrank.models.loading import release_memory
 
 PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = ("adamw", "sgd")
@@ -183,6 +184,7 @@ def train_local(
     finally:
         opt.zero_grad(set_to_none=True)  # a failed client leaves no gradient behind for the next one
         model.train(was_training)
+        release_memory()  # this client's activations go back to the system, not into the next phase's peak
     return TrainResult(
         sum(losses) / len(losses), losses, examples, len(used), tokens, steps, time.perf_counter() - start
     )
