@@ -376,12 +376,12 @@ def end_of_run_table(summary: dict[str, Any]) -> str:
     lines.append(" answer loss, lower is better; macro averages over the tasks / clients)")
     split = summary.get("time_split")
     if split:
-        parts = ", ".join(
+        by_part = ", ".join(
             f"{k} {split[k]:.0f} s" for k in ("load", "train", "aggregate", "evaluate", "other") if k in split
         )
         rss = summary.get("peak_rss_bytes")
         lines.append(
-            f"wall time {split['total']:.0f} s: {parts}" + (f"; peak RSS {rss / 2**30:.2f} GiB" if rss else "")
+            f"wall time {split['total']:.0f} s: {by_part}" + (f"; peak RSS {rss / 2**30:.2f} GiB" if rss else "")
         )
     left = summary.get("clients_left_out", {})
     if summary.get("skipped_rounds") or left:

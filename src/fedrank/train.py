@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -95,12 +96,14 @@ def batch_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     if "position_ids" not in batch:
         loss: Tensor = model(**batch).loss
         return loss
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the causal LM
+    wrapped: Any = model
+    base: Any = wrapped.get_base_model() if hasattr(wrapped, "get_base_model") else wrapped  # peft wraps the LM
     hidden = base.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
     logits = base.get_output_embeddings()(hidden.last_hidden_state[:, :-1][keep])
-    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+    out: Tensor = torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+    return out
 
 
 class ClientFailure(RuntimeError):
@@ -161,7 +164,7 @@ def train_local(
                 chosen = [data[i] for i in batch_idx]
                 batch = {k: v.to(device) for k, v in (pack if cfg.pack else collate)(chosen, pad_id).items()}
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss = batch_loss(model, batch)
+                    loss: Any = batch_loss(model, batch)
                     if regularizer is not None:
                         loss = loss + regularizer()
                 if not math.isfinite(float(loss.detach())):

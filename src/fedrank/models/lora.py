@@ -132,12 +132,11 @@ class LoraHost:
         self._apply_base_delta(None)  # the pristine weights (a FLoRA client may have left its delta in)
         self.unload()
         originals: dict[str, nn.Parameter] = {}
-        modules = dict(self.base.named_modules())
+        modules: dict[str, Any] = dict(self.base.named_modules())
         try:
             with torch.no_grad():
                 for name in self.shapes:
-                    lin = modules[name]
-                    lin = getattr(lin, "base_layer", lin)  # peft's LoraLayer wraps the Linear
+                    lin: Any = getattr(modules[name], "base_layer", modules[name])  # peft's LoraLayer wraps it
                     w = lin.weight
                     merged = w.detach().clone()
                     if a.base_delta is not None:
@@ -158,8 +157,7 @@ class LoraHost:
                 yield self.base
         finally:
             for name, w in originals.items():
-                lin = modules[name]
-                getattr(lin, "base_layer", lin).weight = w
+                getattr(modules[name], "base_layer", modules[name]).weight = w
 
     def _apply_base_delta(self, delta: dict[str, Tensor] | None) -> None:
         if delta is self._applied_delta:
