@@ -160,6 +160,11 @@ def test_one_pass_evaluation_equals_the_separate_routes(tiny) -> None:
             stop = new.index(tok.eos_token_id) + 1 if tok.eos_token_id in new else len(new)
             assert s.generated_tokens == stop
     assert got[1].option_logliks[0] == got[1].option_logliks[1]  # the tie stays exact
+    # long answers are projected a few positions at a time: the same numbers
+    whole = answer_nll(model, tok, examples, cfg)
+    split = answer_nll(model, tok, examples, cfg, max_positions=4)
+    assert [c for _, c in split] == [c for _, c in whole]
+    assert [n for n, _ in split] == pytest.approx([n for n, _ in whole], rel=1e-5)
     # the whole task: the same metrics as the separate routes (the pre-change evaluate_task)
     res = evaluate_task(model, tok, examples, cfg)
     nll = answer_nll(model, tok, examples, cfg)

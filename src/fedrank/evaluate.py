@@ -18,7 +18,7 @@ from rouge_score import rouge_scorer
 from torch import Tensor, nn
 
 from fedrank.data.examples import Example
-from fedrank.data.tokenize import IGNORE, encode, prompt_text
+from fedrank.data.tokenize import IGNORE, Encoded, encode, prompt_text
 from fedrank.models.loading import kv_cache
 
 
@@ -150,15 +150,38 @@ def generate(
     return out
 
 
+def _answer_len(e: Encoded) -> int:
+    return sum(v != IGNORE for v in e.labels)
+
+
+def _answer_batches(enc: Sequence[Encoded], batch_size: int, max_positions: int) -> list[list[Encoded]]:
+    """Consecutive batches of at most ``batch_size`` examples and ``max_positions`` projected positions."""
+    out: list[list[Encoded]] = []
+    for e in enc:
+        last = out[-1] if out else None
+        width = max([_answer_len(x) for x in last or []] + [_answer_len(e)]) + 1
+        if last is None or len(last) >= batch_size or (len(last) + 1) * width > max_positions:
+            out.append([e])
+        else:
+            last.append(e)
+    return out
+
+
 @torch.no_grad()
 def answer_nll(
-    model: nn.Module, tokenizer: Any, examples: Sequence[Example], cfg: EvalConfig, answers: Sequence[str] | None = None
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    cfg: EvalConfig,
+    answers: Sequence[str] | None = None,
+    max_positions: int = 512,
 ) -> list[tuple[float, int]]:
     """(summed negative log-likelihood, token count) of each example's answer (or of ``answers``).
 
     Batches are left-padded (position ids counted from each row's first token, as :func:`generate` does),
     so every answer ends at the last column and the vocabulary projection runs only over the last
-    longest-answer + 1 positions instead of every prompt token."""
+    longest-answer + 1 positions instead of every prompt token; a batch of long answers is split so that
+    at most ``max_positions`` rows x positions are projected at once (each is a vocabulary-wide vector)."""
     device = next(model.parameters()).device
     enc = [
         encode(tokenizer, ex, cfg.max_seq_len, None if answers is None else answers[i]) for i, ex in enumerate(examples)
@@ -166,18 +189,17 @@ def answer_nll(
     out: list[tuple[float, int]] = []
     was = model.training
     model.eval()
-    for i in range(0, len(enc), cfg.batch_size):
-        part = enc[i : i + cfg.batch_size]
+    for part in _answer_batches(enc, cfg.batch_size, max_positions):
         ids, mask, pos = _left_pad([e.input_ids for e in part], tokenizer.pad_token_id, device)
         labels = _left_pad([e.labels for e in part], IGNORE, device)[0]
-        keep = max(sum(v != IGNORE for v in e.labels) for e in part) + 1
-        keep = min(keep, ids.shape[1])
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits.float()
+        keep = min(max(_answer_len(e) for e in part) + 1, ids.shape[1])
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits
         labels = labels[:, ids.shape[1] - keep + 1 :]
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        valid = labels != IGNORE
-        tok = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1) * valid
-        out.extend(zip((-tok.sum(1)).tolist(), valid.sum(1).tolist(), strict=True))
+        for j in range(len(part)):  # one row's log-probabilities at a time: no second batch-sized copy
+            logp = torch.log_softmax(logits[j, :-1].float(), dim=-1)
+            valid = labels[j] != IGNORE
+            tok = logp.gather(-1, labels[j].clamp_min(0).unsqueeze(-1)).squeeze(-1) * valid
+            out.append((-float(tok.sum()), int(valid.sum())))
     model.train(was)
     return out
 

@@ -138,11 +138,14 @@ class LoraHost:
                 for name in self.shapes:
                     lin: Any = getattr(modules[name], "base_layer", modules[name])  # peft's LoraLayer wraps it
                     w = lin.weight
+                    f = a.factors.get(name)
+                    update = f is not None and a.scaling != 0.0 and bool(f.B.any()) and bool(f.A.any())
+                    if a.base_delta is None and not update:
+                        continue  # nothing to add (e.g. round 0: B = 0): no copy
                     merged = w.detach().clone()
                     if a.base_delta is not None:
                         merged += a.base_delta[name].to(device=w.device, dtype=w.dtype)
-                    f = a.factors.get(name)
-                    if f is not None and a.scaling != 0.0:
+                    if f is not None and update:
                         B, A = (
                             f.B.to(device=w.device, dtype=torch.float32),
                             f.A.to(device=w.device, dtype=torch.float32),
