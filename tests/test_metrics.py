@@ -17,6 +17,7 @@ from fedrank.evaluate import (
     choice_logliks,
     choose,
     evaluate_task,
+    generate,
     longest_reference,
     rouge_l,
 )
@@ -111,3 +112,65 @@ def test_generation_covers_the_longest_reference(tiny) -> None:
         EvalConfig(max_new_tokens=0)
     with pytest.raises(ValueError, match="max_new_tokens_cap"):
         EvalConfig(max_new_tokens=32, max_new_tokens_cap=16)
+
+
+def test_one_pass_evaluation_equals_the_separate_routes(tiny) -> None:
+    """score_and_generate (one prompt pass, length-grouped batches, KV-cache continuations, own greedy loop)
+    gives the numbers of answer_nll / choice_logliks and the text of model.generate, example by example:
+    prompts of different lengths in one batch, an exact tie between options, a multiple-choice target that is
+    not an option, and prompts too long for max_seq_len (answer loss then from answer_nll's own truncation)."""
+    import torch
+
+    from fedrank.data.tokenize import prompt_text
+    from fedrank.evaluate import answer_nll, score_and_generate
+
+    tok, model = tiny.tokenizer, tiny.model
+    long = "the quick brown fox " * 12
+    examples = [
+        Example("say a word", "apple"),
+        Example("pick", "same", choices=("same", "same"), correct=0, scores=(1.0, 0.0)),  # exact tie
+        Example(long + "say two words please", "river stone"),
+        Example("Pick one of these options now", "blue", choices=("red", "blue", "green yes"), correct=1),
+        Example("yes or no", "yes indeed", choices=("yes", "no"), correct=0),  # target is no option
+        Example("repeat the word " * 3, "cloud cloud"),
+        Example(long * 2 + "answer", "x"),  # too long for max_seq_len = 96: truncated
+        Example(long * 2 + "pick", "no", choices=("yes", "no"), correct=1),
+        Example(long * 2 + "pick", "green yes", choices=("no", "green yes"), correct=1),  # cut as encode cuts
+    ]
+    cfg = EvalConfig(max_new_tokens=6, batch_size=3, generate_batch_size=2, max_seq_len=96)
+    got = score_and_generate(model, tok, examples, cfg, max_new_tokens=6)
+    for ex, s in zip(examples, got):
+        ((nll, count),) = answer_nll(model, tok, [ex], cfg)
+        assert s.tokens == count and s.nll == pytest.approx(nll, rel=1e-5, abs=1e-4)
+        if ex.is_multiple_choice:
+            assert s.option_logliks == pytest.approx(choice_logliks(model, tok, ex, cfg), abs=1e-4)
+            assert s.generated == "" and s.generated_tokens == 0
+        else:
+            ids = tok(prompt_text(tok, ex.prompt), add_special_tokens=False)["input_ids"][-cfg.max_seq_len :]
+            with torch.no_grad():
+                out = model.generate(
+                    input_ids=torch.tensor([ids]),
+                    max_new_tokens=6,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id,
+                )
+            new = out[0, len(ids) :].tolist()
+            assert s.generated == tok.decode(new, skip_special_tokens=True).strip()
+            stop = new.index(tok.eos_token_id) + 1 if tok.eos_token_id in new else len(new)
+            assert s.generated_tokens == stop
+    assert got[1].option_logliks[0] == got[1].option_logliks[1]  # the tie stays exact
+    # long answers are projected a few positions at a time: the same numbers
+    whole = answer_nll(model, tok, examples, cfg)
+    split = answer_nll(model, tok, examples, cfg, max_positions=4)
+    assert [c for _, c in split] == [c for _, c in whole]
+    assert [n for n, _ in split] == pytest.approx([n for n, _ in whole], rel=1e-5)
+    # the whole task: the same metrics as the separate routes (the pre-change evaluate_task)
+    res = evaluate_task(model, tok, examples, cfg)
+    nll = answer_nll(model, tok, examples, cfg)
+    assert res["loss"] == pytest.approx(sum(n for n, _ in nll) / sum(c for _, c in nll), rel=1e-6)
+    mc = [e for e in examples if e.is_multiple_choice]
+    assert res["accuracy"] == sum(e.credit(choose(choice_logliks(model, tok, e, cfg))) for e in mc) / len(mc)
+    gen = [e for e in examples if not e.is_multiple_choice]
+    preds = generate(model, tok, [e.prompt for e in gen], cfg, int(res["new_tokens"]))
+    assert res["rougeL"] == pytest.approx(sum(rouge_l(p, e.references) for p, e in zip(preds, gen)) / len(gen))

@@ -270,3 +270,74 @@ def test_generation_keeps_the_end_of_a_too_long_prompt(host: LoraHost, tiny) -> 
     want = tok.decode(ids[0, 32:], skip_special_tokens=True).strip()
     assert generate(host.module, tok, [long.prompt], short_cfg) == [want]
     assert tok.truncation_side == "right" and tok.padding_side == "right"  # restored
+
+
+def test_merged_evaluation_model_equals_the_adapter_and_restores_the_weights(host: LoraHost, tiny) -> None:
+    """LoraHost.merged: W + base_delta + s·B A in the weights gives the adapter's (and FLoRA delta's) logits to
+    float tolerance, with the adapter switched off; afterwards the weights are the originals bit for bit and
+    the adapter computes again."""
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    fac = random_factors(host, 8, 3)
+    delta = {
+        k: torch.randn(m, n, generator=torch.Generator().manual_seed(4)) * 0.05 for k, (m, n) in host.shapes.items()
+    }
+    a = ClientAssignment(0, 8, 1.7, fac, 0, base_delta=delta)
+    host.load(a)
+    with torch.no_grad():
+        want = host.module(input_ids=ids).logits.clone()
+        host.load(ClientAssignment(-1, 1, 0.0, {}, 0))
+        before = {name: mod.base_layer.weight.detach().clone() for name, mod in host.lora_layers()}
+        with host.merged(a) as model:
+            got = model(input_ids=ids).logits.clone()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        for name, mod in host.lora_layers():
+            assert torch.equal(mod.base_layer.weight, before[name]), name
+        host.load(a)
+        torch.testing.assert_close(host.module(input_ids=ids).logits, want, atol=0, rtol=0)
+
+
+def test_packed_batch_has_the_padded_batch_loss_and_gradients(host: LoraHost, tiny) -> None:
+    """pack(): examples share rows (first-fit decreasing into the longest example's width) with position ids
+    restarting per example; the loss and the LoRA gradients equal the padded batch's to float rounding, so no
+    attention crosses examples and no loss term spans two of them."""
+    from fedrank.data.tokenize import IGNORE, collate, pack
+    from fedrank.train import batch_loss
+
+    tok = tiny.tokenizer
+    examples = [Example("say " + "word " * k, "ans " * (k % 3 + 1)) for k in (1, 9, 3, 20, 2)]
+    data = [encode(tok, e, 160) for e in examples]
+    packed = pack(data, tok.pad_token_id)
+    assert packed["input_ids"].shape == (3, max(len(d.input_ids) for d in data))  # 5 examples in 3 rows
+    assert int((packed["labels"] != IGNORE).sum()) == sum(sum(v != IGNORE for v in d.labels[1:]) for d in data)
+    host.load(ClientAssignment(0, 4, 2.0, random_factors(host, 4, 7), 0))
+    params = host.trainable_parameters()
+    grads = []
+    for batch in (collate(data, tok.pad_token_id), packed):
+        loss = batch_loss(host.module, batch)
+        grads.append((loss.detach(), torch.autograd.grad(loss, params)))
+    torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-5, rtol=1e-5)
+    for g_packed, g_padded in zip(grads[1][1], grads[0][1]):
+        torch.testing.assert_close(g_packed, g_padded, atol=1e-5, rtol=1e-4)
+    # the model's own loss on the padded batch is the reference
+    torch.testing.assert_close(grads[0][0], host.module(**collate(data, tok.pad_token_id)).loss.detach())
+
+
+def test_packed_training_takes_the_same_steps(host: LoraHost, tiny) -> None:
+    """train.pack changes how a micro-batch is laid out, not which examples it holds: same draws, counts and
+    per-step losses (to float rounding) as the padded route."""
+    results = []
+    for pack in (False, True):
+        host.load(ClientAssignment(0, 4, 2.0, random_factors(host, 4, 8), 0))
+        data = [encode(tiny.tokenizer, e, 64) for e in TOY]
+        cfg = TrainConfig(lr=1e-2, steps=3, batch_size=4, pack=pack)
+        results.append(
+            train_local(host.module, host.trainable_parameters(), data, cfg, torch.Generator().manual_seed(3), 0)
+        )
+    padded, packed = results
+    assert (packed.examples, packed.seen, packed.tokens, packed.steps) == (
+        padded.examples,
+        padded.seen,
+        padded.tokens,
+        padded.steps,
+    )
+    assert packed.losses == pytest.approx(padded.losses, rel=1e-4, abs=1e-5)

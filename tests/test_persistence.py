@@ -517,6 +517,7 @@ def test_resolved_config_round_trips_through_tomli_w_for_every_field(tmp_path: P
             "optimizer": "sgd",
             "momentum": 0.5,
             "nesterov": True,
+            "pack": False,
         },
         "eval": {
             "every": 2,
@@ -526,6 +527,7 @@ def test_resolved_config_round_trips_through_tomli_w_for_every_field(tmp_path: P
                 "max_new_tokens": 3,
                 "max_new_tokens_cap": 5,
                 "batch_size": 2,
+                "generate_batch_size": 4,
                 "max_seq_len": 32,
                 "generate": False,
             },

@@ -267,20 +267,21 @@ def test_per_client_ranks_are_used_in_client_order_and_checked(cfg_path: Path, t
 
 
 def test_wide_global_adapter_is_evaluated_merged_with_the_same_logits(cfg_path: Path, tmp_path: Path) -> None:
-    """FlexLoRA's exact ΔW (rank Σr_k > every client's rank) is evaluated merged into the base weights."""
+    """FlexLoRA's exact ΔW (rank Σr_k > every client's rank) is evaluated merged into copies of the base
+    weights (no adapter computed, no dense ΔW kept); the originals come back bit for bit."""
     cfg = load_config(cfg_path, ["federation.clients_per_round=3", "ranks.choices=[4]", "ranks.distribution=fixed"])
     sim = Simulation(cfg, tmp_path / "run", progress=False)
     sim.run()
     gm = sim.method.global_model(sim.state)
     assert gm.rank == 12 > sim.max_rank  # three rank-4 clients
-    merged = sim.evaluation_model()
-    assert merged.factors == {} and merged.base_delta is not None
+    assert sim.evaluation_model() is not None
     ids = torch.tensor([[5, 9, 14, 20, 27]])
     sim.host.load(gm)
     with torch.no_grad():
         as_adapter = sim.host.module(input_ids=ids).logits.clone()
-        sim.host.load(merged)
-        torch.testing.assert_close(sim.host.module(input_ids=ids).logits, as_adapter, atol=1e-5, rtol=1e-5)
+        with sim.host.merged(sim.evaluation_model()) as model:
+            torch.testing.assert_close(model(input_ids=ids).logits, as_adapter, atol=1e-5, rtol=1e-5)
+            assert not torch.equal(model(input_ids=ids).logits, as_adapter)  # the merged route, not the adapter
     # the next client trains on the untouched base weights again
     from fedrank.models import tiny_llama
     from fedrank.types import ClientSpec

@@ -8,17 +8,18 @@ import hashlib
 import math
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from nltk.stem import porter
 from rouge_score import rouge_scorer
-from torch import nn
+from torch import Tensor, nn
 
 from fedrank.data.examples import Example
-from fedrank.data.tokenize import IGNORE, collate, encode, prompt_text
+from fedrank.data.tokenize import IGNORE, Encoded, encode, prompt_text
+from fedrank.models.loading import kv_cache
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,10 @@ class EvalConfig:
     max_new_tokens_cap: int = 64
     """The most tokens generated for any task, however long its references."""
     batch_size: int = 8
+    """Examples per scoring pass (answer loss, options: the full-vocabulary log-probabilities are the memory)."""
+    generate_batch_size: int = 32
+    """Prompts decoded together (one prompt pass, then greedy steps): a decoding step reads every weight once
+    whatever the rows, so more rows per step cost little more; the text does not depend on it."""
     max_seq_len: int = 256
     generate: bool = True
     """Rouge-L on generated text for generative tasks (the costly part)."""
@@ -38,8 +43,8 @@ class EvalConfig:
                 f"eval max_new_tokens must be positive and <= max_new_tokens_cap, got {self.max_new_tokens} "
                 f"and {self.max_new_tokens_cap}"
             )
-        if self.batch_size <= 0 or self.max_seq_len < 2:
-            raise ValueError("eval batch_size must be positive and max_seq_len >= 2")
+        if self.batch_size <= 0 or self.generate_batch_size <= 0 or self.max_seq_len < 2:
+            raise ValueError("eval batch_size and generate_batch_size must be positive and max_seq_len >= 2")
 
     def new_tokens(self, longest_reference: int) -> int:
         """Tokens to generate for a task whose longest reference has ``longest_reference`` tokens."""
@@ -145,11 +150,38 @@ def generate(
     return out
 
 
+def _answer_len(e: Encoded) -> int:
+    return sum(v != IGNORE for v in e.labels)
+
+
+def _answer_batches(enc: Sequence[Encoded], batch_size: int, max_positions: int) -> list[list[Encoded]]:
+    """Consecutive batches of at most ``batch_size`` examples and ``max_positions`` projected positions."""
+    out: list[list[Encoded]] = []
+    for e in enc:
+        last = out[-1] if out else None
+        width = max([_answer_len(x) for x in last or []] + [_answer_len(e)]) + 1
+        if last is None or len(last) >= batch_size or (len(last) + 1) * width > max_positions:
+            out.append([e])
+        else:
+            last.append(e)
+    return out
+
+
 @torch.no_grad()
 def answer_nll(
-    model: nn.Module, tokenizer: Any, examples: Sequence[Example], cfg: EvalConfig, answers: Sequence[str] | None = None
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    cfg: EvalConfig,
+    answers: Sequence[str] | None = None,
+    max_positions: int = 512,
 ) -> list[tuple[float, int]]:
-    """(summed negative log-likelihood, token count) of each example's answer (or of ``answers``)."""
+    """(summed negative log-likelihood, token count) of each example's answer (or of ``answers``).
+
+    Batches are left-padded (position ids counted from each row's first token, as :func:`generate` does),
+    so every answer ends at the last column and the vocabulary projection runs only over the last
+    longest-answer + 1 positions instead of every prompt token; a batch of long answers is split so that
+    at most ``max_positions`` rows x positions are projected at once (each is a vocabulary-wide vector)."""
     device = next(model.parameters()).device
     enc = [
         encode(tokenizer, ex, cfg.max_seq_len, None if answers is None else answers[i]) for i, ex in enumerate(examples)
@@ -157,14 +189,17 @@ def answer_nll(
     out: list[tuple[float, int]] = []
     was = model.training
     model.eval()
-    for i in range(0, len(enc), cfg.batch_size):
-        batch = {k: v.to(device) for k, v in collate(enc[i : i + cfg.batch_size], tokenizer.pad_token_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        labels = batch["labels"][:, 1:]
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        mask = labels != IGNORE
-        tok = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask
-        out.extend(zip((-tok.sum(1)).tolist(), mask.sum(1).tolist(), strict=True))
+    for part in _answer_batches(enc, cfg.batch_size, max_positions):
+        ids, mask, pos = _left_pad([e.input_ids for e in part], tokenizer.pad_token_id, device)
+        labels = _left_pad([e.labels for e in part], IGNORE, device)[0]
+        keep = min(max(_answer_len(e) for e in part) + 1, ids.shape[1])
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits
+        labels = labels[:, ids.shape[1] - keep + 1 :]
+        for j in range(len(part)):  # one row's log-probabilities at a time: no second batch-sized copy
+            logp = torch.log_softmax(logits[j, :-1].float(), dim=-1)
+            valid = labels[j] != IGNORE
+            tok = logp.gather(-1, labels[j].clamp_min(0).unsqueeze(-1)).squeeze(-1) * valid
+            out.append((-float(tok.sum()), int(valid.sum())))
     model.train(was)
     return out
 
@@ -208,23 +243,209 @@ def choice_logliks(model: Any, tokenizer: Any, ex: Example, cfg: EvalConfig, chu
 
 
 def evaluate_task(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: EvalConfig) -> dict[str, float]:
-    """Loss and perplexity on the answers, accuracy on multiple-choice examples, Rouge-L on generative ones."""
+    """Loss and perplexity on the answers, accuracy on multiple-choice examples, Rouge-L on generative ones.
+
+    One prompt pass per example serves everything (:func:`score_and_generate`); the same numbers as
+    :func:`answer_nll`, :func:`choice_logliks` and :func:`generate` to float tolerance, and the same text."""
     if not examples:
         raise ValueError("cannot evaluate a task with no examples")
-    nll = answer_nll(model, tokenizer, examples, cfg)
-    total, count = sum(n for n, _ in nll), sum(c for _, c in nll)
+    gen = [e for e in examples if not e.is_multiple_choice]
+    new = cfg.new_tokens(longest_reference(tokenizer, gen)) if gen and cfg.generate else 0
+    scored = score_and_generate(model, tokenizer, examples, cfg, new)
+    total, count = sum(s.nll for s in scored), sum(s.tokens for s in scored)
     loss = total / max(count, 1)
     res: dict[str, float] = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "n": float(len(examples))}
-    mc = [e for e in examples if e.is_multiple_choice]
+    mc = [(e, s) for e, s in zip(examples, scored, strict=True) if e.is_multiple_choice]
     if mc:  # BIG-bench's multiple_choice_grade: the chosen option's target score (ties, graded credit)
-        res["accuracy"] = sum(e.credit(choose(choice_logliks(model, tokenizer, e, cfg))) for e in mc) / len(mc)
-    gen = [e for e in examples if not e.is_multiple_choice]
-    if gen and cfg.generate:
-        new = cfg.new_tokens(longest_reference(tokenizer, gen))
-        preds = generate(model, tokenizer, [e.prompt for e in gen], cfg, new)
-        res["rougeL"] = sum(rouge_l(p, e.references) for p, e in zip(preds, gen, strict=True)) / len(gen)
+        res["accuracy"] = sum(e.credit(choose(s.option_logliks)) for e, s in mc) / len(mc)
+    if new:
+        pairs = [(e, s.generated) for e, s in zip(examples, scored, strict=True) if not e.is_multiple_choice]
+        res["rougeL"] = sum(rouge_l(p, e.references) for e, p in pairs) / len(pairs)
         res["new_tokens"] = float(new)
     return res
+
+
+@dataclass
+class Scored:
+    """What one prompt pass yields for an example."""
+
+    nll: float = 0.0
+    """Summed negative log-likelihood of the answer (``Example.target``)."""
+    tokens: int = 0
+    """Answer tokens (the end-of-turn token included)."""
+    option_logliks: list[float] = field(default_factory=list)
+    """Multiple choice: each option's log-likelihood."""
+    generated: str = ""
+    """Generative: the greedy continuation."""
+    generated_tokens: int = 0
+    """Tokens generated, up to and including the end of turn."""
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Left-padded ids, attention mask and position ids (0 at each row's first real token, as ``generate``
+    numbers them)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r)
+            mask[i, width - len(r) :] = 1
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    return ids.to(device), mask.to(device), pos.to(device)
+
+
+def _continuation_logliks(
+    model: Any,
+    cache: Any,
+    first: Tensor,
+    mask: Tensor,
+    lengths: Tensor,
+    rows: Sequence[int],
+    conts: Sequence[Sequence[int]],
+    pad_id: int,
+) -> list[Tensor]:
+    """Per-token log-likelihoods of continuations ``conts[j]`` of prompt ``rows[j]`` (an index into the
+    prompt batch whose KV ``cache``, last-position log-probabilities ``first``, attention ``mask`` and real
+    ``lengths`` are given). The cache is left as it was."""
+    device = mask.device
+    width = max(len(c) for c in conts)
+    ids = torch.full((len(conts), width), pad_id, dtype=torch.long)
+    cmask = torch.zeros((len(conts), width), dtype=torch.long)
+    for j, c in enumerate(conts):
+        ids[j, : len(c)] = torch.tensor(c)
+        cmask[j, : len(c)] = 1
+    sel = torch.tensor(rows, dtype=torch.long, device=device)
+    part = copy.deepcopy(cache)
+    part.batch_select_indices(sel)
+    full_mask = torch.cat([mask[sel], cmask.to(device)], dim=1)
+    pos = lengths[sel].unsqueeze(1) + torch.arange(width, device=device).unsqueeze(0)
+    logits = model(input_ids=ids.to(device), attention_mask=full_mask, position_ids=pos, cache=part).logits
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    out = []
+    for j, c in enumerate(conts):
+        head = first[rows[j], c[0]].reshape(1)
+        rest = logp[j, torch.arange(len(c) - 1), torch.tensor(c[1:], dtype=torch.long)]
+        out.append(torch.cat([head, rest.reshape(-1)]))
+    return out
+
+
+def _greedy(
+    model: Any,
+    cache: Any,
+    first: Tensor,
+    mask: Tensor,
+    lengths: Tensor,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+) -> list[list[int]]:
+    """Greedy decoding from a prompt batch's KV cache, as ``model.generate(do_sample=False)`` decodes (the
+    same inputs step by step), stopping when every row has ended its turn; each row's tokens up to and
+    including its end-of-turn token."""
+    device = mask.device
+    rows = first.shape[0]
+    nxt = first.float().argmax(-1)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    out: list[list[int]] = [[] for _ in range(rows)]
+    pos = lengths.unsqueeze(1)
+    for step in range(max_new_tokens):
+        for i, t in enumerate(nxt.tolist()):
+            if not done[i]:
+                out[i].append(t)
+        done |= nxt == eos_id
+        if bool(done.all()) or step + 1 == max_new_tokens:
+            break
+        mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=device)], dim=1)
+        step_ids = nxt.masked_fill(done, pad_id).unsqueeze(1)
+        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=pos, cache=cache).logits
+        nxt = logits[:, -1].float().argmax(-1)
+        pos = pos + 1
+    return out
+
+
+@torch.no_grad()
+def score_and_generate(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    cfg: EvalConfig,
+    max_new_tokens: int = 0,
+    *,
+    score: bool = True,
+) -> list[Scored]:
+    """Answer loss, option log-likelihoods (multiple choice) and greedy generations (generative examples,
+    when ``max_new_tokens`` > 0) with one prompt pass per example (``score=False``: generations only).
+
+    Multiple choice: :func:`choice_logliks` exactly as it is (bit for bit, so BIG-bench's hash tie-break
+    picks the same option), and the answer loss is the target option's score, no second pass.
+    Generative: prompts grouped by length (fewer pad tokens), ``cfg.generate_batch_size`` at a time,
+    left-padded and run once with a KV cache; the answer is scored as a continuation from that cache
+    (``cfg.batch_size`` rows at a time), then the batch decodes greedily from it with early stop at the end of
+    turn (the text of ``model.generate``).
+    Where :func:`encode` would cut a prompt differently (too long for ``max_seq_len``), that example's
+    answer loss comes from :func:`answer_nll` instead, so every number is the separate route's to float
+    tolerance.
+    """
+    device = next(model.parameters()).device
+    pad_id, eos_id, n_max = tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.max_seq_len
+    scored = [Scored() for _ in examples]
+    prompts: dict[int, list[int]] = {}
+    answers: dict[int, list[int]] = {}
+    rest: list[int] = []  # answer loss through answer_nll
+    for i, ex in enumerate(examples):
+        p = tokenizer(prompt_text(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"]
+        a = tokenizer(ex.target + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        if ex.is_multiple_choice and not score:
+            continue
+        if ex.is_multiple_choice:
+            s, choices = scored[i], ex.choices or ()
+            s.option_logliks = choice_logliks(model, tokenizer, ex, cfg)
+            longest = max(
+                min(len(tokenizer(c + tokenizer.eos_token, add_special_tokens=False)["input_ids"]), n_max - 1)
+                for c in choices
+            )
+            a_len = min(len(a), n_max - 1)
+            # the target option was scored in encode()'s context: the whole prompt, or the same cut of it
+            if ex.target in choices and (len(p) + longest <= n_max or a_len == longest):
+                s.nll, s.tokens = -s.option_logliks[choices.index(ex.target)], a_len
+            else:
+                rest.append(i)
+        else:
+            prompts[i] = p[max(0, len(p) - n_max) :]
+            answers[i] = a
+            if len(p) + len(a) > n_max or not score:
+                rest.append(i)
+    order = sorted(prompts, key=lambda i: (len(prompts[i]), i))
+    was = model.training
+    model.eval()
+    try:
+        step = cfg.generate_batch_size if max_new_tokens else cfg.batch_size
+        for b in range(0, len(order), step):
+            idx = order[b : b + step]
+            ids, mask, pos = _left_pad([prompts[i] for i in idx], pad_id, device)
+            cache = kv_cache()
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, logits_to_keep=1)
+            first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+            lengths = mask.sum(1)
+            own = [r for r, i in enumerate(idx) if i not in rest]
+            for c in range(0, len(own), cfg.batch_size):
+                rows = own[c : c + cfg.batch_size]
+                conts = [answers[idx[r]] for r in rows]
+                lls = _continuation_logliks(model, cache, first, mask, lengths, rows, conts, pad_id)
+                for r, ll in zip(rows, lls, strict=True):
+                    scored[idx[r]].nll, scored[idx[r]].tokens = -float(ll.sum()), len(answers[idx[r]])
+            if max_new_tokens:
+                toks = _greedy(model, cache, out.logits[:, -1], mask, lengths, max_new_tokens, eos_id, pad_id)
+                for i, t in zip(idx, toks, strict=True):
+                    scored[i].generated = tokenizer.decode(t, skip_special_tokens=True).strip()
+                    scored[i].generated_tokens = len(t)
+    finally:
+        model.train(was)
+    if rest and score:
+        for i, (nll, count) in zip(rest, answer_nll(model, tokenizer, [examples[i] for i in rest], cfg), strict=True):
+            scored[i].nll, scored[i].tokens = nll, count
+    return scored
 
 
 def longest_reference(tokenizer: Any, examples: Sequence[Example]) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import resource
+import sys
 import tomllib
 from collections import Counter
 from collections.abc import Sequence
@@ -286,6 +288,25 @@ def time_split(records: Sequence[dict[str, Any]], summary: dict[str, Any]) -> li
     return rows
 
 
+def time_split_summary(records: Sequence[dict[str, Any]], summary: dict[str, Any]) -> dict[str, float]:
+    """:func:`time_split` as summary.json's ``time_split``: seconds by part (load, train, aggregate,
+    evaluate, other) and the total."""
+    keys = {
+        "model load": "load",
+        "client training": "train",
+        "aggregation": "aggregate",
+        "evaluation": "evaluate",
+        "total": "total",
+    }
+    return {keys.get(name, "other"): round(sec, 3) for name, sec in time_split(records, summary)}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (``getrusage``: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
 def _trained_ranks(records: Sequence[dict[str, Any]]) -> dict[int, int]:
     return {r["client"]: r["rank"] for r in records if r["type"] == "client"}
 
@@ -353,6 +374,15 @@ def end_of_run_table(summary: dict[str, Any]) -> str:
     b_round, a_round = summary.get("eval_before_round"), summary.get("eval_after_round")
     lines.append(f"(before = round {b_round}, the zero-shot base model when 0; after = round {a_round}; loss is the")
     lines.append(" answer loss, lower is better; macro averages over the tasks / clients)")
+    split = summary.get("time_split")
+    if split:
+        by_part = ", ".join(
+            f"{k} {split[k]:.0f} s" for k in ("load", "train", "aggregate", "evaluate", "other") if k in split
+        )
+        rss = summary.get("peak_rss_bytes")
+        lines.append(
+            f"wall time {split['total']:.0f} s: {by_part}" + (f"; peak RSS {rss / 2**30:.2f} GiB" if rss else "")
+        )
     left = summary.get("clients_left_out", {})
     if summary.get("skipped_rounds") or left:
         parts = [f"{n} {kind.replace('client_', '')}" for kind, n in left.items()]

@@ -26,7 +26,7 @@ from fedrank.data import Federation, TaskStore, open_store
 from fedrank.evaluate import evaluate_task, macro_average
 from fedrank.local import ClientExecutor, InProcessClients, LocalTrainer, Outcome, collapsed
 from fedrank.lowrank import energy_spectrum, lora_scaling, svd_of_sum, truncate
-from fedrank.models import LoadedModel, LoraHost, export_peft_adapter, load_causal_lm, tiny_llama
+from fedrank.models import LoadedModel, LoraHost, export_peft_adapter, load_causal_lm, release_memory, tiny_llama
 from fedrank.ranks import ModelFootprint, assign_ranks, budget_ranks
 from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
 
@@ -389,28 +389,24 @@ class Simulation:
         }
 
     def evaluation_model(self) -> ClientAssignment:
-        """The global model; an adapter wider than any client's (FlexLoRA's exact ΔW has rank Σr_k) is
-        merged into the base weights instead, the same function at the cost of the base model alone."""
-        gm = self.method.global_model(self.state)
-        if not gm.factors or gm.rank <= self.max_rank:
-            return gm
-        delta = {k: gm.scaling * (f.B @ f.A) for k, f in gm.factors.items()}
-        if gm.base_delta is not None:
-            delta = {k: d + gm.base_delta[k] for k, d in delta.items()}
-        return ClientAssignment(-1, gm.rank, 0.0, {}, 0, base_delta=delta)
+        """The global model (merged into the base weights for evaluation, see :meth:`LoraHost.merged`)."""
+        return self.method.global_model(self.state)
 
     def evaluate(self, round_done: int) -> dict[str, Any]:
+        """Every evaluated set on the global model, its update merged into the weights: an adapter of any width
+        (FlexLoRA's exact ΔW has rank Σr_k) then costs what the base model costs, and no dense ΔW is kept."""
         t0 = time.perf_counter()
-        self.host.load(self.evaluation_model())
         settings = self.cfg.eval.settings
         tok = self.lm.tokenizer
-        unseen = {
-            t: evaluate_task(self.host.module, tok, self.fed.eval_examples(t), settings) for t in self.fed.eval_tasks
-        }
+        unseen: dict[str, dict[str, float]] = {}
         part: dict[str, dict[str, float]] = {}
-        for cid in self.eval_clients:
-            test = self.fed.client(cid).test[: self.cfg.partition.max_eval_examples or None]
-            part[str(cid)] = evaluate_task(self.host.module, tok, test, settings)
+        with self.host.merged(self.evaluation_model()) as model:
+            for t in self.fed.eval_tasks:
+                unseen[t] = evaluate_task(model, tok, self.fed.eval_examples(t), settings)
+            for cid in self.eval_clients:
+                test = self.fed.client(cid).test[: self.cfg.partition.max_eval_examples or None]
+                part[str(cid)] = evaluate_task(model, tok, test, settings)
+        release_memory()  # the merged weights and the evaluation's buffers go back to the system
         rec = {
             "type": "eval",
             "round": round_done,
@@ -473,10 +469,12 @@ class Simulation:
         from fedrank.report import (
             close,
             figures,
+            peak_rss_bytes,
             rank_counts,
             read_metrics,
             run_summary,
             save_figures,
+            time_split_summary,
             write_tensorboard,
         )
 
@@ -500,6 +498,7 @@ class Simulation:
                 "report": str(self.out / run_dir.REPORT),
             }
         )
+        summary["time_split"] = time_split_summary(records, summary)  # this process's; a resume's earlier ones not
         figs = figures(records, self.ranks, self.cfg.method.name) if self.cfg.output.plots else {}
         try:
             if figs:
@@ -509,6 +508,7 @@ class Simulation:
                 summary["tensorboard"] = str(
                     write_tensorboard(records, self.out / "tensorboard", self.ranks, config_text)
                 )
+            summary["peak_rss_bytes"] = peak_rss_bytes()  # this process's, the plots included
             run_dir.write_json(self.out / run_dir.SUMMARY, summary)  # strict JSON, written atomically
             write_run_report(self.out, figs)
         finally:

@@ -12,11 +12,13 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from fedrank.data.tokenize import IGNORE, Encoded, collate
+from fedrank.data.tokenize import IGNORE, Encoded, collate, pack
+from fedrank.models.loading import release_memory
 
 PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = ("adamw", "sgd")
@@ -41,6 +43,12 @@ class TrainConfig:
     momentum: float = 0.9
     """SGD momentum."""
     nesterov: bool = False
+    pack: bool = True
+    """Pack each micro-batch's examples into as few rows as fit (no attention across examples, see
+    :func:`fedrank.data.tokenize.pack`) and project onto the vocabulary only where an answer token is
+    predicted, instead of padding every example to the longest and projecting every position. The same
+    examples in the same steps, the same loss to float rounding; False: the padded batch through the model's
+    own loss."""
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.lr) or self.lr <= 0:
@@ -79,6 +87,23 @@ class TrainResult:
     """Answer tokens that carried loss."""
     steps: int
     seconds: float
+
+
+def batch_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Mean answer-token cross-entropy of a batch from :func:`collate` (the model's own loss) or from
+    :func:`pack` (no attention mask: position ids mark the examples; the vocabulary projection only at the
+    positions whose next token is an answer token)."""
+    if "position_ids" not in batch:
+        loss: Tensor = model(**batch).loss
+        return loss
+    wrapped: Any = model
+    base: Any = wrapped.get_base_model() if hasattr(wrapped, "get_base_model") else wrapped  # peft wraps the LM
+    hidden = base.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    logits = base.get_output_embeddings()(hidden.last_hidden_state[:, :-1][keep])
+    out: Tensor = torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+    return out
 
 
 class ClientFailure(RuntimeError):
@@ -136,9 +161,10 @@ def train_local(
                     if not order:
                         order = torch.randperm(len(data), generator=generator).tolist()
                     batch_idx.append(order.pop())
-                batch = {k: v.to(device) for k, v in collate([data[i] for i in batch_idx], pad_id).items()}
+                chosen = [data[i] for i in batch_idx]
+                batch = {k: v.to(device) for k, v in (pack if cfg.pack else collate)(chosen, pad_id).items()}
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss = model(**batch).loss
+                    loss: Any = batch_loss(model, batch)
                     if regularizer is not None:
                         loss = loss + regularizer()
                 if not math.isfinite(float(loss.detach())):
@@ -161,6 +187,7 @@ def train_local(
     finally:
         opt.zero_grad(set_to_none=True)  # a failed client leaves no gradient behind for the next one
         model.train(was_training)
+        release_memory()  # this client's activations go back to the system, not into the next phase's peak
     return TrainResult(
         sum(losses) / len(losses), losses, examples, len(used), tokens, steps, time.perf_counter() - start
     )

@@ -66,6 +66,42 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def pack(batch: Sequence[Encoded], pad_id: int) -> dict[str, Tensor]:
+    """The same examples as :func:`collate`, packed: first-fit decreasing into rows as wide as the longest
+    example, so that short examples share a row instead of each being padded to the longest.
+
+    ``position_ids`` restart at 0 for every example (and for a row's trailing padding), which is how
+    transformers recognises packed sequences when no attention mask is given: attention is causal within each
+    example and never crosses into another. Labels are the examples' own (IGNORE on prompts), and each
+    example's first token is IGNORE as well, so no loss term predicts one example from the one before it.
+    The loss over the packed batch is the collated batch's loss (the same answer tokens, each in its own
+    context), up to float rounding."""
+    width = max(len(e.input_ids) for e in batch)
+    rows: list[list[int]] = []
+    loads: list[int] = []
+    for i in sorted(range(len(batch)), key=lambda i: -len(batch[i].input_ids)):  # stable: ties keep batch order
+        n = len(batch[i].input_ids)
+        r = next((r for r, load in enumerate(loads) if load + n <= width), len(rows))
+        if r == len(rows):
+            rows.append([])
+            loads.append(0)
+        rows[r].append(i)
+        loads[r] += n
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, members in enumerate(rows):
+        off = 0
+        for i in members:
+            e, n = batch[i], len(batch[i].input_ids)
+            ids[r, off : off + n] = torch.tensor(e.input_ids)
+            labels[r, off + 1 : off + n] = torch.tensor(e.labels[1:])
+            pos[r, off : off + n] = torch.arange(n)
+            off += n
+        pos[r, off:] = torch.arange(width - off)
+    return {"input_ids": ids, "position_ids": pos, "labels": labels}
+
+
 class LazyEncoded(Sequence[Encoded]):
     """Examples encoded on first access: a client trains a few steps on a task of thousands of examples."""
 

@@ -11,6 +11,7 @@ import json
 import logging
 import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,48 @@ class LoraHost:
             for _, mod in self.lora_layers():
                 mod.scaling[_adapter_name(self.rank or 1)] = 0.0
         self.rank = None
+
+    @contextmanager
+    def merged(self, a: ClientAssignment) -> Iterator[nn.Module]:
+        """The model of assignment ``a`` with its update merged into the weights: W + base_delta + s·B A per
+        layer, and no adapter computed (an adapter of any width costs what the base model alone costs).
+
+        The merged weights are new tensors swapped in one layer at a time (the dense ΔW of a layer exists
+        only while its merge is computed); the original weights stay untouched and are swapped back on exit,
+        bit for bit, so training after an evaluation starts from exactly the weights it would have without one.
+        """
+        self._apply_base_delta(None)  # the pristine weights (a FLoRA client may have left its delta in)
+        self.unload()
+        originals: dict[str, nn.Parameter] = {}
+        modules: dict[str, Any] = dict(self.base.named_modules())
+        try:
+            with torch.no_grad():
+                for name in self.shapes:
+                    lin: Any = getattr(modules[name], "base_layer", modules[name])  # peft's LoraLayer wraps it
+                    w = lin.weight
+                    f = a.factors.get(name)
+                    update = f is not None and a.scaling != 0.0 and bool(f.B.any()) and bool(f.A.any())
+                    if a.base_delta is None and not update:
+                        continue  # nothing to add (e.g. round 0: B = 0): no copy
+                    merged = w.detach().clone()
+                    if a.base_delta is not None:
+                        merged += a.base_delta[name].to(device=w.device, dtype=w.dtype)
+                    if f is not None and update:
+                        B, A = (
+                            f.B.to(device=w.device, dtype=torch.float32),
+                            f.A.to(device=w.device, dtype=torch.float32),
+                        )
+                        merged += (a.scaling * (B @ A)).to(w.dtype)
+                    originals[name] = w
+                    lin.weight = nn.Parameter(merged, requires_grad=False)
+            if self.peft is not None:
+                with self.peft.disable_adapter():
+                    yield self.peft
+            else:
+                yield self.base
+        finally:
+            for name, w in originals.items():
+                getattr(modules[name], "base_layer", modules[name]).weight = w
 
     def _apply_base_delta(self, delta: dict[str, Tensor] | None) -> None:
         if delta is self._applied_delta:
