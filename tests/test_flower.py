@@ -182,6 +182,18 @@ def test_a_declared_memory_budget_gives_the_largest_rank_that_fits(cfg_path: Pat
     assert {r["rank"] for r in records(tmp_path / "run") if r["type"] == "client"} == {8}
 
 
+def test_a_node_trains_on_its_own_file(cfg_path: Path, tmp_path: Path) -> None:
+    """node config data-path: the node's own examples (here grouped by the file's task column)."""
+    own = Path(__file__).parent / "fixtures" / "files" / "examples.jsonl"
+    grid = FakeGrid({**nodes([4, 8, 16]), 102: {"partition-id": 2, "rank": 16, "data-path": str(own)}})
+    run_server(grid, cfg_path, tmp_path / "run", overrides="data.group_by=task")
+    mine = [r for r in records(tmp_path / "run") if r["type"] == "client" and r["client"] == 2]
+    assert len(mine) == 2 and all(r["rank"] == 16 for r in mine)
+    file_tasks = {json.loads(x)["task"] for x in own.read_text().splitlines()}
+    assert all(set(r["tasks"]) == file_tasks for r in mine)
+    assert mine[0]["n"] == 10  # the file's 12 rows less 2 held back as its test split (test_fraction 0.2)
+
+
 def test_a_node_refuses_a_rank_above_its_declared_rank(cfg_path: Path, tmp_path: Path) -> None:
     sim = Simulation(load_config(cfg_path), tmp_path / "run", progress=False)
     grid = FakeGrid(nodes([4, 8, 16]))

@@ -4,7 +4,9 @@
 Node config (``flower-supernode --node-config "..."``; in Ray simulation Flower sets the first two):
 
 * ``partition-id`` (required): which of the run's registered clients this node is; its data is that
-  client's partition of the run's data (``partition.*``), exactly as in the simulator.
+  client's partition of the run's data (``partition.*``), exactly as in the simulator, unless
+* ``task = "<name>"`` (one training task of the run's data) or ``data-path = "/abs/file.jsonl"`` (the node's
+  own file: .json/.jsonl/.csv/.parquet) give the node other data (:func:`fedrank.data.node.node_data`).
 * ``num-partitions``: must equal the run's ``partition.num_clients`` when given.
 * ``rank``: the largest LoRA rank this node can train. The server asks for it in a query round and
   dispatches that rank; a payload of a higher rank is refused with an error reply.
@@ -27,11 +29,11 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedrank.config import ConfigError, RunConfig, dumps_config, from_dict
-from fedrank.data import ClientData, Federation
+from fedrank.data.node import node_data
 from fedrank.flower.records import decode_assignment, encode_failure, encode_update
 from fedrank.local import LocalTrainer
 from fedrank.models import LoraHost
-from fedrank.simulation import build_model, build_store
+from fedrank.simulation import build_model
 from fedrank.train import ClientFailure
 
 log = logging.getLogger(__name__)
@@ -53,26 +55,17 @@ def partition_id(context: Context) -> int:
     return pid
 
 
-def _setup(cfg: RunConfig) -> tuple[LocalTrainer, Federation]:
-    """The model host and the federation for ``cfg``, kept for the process's next message."""
+def _trainer(cfg: RunConfig) -> LocalTrainer:
+    """The model host for ``cfg``, kept for the process's next message."""
     key = dumps_config(cfg)
     if _CACHE.get("key") != key:
         _CACHE.clear()
         lm = build_model(cfg)
-        host = LoraHost(lm.model, cfg.model.target_modules, cfg.model.alpha)
-        fed = Federation(build_store(cfg), cfg.partition)
-        _CACHE.update(key=key, trainer=LocalTrainer(lm, host, cfg), fed=fed)
-    return _CACHE["trainer"], _CACHE["fed"]
-
-
-def client_data(fed: Federation, context: Context) -> ClientData:
-    pid = partition_id(context)
-    parts = node_int(context, "num-partitions")
-    if parts is not None and parts != fed.num_clients:
-        raise ValueError(f"node config num-partitions = {parts}, but the run registers {fed.num_clients} clients")
-    if not 0 <= pid < fed.num_clients:
-        raise ValueError(f"partition-id {pid} is outside the run's {fed.num_clients} clients")
-    return fed.client(pid)
+        _CACHE.update(
+            key=key, trainer=LocalTrainer(lm, LoraHost(lm.model, cfg.model.target_modules, cfg.model.alpha), cfg)
+        )
+    trainer: LocalTrainer = _CACHE["trainer"]
+    return trainer
 
 
 @app.query()
@@ -101,9 +94,9 @@ def train(msg: Message, context: Context) -> Message:
         cfg: RunConfig = from_dict(RunConfig, tomllib.loads(config_toml))
     except (tomllib.TOMLDecodeError, ConfigError) as e:
         raise ValueError(f"the run's config could not be read: {e}") from e
-    trainer, fed = _setup(cfg)
+    data = node_data(cfg.data, cfg.partition, context.node_config, cfg.seed)
     try:
-        update, stats = trainer.train(a, client_data(fed, context), round_index)
+        update, stats = _trainer(cfg).train(a, data, round_index)
     except ClientFailure as e:
         log.warning("round %d: client %d failed: %s", round_index + 1, a.client_id, e)
         return Message(encode_failure(a.client_id, str(e)), reply_to=msg)
