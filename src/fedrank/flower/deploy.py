@@ -278,6 +278,12 @@ def make_node_key(directory: Path | str, name: str) -> NodeKey:
 # --------------------------------------------------------------------------------------------- processes
 
 
+def executable(name: str) -> str:
+    """A Flower command from this Python's environment (its bin/ need not be on PATH, e.g. an inactive venv)."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.is_file() else name
+
+
 def free_port(host: str = LOOPBACK) -> int:
     """A TCP port that was free on `host` a moment ago (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -450,6 +456,8 @@ class LocalDeployment:
         env.update(
             {
                 "PYTHONPATH": os.pathsep.join(paths),
+                # Flower starts its own commands (flwr-serverapp, flower-superexec, flwr-clientapp) by name.
+                "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
                 "FLWR_HOME": str(self.flwr_home),
                 "FLWR_TELEMETRY_ENABLED": "0",
                 "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -507,7 +515,7 @@ class LocalDeployment:
             )
         self._runs += 1
         n = self._runs
-        cmd = ["flwr", "run", str(app), self.connection, "--stream"]
+        cmd = [executable("flwr"), "run", str(app), self.connection, "--stream"]
         if overrides:
             cfg = self.run_dir / f"run-config-{n}.toml"
             cfg.write_text(tomli_w.dumps(overrides), encoding="utf-8")
@@ -549,7 +557,7 @@ class LocalDeployment:
 
     def flwr(self, args: Sequence[str], timeout: float = 60.0, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run one `flwr` CLI command against this deployment's FLWR_HOME (bounded, in its own session)."""
-        cmd = ["flwr", *args]
+        cmd = [executable("flwr"), *args]
         p = subprocess.Popen(
             cmd,
             env=self.environ(),
@@ -579,7 +587,7 @@ class LocalDeployment:
         i = len(self.nodes)
         port = free_port()
         cmd = [
-            "flower-supernode",
+            executable("flower-supernode"),
             "--superlink",
             self.address,
             "--port",
@@ -681,7 +689,7 @@ class LocalDeployment:
             self.tls_files = make_tls(self.run_dir / "tls")
         self._write_connections()
         cmd = [
-            "flower-superlink",
+            executable("flower-superlink"),
             "--host",
             LOOPBACK,
             "--port",
