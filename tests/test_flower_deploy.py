@@ -365,6 +365,8 @@ def test_cli_run_passes_config_and_overrides(no_leftovers: Path, tmp_path: Path)
         "overrides": "federation.rounds=2;train.lr=0.1",
         "out-dir": str(out),
         "resume": False,
+        "round-timeout": 0.0,
+        "node-wait": 120.0,
     }
     assert sorted(r["rank"] for r in doc["replies"]) == [4, 8]  # type: ignore[union-attr, index]
 
