@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from fedrank import checkpoint, faults, run_dir
 from fedrank.aggregation import HOMOGENEOUS, AggregationMethod, make_method
 from fedrank.config import ConfigError, RunConfig, override, to_dict
-from fedrank.data import Federation, TaskStore, open_store
+from fedrank.data import Federation, open_store
 from fedrank.evaluate import evaluate_task, macro_average
 from fedrank.local import ClientExecutor, InProcessClients, LocalTrainer, Outcome, collapsed
 from fedrank.lowrank import energy_spectrum, lora_scaling, svd_of_sum, truncate
@@ -38,18 +38,14 @@ from fedrank.models import (
 )
 from fedrank.ranks import ModelFootprint, assign_ranks, budget_ranks
 from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
+from fedrank.validation import RunFailed, validate_update
 
 __all__ = ["RunResult", "Simulation", "collapsed", "export_global", "with_method"]
-from fedrank.validation import RunFailed, validate_update
 
 log = logging.getLogger(__name__)
 
 BYTES_PER_PARAM = 4  # fp32 on the wire
 FSLORA_SGD_LR = 0.01
-
-
-def build_store(cfg: RunConfig) -> TaskStore:
-    return open_store(cfg.data, cfg.seed)
 
 
 def build_model(cfg: RunConfig) -> LoadedModel:
@@ -161,7 +157,7 @@ class Simulation:
             run_dir.start_fresh(self.out)
         self.metrics_path = self.out / run_dir.METRICS
         check_ranks(cfg)
-        self.store = build_store(cfg)
+        self.store = open_store(cfg.data, cfg.seed)
         self.fed = Federation(self.store, cfg.partition)
         self.per_round = cfg.federation.per_round(self.fed.num_clients)
         self.method = build_method(cfg)

@@ -81,7 +81,8 @@ def _own_file(path: str, mtime_ns: int, group_by: str, cache_dir: str) -> tuple[
     return tasks, tuple(e for t in tasks for e in store.examples(t))
 
 
-def _int(node_config: Mapping[str, NodeValue], key: str) -> int | None:
+def node_config_int(node_config: Mapping[str, NodeValue], key: str) -> int | None:
+    """An integer node-config value (None when absent or empty); a bool or a fraction is an error."""
     value = node_config.get(key)
     if value is None or value == "":
         return None
@@ -97,7 +98,7 @@ def node_data(
     data: DataSource, partition: PartitionConfig, node_config: Mapping[str, NodeValue], seed: int = 0
 ) -> ClientData:
     """This node's train/test examples (routes in the module docstring); ``seed``: the run's seed."""
-    pid = _int(node_config, "partition-id")
+    pid = node_config_int(node_config, "partition-id")
     path, task = node_config.get("data-path"), node_config.get("task")
     if path and task:
         raise ValueError("node config has both data-path and task; give one")
@@ -117,7 +118,7 @@ def node_data(
             "node config names no data: give partition-id (and num-partitions), task, or data-path "
             f"(got keys {sorted(node_config)})"
         )
-    parts = _int(node_config, "num-partitions")
+    parts = node_config_int(node_config, "num-partitions")
     if parts is not None and parts != fed.num_clients:
         raise ValueError(
             f"node config num-partitions = {parts}, but the run registers partition.num_clients = "

@@ -29,7 +29,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedrank.config import ConfigError, RunConfig, dumps_config, from_dict
-from fedrank.data.node import node_data
+from fedrank.data.node import node_config_int, node_data
 from fedrank.flower.records import decode_assignment, encode_failure, encode_update
 from fedrank.local import LocalTrainer
 from fedrank.models import LoraHost
@@ -43,13 +43,8 @@ app = ClientApp()
 _CACHE: dict[str, Any] = {}
 
 
-def node_int(context: Context, key: str) -> int | None:
-    value = context.node_config.get(key)
-    return None if value is None or value == "" else int(value)
-
-
 def partition_id(context: Context) -> int:
-    pid = node_int(context, "partition-id")
+    pid = node_config_int(context.node_config, "partition-id")
     if pid is None:
         raise ValueError("this SuperNode has no partition-id in its node config (--node-config 'partition-id=N ...')")
     return pid
@@ -73,7 +68,11 @@ def query(msg: Message, context: Context) -> Message:
     """Who this node is: its partition id and the rank it declares (0: none, the run's distribution decides)."""
     memory = context.node_config.get("memory-mib") or 0
     info = ConfigRecord(
-        {"partition-id": partition_id(context), "rank": node_int(context, "rank") or 0, "memory-mib": float(memory)}
+        {
+            "partition-id": partition_id(context),
+            "rank": node_config_int(context.node_config, "rank") or 0,
+            "memory-mib": float(memory),
+        }
     )
     return Message(RecordDict({"node": info}), reply_to=msg)
 
@@ -81,7 +80,7 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     a, round_index, config_toml = decode_assignment(msg.content)
-    declared = node_int(context, "rank")
+    declared = node_config_int(context.node_config, "rank")
     if declared and a.rank > declared:
         raise ValueError(
             f"refused: the server sent a rank-{a.rank} assignment, but this node declared rank {declared} "
