@@ -34,12 +34,12 @@ from fedrank.config import load_config, override
 from fedrank.data.examples import Example
 from fedrank.evaluate import (
     EvalConfig,
-    answer_nll,
     choice_logliks,
     choose,
     evaluate_task,
     generate,
     longest_reference,
+    reference_answer_nll,
     rouge_l,
     score_and_generate,
 )
@@ -47,8 +47,9 @@ from fedrank.simulation import Simulation
 
 
 def separate_routes(model: Any, tok: Any, examples: Sequence[Example], cfg: EvalConfig) -> dict[str, float]:
-    """evaluate_task as it was: answer_nll over every example, choice_logliks, then generate."""
-    nll = answer_nll(model, tok, examples, cfg)
+    """evaluate_task's metrics by separate routes: answer_nll per example in its own context, choice_logliks,
+    then generate."""
+    nll = [reference_answer_nll(model, tok, e, cfg) for e in examples]
     res = {"loss": sum(n for n, _ in nll) / max(sum(c for _, c in nll), 1)}
     mc = [e for e in examples if e.is_multiple_choice]
     if mc:

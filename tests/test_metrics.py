@@ -118,11 +118,12 @@ def test_one_pass_evaluation_equals_the_separate_routes(tiny) -> None:
     """score_and_generate (one prompt pass, length-grouped batches, KV-cache continuations, own greedy loop)
     gives the numbers of answer_nll / choice_logliks and the text of model.generate, example by example:
     prompts of different lengths in one batch, an exact tie between options, a multiple-choice target that is
-    not an option, and prompts too long for max_seq_len (answer loss then from answer_nll's own truncation)."""
+    not an option, and prompts too long for max_seq_len (the answer then scored in the context the model
+    generates from, or the options' context)."""
     import torch
 
     from fedrank.data.tokenize import prompt_text
-    from fedrank.evaluate import answer_nll, score_and_generate
+    from fedrank.evaluate import answer_nll, reference_answer_nll, score_and_generate
 
     tok, model = tiny.tokenizer, tiny.model
     long = "the quick brown fox " * 12
@@ -139,9 +140,22 @@ def test_one_pass_evaluation_equals_the_separate_routes(tiny) -> None:
     ]
     cfg = EvalConfig(max_new_tokens=6, batch_size=3, generate_batch_size=2, max_seq_len=96)
     got = score_and_generate(model, tok, examples, cfg, max_new_tokens=6)
+    expected = []
+    cut = 0
     for ex, s in zip(examples, got):
-        ((nll, count),) = answer_nll(model, tok, [ex], cfg)
+        # the answer is scored in the example's one context: the prompt's last max_seq_len tokens
+        # (generative) or the prompt cut to fit the longest option (multiple choice)
+        nll, count = reference_answer_nll(model, tok, ex, cfg)
+        expected.append((nll, count))
         assert s.tokens == count and s.nll == pytest.approx(nll, rel=1e-5, abs=1e-4)
+        answer = len(tok(ex.target + tok.eos_token, add_special_tokens=False)["input_ids"])
+        prompt = len(tok(prompt_text(tok, ex.prompt), add_special_tokens=False)["input_ids"])
+        options = [tok(c + tok.eos_token, add_special_tokens=False)["input_ids"] for c in ex.choices or ()]
+        longest = max((len(o) for o in options), default=0)
+        if prompt + max(answer, longest) <= cfg.max_seq_len:  # nothing cut: answer_nll's own numbers
+            assert answer_nll(model, tok, [ex], cfg)[0] == pytest.approx((nll, count), rel=1e-6)
+        else:  # answer_nll cuts the prompt to fit the answer: the same where the target is the longest option
+            cut += answer_nll(model, tok, [ex], cfg)[0][0] != pytest.approx(nll, rel=1e-6)
         if ex.is_multiple_choice:
             assert s.option_logliks == pytest.approx(choice_logliks(model, tok, ex, cfg), abs=1e-4)
             assert s.generated == "" and s.generated_tokens == 0
@@ -159,6 +173,7 @@ def test_one_pass_evaluation_equals_the_separate_routes(tiny) -> None:
             assert s.generated == tok.decode(new, skip_special_tokens=True).strip()
             stop = new.index(tok.eos_token_id) + 1 if tok.eos_token_id in new else len(new)
             assert s.generated_tokens == stop
+    assert cut == 2  # the long generative prompt, and the long one whose target is the shorter option
     assert got[1].option_logliks[0] == got[1].option_logliks[1]  # the tie stays exact
     # long answers are projected a few positions at a time: the same numbers
     whole = answer_nll(model, tok, examples, cfg)
@@ -167,8 +182,7 @@ def test_one_pass_evaluation_equals_the_separate_routes(tiny) -> None:
     assert [n for n, _ in split] == pytest.approx([n for n, _ in whole], rel=1e-5)
     # the whole task: the same metrics as the separate routes (the pre-change evaluate_task)
     res = evaluate_task(model, tok, examples, cfg)
-    nll = answer_nll(model, tok, examples, cfg)
-    assert res["loss"] == pytest.approx(sum(n for n, _ in nll) / sum(c for _, c in nll), rel=1e-6)
+    assert res["loss"] == pytest.approx(sum(n for n, _ in expected) / sum(c for _, c in expected), rel=1e-6)
     mc = [e for e in examples if e.is_multiple_choice]
     assert res["accuracy"] == sum(e.credit(choose(choice_logliks(model, tok, e, cfg))) for e in mc) / len(mc)
     gen = [e for e in examples if not e.is_multiple_choice]

@@ -9,10 +9,10 @@ import torch
 
 from fedrank.aggregation import METHODS, make_method
 from fedrank.data.examples import Example
-from fedrank.data.tokenize import encode, prompt_text
+from fedrank.data.tokenize import encode, pack, prompt_text
 from fedrank.evaluate import EvalConfig, answer_nll, choice_logliks, evaluate_task, generate, macro_average, rouge_l
 from fedrank.models import LoraHost, export_peft_adapter, tiny_llama
-from fedrank.train import TrainConfig, train_local
+from fedrank.train import TrainConfig, passes, train_local
 from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
 
 TOY = [Example(f"repeat the word {w}", w) for w in ["apple", "river", "stone", "cloud", "green", "light"]]
@@ -300,7 +300,7 @@ def test_packed_batch_has_the_padded_batch_loss_and_gradients(host: LoraHost, ti
     """pack(): examples share rows (first-fit decreasing into the longest example's width) with position ids
     restarting per example; the loss and the LoRA gradients equal the padded batch's to float rounding, so no
     attention crosses examples and no loss term spans two of them."""
-    from fedrank.data.tokenize import IGNORE, collate, pack
+    from fedrank.data.tokenize import IGNORE, collate
     from fedrank.train import batch_loss
 
     tok = tiny.tokenizer
@@ -320,20 +320,38 @@ def test_packed_batch_has_the_padded_batch_loss_and_gradients(host: LoraHost, ti
         torch.testing.assert_close(g_packed, g_padded, atol=1e-5, rtol=1e-4)
     # the model's own loss on the padded batch is the reference
     torch.testing.assert_close(grads[0][0], host.module(**collate(data, tok.pad_token_id)).loss.detach())
+    # the packed rows one pass each, each part's summed loss over the whole batch's answer tokens: the same
+    parts = passes(packed, 1)
+    assert len(parts) == 3
+    answer = int((packed["labels"][:, 1:] != IGNORE).sum())
+    split = [torch.autograd.grad(batch_loss(host.module, p, answer), params) for p in parts]
+    assert sum(float(batch_loss(host.module, p, answer)) for p in parts) == pytest.approx(float(grads[1][0]), rel=1e-5)
+    for j, g_packed in enumerate(grads[1][1]):
+        torch.testing.assert_close(sum(g[j] for g in split), g_packed, atol=1e-6, rtol=1e-4)
 
 
 def test_packed_training_takes_the_same_steps(host: LoraHost, tiny) -> None:
     """train.pack changes how a micro-batch is laid out, not which examples it holds: same draws, counts and
     per-step losses (to float rounding) as the padded route."""
     results = []
-    for pack in (False, True):
+    for packed_rows in (False, True):
         host.load(ClientAssignment(0, 4, 2.0, random_factors(host, 4, 8), 0))
         data = [encode(tiny.tokenizer, e, 64) for e in TOY]
-        cfg = TrainConfig(lr=1e-2, steps=3, batch_size=4, pack=pack)
+        cfg = TrainConfig(lr=1e-2, steps=3, batch_size=4, pack=packed_rows)
         results.append(
             train_local(host.module, host.trainable_parameters(), data, cfg, torch.Generator().manual_seed(3), 0)
         )
     padded, packed = results
+    # a packed micro-batch run a row at a time (train.rows_per_pass: less activation memory): the same steps
+    host.load(ClientAssignment(0, 4, 2.0, random_factors(host, 4, 8), 0))
+    data = [encode(tiny.tokenizer, e, 64) for e in TOY]
+    cfg = TrainConfig(lr=1e-2, steps=3, batch_size=4, rows_per_pass=1)
+    rows = train_local(host.module, host.trainable_parameters(), data, cfg, torch.Generator().manual_seed(3), 0)
+    assert rows.losses == pytest.approx(packed.losses, rel=1e-5, abs=1e-6)
+    assert rows.tokens == packed.tokens
+    assert len(passes(pack([data[i] for i in range(4)], 0), 1)) > 1  # the batch really was split
+    with pytest.raises(ValueError, match="rows_per_pass"):
+        TrainConfig(rows_per_pass=-1)
     assert (packed.examples, packed.seen, packed.tokens, packed.steps) == (
         padded.examples,
         padded.seen,

@@ -8,7 +8,7 @@ import hashlib
 import math
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from fedrank.data.examples import Example
 from fedrank.data.tokenize import IGNORE, Encoded, encode, prompt_text
-from fedrank.models.loading import kv_cache
+from fedrank.models.loading import kv_cache, select_cache
 
 
 @dataclass(frozen=True)
@@ -204,6 +204,20 @@ def answer_nll(
     return out
 
 
+def reference_answer_nll(model: nn.Module, tokenizer: Any, ex: Example, cfg: EvalConfig) -> tuple[float, int]:
+    """An example's answer loss as :func:`evaluate_task` defines it, by the separate route: :func:`answer_nll`
+    with the prompt cut to the example's one context (its last ``cfg.max_seq_len`` tokens, or, multiple
+    choice, what leaves room for the longest option), the answer after it. For tests and benchmarks."""
+    eos = tokenizer.eos_token
+    answer = len(tokenizer(ex.target + eos, add_special_tokens=False)["input_ids"][: cfg.max_seq_len - 1])
+    budget = cfg.max_seq_len
+    if ex.is_multiple_choice:
+        opts = [tokenizer(c + eos, add_special_tokens=False)["input_ids"] for c in ex.choices or ()]
+        budget -= max(min(len(o), cfg.max_seq_len - 1) for o in opts)
+    ((nll, count),) = answer_nll(model, tokenizer, [ex], replace(cfg, max_seq_len=budget + answer))
+    return nll, count
+
+
 @torch.no_grad()
 def choice_logliks(model: Any, tokenizer: Any, ex: Example, cfg: EvalConfig, chunk: int = 32) -> list[float]:
     """Log-likelihood of each option of a multiple-choice example (BIG-bench's unnormalised score).
@@ -307,7 +321,8 @@ def _continuation_logliks(
 ) -> list[Tensor]:
     """Per-token log-likelihoods of continuations ``conts[j]`` of prompt ``rows[j]`` (an index into the
     prompt batch whose KV ``cache``, last-position log-probabilities ``first``, attention ``mask`` and real
-    ``lengths`` are given). The cache is left as it was."""
+    ``lengths`` are given; a prompt may have several continuations, e.g. its options). The cache is left as
+    it was."""
     device = mask.device
     width = max(len(c) for c in conts)
     ids = torch.full((len(conts), width), pad_id, dtype=torch.long)
@@ -316,11 +331,11 @@ def _continuation_logliks(
         ids[j, : len(c)] = torch.tensor(c)
         cmask[j, : len(c)] = 1
     sel = torch.tensor(rows, dtype=torch.long, device=device)
-    part = copy.deepcopy(cache)
-    part.batch_select_indices(sel)
     full_mask = torch.cat([mask[sel], cmask.to(device)], dim=1)
     pos = lengths[sel].unsqueeze(1) + torch.arange(width, device=device).unsqueeze(0)
+    part = select_cache(cache, sel)
     logits = model(input_ids=ids.to(device), attention_mask=full_mask, position_ids=pos, cache=part).logits
+    del part
     logp = torch.log_softmax(logits.float(), dim=-1)
     out = []
     for j, c in enumerate(conts):
@@ -342,25 +357,79 @@ def _greedy(
 ) -> list[list[int]]:
     """Greedy decoding from a prompt batch's KV cache, as ``model.generate(do_sample=False)`` decodes (the
     same inputs step by step), stopping when every row has ended its turn; each row's tokens up to and
-    including its end-of-turn token."""
+    including its end-of-turn token. Rows that have ended leave the batch (their cache rows dropped) once a
+    quarter of the live rows have ended, so the remaining steps compute only the rows still decoding; a
+    row's computation does not depend on the others, so its text is the same either way."""
     device = mask.device
-    rows = first.shape[0]
+    out: list[list[int]] = [[] for _ in range(first.shape[0])]
+    live = torch.arange(first.shape[0], device=device)  # batch row -> example row
     nxt = first.float().argmax(-1)
-    done = torch.zeros(rows, dtype=torch.bool, device=device)
-    out: list[list[int]] = [[] for _ in range(rows)]
+    done = torch.zeros(len(live), dtype=torch.bool, device=device)
     pos = lengths.unsqueeze(1)
     for step in range(max_new_tokens):
-        for i, t in enumerate(nxt.tolist()):
-            if not done[i]:
-                out[i].append(t)
+        for r, t, ended in zip(live.tolist(), nxt.tolist(), done.tolist(), strict=True):
+            if not ended:
+                out[r].append(t)
         done |= nxt == eos_id
         if bool(done.all()) or step + 1 == max_new_tokens:
             break
-        mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=device)], dim=1)
+        if int(done.sum()) * 4 >= len(live):
+            keep = (~done).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            live, nxt, mask, pos = live[keep], nxt[keep], mask[keep], pos[keep]
+            done = done[keep]
+        mask = torch.cat([mask, torch.ones((len(live), 1), dtype=mask.dtype, device=device)], dim=1)
         step_ids = nxt.masked_fill(done, pad_id).unsqueeze(1)
         logits = model(input_ids=step_ids, attention_mask=mask, position_ids=pos, cache=cache).logits
         nxt = logits[:, -1].float().argmax(-1)
         pos = pos + 1
+    return out
+
+
+@dataclass
+class _Context:
+    """One example as :func:`score_and_generate` runs it: the prompt tokens every number of the example is
+    computed after, and the continuations scored there."""
+
+    index: int
+    prompt: list[int]
+    conts: list[list[int]]
+    """Multiple choice: the options (then the target, where it is no option); generative: the answer."""
+
+
+def _contexts(
+    tokenizer: Any, examples: Sequence[Example], cfg: EvalConfig, score: bool
+) -> tuple[list[_Context], list[_Context]]:
+    """Multiple-choice and generative examples' contexts (see :func:`score_and_generate`)."""
+    n_max, eos = cfg.max_seq_len, tokenizer.eos_token
+    mc: list[_Context] = []
+    gen: list[_Context] = []
+    for i, ex in enumerate(examples):
+        if ex.is_multiple_choice and not score:
+            continue
+        p: list[int] = tokenizer(prompt_text(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"]
+        a: list[int] = tokenizer(ex.target + eos, add_special_tokens=False)["input_ids"][: n_max - 1]
+        if ex.is_multiple_choice:
+            choices = ex.choices or ()
+            opts = [tokenizer(c + eos, add_special_tokens=False)["input_ids"][: n_max - 1] for c in choices]
+            keep = n_max - max(len(o) for o in opts)
+            mc.append(_Context(i, p[max(0, len(p) - keep) :], opts if ex.target in choices else [*opts, a]))
+        else:
+            gen.append(_Context(i, p[max(0, len(p) - n_max) :], [a] if score else []))
+    return mc, gen
+
+
+def _chunks(items: Sequence[Any], widths: Sequence[int], max_positions: int) -> list[list[Any]]:
+    """``items`` in order of ``widths`` (shortest first), grouped so that a group's rows x widest row is at most
+    ``max_positions`` (a row wider than that alone): continuations of similar lengths are scored together,
+    so short options are not padded to a long answer, and each group's vocabulary-wide log-probabilities
+    stay bounded."""
+    out: list[list[Any]] = []
+    for j in sorted(range(len(items)), key=lambda j: (widths[j], j)):
+        if out and (len(out[-1]) + 1) * widths[j] <= max_positions:
+            out[-1].append(items[j])
+        else:
+            out.append([items[j]])
     return out
 
 
@@ -375,76 +444,68 @@ def score_and_generate(
     score: bool = True,
 ) -> list[Scored]:
     """Answer loss, option log-likelihoods (multiple choice) and greedy generations (generative examples,
-    when ``max_new_tokens`` > 0) with one prompt pass per example (``score=False``: generations only).
+    when ``max_new_tokens`` > 0) from one prompt pass per example (``score=False``: generations only).
 
-    Multiple choice: :func:`choice_logliks` exactly as it is (bit for bit, so BIG-bench's hash tie-break
-    picks the same option), and the answer loss is the target option's score, no second pass.
-    Generative: prompts grouped by length (fewer pad tokens), ``cfg.generate_batch_size`` at a time,
-    left-padded and run once with a KV cache; the answer is scored as a continuation from that cache
-    (``cfg.batch_size`` rows at a time), then the batch decodes greedily from it with early stop at the end of
-    turn (the text of ``model.generate``).
-    Where :func:`encode` would cut a prompt differently (too long for ``max_seq_len``), that example's
-    answer loss comes from :func:`answer_nll` instead, so every number is the separate route's to float
-    tolerance.
+    Each example has one context, the prompt as every one of its numbers sees it:
+    - multiple choice: the prompt cut from the left so that the longest option fits in ``cfg.max_seq_len``
+      (:func:`choice_logliks`' context); the options are scored after it, and the answer loss is the target
+      option's score (a target that is no option is scored there as one more continuation);
+    - generative: the prompt's last ``cfg.max_seq_len`` tokens (what the model generates from, as
+      :func:`generate` cuts it); the answer is scored after it, then the greedy continuation decodes from it.
+    Where nothing is cut these are :func:`answer_nll`'s and :func:`choice_logliks`' numbers, to float
+    tolerance. A cut prompt's answer is scored in the context the model generates from (``answer_nll`` cuts
+    the prompt further, to fit the answer too, which would need a second prompt pass).
+
+    Prompts are grouped by length (fewer pad tokens), left-padded and run once with a KV cache,
+    ``cfg.generate_batch_size`` generative prompts (``cfg.batch_size`` when only scoring) or
+    ``cfg.batch_size`` multiple-choice prompts at a time; the continuations of a batch are scored together
+    from its cache (grouped by length, at most 512 positions at a time), then generative batches decode greedily with
+    early stop at the end of turn (the text of ``model.generate``).
     """
     device = next(model.parameters()).device
-    pad_id, eos_id, n_max = tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.max_seq_len
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     scored = [Scored() for _ in examples]
-    prompts: dict[int, list[int]] = {}
-    answers: dict[int, list[int]] = {}
-    rest: list[int] = []  # answer loss through answer_nll
-    for i, ex in enumerate(examples):
-        p = tokenizer(prompt_text(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"]
-        a = tokenizer(ex.target + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-        if ex.is_multiple_choice and not score:
-            continue
-        if ex.is_multiple_choice:
-            s, choices = scored[i], ex.choices or ()
-            s.option_logliks = choice_logliks(model, tokenizer, ex, cfg)
-            longest = max(
-                min(len(tokenizer(c + tokenizer.eos_token, add_special_tokens=False)["input_ids"]), n_max - 1)
-                for c in choices
-            )
-            a_len = min(len(a), n_max - 1)
-            # the target option was scored in encode()'s context: the whole prompt, or the same cut of it
-            if ex.target in choices and (len(p) + longest <= n_max or a_len == longest):
-                s.nll, s.tokens = -s.option_logliks[choices.index(ex.target)], a_len
-            else:
-                rest.append(i)
-        else:
-            prompts[i] = p[max(0, len(p) - n_max) :]
-            answers[i] = a
-            if len(p) + len(a) > n_max or not score:
-                rest.append(i)
-    order = sorted(prompts, key=lambda i: (len(prompts[i]), i))
+    mc, gen = _contexts(tokenizer, examples, cfg, score)
+    max_positions = max(cfg.batch_size, 512)
+    gen_step = cfg.generate_batch_size if max_new_tokens else cfg.batch_size
     was = model.training
     model.eval()
     try:
-        step = cfg.generate_batch_size if max_new_tokens else cfg.batch_size
-        for b in range(0, len(order), step):
-            idx = order[b : b + step]
-            ids, mask, pos = _left_pad([prompts[i] for i in idx], pad_id, device)
-            cache = kv_cache()
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, logits_to_keep=1)
-            first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-            lengths = mask.sum(1)
-            own = [r for r, i in enumerate(idx) if i not in rest]
-            for c in range(0, len(own), cfg.batch_size):
-                rows = own[c : c + cfg.batch_size]
-                conts = [answers[idx[r]] for r in rows]
-                lls = _continuation_logliks(model, cache, first, mask, lengths, rows, conts, pad_id)
-                for r, ll in zip(rows, lls, strict=True):
-                    scored[idx[r]].nll, scored[idx[r]].tokens = -float(ll.sum()), len(answers[idx[r]])
-            if max_new_tokens:
-                toks = _greedy(model, cache, out.logits[:, -1], mask, lengths, max_new_tokens, eos_id, pad_id)
-                for i, t in zip(idx, toks, strict=True):
-                    scored[i].generated = tokenizer.decode(t, skip_special_tokens=True).strip()
-                    scored[i].generated_tokens = len(t)
+        for group, step, decode in ((mc, cfg.batch_size, False), (gen, gen_step, bool(max_new_tokens))):
+            group = sorted(group, key=lambda c: (len(c.prompt), c.index))
+            for b in range(0, len(group), step):
+                batch = group[b : b + step]
+                ids, mask, pos = _left_pad([c.prompt for c in batch], pad_id, device)
+                cache = kv_cache()
+                out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, logits_to_keep=1)
+                first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+                lengths = mask.sum(1)
+                pairs = [(r, k) for r, c in enumerate(batch) for k in range(len(c.conts))]
+                lls: dict[tuple[int, int], Tensor] = {}
+                for chunk in _chunks(pairs, [len(batch[r].conts[k]) for r, k in pairs], max_positions):
+                    conts = [batch[r].conts[k] for r, k in chunk]
+                    got = _continuation_logliks(
+                        model, cache, first, mask, lengths, [r for r, _ in chunk], conts, pad_id
+                    )
+                    lls.update(zip(chunk, got, strict=True))
+                for r, c in enumerate(batch):
+                    ex, s = examples[c.index], scored[c.index]
+                    ll = [lls[r, k] for k in range(len(c.conts))]
+                    if ex.is_multiple_choice:
+                        choices = ex.choices or ()
+                        s.option_logliks = [float(x.sum()) for x in ll[: len(choices)]]
+                        target = choices.index(ex.target) if ex.target in choices else len(choices)
+                        s.nll, s.tokens = -float(ll[target].sum()), len(c.conts[target])
+                    elif ll:
+                        s.nll, s.tokens = -float(ll[0].sum()), len(c.conts[0])
+                if decode:
+                    toks = _greedy(model, cache, out.logits[:, -1], mask, lengths, max_new_tokens, eos_id, pad_id)
+                    for c, new in zip(batch, toks, strict=True):
+                        scored[c.index].generated = tokenizer.decode(new, skip_special_tokens=True).strip()
+                        scored[c.index].generated_tokens = len(new)
+                del cache, out
     finally:
         model.train(was)
-    if rest and score:
-        for i, (nll, count) in zip(rest, answer_nll(model, tokenizer, [examples[i] for i in rest], cfg), strict=True):
-            scored[i].nll, scored[i].tokens = nll, count
     return scored
 
 

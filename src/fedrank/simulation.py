@@ -310,6 +310,9 @@ class Simulation:
             if result is not None:
                 updates.append(result[0])
                 recs.append(result[1])
+        # the clients' activations go back to the system once a round, not after each client: a full garbage
+        # collection costs ~0.3 s with the task index loaded, and the next client would fault the pages in again
+        release_memory()
         return updates, recs
 
     def aggregate_round(self, t: int, updates: list[ClientUpdate], recs: list[dict[str, Any]], t0: float) -> str:

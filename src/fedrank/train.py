@@ -18,7 +18,6 @@ import torch
 from torch import Tensor, nn
 
 from fedrank.data.tokenize import IGNORE, Encoded, collate, pack
-from fedrank.models.loading import release_memory
 
 PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = ("adamw", "sgd")
@@ -49,6 +48,10 @@ class TrainConfig:
     predicted, instead of padding every example to the longest and projecting every position. The same
     examples in the same steps, the same loss to float rounding; False: the padded batch through the model's
     own loss."""
+    rows_per_pass: int = 0
+    """Packed rows run through the model at a time (0: all of a micro-batch's rows at once). Activations are
+    the memory of training; rows are independent (no attention across rows), and each pass's loss is the sum
+    over its answer tokens divided by the whole micro-batch's, so the gradient is the whole micro-batch's."""
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.lr) or self.lr <= 0:
@@ -65,6 +68,8 @@ class TrainConfig:
             raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.max_seq_len < 2:
             raise ValueError(f"train.max_seq_len must be >= 2, got {self.max_seq_len}")
+        if self.rows_per_pass < 0:
+            raise ValueError(f"train.rows_per_pass must be >= 0, got {self.rows_per_pass}")
 
     def num_steps(self, num_examples: int) -> int:
         if self.steps:
@@ -89,10 +94,11 @@ class TrainResult:
     seconds: float
 
 
-def batch_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+def batch_loss(model: nn.Module, batch: dict[str, Tensor], tokens: int | None = None) -> Tensor:
     """Mean answer-token cross-entropy of a batch from :func:`collate` (the model's own loss) or from
     :func:`pack` (no attention mask: position ids mark the examples; the vocabulary projection only at the
-    positions whose next token is an answer token)."""
+    positions whose next token is an answer token). ``tokens`` (packed batches): the summed cross-entropy
+    divided by ``tokens`` instead, for a part of a batch of that many answer tokens."""
     if "position_ids" not in batch:
         loss: Tensor = model(**batch).loss
         return loss
@@ -102,8 +108,19 @@ def batch_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
     logits = base.get_output_embeddings()(hidden.last_hidden_state[:, :-1][keep])
-    out: Tensor = torch.nn.functional.cross_entropy(logits.float(), targets[keep])
-    return out
+    if tokens is None:
+        out: Tensor = torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+        return out
+    total: Tensor = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    return total / tokens
+
+
+def passes(batch: dict[str, Tensor], rows: int) -> list[dict[str, Tensor]]:
+    """A packed batch in parts of ``rows`` rows (0: the whole batch), each with at least one answer token."""
+    if rows <= 0 or batch["input_ids"].shape[0] <= rows:
+        return [batch]
+    parts = [{k: v[i : i + rows] for k, v in batch.items()} for i in range(0, batch["input_ids"].shape[0], rows)]
+    return [p for p in parts if bool((p["labels"][:, 1:] != IGNORE).any())]
 
 
 class ClientFailure(RuntimeError):
@@ -163,14 +180,20 @@ def train_local(
                     batch_idx.append(order.pop())
                 chosen = [data[i] for i in batch_idx]
                 batch = {k: v.to(device) for k, v in (pack if cfg.pack else collate)(chosen, pad_id).items()}
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss: Any = batch_loss(model, batch)
-                    if regularizer is not None:
-                        loss = loss + regularizer()
-                if not math.isfinite(float(loss.detach())):
-                    raise ClientFailure(f"non-finite loss at step {len(losses) + 1}, lr {cfg.lr:g}")
-                (loss / cfg.grad_accum).backward()
-                step_loss += float(loss.detach()) / cfg.grad_accum
+                parts = passes(batch, cfg.rows_per_pass) if cfg.pack else [batch]
+                answer = int((batch["labels"][:, 1:] != IGNORE).sum()) if len(parts) > 1 else None
+                loss_value = 0.0
+                for j, part in enumerate(parts):
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                        loss: Any = batch_loss(model, part, answer)
+                        if regularizer is not None and j == 0:
+                            loss = loss + regularizer()
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        raise ClientFailure(f"non-finite loss at step {len(losses) + 1}, lr {cfg.lr:g}")
+                    (loss / cfg.grad_accum).backward()
+                    loss_value += value
+                step_loss += loss_value / cfg.grad_accum
                 examples += len(batch_idx)
                 used.update(batch_idx)
                 tokens += int((batch["labels"] != IGNORE).sum())
@@ -187,7 +210,6 @@ def train_local(
     finally:
         opt.zero_grad(set_to_none=True)  # a failed client leaves no gradient behind for the next one
         model.train(was_training)
-        release_memory()  # this client's activations go back to the system, not into the next phase's peak
     return TrainResult(
         sum(losses) / len(losses), losses, examples, len(used), tokens, steps, time.perf_counter() - start
     )

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,14 @@ def kv_cache() -> Any:
     from transformers import DynamicCache
 
     return DynamicCache()
+
+
+def select_cache(cache: Any, rows: Tensor) -> Any:
+    """A new KV cache holding batch rows ``rows`` of ``cache`` (repeats allowed), ``cache`` untouched: one
+    indexed copy per layer, instead of a deep copy of the whole batch then a selection."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=[(layer.keys[rows], layer.values[rows]) for layer in cache.layers])
 
 
 def tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 384) -> Any:
