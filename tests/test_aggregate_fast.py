@@ -9,6 +9,7 @@ import torch
 from fedrank.aggregation.flexlora import FlexLoRA
 from fedrank.lowrank import (
     _dense_is_cheaper,
+    _factored_gram_is_cheaper,
     _gram_is_cheaper,
     lora_scaling,
     stack_factors,
@@ -44,9 +45,17 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 # (m, n, R, route): the predicate each case must satisfy, so that every route is exercised
 TOP_CASES = [
     ((120, 90), [8, 16, 32, 16, 8, 32], "gram"),  # R = 112 >= min(m, n): Gram of ΔW's smaller side
-    ((40, 300), [4, 8, 8, 16, 8], "gram"),  # wide, R > m: the Gram of ΔWᵀ
+    ((40, 300), [4, 8, 8, 16, 8], "factored"),  # wide, R > m: the Gram of ΔWᵀ from the factors, B(AAᵀ)Bᵀ
+    ((400, 60), [8, 16, 32, 8], "factored"),  # tall, R > n: Aᵀ(BᵀB)A
     ((300, 200), [4, 8, 8, 16, 8], "core"),  # R = 44 << m, n: QR of the factors + the R×R core
 ]
+
+
+def top_route(m: int, n: int, R: int) -> str:
+    """Which top-k route :func:`svd_of_product_batched` takes."""
+    if not _gram_is_cheaper(m, n, R):
+        return "core"
+    return "factored" if _factored_gram_is_cheaper(m, n, R) else "gram"
 
 
 @pytest.mark.parametrize("shape,ranks,route", TOP_CASES)
@@ -56,7 +65,7 @@ def test_top_route_dispatch_equals_float64_best_rank_r(
 ) -> None:
     m, n = shape
     R = sum(ranks)
-    assert _gram_is_cheaper(m, n, R) == (route == "gram")
+    assert top_route(m, n, R) == route
     B, A = random_batch(1, 3, m, n, ranks, dtype)
     k = 8
     assert k + 16 < min(m, n, R), "the top-k route must run"
@@ -99,12 +108,17 @@ def tied_clients(m: int, n: int, dtype: torch.dtype) -> tuple[list[torch.Tensor]
     return Bs, As, s
 
 
-@pytest.mark.parametrize("shape", [(150, 120), (60, 400), (400, 300)])
+TIE_SHAPES = [((150, 120), "core"), ((60, 400), "core"), ((400, 300), "core"), ((44, 44), "gram")]
+TIE_SHAPES += [((44, 300), "factored"), ((300, 44), "factored")]
+
+
+@pytest.mark.parametrize("shape,route", TIE_SHAPES)
 @pytest.mark.parametrize("dtype,tol", [(F64, 1e-10), (torch.float32, 2e-6)])
-def test_ties_keep_the_eckart_young_optimum(shape: tuple[int, int], dtype: torch.dtype, tol: float) -> None:
+def test_ties_keep_the_eckart_young_optimum(shape: tuple[int, int], route: str, dtype: torch.dtype, tol: float) -> None:
     """Where a cut falls between tied values the best rank-r approximation is unique and must match; where it
     splits a tie, any choice is optimal: the error must equal the tail energy Σ_{i>r} σ_i²."""
     m, n = shape
+    assert top_route(m, n, 40) == route
     Bs, As, s = tied_clients(m, n, dtype)
     dW = sum(B.double() @ A.double() for B, A in zip(Bs, As, strict=True))
     U, S, Vh = svd_of_sum(Bs, As, [1.0] * 5, rank=12)
@@ -120,9 +134,13 @@ def test_ties_keep_the_eckart_young_optimum(shape: tuple[int, int], dtype: torch
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
-@pytest.mark.parametrize("shape", [(150, 120), (300, 200)])
-def test_rank_deficient_and_zero_delta(dtype: torch.dtype, shape: tuple[int, int]) -> None:
+@pytest.mark.parametrize(
+    "shape,route",
+    [((150, 120), "core"), ((300, 200), "core"), ((36, 36), "gram"), ((40, 300), "factored"), ((300, 40), "factored")],
+)
+def test_rank_deficient_and_zero_delta(dtype: torch.dtype, shape: tuple[int, int], route: str) -> None:
     m, n = shape
+    assert top_route(m, n, 36) == route
     g = torch.Generator().manual_seed(9)
     B1, A1 = torch.randn(m, 6, generator=g, dtype=dtype), torch.randn(6, n, generator=g, dtype=dtype)
     # six copies of one rank-6 client: R = 36, rank ΔW = 6 < the 8 components asked for
@@ -226,3 +244,20 @@ def test_flexlora_round_dispatches_best_rank_r_and_keeps_delta_exactly(dtype: to
     a = fx.dispatch(new, ClientSpec(0, 8, 1), 1)
     for k in SHAPES:
         torch.testing.assert_close(b.factors[k].B @ b.factors[k].A, a.factors[k].B @ a.factors[k].A)
+
+
+def test_dispatch_truncates_once_per_rank_and_scaling() -> None:
+    """Clients of one rank receive the same truncation, computed once per state; another α is not reused."""
+    ups = updates([4, 8, 4, 8], torch.float32)
+    fx = FlexLoRA(alpha=16.0)
+    new = fx.aggregate(fx.init_state(SHAPES, 8), ups)
+    a, b = fx.dispatch(new, ClientSpec(0, 4, 1), 1), fx.dispatch(new, ClientSpec(2, 4, 1), 1)
+    assert a.factors is not b.factors and a.factors.keys() == b.factors.keys()
+    assert all(a.factors[k].B is b.factors[k].B for k in SHAPES)
+    a.factors.clear()  # a client's dict is its own
+    assert fx.dispatch(new, ClientSpec(1, 4, 1), 1).factors.keys() == SHAPES.keys()
+    other = FlexLoRA(alpha=32.0).dispatch(new, ClientSpec(0, 4, 1), 1)
+    for k in SHAPES:  # the same product ΔW_4 under either scaling
+        torch.testing.assert_close(
+            other.scaling * other.factors[k].B @ other.factors[k].A, b.scaling * b.factors[k].B @ b.factors[k].A
+        )

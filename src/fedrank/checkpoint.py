@@ -292,5 +292,5 @@ def tensor_bytes(obj: Any) -> int:
     if isinstance(obj, list | tuple):
         return sum(tensor_bytes(v) for v in obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return sum(tensor_bytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+        return sum(tensor_bytes(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init)
     return sum(tensor_bytes(getattr(obj, s)) for s in getattr(type(obj), "__slots__", ()))
