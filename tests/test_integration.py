@@ -41,3 +41,26 @@ def test_real_model_trains_on_a_bigbench_task_and_evaluates_unseen_tasks() -> No
     mc = evaluate_task(host.module, lm.tokenizer, store.examples("anachronisms")[:8], cfg)
     assert 0.0 <= gen["rougeL"] <= 1.0 and 0.0 <= mc["accuracy"] <= 1.0
     assert gen["loss"] > 0 and mc["loss"] > 0
+
+
+def test_the_converted_copy_of_the_gguf_is_the_same_model(tmp_path) -> None:
+    """load_causal_lm with a cache: the GGUF converted once, then read back as the same weights, tokenizer and
+    logits as the GGUF itself."""
+    direct = load_causal_lm()
+    load_causal_lm(cache=tmp_path)  # converts and keeps the copy
+    cached = load_causal_lm(cache=tmp_path)
+    a, b = direct.model.state_dict(), cached.model.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    text = direct.tokenizer.apply_chat_template([{"role": "user", "content": "Ünïcode? 12 + 30"}], tokenize=False)
+    assert (
+        cached.tokenizer.apply_chat_template([{"role": "user", "content": "Ünïcode? 12 + 30"}], tokenize=False) == text
+    )
+    ids = direct.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert cached.tokenizer(text, add_special_tokens=False)["input_ids"] == ids
+    assert (cached.tokenizer.eos_token, cached.tokenizer.pad_token) == (
+        direct.tokenizer.eos_token,
+        direct.tokenizer.pad_token,
+    )
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        assert torch.equal(cached.model(input_ids=x).logits, direct.model(input_ids=x).logits)

@@ -237,6 +237,63 @@ def test_local_hf_directory_loads_like_the_original(tiny, tmp_path: Path) -> Non
     assert loaded.name_or_path == str(tmp_path / "m")
 
 
+def test_a_converted_model_is_cached_and_checked(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """cached_conversion (how a GGUF is loaded): converted once, then loaded from the cache with the same
+    weights and tokenizer; a damaged copy is converted again with a warning; a changed source is a new copy;
+    an unwritable cache costs only the copy."""
+    from fedrank.models.loading import cached_conversion
+
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"weights v1")
+    calls = []
+
+    def convert():
+        calls.append(1)
+        lm = tiny_llama(seed=5)
+        return lm.model, lm.tokenizer
+
+    ids = torch.tensor([[4, 8, 15, 16, 23]])
+
+    def logits(model):
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    want_model, want_tok = convert()
+    calls.clear()
+    cache = tmp_path / "cache"
+    first, _ = cached_conversion(source, cache, convert)
+    model, tok = cached_conversion(source, cache, convert)
+    assert len(calls) == 1  # the second load read the copy
+    (copy,) = [d for d in cache.iterdir()]
+    assert copy.name.startswith("model-") and (copy / "complete.json").exists()
+    assert torch.equal(logits(model), logits(want_model)) and torch.equal(logits(first), logits(want_model))
+    assert tok("apple river").input_ids == want_tok("apple river").input_ids
+    # damaged weights: detected by their SHA-256, converted again, the same model
+    weights = copy / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-3] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    with caplog.at_level("WARNING"):
+        model, _ = cached_conversion(source, cache, convert)
+    assert len(calls) == 2 and "unusable" in caplog.text
+    assert torch.equal(logits(model), logits(want_model))
+    assert cached_conversion(source, cache, convert) and len(calls) == 2  # the new copy is good
+    # an incomplete copy (no record): converted again
+    (copy / "complete.json").unlink()
+    cached_conversion(source, cache, convert)
+    assert len(calls) == 3
+    # another source file: another copy
+    source.write_bytes(b"weights v2")
+    cached_conversion(source, cache, convert)
+    assert len(calls) == 4 and len(list(cache.iterdir())) == 2
+    # the cache cannot be written: the model is still returned
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    with caplog.at_level("WARNING"):
+        model, _ = cached_conversion(source, blocked, convert)
+    assert torch.equal(logits(model), logits(want_model)) and "could not keep" in caplog.text
+
+
 def test_missing_model_errors_say_how_to_fix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import importlib.metadata
 

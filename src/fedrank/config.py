@@ -62,7 +62,8 @@ class DataConfig:
     group_by: str = "client"
     """Source "files": the column naming a row's task (rows without it: the file's stem)."""
     cache_dir: str = ""
-    """BIG-bench's cache and the Arrow copies of data files (default $FEDRANK_CACHE or ~/.cache/fedrank)."""
+    """BIG-bench's cache, the Arrow copies of data files and the converted copy of a GGUF model (models/;
+    default $FEDRANK_CACHE or ~/.cache/fedrank)."""
     synthetic_tasks: int = 16
     synthetic_examples: int = 40
 

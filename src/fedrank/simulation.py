@@ -23,6 +23,7 @@ from fedrank import checkpoint, faults, run_dir
 from fedrank.aggregation import HOMOGENEOUS, AggregationMethod, make_method
 from fedrank.config import ConfigError, RunConfig, override, to_dict
 from fedrank.data import Federation, open_store
+from fedrank.data.bigbench import cache_dir
 from fedrank.evaluate import evaluate_task, macro_average
 from fedrank.local import ClientExecutor, InProcessClients, LocalTrainer, Outcome, collapsed
 from fedrank.lowrank import energy_spectrum, lora_scaling, svd_of_sum, truncate
@@ -54,8 +55,8 @@ def build_model(cfg: RunConfig) -> LoadedModel:
         lm = tiny_llama(seed=cfg.seed)
     elif name == "smollm2-random":  # SmolLM2-135M's shapes, random weights: benchmarks without the model file
         lm = LoadedModel(smollm2_shaped_llama(cfg.seed).eval(), tiny_tokenizer(), name)
-    else:
-        lm = load_causal_lm(name)
+    else:  # a GGUF is converted once and kept under the cache directory (models/)
+        lm = load_causal_lm(name, cache=cache_dir(cfg.data.cache_dir or None) / "models")
     device = cfg.model.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -3,10 +3,16 @@ or a tiny random-weight Llama built in-process for tests."""
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import gc
+import hashlib
 import importlib.metadata
+import json
 import logging
+import shutil
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,8 +60,87 @@ class LoadedModel:
     """What a PEFT adapter's ``base_model_name_or_path`` names."""
 
 
-def load_causal_lm(source: str = SMOLLM2, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load ``source``: ``"smollm2"``, a local HF model directory, or a local ``.gguf`` file."""
+MODEL_CACHE_VERSION = 1
+"""Bump when what :func:`load_causal_lm` writes into its model cache changes."""
+
+_WEIGHTS = "model.safetensors"
+_COMPLETE = "complete.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cached_conversion(source: Path, cache: Path, convert: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any]:
+    """(model, tokenizer) converted from the file ``source`` by ``convert``, kept in ``cache`` as a Hugging
+    Face directory (fp32 safetensors, tokenizer files) so later runs load it directly.
+
+    A GGUF is parsed three times by transformers (tokenizer, config, weights) and dequantised, ~15 s for
+    SmolLM2-135M; its converted copy loads in ~1-2 s. The copy's directory is named after the source's
+    SHA-256 (and :data:`MODEL_CACHE_VERSION` and the transformers version), so a changed file is converted
+    anew; it is written into a temporary directory and renamed when complete, and its weights' SHA-256 is
+    checked on every load: a copy that is incomplete, damaged or unreadable is removed (with a warning) and
+    converted again from ``source``, which is never changed."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    key = hashlib.sha256(
+        f"{_sha256(source)} v{MODEL_CACHE_VERSION} transformers {transformers.__version__}".encode()
+    ).hexdigest()[:16]
+    target = cache / f"{source.stem}-{key}"
+    if target.exists():
+        try:
+            meta = json.loads((target / _COMPLETE).read_text())
+            if _sha256(target / _WEIGHTS) != meta["weights_sha256"]:
+                raise ValueError(f"{_WEIGHTS} does not match its recorded SHA-256")
+            tok = AutoTokenizer.from_pretrained(target, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(target, local_files_only=True, dtype=torch.float32)
+            log.info("loaded the converted copy of %s from %s", source.name, target)
+            return model, tok
+        except Exception as e:  # damaged, incomplete, or written by another version: convert again
+            log.warning("model cache %s is unusable (%s: %s); converting %s again", target, type(e).__name__, e, source)
+            shutil.rmtree(target, ignore_errors=True)
+    model, tok = convert()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache))
+        _save_converted(model, tok, tmp)
+        (tmp / _COMPLETE).write_text(json.dumps({"source": str(source), "weights_sha256": _sha256(tmp / _WEIGHTS)}))
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished the same copy first
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("kept a converted copy of %s in %s (%.0f MB)", source.name, target, _size(target) / 1e6)
+    except OSError as e:  # a full or read-only cache costs the next run time, not this run
+        log.warning("could not keep a converted copy of %s in %s: %s", source.name, cache, e)
+    return model, tok
+
+
+def _save_converted(model: Any, tok: Any, directory: Path) -> None:
+    """A GGUF-loaded model as a plain fp32 Hugging Face directory. transformers marks such a model as
+    GGUF-quantised and refuses ``save_pretrained``, though its weights are dequantised: the config without
+    its ``quantization_config``, and the weights through safetensors (tied ones once)."""
+    from safetensors.torch import save_model
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(directory)
+    save_model(model, str(directory / _WEIGHTS), metadata={"format": "pt"})
+    tok.save_pretrained(directory)
+
+
+def _size(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+
+
+def load_causal_lm(source: str = SMOLLM2, dtype: torch.dtype = torch.float32, cache: Path | None = None) -> LoadedModel:
+    """Load ``source``: ``"smollm2"``, a local HF model directory, or a local ``.gguf`` file. A GGUF in fp32
+    with a ``cache`` directory: through :func:`cached_conversion` (the same weights and tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {}
@@ -71,8 +156,16 @@ def load_causal_lm(source: str = SMOLLM2, dtype: torch.dtype = torch.float32) ->
         else:
             directory, name = path, str(path)
     log.info("loading %s", name)
-    tok = AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype, **kwargs)
+
+    def convert() -> tuple[Any, Any]:
+        tok = AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype, **kwargs)
+        return model, tok
+
+    if "gguf_file" in kwargs and cache is not None and dtype == torch.float32:
+        model, tok = cached_conversion(directory / kwargs["gguf_file"], cache, convert)
+    else:
+        model, tok = convert()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if getattr(tok, "chat_template", None) is None:
