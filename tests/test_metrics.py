@@ -114,6 +114,38 @@ def test_generation_covers_the_longest_reference(tiny) -> None:
         EvalConfig(max_new_tokens=32, max_new_tokens_cap=16)
 
 
+def test_a_prefix_shared_by_a_batch_is_computed_once(tiny) -> None:
+    """Prompts sharing their beginning (a task's instructions): the shared tokens run once for the batch and
+    every number and generated text is what each example gives alone (no sharing), to float rounding."""
+    from fedrank.evaluate import SHARED_PREFIX_MIN, score_and_generate
+
+    tok, model = tiny.tokenizer, tiny.model
+    head = "Follow the instructions below carefully and answer in one word. " * 2
+    examples = [
+        Example(head + "Name a fruit.", "apple"),
+        Example(head + "Name a river in Europe please.", "danube"),
+        Example(head + "Say yes.", "yes"),
+        Example(head + "Pick one", "blue", choices=("red", "blue"), correct=1),
+        Example(head + "Pick the odd one out", "cat", choices=("cat", "one", "two"), correct=0),
+    ]
+    cfg = EvalConfig(max_new_tokens=5, batch_size=4, generate_batch_size=4, max_seq_len=512)
+    shapes: list[tuple[int, ...]] = []
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        together = score_and_generate(model, tok, examples, cfg, max_new_tokens=5)
+    finally:
+        hook.remove()
+    shared = [s for s in shapes if s[0] == 1]
+    assert len(shared) == 2 and all(s[1] >= SHARED_PREFIX_MIN for s in shared)  # one prefix pass per group
+    for ex, got in zip(examples, together):
+        (alone,) = score_and_generate(model, tok, [ex], cfg, max_new_tokens=5)
+        assert got.nll == pytest.approx(alone.nll, rel=1e-5, abs=1e-5) and got.tokens == alone.tokens
+        assert got.option_logliks == pytest.approx(alone.option_logliks, rel=1e-5, abs=1e-5)
+        assert got.generated == alone.generated and got.generated_tokens == alone.generated_tokens
+
+
 def test_one_pass_evaluation_equals_the_separate_routes(tiny) -> None:
     """score_and_generate (one prompt pass, length-grouped batches, KV-cache continuations, own greedy loop)
     gives the numbers of answer_nll / choice_logliks and the text of model.generate, example by example:

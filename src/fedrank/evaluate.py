@@ -419,6 +419,37 @@ def _contexts(
     return mc, gen
 
 
+SHARED_PREFIX_MIN = 16
+"""Prompts of a batch sharing at least this many leading tokens compute them once (:func:`_prompt_pass`)."""
+
+
+def _prompt_pass(
+    model: Any, prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[Any, Tensor, Tensor]:
+    """One batch of prompts through the model with a KV cache: (cache, last position's logits, attention mask);
+    every row's next token goes at position ``mask.sum(1)``.
+
+    Left-padded, so that every prompt ends at the last column. Where the prompts share their first
+    :data:`SHARED_PREFIX_MIN` or more tokens (a task's instructions, the chat template's system turn), the
+    shared part is computed once and its cache copied to every row, and only the rest is left-padded after it
+    (pad columns between the two, masked out): the same numbers to float rounding, fewer tokens computed."""
+    shared = min(len(p) for p in prompts) - 1  # every row keeps a token of its own (its last logits)
+    for p in prompts[1:]:
+        shared = next((i for i in range(shared) if p[i] != prompts[0][i]), shared)
+    cache = kv_cache()
+    if len(prompts) < 2 or shared < SHARED_PREFIX_MIN:
+        ids, mask, pos = _left_pad(prompts, pad_id, device)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, logits_to_keep=1)
+        return cache, out.logits[:, -1], mask
+    model(input_ids=torch.tensor([list(prompts[0][:shared])], device=device), cache=cache, logits_to_keep=1)
+    cache = select_cache(cache, torch.zeros(len(prompts), dtype=torch.long, device=device))
+    ids, tail_mask, _ = _left_pad([p[shared:] for p in prompts], pad_id, device)
+    pos = (shared + tail_mask.cumsum(-1) - 1).masked_fill(tail_mask == 0, 1)
+    mask = torch.cat([torch.ones((len(prompts), shared), dtype=tail_mask.dtype, device=device), tail_mask], dim=1)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, logits_to_keep=1)
+    return cache, out.logits[:, -1], mask
+
+
 def _chunks(items: Sequence[Any], widths: Sequence[int], max_positions: int) -> list[list[Any]]:
     """``items`` in order of ``widths`` (shortest first), grouped so that a group's rows x widest row is at most
     ``max_positions`` (a row wider than that alone): continuations of similar lengths are scored together,
@@ -456,7 +487,8 @@ def score_and_generate(
     tolerance. A cut prompt's answer is scored in the context the model generates from (``answer_nll`` cuts
     the prompt further, to fit the answer too, which would need a second prompt pass).
 
-    Prompts are grouped by length (fewer pad tokens), left-padded and run once with a KV cache,
+    Prompts are grouped by length (fewer pad tokens), left-padded and run once with a KV cache (a prefix the
+    batch shares computed once, :func:`_prompt_pass`),
     ``cfg.generate_batch_size`` generative prompts (``cfg.batch_size`` when only scoring) or
     ``cfg.batch_size`` multiple-choice prompts at a time; the continuations of a batch are scored together
     from its cache (grouped by length, at most 512 positions at a time), then generative batches decode greedily with
@@ -475,10 +507,8 @@ def score_and_generate(
             group = sorted(group, key=lambda c: (len(c.prompt), c.index))
             for b in range(0, len(group), step):
                 batch = group[b : b + step]
-                ids, mask, pos = _left_pad([c.prompt for c in batch], pad_id, device)
-                cache = kv_cache()
-                out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, logits_to_keep=1)
-                first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+                cache, last, mask = _prompt_pass(model, [c.prompt for c in batch], pad_id, device)
+                first = torch.log_softmax(last.float(), dim=-1)
                 lengths = mask.sum(1)
                 pairs = [(r, k) for r, c in enumerate(batch) for k in range(len(c.conts))]
                 lls: dict[tuple[int, int], Tensor] = {}
@@ -499,11 +529,11 @@ def score_and_generate(
                     elif ll:
                         s.nll, s.tokens = -float(ll[0].sum()), len(c.conts[0])
                 if decode:
-                    toks = _greedy(model, cache, out.logits[:, -1], mask, lengths, max_new_tokens, eos_id, pad_id)
+                    toks = _greedy(model, cache, last, mask, lengths, max_new_tokens, eos_id, pad_id)
                     for c, new in zip(batch, toks, strict=True):
                         scored[c.index].generated = tokenizer.decode(new, skip_special_tokens=True).strip()
                         scored[c.index].generated_tokens = len(new)
-                del cache, out
+                del cache, last
     finally:
         model.train(was)
     return scored

@@ -311,9 +311,9 @@ class Simulation:
             if result is not None:
                 updates.append(result[0])
                 recs.append(result[1])
-        # the clients' activations go back to the system once a round, not after each client: a full garbage
-        # collection costs ~0.3 s with the task index loaded, and the next client would fault the pages in again
-        release_memory()
+        # the clients' activations go back to the system once a round, not after each client (the next client
+        # would fault the pages in again)
+        release_memory(collect=False)
         return updates, recs
 
     def aggregate_round(self, t: int, updates: list[ClientUpdate], recs: list[dict[str, Any]], t0: float) -> str:
@@ -420,7 +420,7 @@ class Simulation:
             for cid in self.eval_clients:
                 test = self.fed.client(cid).test[: self.cfg.partition.max_eval_examples or None]
                 part[str(cid)] = evaluate_task(model, tok, test, settings)
-        release_memory()  # the merged weights and the evaluation's buffers go back to the system
+        release_memory(collect=False)  # the merged weights and the evaluation's buffers go back to the system
         rec = {
             "type": "eval",
             "round": round_done,
