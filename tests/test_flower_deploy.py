@@ -454,9 +454,14 @@ def test_stop_holds_back_ctrl_c_until_clean_up_is_done() -> None:
     from fedrank.flower.deploy import _signals_held
 
     finished = False
-    with pytest.raises(KeyboardInterrupt), _signals_held():
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.2)  # the signal arrives here and must not interrupt the block
-        finished = True
-    assert finished
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # (pytest may run with SIGINT ignored, e.g. as a background job of a non-interactive shell)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), _signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)  # the signal arrives here and must not interrupt the block
+            finished = True
+        assert finished
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)

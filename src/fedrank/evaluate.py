@@ -29,11 +29,14 @@ class EvalConfig:
     max_new_tokens_cap: int = 64
     """The most tokens generated for any task, however long its references."""
     batch_size: int = 8
-    """Examples per scoring pass (answer loss, options: the full-vocabulary log-probabilities are the memory)."""
+    """Multiple-choice prompts per prompt pass, and generative ones when nothing is generated (continuations
+    are scored at most 512 positions at a time: the full-vocabulary log-probabilities are the memory)."""
     generate_batch_size: int = 32
     """Prompts decoded together (one prompt pass, then greedy steps): a decoding step reads every weight once
     whatever the rows, so more rows per step cost little more; the text does not depend on it."""
     max_seq_len: int = 256
+    """Prompt tokens kept (from the end) for a generative example, or so that the longest option fits for a
+    multiple-choice one: each example's one context (:func:`score_and_generate`)."""
     generate: bool = True
     """Rouge-L on generated text for generative tasks (the costly part)."""
 

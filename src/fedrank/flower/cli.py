@@ -86,16 +86,19 @@ def node_configs(nodes: int, ranks: str | None) -> list[NodeConfig]:
 
 @contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM ends the command like Ctrl-C, so the deployment is stopped rather than orphaned."""
+    """SIGTERM ends the command like Ctrl-C, so the deployment is stopped rather than orphaned; and SIGINT
+    does so even where this process inherited it ignored (started in the background by a non-interactive
+    shell, which ignores SIGINT for its background jobs), or the deployment could not be stopped with it."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, before in previous.items():
+            signal.signal(sig, before)
 
 
 def main_flower(argv: Sequence[str] | None = None) -> int:
