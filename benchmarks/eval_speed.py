@@ -6,8 +6,9 @@ The base model (round 0) on the config's evaluation sets (the unseen tasks and t
 test splits, as ``Simulation.evaluate`` builds them):
 
 * whole evaluation: :func:`fedrank.evaluate.evaluate_task` (one prompt pass per example) on the global model
-  merged into the weights (``LoraHost.merged``) vs the separate routes (``answer_nll`` + ``choice_logliks`` +
-  ``generate``, the code before) on the global model as an adapter, metrics compared;
+  merged into the weights (``LoraHost.merged``) vs the separate routes (``reference_answer_nll``, i.e.
+  ``answer_nll`` per example in its one context, + ``choice_logliks`` + ``generate``) on the global model as
+  an adapter, metrics compared;
 * generation: fedrank's route on the generative examples (length-grouped prompt pass with a KV cache,
   greedy decoding with early stop, ``eval.settings.generate_batch_size`` prompts at a time) vs a plain
   ``model.generate`` loop over the same prompts (batches of ``eval.settings.batch_size`` in task order,
