@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -282,10 +284,19 @@ def test_a_converted_model_is_cached_and_checked(tmp_path: Path, caplog: pytest.
     (copy / "complete.json").unlink()
     cached_conversion(source, cache, convert)
     assert len(calls) == 3
-    # another source file: another copy
+    # another source file: another copy; a killed writer's half-written copy is removed, one being written kept
     source.write_bytes(b"weights v2")
     cached_conversion(source, cache, convert)
     assert len(calls) == 4 and len(list(cache.iterdir())) == 2
+    new_copy = next(d for d in cache.iterdir() if d != copy)
+    stale, writing = cache / f".{new_copy.name}-dead", cache / f".{new_copy.name}-live"
+    stale.mkdir()
+    writing.mkdir()
+    os.utime(stale, (0, 0))
+    shutil.rmtree(new_copy)
+    cached_conversion(source, cache, convert)
+    assert not stale.exists() and writing.exists() and new_copy.exists()
+    shutil.rmtree(writing)
     # the cache cannot be written: the model is still returned
     blocked = tmp_path / "file"
     blocked.write_text("not a directory")

@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,8 @@ class LoadedModel:
 MODEL_CACHE_VERSION = 1
 """Bump when what :func:`load_causal_lm` writes into its model cache changes."""
 
+STALE_COPY_SECONDS = 3600.0
+"""A half-written copy older than this is a killed writer's, removed by the next conversion."""
 _WEIGHTS = "model.safetensors"
 _COMPLETE = "complete.json"
 
@@ -107,6 +110,9 @@ def cached_conversion(source: Path, cache: Path, convert: Callable[[], tuple[Any
     model, tok = convert()
     try:
         cache.mkdir(parents=True, exist_ok=True)
+        for stale in cache.glob(f".{target.name}-*"):  # a copy whose writer was killed (not one being written)
+            if time.time() - stale.stat().st_mtime > STALE_COPY_SECONDS:
+                shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache))
         _save_converted(model, tok, tmp)
         (tmp / _COMPLETE).write_text(json.dumps({"source": str(source), "weights_sha256": _sha256(tmp / _WEIGHTS)}))
