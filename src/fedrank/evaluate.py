@@ -3,7 +3,6 @@ accuracy from option log-likelihoods, and answer loss / perplexity; per task and
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
 import unicodedata
@@ -249,8 +248,7 @@ def choice_logliks(model: Any, tokenizer: Any, ex: Example, cfg: EvalConfig, chu
         for j, o in enumerate(part):
             ids[j, : len(o)] = torch.tensor(o)
             mask[j, len(p_ids) : len(p_ids) + len(o)] = 1
-        cache = copy.deepcopy(out.cache)
-        cache.batch_repeat_interleave(n)
+        cache = select_cache(out.cache, torch.zeros(n, dtype=torch.long, device=device))
         logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, cache=cache).logits.float(), -1)
         for j, o in enumerate(part):
             rest = logp[j, torch.arange(len(o) - 1), torch.tensor(o[1:], dtype=torch.long)].sum() if len(o) > 1 else 0.0
