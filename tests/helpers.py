@@ -1,9 +1,12 @@
-"""Stand-ins for local training shared by the aggregation tests."""
+"""Stand-ins for local training shared by the aggregation tests, and the tiny run the simulator and Flower
+tests share."""
 
 from __future__ import annotations
 
+import tomllib
 from typing import Any
 
+import tomli_w
 import torch
 
 from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
@@ -31,3 +34,53 @@ def dispatch_and_train(
 ) -> ClientUpdate:
     """Dispatch to ``spec``, then perturb what it may train."""
     return trained_update(method.dispatch(state, spec, round_index, local), spec, g)
+
+
+TINY_TOML = """
+seed = 0
+[model]
+name = "tiny"
+[data]
+source = "synthetic"
+synthetic_tasks = 8
+synthetic_examples = 16
+[partition]
+kind = "task"
+num_clients = 4
+num_eval_tasks = 2
+min_examples = 8
+[ranks]
+distribution = "uniform"
+choices = [2, 4]
+[method]
+name = "flexlora"
+[federation]
+rounds = 2
+clients_per_round = 2
+[train]
+steps = 2
+batch_size = 2
+lr = 0.01
+max_seq_len = 48
+[eval]
+participants = 1
+[eval.settings]
+max_new_tokens = 2
+max_new_tokens_cap = 4
+max_seq_len = 48
+[output]
+plots = false
+"""
+"""A two-round FlexLoRA run of the tiny Llama on synthetic tasks."""
+
+
+def tiny_toml(**sections: dict[str, Any]) -> str:
+    """:data:`TINY_TOML` with keys of its top-level sections set (a value of None removes the key)."""
+    cfg = tomllib.loads(TINY_TOML)
+    for section, values in sections.items():
+        for key, value in values.items():
+            if value is None:
+                cfg[section].pop(key, None)
+            else:
+                cfg[section][key] = value
+    return tomli_w.dumps(cfg)

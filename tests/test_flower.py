@@ -22,42 +22,13 @@ from fedrank.config import load_config  # noqa: E402
 from fedrank.flower import client_app, server_app  # noqa: E402
 from fedrank.simulation import Simulation, with_method  # noqa: E402
 from fedrank.types import ClientSpec  # noqa: E402
+from helpers import tiny_toml  # noqa: E402
 
-TINY = """
-seed = 0
-[model]
-name = "tiny"
-[data]
-source = "synthetic"
-synthetic_tasks = 8
-synthetic_examples = 16
-[partition]
-kind = "task"
-num_clients = 3
-num_eval_tasks = 2
-min_examples = 8
-[ranks]
-choices = [4, 8, 16]
-per_client = [4, 8, 16]
-[method]
-name = "flexlora"
-[federation]
-rounds = 2
-clients_per_round = 3
-[train]
-steps = 2
-batch_size = 2
-lr = 0.01
-max_seq_len = 48
-[eval]
-participants = 1
-[eval.settings]
-max_new_tokens = 2
-max_new_tokens_cap = 4
-max_seq_len = 48
-[output]
-plots = false
-"""
+TINY = tiny_toml(
+    partition={"num_clients": 3},
+    ranks={"distribution": None, "choices": [4, 8, 16], "per_client": [4, 8, 16]},
+    federation={"clients_per_round": 3},
+)
 
 
 class FakeGrid:

@@ -13,42 +13,7 @@ from fedrank.aggregation import HOMOGENEOUS, METHODS
 from fedrank.cli import main
 from fedrank.config import ConfigError, load_config
 from fedrank.simulation import Simulation, with_method
-
-TINY = """
-seed = 0
-[model]
-name = "tiny"
-[data]
-source = "synthetic"
-synthetic_tasks = 8
-synthetic_examples = 16
-[partition]
-kind = "task"
-num_clients = 4
-num_eval_tasks = 2
-min_examples = 8
-[ranks]
-distribution = "uniform"
-choices = [2, 4]
-[method]
-name = "flexlora"
-[federation]
-rounds = 2
-clients_per_round = 2
-[train]
-steps = 2
-batch_size = 2
-lr = 0.01
-max_seq_len = 48
-[eval]
-participants = 1
-[eval.settings]
-max_new_tokens = 2
-max_new_tokens_cap = 4
-max_seq_len = 48
-[output]
-plots = false
-"""
+from helpers import TINY_TOML as TINY
 
 
 @pytest.fixture()
