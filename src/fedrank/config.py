@@ -43,6 +43,10 @@ class ModelConfig:
     rslora: bool = False
     device: str = "cpu"
     """"cpu", "cuda", "cuda:N" or "auto"."""
+    onednn: bool = True
+    """On the CPU, the float32 linear layers (the model's, its LoRA factors', the vocabulary projection) run
+    through oneDNN instead of torch's default MKL sgemm (``fedrank.models.onednn``): the same products to
+    float rounding, 2-2.6x faster on AMD processors, where MKL takes its AVX2 code."""
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", self.device):

@@ -36,6 +36,7 @@ from fedrank.models import (
     smollm2_shaped_llama,
     tiny_llama,
     tiny_tokenizer,
+    use_onednn,
 )
 from fedrank.ranks import ModelFootprint, assign_ranks, budget_ranks
 from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
@@ -64,6 +65,8 @@ def build_model(cfg: RunConfig) -> LoadedModel:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"model.device {device!r} requested but CUDA is not available")
         lm.model.to(device)
+    elif cfg.model.onednn:
+        use_onednn(lm.model)
     return lm
 
 

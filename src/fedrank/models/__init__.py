@@ -12,6 +12,7 @@ from fedrank.models.loading import (
     tiny_tokenizer,
 )
 from fedrank.models.lora import DEFAULT_TARGETS, LoraHost, export_peft_adapter
+from fedrank.models.onednn import use_onednn
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -26,4 +27,5 @@ __all__ = [
     "smollm2_shaped_llama",
     "tiny_llama",
     "tiny_tokenizer",
+    "use_onednn",
 ]

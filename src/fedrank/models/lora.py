@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fedrank.models.onednn import use_onednn, uses_onednn
 from fedrank.types import ClientAssignment, LoraFactors
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class LoraHost:
         self.rank: int | None = None
         self._w0: dict[str, Tensor] = {}
         self._applied_delta: object | None = None
+        self._onednn = uses_onednn(model)
+        """The LoRA factors' Linear layers follow the base model's (:mod:`fedrank.models.onednn`)."""
         for p in model.parameters():
             p.requires_grad_(False)
         self.shapes = self._find_shapes(model)
@@ -82,10 +85,15 @@ class LoraHost:
             target_modules=list(self.target_modules),
             lora_dropout=0.0,
         )
+        created = True
         if self.peft is None:
             self.peft = get_peft_model(self.base, cfg, adapter_name=name)
         elif name not in self.peft.peft_config:
             self.peft.add_adapter(name, cfg)
+        else:
+            created = False
+        if self._onednn and created:
+            use_onednn(self.peft)
         self.peft.set_adapter(name)
         self.rank = rank
 

@@ -1,0 +1,98 @@
+"""fp32 ``nn.Linear`` layers through oneDNN on the CPU.
+
+torch's CPU wheel runs a float32 ``F.linear`` through MKL's sgemm, and MKL takes its AVX2 code on AMD
+processors. oneDNN (``torch.ops.mkldnn._linear_pointwise``, the kernel torch's own compiler emits for CPU
+linear layers) uses AVX-512 there: on the 2-core AMD EPYC (Zen 5) this project is measured on, 2.0-2.6x
+MKL's speed for every shape of SmolLM2's layers, its LoRA factors and its vocabulary projection, forward and
+backward (``benchmarks/train_step.py`` prints it). The arithmetic is the same product in float32; only the
+order of the additions, hence the last bits, differs.
+
+:func:`use_onednn` swaps the class of a model's ``nn.Linear`` modules to :class:`OneDNNLinear` (an
+``nn.Linear`` subclass: weights, state dict, peft wrapping and weight tying are untouched). A call on
+another device or dtype, or where this torch has no oneDNN, takes ``nn.Linear``'s own route.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def available() -> bool:
+    """Whether this torch has oneDNN and its linear kernel."""
+    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _mm(x: Tensor, w: Tensor) -> Tensor:
+    """``x @ w.T`` for 2-D float32 CPU tensors, by oneDNN."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+
+class _Linear(torch.autograd.Function):
+    """``x @ w.T + b`` with oneDNN forward and backward (the input's gradient by oneDNN too, a view of
+    ``w`` serving as the transposed weight; the weight's gradient, needed only for trained factors, by
+    ``torch.mm``)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        out = _mm(x2, weight)
+        if bias is not None:
+            out = out + bias
+        ctx.save_for_backward(x2 if weight.requires_grad else None, weight)
+        ctx.shape = x.shape
+        ctx.has_bias = bias is not None
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x2, weight = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1]).contiguous()
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _mm(g2, weight.t()).reshape(ctx.shape)
+        if ctx.needs_input_grad[1]:
+            gw = g2.t().mm(x2)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g2.sum(0)
+        return gx, gw, gb
+
+
+class OneDNNLinear(nn.Linear):
+    """An ``nn.Linear`` whose float32 CPU calls go through oneDNN (module docstring); any other call is
+    ``nn.Linear.forward``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32 or x.numel() == 0:
+            return F.linear(x, w, self.bias)
+        b = self.bias
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
+            out: Tensor = _Linear.apply(x, w, b)
+            return out
+        out = _mm(x.reshape(-1, x.shape[-1]), w)
+        if b is not None:
+            out = out + b
+        return out.reshape(*x.shape[:-1], w.shape[0])
+
+
+def use_onednn(model: nn.Module, on: bool = True) -> int:
+    """Swap every plain ``nn.Linear`` of ``model`` to :class:`OneDNNLinear` in place (``on=False``: back);
+    the number swapped (0 where this torch has no oneDNN)."""
+    if on and not available():
+        return 0
+    old, new = (nn.Linear, OneDNNLinear) if on else (OneDNNLinear, nn.Linear)
+    n = 0
+    for mod in model.modules():
+        if type(mod) is old:
+            mod.__class__ = new
+            n += 1
+    return n
+
+
+def uses_onednn(model: nn.Module) -> bool:
+    """Whether any Linear of ``model`` is a :class:`OneDNNLinear`."""
+    return any(isinstance(m, OneDNNLinear) for m in model.modules())
