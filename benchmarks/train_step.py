@@ -200,41 +200,56 @@ def main() -> None:
     bare.train()
     opt = torch.optim.AdamW([p for p in bare.parameters() if p.requires_grad], lr=1e-4)
     mask = torch.ones_like(ids)
+    # each step's time ends when its GPU work has: otherwise the next route's first sync pays for it
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
     def bare_step() -> float:
+        sync()
         t = time.perf_counter()
         loss = bare(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in bare.parameters() if p.requires_grad], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         return time.perf_counter() - t
 
-    # fedrank: LoraHost + train_local, one optimizer step per call (as a client would run)
+    # fedrank: LoraHost + train_local, one optimizer step per call (as a client would run), on the batch as
+    # the bare loop has it (padded: every row full here, the model's own loss) and packed (the default)
     host = LoraHost(model())
     host.load(
         ClientAssignment(0, args.rank, lora_scaling(16, args.rank), init_state_factors(host.shapes, args.rank, 0), 0)
     )
-    cfg = TrainConfig(lr=1e-4, steps=1, batch_size=args.batch, max_seq_len=args.seq)
+    cfgs = {
+        "padded": TrainConfig(lr=1e-4, steps=1, batch_size=args.batch, max_seq_len=args.seq, pack=False),
+        "packed": TrainConfig(lr=1e-4, steps=1, batch_size=args.batch, max_seq_len=args.seq, pack=True),
+    }
 
-    def fedrank_step() -> float:
-        res = train_local(host.module, host.trainable_parameters(), data, cfg, torch.Generator().manual_seed(1), 0)
-        return res.seconds
+    def fedrank_step(route: str) -> float:
+        sync()
+        t = time.perf_counter()
+        train_local(host.module, host.trainable_parameters(), data, cfgs[route], torch.Generator().manual_seed(1), 0)
+        sync()
+        return time.perf_counter() - t
 
-    bare_step(), fedrank_step()  # warm-up
-    b, f = [], []
+    bare_step(), fedrank_step("padded"), fedrank_step("packed")  # warm-up
+    b: list[float] = []
+    f: dict[str, list[float]] = {"padded": [], "packed": []}
     for _ in range(args.steps):
         b.append(bare_step())
-        f.append(fedrank_step())
-    mb, mf = statistics.median(b), statistics.median(f)
+        for route in f:
+            f[route].append(fedrank_step(route))
+    mb = statistics.median(b)
+    mf = {route: statistics.median(v) for route, v in f.items()}
     which = "SmolLM2-shaped random Llama" if args.random else "SmolLM2-135M-Instruct"
     print(
-        f"{which}, rank {args.rank}, batch {args.batch}x{args.seq} tokens, {torch.get_num_threads()} threads, "
+        f"{which} on {hardware(args.device)}, rank {args.rank}, batch {args.batch}x{args.seq} tokens, "
         f"median of {args.steps} interleaved steps"
     )
     print(
-        f"bare peft+torch: {mb:.3f} s/step   fedrank train_local: {mf:.3f} s/step   "
-        f"overhead ratio {mf / mb:.3f}x (goal <= 1.05x)"
+        f"bare peft+torch: {mb:.3f} s/step   fedrank train_local padded: {mf['padded']:.3f} s/step "
+        f"(overhead ratio {mf['padded'] / mb:.3f}x, goal <= 1.05x)   packed: {mf['packed']:.3f} s/step "
+        f"({mf['packed'] / mb:.3f}x)"
     )
 
 

@@ -14,6 +14,14 @@ torch.set_num_threads(1)
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+@pytest.fixture(autouse=True)
+def private_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, monkeypatch) -> None:
+    """Each test's caches (kept evaluations, Arrow copies) in a directory of its own, not the user's
+    ~/.cache/fedrank; the integration tests use the real one (the model copy, the BIG-bench download)."""
+    if request.node.get_closest_marker("integration") is None:
+        monkeypatch.setenv("FEDRANK_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
 @pytest.fixture(scope="session")
 def bigbench_sdist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The committed task.json fixtures packed like the bigbench==1.0.0 sdist."""

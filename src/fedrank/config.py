@@ -179,6 +179,10 @@ class EvalScheduleConfig:
     participants: int = 4
     """Participants whose own test splits are evaluated at every evaluation (seen tasks; 0: none): the first
     clients of round 1's sample that hold test examples, the same clients before, during and after."""
+    reuse_base: bool = True
+    """The base model's evaluation (round 0, before any update) is kept under the cache directory (evals/)
+    and reused by a later run whose weights, tokenizer, examples, settings, fedrank code, library versions
+    and compute settings are all the same (``fedrank.eval_cache``)."""
     settings: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:

@@ -65,6 +65,7 @@ def run_summary(records: Sequence[dict[str, Any]], method: str) -> dict[str, Any
             if (n := sum(r["type"] == kind for r in records))
         },
         "eval_before_round": first.get("round"),
+        "eval_before_reused": bool(first.get("reused")),
         "eval_after_round": last.get("round"),
         "unseen_before": before,
         "unseen_after": after,
@@ -374,6 +375,11 @@ def end_of_run_table(summary: dict[str, Any]) -> str:
     b_round, a_round = summary.get("eval_before_round"), summary.get("eval_after_round")
     lines.append(f"(before = round {b_round}, the zero-shot base model when 0; after = round {a_round}; loss is the")
     lines.append(" answer loss, lower is better; macro averages over the tasks / clients)")
+    if summary.get("eval_before_reused"):
+        lines.append(
+            "(before: an identical earlier evaluation of the base model, reused from the cache; "
+            "eval.reuse_base = false evaluates it again)"
+        )
     split = summary.get("time_split")
     if split:
         by_part = ", ".join(

@@ -19,17 +19,19 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fedrank import checkpoint, faults, run_dir
+from fedrank import checkpoint, eval_cache, faults, run_dir
 from fedrank.aggregation import HOMOGENEOUS, AggregationMethod, make_method
 from fedrank.config import ConfigError, RunConfig, override, to_dict
 from fedrank.data import Federation, open_store
 from fedrank.data.bigbench import cache_dir
+from fedrank.data.examples import Example
 from fedrank.evaluate import evaluate_task, macro_average
 from fedrank.local import ClientExecutor, InProcessClients, LocalTrainer, Outcome, collapsed
 from fedrank.lowrank import energy_spectrum, lora_scaling, svd_of_sum, truncate
 from fedrank.models import (
     LoadedModel,
     LoraHost,
+    changes_base,
     export_peft_adapter,
     load_causal_lm,
     release_memory,
@@ -37,6 +39,7 @@ from fedrank.models import (
     tiny_llama,
     tiny_tokenizer,
     use_onednn,
+    uses_onednn,
 )
 from fedrank.ranks import ModelFootprint, assign_ranks, budget_ranks
 from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
@@ -179,6 +182,7 @@ class Simulation:
         self.max_rank = global_rank(cfg)
         self.state = self.method.init_state(self.host.shapes, self.max_rank)
         self.eval_clients = self.fixed_eval_clients()
+        self._weights_digest: str | None = None
         run_dir.check_writable(self.out, run_dir.checkpoint_bytes(self.state))
         if resume:
             self._restore()
@@ -405,25 +409,55 @@ class Simulation:
             "effective_rank": sum(eff) / len(eff),
         }
 
+    def _base_eval_key(self, sets: dict[str, dict[str, list[Example]]]) -> str:
+        """:func:`fedrank.eval_cache.key` of the base model's evaluation of ``sets`` in this process (the
+        weights' digest computed once)."""
+        if self._weights_digest is None:
+            self._weights_digest = eval_cache.weights_digest(self.host.base_parameters())
+        device = next(self.lm.model.parameters()).device
+        return eval_cache.key(
+            self._weights_digest,
+            eval_cache.tokenizer_digest(self.lm.tokenizer),
+            sets,
+            self.cfg.eval.settings,
+            eval_cache.runtime(device, uses_onednn(self.lm.model)),
+        )
+
     def evaluation_model(self) -> ClientAssignment:
         """The global model (merged into the base weights for evaluation, see :meth:`LoraHost.merged`)."""
         return self.method.global_model(self.state)
 
     def evaluate(self, round_done: int) -> dict[str, Any]:
         """Every evaluated set on the global model, its update merged into the weights: an adapter of any width
-        (FlexLoRA's exact ΔW has rank Σr_k) then costs what the base model costs, and no dense ΔW is kept."""
+        (FlexLoRA's exact ΔW has rank Σr_k) then costs what the base model costs, and no dense ΔW is kept.
+        The base model's evaluation is reused from the cache when an identical one was kept
+        (``eval.reuse_base``, :mod:`fedrank.eval_cache`)."""
         t0 = time.perf_counter()
         settings = self.cfg.eval.settings
         tok = self.lm.tokenizer
-        unseen: dict[str, dict[str, float]] = {}
-        part: dict[str, dict[str, float]] = {}
-        with self.host.merged(self.evaluation_model()) as model:
-            for t in self.fed.eval_tasks:
-                unseen[t] = evaluate_task(model, tok, self.fed.eval_examples(t), settings)
-            for cid in self.eval_clients:
-                test = self.fed.client(cid).test[: self.cfg.partition.max_eval_examples or None]
-                part[str(cid)] = evaluate_task(model, tok, test, settings)
-        release_memory(collect=False)  # the merged weights and the evaluation's buffers go back to the system
+        n_eval = self.cfg.partition.max_eval_examples or None
+        sets = {
+            "unseen": {t: self.fed.eval_examples(t) for t in self.fed.eval_tasks},
+            "participants": {str(c): list(self.fed.client(c).test[:n_eval]) for c in self.eval_clients},
+        }
+        gm = self.evaluation_model()
+        kept = None
+        if self.cfg.eval.reuse_base and not changes_base(gm):
+            kept = eval_cache.path_of(cache_dir(self.cfg.data.cache_dir or None), self._base_eval_key(sets))
+        got = eval_cache.load(kept, {g: list(s) for g, s in sets.items()}) if kept else None
+        reused = got is not None
+        if got is None:
+            got = {g: {} for g in sets}
+            with self.host.merged(gm) as model:
+                for g, named in sets.items():
+                    for name, examples in named.items():
+                        got[g][name] = evaluate_task(model, tok, examples, settings)
+            release_memory(collect=False)  # the merged weights and the evaluation's buffers go back to the system
+            if kept:
+                eval_cache.store(kept, got)
+        else:
+            log.info("round %d: the base model's evaluation reused from %s", round_done, kept)
+        unseen, part = got["unseen"], got["participants"]
         rec = {
             "type": "eval",
             "round": round_done,
@@ -433,6 +467,7 @@ class Simulation:
             "participants_avg": macro_average(part) if part else {},
             "participant_tasks": {str(c): list(self.fed.client_tasks(c)) for c in self.eval_clients},
             "seconds": time.perf_counter() - t0,
+            "reused": reused,
         }
         self._record(rec)
         return rec

@@ -11,8 +11,8 @@ from fedrank.models.loading import (
     tiny_llama,
     tiny_tokenizer,
 )
-from fedrank.models.lora import DEFAULT_TARGETS, LoraHost, export_peft_adapter
-from fedrank.models.onednn import use_onednn
+from fedrank.models.lora import DEFAULT_TARGETS, LoraHost, changes_base, export_peft_adapter
+from fedrank.models.onednn import use_onednn, uses_onednn
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -20,6 +20,7 @@ __all__ = [
     "LoadedModel",
     "LoraHost",
     "ModelNotFoundError",
+    "changes_base",
     "export_peft_adapter",
     "load_causal_lm",
     "release_memory",
@@ -28,4 +29,5 @@ __all__ = [
     "tiny_llama",
     "tiny_tokenizer",
     "use_onednn",
+    "uses_onednn",
 ]

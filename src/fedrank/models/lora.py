@@ -147,7 +147,7 @@ class LoraHost:
                     lin: Any = getattr(modules[name], "base_layer", modules[name])  # peft's LoraLayer wraps it
                     w = lin.weight
                     f = a.factors.get(name)
-                    update = f is not None and a.scaling != 0.0 and bool(f.B.any()) and bool(f.A.any())
+                    update = _layer_update(a, f)
                     if a.base_delta is None and not update:
                         continue  # nothing to add (e.g. round 0: B = 0): no copy
                     merged = w.detach().clone()
@@ -169,6 +169,14 @@ class LoraHost:
         finally:
             for name, w in originals.items():
                 getattr(modules[name], "base_layer", modules[name]).weight = w
+
+    def base_parameters(self) -> Iterator[tuple[str, Tensor]]:
+        """The base model's own weights (no LoRA factor, no base delta applied), named as in the unwrapped
+        model whether or not peft has wrapped its layers yet."""
+        self._apply_base_delta(None)
+        for name, p in self.base.named_parameters():
+            if "lora_" not in name:
+                yield name.replace(".base_layer.", "."), p
 
     def _apply_base_delta(self, delta: dict[str, Tensor] | None) -> None:
         if delta is self._applied_delta:
@@ -198,6 +206,16 @@ class LoraHost:
         """(B, A) weight tensors of the active adapter, for regularisers such as HetLoRA's."""
         name = _adapter_name(self.rank or 0)
         return [(mod.lora_B[name].weight, mod.lora_A[name].weight) for _, mod in self.lora_layers()]
+
+
+def _layer_update(a: ClientAssignment, f: LoraFactors | None) -> bool:
+    return f is not None and a.scaling != 0.0 and bool(f.B.any()) and bool(f.A.any())
+
+
+def changes_base(a: ClientAssignment) -> bool:
+    """Whether the model of assignment ``a`` may differ from the base model (False: it is the base model,
+    e.g. every method's global model before training, where B = 0)."""
+    return a.base_delta is not None or any(_layer_update(a, f) for f in a.factors.values())
 
 
 def export_peft_adapter(

@@ -28,7 +28,8 @@ def available() -> bool:
 
 def _mm(x: Tensor, w: Tensor) -> Tensor:
     """``x @ w.T`` for 2-D float32 CPU tensors, by oneDNN."""
-    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    out: Tensor = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    return out
 
 
 class _Linear(torch.autograd.Function):
