@@ -168,7 +168,8 @@ def train_local(
     use_bf16 = cfg.precision == "bf16"
     was_training = model.training
     opt.zero_grad(set_to_none=True)  # nothing left over from another client (the host reuses parameters)
-    model.train()
+    if not all(m.training for m in model.modules()):  # train() sets every module: 2 walks cost 10 ms (SmolLM2)
+        model.train()
     try:
         for _ in range(steps):
             step_loss = 0.0
@@ -179,19 +180,22 @@ def train_local(
                         order = torch.randperm(len(data), generator=generator).tolist()
                     batch_idx.append(order.pop())
                 chosen = [data[i] for i in batch_idx]
-                batch = {k: v.to(device) for k, v in (pack if cfg.pack else collate)(chosen, pad_id).items()}
+                # counts come from the batch on the CPU, and the loss is read after its backward pass has been
+                # queued: on a GPU, a read before it would wait for the forward pass with the backward's
+                # kernels not yet launched (a step 16% slower than a bare loop's on an H100)
+                batch = (pack if cfg.pack else collate)(chosen, pad_id)
                 parts = passes(batch, cfg.rows_per_pass) if cfg.pack else [batch]
                 answer = int((batch["labels"][:, 1:] != IGNORE).sum()) if len(parts) > 1 else None
                 loss_value = 0.0
                 for j, part in enumerate(parts):
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                        loss: Any = batch_loss(model, part, answer)
+                        loss: Any = batch_loss(model, {k: v.to(device) for k, v in part.items()}, answer)
                         if regularizer is not None and j == 0:
                             loss = loss + regularizer()
-                    value = float(loss.detach())
-                    if not math.isfinite(value):
-                        raise ClientFailure(f"non-finite loss at step {len(losses) + 1}, lr {cfg.lr:g}")
                     (loss / cfg.grad_accum).backward()
+                    value = float(loss.detach())
+                    if not math.isfinite(value):  # before the optimizer step; the finally clears the gradients
+                        raise ClientFailure(f"non-finite loss at step {len(losses) + 1}, lr {cfg.lr:g}")
                     loss_value += value
                 step_loss += loss_value / cfg.grad_accum
                 examples += len(batch_idx)
@@ -209,7 +213,8 @@ def train_local(
                 )
     finally:
         opt.zero_grad(set_to_none=True)  # a failed client leaves no gradient behind for the next one
-        model.train(was_training)
+        if not was_training:
+            model.train(False)
     return TrainResult(
         sum(losses) / len(losses), losses, examples, len(used), tokens, steps, time.perf_counter() - start
     )
