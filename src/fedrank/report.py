@@ -376,10 +376,8 @@ def end_of_run_table(summary: dict[str, Any]) -> str:
     lines.append(f"(before = round {b_round}, the zero-shot base model when 0; after = round {a_round}; loss is the")
     lines.append(" answer loss, lower is better; macro averages over the tasks / clients)")
     if summary.get("eval_before_reused"):
-        lines.append(
-            "(before: an identical earlier evaluation of the base model, reused from the cache; "
-            "eval.reuse_base = false evaluates it again)"
-        )
+        lines.append("(before: an identical earlier run's evaluation of the base model, reused from the cache;")
+        lines.append(" eval.reuse_base = false evaluates it again)")
     split = summary.get("time_split")
     if split:
         by_part = ", ".join(
