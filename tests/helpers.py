@@ -64,6 +64,7 @@ lr = 0.01
 max_seq_len = 48
 [eval]
 participants = 1
+reuse_base = false
 [eval.settings]
 max_new_tokens = 2
 max_new_tokens_cap = 4

@@ -16,7 +16,7 @@ from fedrank.config import load_config, override
 from fedrank.data.examples import Example
 from fedrank.evaluate import EvalConfig
 from fedrank.simulation import Simulation
-from helpers import TINY_TOML
+from helpers import tiny_toml
 
 
 def evals(run: Path) -> list[dict]:
@@ -31,7 +31,7 @@ def kept_files() -> list[Path]:
 @pytest.fixture()
 def cfg(tmp_path: Path):
     p = tmp_path / "tiny.toml"
-    p.write_text(TINY_TOML)
+    p.write_text(tiny_toml(eval={"reuse_base": True}))  # the shared tiny config evaluates every time
     return load_config(p)
 
 

@@ -462,6 +462,7 @@ def test_resolved_config_round_trips_through_tomli_w_for_every_field(tmp_path: P
             "alpha": 8.0,
             "rslora": True,
             "device": "auto",
+            "onednn": False,
         },
         "data": {
             "source": "jsonl",
@@ -524,6 +525,7 @@ def test_resolved_config_round_trips_through_tomli_w_for_every_field(tmp_path: P
             "every": 2,
             "before": False,
             "participants": 1,
+            "reuse_base": False,
             "settings": {
                 "max_new_tokens": 3,
                 "max_new_tokens_cap": 5,
