@@ -14,11 +14,23 @@ another device or dtype, or where this torch has no oneDNN, takes ``nn.Linear``'
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+CACHE_CAPACITY = 64
+"""Entries kept by each of oneDNN's two caches of prepared kernels (ideep's ``LRU_CACHE_CAPACITY`` and
+oneDNN's ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``; both default to 1024). Every new input shape adds an entry of
+about 0.3 MB to each, and packed training batches have a new shape almost every step: with the defaults a
+quickstart run's resident memory grew by 0.09 GB per round (flat with MKL), with 64 it stays bounded, at no
+cost in speed (measured: 600 varying shapes 6.8-7.3 s with 16-64 entries against 9.0 s with 1024; 6 shapes
+repeated, the same). Set here, before oneDNN's first use, unless the environment sets them."""
+os.environ.setdefault("LRU_CACHE_CAPACITY", str(CACHE_CAPACITY))
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(CACHE_CAPACITY))
 
 
 def available() -> bool:
