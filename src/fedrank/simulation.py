@@ -505,6 +505,10 @@ class Simulation:
             updates, recs = self.train_round(t)
             skipped = len(updates) < cfg.federation.min_clients
             msg = self.skip_round(t, len(updates)) if skipped else self.aggregate_round(t, updates, recs, t0)
+            # the clients' factors and the aggregation's scratch go back to the system before an evaluation
+            # or the next round's training builds on top of them
+            del updates, recs
+            release_memory(collect=False)
             if (cfg.eval.every and (t + 1) % cfg.eval.every == 0) or t + 1 == rounds:
                 ev = self.evaluate(t + 1)
                 msg += f"  eval {_fmt(ev['unseen_avg'])}"
