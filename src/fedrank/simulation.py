@@ -318,9 +318,6 @@ class Simulation:
             if result is not None:
                 updates.append(result[0])
                 recs.append(result[1])
-        # the clients' activations go back to the system once a round, not after each client (the next client
-        # would fault the pages in again)
-        release_memory(collect=False)
         return updates, recs
 
     def aggregate_round(self, t: int, updates: list[ClientUpdate], recs: list[dict[str, Any]], t0: float) -> str:
@@ -505,8 +502,9 @@ class Simulation:
             updates, recs = self.train_round(t)
             skipped = len(updates) < cfg.federation.min_clients
             msg = self.skip_round(t, len(updates)) if skipped else self.aggregate_round(t, updates, recs, t0)
-            # the clients' factors and the aggregation's scratch go back to the system before an evaluation
-            # or the next round's training builds on top of them
+            # once a round, not after each client (the next client would fault the pages in again): the
+            # clients' activations and factors and the aggregation's scratch go back to the system before an
+            # evaluation or the next round's training builds on top of them
             del updates, recs
             release_memory(collect=False)
             if (cfg.eval.every and (t + 1) % cfg.eval.every == 0) or t + 1 == rounds:

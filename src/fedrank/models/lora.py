@@ -85,13 +85,11 @@ class LoraHost:
             target_modules=list(self.target_modules),
             lora_dropout=0.0,
         )
-        created = True
+        created = self.peft is None or name not in self.peft.peft_config
         if self.peft is None:
             self.peft = get_peft_model(self.base, cfg, adapter_name=name)
-        elif name not in self.peft.peft_config:
+        elif created:
             self.peft.add_adapter(name, cfg)
-        else:
-            created = False
         if self._onednn and created:
             use_onednn(self.peft)
         self.peft.set_adapter(name)

@@ -44,6 +44,14 @@ def _mm(x: Tensor, w: Tensor) -> Tensor:
     return out
 
 
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x @ weight.T + bias`` for float32 CPU tensors of any leading shape, by oneDNN."""
+    out = _mm(x.reshape(-1, x.shape[-1]), weight)
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
 class _Linear(torch.autograd.Function):
     """``x @ w.T + b`` with oneDNN forward and backward (the input's gradient by oneDNN too, a view of
     ``w`` serving as the transposed weight; the weight's gradient, needed only for trained factors, by
@@ -51,14 +59,10 @@ class _Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        out = _mm(x2, weight)
-        if bias is not None:
-            out = out + bias
-        ctx.save_for_backward(x2 if weight.requires_grad else None, weight)
+        ctx.save_for_backward(x.reshape(-1, x.shape[-1]) if weight.requires_grad else None, weight)
         ctx.shape = x.shape
         ctx.has_bias = bias is not None
-        return out.reshape(*x.shape[:-1], weight.shape[0])
+        return _linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -86,10 +90,7 @@ class OneDNNLinear(nn.Linear):
         if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
             out: Tensor = _Linear.apply(x, w, b)
             return out
-        out = _mm(x.reshape(-1, x.shape[-1]), w)
-        if b is not None:
-            out = out + b
-        return out.reshape(*x.shape[:-1], w.shape[0])
+        return _linear(x, w, b)
 
 
 def use_onednn(model: nn.Module, on: bool = True) -> int:
