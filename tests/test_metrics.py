@@ -220,3 +220,19 @@ def test_one_pass_evaluation_equals_the_separate_routes(tiny) -> None:
     gen = [e for e in examples if not e.is_multiple_choice]
     preds = generate(model, tok, [e.prompt for e in gen], cfg, int(res["new_tokens"]))
     assert res["rougeL"] == pytest.approx(sum(rouge_l(p, e.references) for p, e in zip(preds, gen)) / len(gen))
+
+
+def test_continuation_groups_bound_positions_and_the_copied_cache() -> None:
+    """_chunks: shortest first; each group's rows x widest <= max_positions and rows x (context + widest) <=
+    max_cached (a row over a bound alone); every item exactly once."""
+    from fedrank.evaluate import _chunks
+
+    widths = [5, 1, 9, 3, 3, 7, 2, 40]
+    groups = _chunks(list(range(8)), widths, max_positions=12, context=20, max_cached=50)
+    assert sorted(i for g in groups for i in g) == list(range(8))
+    assert [widths[g[0]] for g in groups] == sorted(widths[g[0]] for g in groups)
+    for g in groups:
+        widest = max(widths[i] for i in g)
+        assert len(g) == 1 or (len(g) * widest <= 12 and len(g) * (20 + widest) <= 50)
+    assert max(len(g) for g in groups) == 2  # the cache bound, not the positions bound, decides here
+    assert len(_chunks(list(range(8)), widths, max_positions=12)) < len(groups)  # no cache bound: fewer groups

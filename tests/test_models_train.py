@@ -405,21 +405,25 @@ def test_packed_training_takes_the_same_steps(host: LoraHost, tiny) -> None:
     for packed_rows in (False, True):
         host.load(ClientAssignment(0, 4, 2.0, random_factors(host, 4, 8), 0))
         data = [encode(tiny.tokenizer, e, 64) for e in TOY]
-        cfg = TrainConfig(lr=1e-2, steps=3, batch_size=4, pack=packed_rows)
+        cfg = TrainConfig(lr=1e-2, steps=3, batch_size=4, pack=packed_rows, pass_tokens=0)
         results.append(
             train_local(host.module, host.trainable_parameters(), data, cfg, torch.Generator().manual_seed(3), 0)
         )
     padded, packed = results
-    # a packed micro-batch run a row at a time (train.rows_per_pass: less activation memory): the same steps
+    # a packed micro-batch run a row at a time (train.pass_tokens below one row: less activation memory): the same
+    # steps
     host.load(ClientAssignment(0, 4, 2.0, random_factors(host, 4, 8), 0))
     data = [encode(tiny.tokenizer, e, 64) for e in TOY]
-    cfg = TrainConfig(lr=1e-2, steps=3, batch_size=4, rows_per_pass=1)
+    cfg = TrainConfig(lr=1e-2, steps=3, batch_size=4, pass_tokens=1)
     rows = train_local(host.module, host.trainable_parameters(), data, cfg, torch.Generator().manual_seed(3), 0)
     assert rows.losses == pytest.approx(packed.losses, rel=1e-5, abs=1e-6)
     assert rows.tokens == packed.tokens
     assert len(passes(pack([data[i] for i in range(4)], 0), 1)) > 1  # the batch really was split
-    with pytest.raises(ValueError, match="rows_per_pass"):
-        TrainConfig(rows_per_pass=-1)
+    whole = pack([data[i] for i in range(4)], 0)
+    width = whole["input_ids"].shape[1]
+    assert [len(p["input_ids"]) for p in passes(whole, 2 * width + 1)] == [2, 2]  # at most 2 rows' positions
+    with pytest.raises(ValueError, match="pass_tokens"):
+        TrainConfig(pass_tokens=-1)
     assert (packed.examples, packed.seen, packed.tokens, packed.steps) == (
         padded.examples,
         padded.seen,
@@ -427,3 +431,62 @@ def test_packed_training_takes_the_same_steps(host: LoraHost, tiny) -> None:
         padded.steps,
     )
     assert packed.losses == pytest.approx(padded.losses, rel=1e-4, abs=1e-5)
+
+
+def _resident_bytes(path: Path) -> int:
+    """Resident bytes of this process's mappings of ``path`` (``/proc/self/smaps``)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        parts = line.split()
+        if parts and "-" in parts[0] and not parts[0].endswith(":"):
+            inside = parts[-1] == str(path)
+        elif inside and parts[0] == "Rss:":
+            total += int(parts[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc")
+def test_merged_evaluation_pages_out_the_mapped_originals_and_restores_them(tmp_path: Path) -> None:
+    """The weights transformers maps from safetensors leave the resident set while merged copies serve
+    (:func:`page_out`), and come back unchanged: the process never holds two copies of the weights."""
+    from fedrank.models.loading import load_causal_lm, page_out
+
+    fresh = tiny_llama(seed=3, hidden=256, intermediate=512)
+    fresh.model.save_pretrained(tmp_path / "m")
+    fresh.tokenizer.save_pretrained(tmp_path / "m")
+    lm = load_causal_lm(str(tmp_path / "m"))
+    weights = (tmp_path / "m" / "model.safetensors").resolve()
+    host = LoraHost(lm.model)
+    before = {n: p.detach().clone() for n, p in host.base_parameters()}
+    for p in lm.model.parameters():
+        float(p.sum())  # every page resident
+    targets = sum(4 * m * n for m, n in host.shapes.values())
+    resident = _resident_bytes(weights)
+    assert resident > targets  # the weights are mapped from the file, not copied
+    with host.merged(ClientAssignment(0, 4, 2.0, random_factors(host, 4, 5), 0)):
+        assert resident - _resident_bytes(weights) > 0.9 * targets
+    assert all(torch.equal(p, before[n]) for n, p in host.base_parameters())  # read back unchanged
+    anonymous = torch.arange(1 << 20, dtype=torch.float32)
+    assert page_out([anonymous]) == 0 and torch.equal(anonymous, torch.arange(1 << 20, dtype=torch.float32))
+
+
+def test_answer_cross_entropy_matches_autograd_across_chunks() -> None:
+    """The fused loss (gradient made in the forward pass, LOSS_CHUNK positions at a time) equals cross-entropy
+    through autograd: value and gradient, over several chunks, with repeated targets."""
+    from fedrank.train import LOSS_CHUNK, _AnswerCrossEntropy, _fused_loss
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(24, 300, bias=False).requires_grad_(False)
+    n = 2 * LOSS_CHUNK + 37
+    hidden = torch.randn(n, 24, generator=g, requires_grad=True)
+    targets = torch.randint(0, 300, (n,), generator=g)
+    targets[:5] = 7
+    assert _fused_loss(head, hidden)
+    fused = _AnswerCrossEntropy.apply(hidden, targets, head)
+    (got,) = torch.autograd.grad(3.0 * fused, hidden)
+    ref = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
+    (want,) = torch.autograd.grad(3.0 * ref, hidden)
+    assert float(fused) == pytest.approx(float(ref), rel=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    head.weight.requires_grad_(True)  # a trained head needs its own gradient: autograd's route
+    assert not _fused_loss(head, hidden)

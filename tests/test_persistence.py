@@ -519,7 +519,7 @@ def test_resolved_config_round_trips_through_tomli_w_for_every_field(tmp_path: P
             "momentum": 0.5,
             "nesterov": True,
             "pack": False,
-            "rows_per_pass": 2,
+            "pass_tokens": 100,
         },
         "eval": {
             "every": 2,

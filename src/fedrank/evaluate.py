@@ -337,11 +337,11 @@ def _continuation_logliks(
     part = select_cache(cache, sel)
     logits = model(input_ids=ids.to(device), attention_mask=full_mask, position_ids=pos, cache=part).logits
     del part
-    logp = torch.log_softmax(logits.float(), dim=-1)
     out = []
-    for j, c in enumerate(conts):
+    for j, c in enumerate(conts):  # one row's log-probabilities at a time: no second batch-sized copy
         head = first[rows[j], c[0]].reshape(1)
-        rest = logp[j, torch.arange(len(c) - 1), torch.tensor(c[1:], dtype=torch.long)]
+        logp = torch.log_softmax(logits[j, : len(c) - 1].float(), dim=-1)
+        rest = logp[torch.arange(len(c) - 1), torch.tensor(c[1:], dtype=torch.long)]
         out.append(torch.cat([head, rest.reshape(-1)]))
     return out
 
@@ -451,18 +451,28 @@ def _prompt_pass(
     return cache, out.logits[:, -1], mask
 
 
-def _chunks(items: Sequence[Any], widths: Sequence[int], max_positions: int) -> list[list[Any]]:
+def _chunks(
+    items: Sequence[Any], widths: Sequence[int], max_positions: int, context: int = 0, max_cached: int = 0
+) -> list[list[Any]]:
     """``items`` in order of ``widths`` (shortest first), grouped so that a group's rows x widest row is at most
-    ``max_positions`` (a row wider than that alone): continuations of similar lengths are scored together,
-    so short options are not padded to a long answer, and each group's vocabulary-wide log-probabilities
-    stay bounded."""
+    ``max_positions`` and, where ``max_cached`` > 0, its rows x (``context`` + widest row) at most
+    ``max_cached`` (a row over either alone): continuations of similar lengths are scored together, so short
+    options are not padded to a long answer, and each group's vocabulary-wide log-probabilities and its copy
+    of the prompts' KV cache stay bounded."""
     out: list[list[Any]] = []
     for j in sorted(range(len(items)), key=lambda j: (widths[j], j)):
-        if out and (len(out[-1]) + 1) * widths[j] <= max_positions:
+        rows = len(out[-1]) + 1 if out else 0
+        if out and rows * widths[j] <= max_positions and (not max_cached or rows * (context + widths[j]) <= max_cached):
             out[-1].append(items[j])
         else:
             out.append([items[j]])
     return out
+
+
+CACHED_POSITIONS = 2048
+"""The most prompt-cache positions (rows x length) copied at once to score continuations: SmolLM2-135M keeps
+46 KB per position (30 layers' keys and values), so 2,048 positions are 94 MB; a multiple-choice batch's
+options each need their prompt's cache."""
 
 
 @torch.no_grad()
@@ -513,7 +523,8 @@ def score_and_generate(
                 lengths = mask.sum(1)
                 pairs = [(r, k) for r, c in enumerate(batch) for k in range(len(c.conts))]
                 lls: dict[tuple[int, int], Tensor] = {}
-                for chunk in _chunks(pairs, [len(batch[r].conts[k]) for r, k in pairs], max_positions):
+                widths = [len(batch[r].conts[k]) for r, k in pairs]
+                for chunk in _chunks(pairs, widths, max_positions, mask.shape[1], CACHED_POSITIONS):
                     conts = [batch[r].conts[k] for r, k in chunk]
                     got = _continuation_logliks(
                         model, cache, first, mask, lengths, [r for r, _ in chunk], conts, pad_id

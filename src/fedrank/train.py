@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from fedrank.data.tokenize import IGNORE, Encoded, collate, pack
+from fedrank.models.onednn import linear
 
 PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = ("adamw", "sgd")
@@ -48,10 +49,13 @@ class TrainConfig:
     predicted, instead of padding every example to the longest and projecting every position. The same
     examples in the same steps, the same loss to float rounding; False: the padded batch through the model's
     own loss."""
-    rows_per_pass: int = 0
-    """Packed rows run through the model at a time (0: all of a micro-batch's rows at once). Activations are
-    the memory of training; rows are independent (no attention across rows), and each pass's loss is the sum
-    over its answer tokens divided by the whole micro-batch's, so the gradient is the whole micro-batch's."""
+    pass_tokens: int = 256
+    """Token positions run through the model at a time: a packed micro-batch's rows go in passes of at most
+    this many positions (at least one row each; 0: all rows at once). Activations are the memory of training
+    (SmolLM2-135M: about 2 MB per position); rows are independent (no attention across rows), and each
+    pass's loss is the sum over its answer tokens divided by the whole micro-batch's, so the gradient is the
+    whole micro-batch's. 256 costs about 2% of the time of one 512-position pass and half its activations;
+    one 128-position row at a time costs 20%."""
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.lr) or self.lr <= 0:
@@ -68,8 +72,8 @@ class TrainConfig:
             raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.max_seq_len < 2:
             raise ValueError(f"train.max_seq_len must be >= 2, got {self.max_seq_len}")
-        if self.rows_per_pass < 0:
-            raise ValueError(f"train.rows_per_pass must be >= 0, got {self.rows_per_pass}")
+        if self.pass_tokens < 0:
+            raise ValueError(f"train.pass_tokens must be >= 0, got {self.pass_tokens}")
 
     def num_steps(self, num_examples: int) -> int:
         if self.steps:
@@ -94,11 +98,56 @@ class TrainResult:
     seconds: float
 
 
+LOSS_CHUNK = 128
+"""Answer positions projected onto the vocabulary at a time by :class:`_AnswerCrossEntropy`."""
+
+
+class _AnswerCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``head(hidden)`` against ``targets``, for a frozen output layer ``head`` (a
+    bias-free linear layer, the LM head): the gradient with respect to ``hidden``, ``(softmax - onehot) @ W``,
+    is computed in the forward pass, :data:`LOSS_CHUNK` positions at a time, and kept instead of the
+    positions x vocabulary log-probabilities autograd would keep (SmolLM2: 196 KB per answer token) and the
+    gradient of the same size its backward would make. The same matmuls as autograd's, so no extra time."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: Tensor, targets: Tensor, head: nn.Module) -> Tensor:
+        weight: Tensor = head.weight  # type: ignore[assignment]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden)
+        for i in range(0, hidden.shape[0], LOSS_CHUNK):
+            t = targets[i : i + LOSS_CHUNK]
+            logits = head(hidden[i : i + LOSS_CHUNK]).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
+            probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
+            probs[torch.arange(len(t), device=t.device), t] -= 1.0
+            grad[i : i + LOSS_CHUNK] = linear(probs.to(weight.dtype), weight.t()).to(hidden.dtype)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, out: Tensor) -> tuple[Tensor, None, None]:
+        (grad,) = ctx.saved_tensors
+        return grad * out.to(grad.dtype), None, None
+
+
+def _fused_loss(head: Any, hidden: Tensor) -> bool:
+    """Whether :class:`_AnswerCrossEntropy` computes this loss: a frozen, bias-free head, no autocast."""
+    return (
+        isinstance(getattr(head, "weight", None), Tensor)
+        and not head.weight.requires_grad
+        and getattr(head, "bias", None) is None
+        and hidden.requires_grad
+        and not torch.is_autocast_enabled(hidden.device.type)
+    )
+
+
 def batch_loss(model: nn.Module, batch: dict[str, Tensor], tokens: int | None = None) -> Tensor:
     """Mean answer-token cross-entropy of a batch from :func:`collate` (the model's own loss) or from
     :func:`pack` (no attention mask: position ids mark the examples; the vocabulary projection only at the
-    positions whose next token is an answer token). ``tokens`` (packed batches): the summed cross-entropy
-    divided by ``tokens`` instead, for a part of a batch of that many answer tokens."""
+    positions whose next token is an answer token, by :class:`_AnswerCrossEntropy` where the head is frozen).
+    ``tokens`` (packed batches): the summed cross-entropy divided by ``tokens`` instead, for a part of a batch
+    of that many answer tokens."""
     if "position_ids" not in batch:
         loss: Tensor = model(**batch).loss
         return loss
@@ -107,19 +156,23 @@ def batch_loss(model: nn.Module, batch: dict[str, Tensor], tokens: int | None = 
     hidden = base.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
-    logits = base.get_output_embeddings()(hidden.last_hidden_state[:, :-1][keep])
-    if tokens is None:
-        out: Tensor = torch.nn.functional.cross_entropy(logits.float(), targets[keep])
-        return out
-    total: Tensor = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
-    return total / tokens
+    answer = hidden.last_hidden_state[:, :-1][keep]
+    head = base.get_output_embeddings()
+    if _fused_loss(head, answer):
+        total: Tensor = _AnswerCrossEntropy.apply(answer, targets[keep], head)  # type: ignore[no-untyped-call]
+    else:
+        total = torch.nn.functional.cross_entropy(head(answer).float(), targets[keep], reduction="sum")
+    return total / (tokens if tokens is not None else targets[keep].numel())
 
 
-def passes(batch: dict[str, Tensor], rows: int) -> list[dict[str, Tensor]]:
-    """A packed batch in parts of ``rows`` rows (0: the whole batch), each with at least one answer token."""
-    if rows <= 0 or batch["input_ids"].shape[0] <= rows:
+def passes(batch: dict[str, Tensor], tokens: int) -> list[dict[str, Tensor]]:
+    """A packed batch in parts of at most ``tokens`` positions (at least one row; 0: the whole batch), each
+    with at least one answer token."""
+    n, width = batch["input_ids"].shape
+    rows = max(1, tokens // max(width, 1))
+    if tokens <= 0 or n <= rows:
         return [batch]
-    parts = [{k: v[i : i + rows] for k, v in batch.items()} for i in range(0, batch["input_ids"].shape[0], rows)]
+    parts = [{k: v[i : i + rows] for k, v in batch.items()} for i in range(0, n, rows)]
     return [p for p in parts if bool((p["labels"][:, 1:] != IGNORE).any())]
 
 
@@ -184,7 +237,7 @@ def train_local(
                 # queued: on a GPU, a read before it makes the CPU wait for the forward pass before it launches
                 # the backward's kernels
                 batch = (pack if cfg.pack else collate)(chosen, pad_id)
-                parts = passes(batch, cfg.rows_per_pass) if cfg.pack else [batch]
+                parts = passes(batch, cfg.pass_tokens) if cfg.pack else [batch]
                 answer = int((batch["labels"][:, 1:] != IGNORE).sum()) if len(parts) > 1 else None
                 loss_value = 0.0
                 for j, part in enumerate(parts):

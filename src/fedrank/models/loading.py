@@ -10,10 +10,11 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import mmap
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,6 +199,66 @@ def release_memory(collect: bool = True) -> None:
     trim = getattr(libc, "malloc_trim", None)
     if trim is not None:
         trim(0)
+
+
+MADV_PAGEOUT = 21
+"""Linux's ``madvise`` advice (5.4+): reclaim these pages now. A clean page of a mapped file is dropped from
+this process's resident set and read back from the page cache (or the file) when next touched; any other
+page (anonymous, or a file page this process has written to) can only go to swap, and stays resident
+where there is none. Nothing is lost either way: it is a hint about residency, never about contents."""
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's file-backed mappings (``/proc/self/maps``; empty elsewhere)."""
+    out: list[tuple[int, int]] = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and parts[4] != "0" and parts[5].startswith("/"):
+                    lo, hi = parts[0].split("-")
+                    out.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        return []
+    return out
+
+
+def page_out(tensors: Iterable[Tensor], gap: int = 1 << 16) -> int:
+    """Ask the kernel (``madvise(MADV_PAGEOUT)``) to drop the resident pages of the CPU ``tensors`` whose
+    storage lies in a mapped file, such as weights loaded from safetensors, which transformers maps rather
+    than reads. Their values are unchanged: a page is read back when next touched (:data:`MADV_PAGEOUT`).
+    Used while copies of those weights serve instead (an evaluation of a merged model), so that the process
+    does not hold both. Tensors closer than ``gap`` bytes are advised as one range, with whatever lies
+    between (a layer's small norm weights, read back when next used), because the kernel keeps a partly
+    covered block of file pages resident. Returns the bytes advised (0 where the call or the mappings are
+    unavailable)."""
+    spans = []
+    for t in tensors:
+        if t.device.type == "cpu" and t.numel():
+            start = int(t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size())
+            spans.append([start, start + int(t.numel()) * t.element_size()])
+    merged: list[list[int]] = []
+    for span in sorted(spans):
+        if merged and span[0] - merged[-1][1] <= gap:
+            merged[-1][1] = max(merged[-1][1], span[1])
+        else:
+            merged.append(span)
+    if not merged:
+        return 0
+    try:
+        madvise = ctypes.CDLL("libc.so.6", use_errno=True).madvise
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    page = mmap.PAGESIZE
+    advised = 0
+    files = _file_mappings()
+    for start, end in merged:
+        for lo, hi in files:
+            a, b = max(start, lo) // page * page, -(-min(end, hi) // page) * page
+            if b > a and madvise(a, b - a, MADV_PAGEOUT) == 0:
+                advised += b - a
+    return advised
 
 
 def kv_cache() -> Any:

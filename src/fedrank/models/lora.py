@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fedrank.models.loading import page_out
 from fedrank.models.onednn import use_onednn, uses_onednn
 from fedrank.types import ClientAssignment, LoraFactors
 
@@ -25,6 +26,9 @@ log = logging.getLogger(__name__)
 
 # peft 0.21 calls a transformers 5 API that warns on every adapter creation; nothing for users to act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+PAGE_OUT_BYTES = 32 << 20
+"""Original weights paged out together while a merged model is built (one read of the process's mappings)."""
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -134,14 +138,20 @@ class LoraHost:
         The merged weights are new tensors swapped in one layer at a time (the dense ΔW of a layer exists
         only while its merge is computed); the original weights stay untouched and are swapped back on exit,
         bit for bit, so training after an evaluation starts from exactly the weights it would have without one.
+        Originals mapped from the model's file leave the resident set meanwhile (:func:`page_out`, every
+        :data:`PAGE_OUT_BYTES` of them), so the process does not hold two copies of the weights.
         """
         self._apply_base_delta(None)  # the pristine weights (a FLoRA client may have left its delta in)
         self.unload()
         originals: dict[str, nn.Parameter] = {}
         modules: dict[str, Any] = dict(self.base.named_modules())
+        pending: list[Tensor] = []
         try:
             with torch.no_grad():
                 for name in self.shapes:
+                    if sum(t.nbytes for t in pending) >= PAGE_OUT_BYTES:
+                        page_out(pending)
+                        pending = []
                     lin: Any = getattr(modules[name], "base_layer", modules[name])  # peft's LoraLayer wraps it
                     w = lin.weight
                     f = a.factors.get(name)
@@ -158,7 +168,9 @@ class LoraHost:
                         )
                         merged += (a.scaling * (B @ A)).to(w.dtype)
                     originals[name] = w
+                    pending.append(w)
                     lin.weight = nn.Parameter(merged, requires_grad=False)
+            page_out(pending)
             if self.peft is not None:
                 with self.peft.disable_adapter():
                     yield self.peft

@@ -52,6 +52,13 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def linear(x: Tensor, weight: Tensor) -> Tensor:
+    """``x @ weight.T``, by oneDNN for float32 CPU tensors where this torch has it, else ``F.linear``."""
+    if x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.numel() and available():
+        return _linear(x, weight, None)
+    return F.linear(x, weight)
+
+
 class _Linear(torch.autograd.Function):
     """``x @ w.T + b`` with oneDNN forward and backward (the input's gradient by oneDNN too, a view of
     ``w`` serving as the transposed weight; the weight's gradient, needed only for trained factors, by
