@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fedrank import lowrank
 from fedrank.aggregation.flexlora import FlexLoRA
 from fedrank.lowrank import (
     _dense_is_cheaper,
@@ -261,3 +262,76 @@ def test_dispatch_truncates_once_per_rank_and_scaling() -> None:
         torch.testing.assert_close(
             other.scaling * other.factors[k].B @ other.factors[k].A, b.scaling * b.factors[k].B @ b.factors[k].A
         )
+
+
+# The Krylov route of the top eigenvectors (lowrank._top_eigvecs): Grams of at least 3·KRYLOV_DIM·l rows.
+KRYLOV_SHAPES = [((400, 360), [64, 64, 96, 96, 64], "gram"), ((900, 320), [32] * 10, "factored")]
+
+
+@pytest.mark.parametrize("shape,ranks,route", KRYLOV_SHAPES)
+@pytest.mark.parametrize("dtype,tol", [(F64, 1e-10), (torch.float32, 2e-5)])
+def test_krylov_route_dispatch_equals_float64_best_rank_r(
+    shape: tuple[int, int], ranks: list[int], route: str, dtype: torch.dtype, tol: float
+) -> None:
+    m, n = shape
+    assert top_route(m, n, sum(ranks)) == route
+    k = 8
+    assert 3 * lowrank.KRYLOV_DIM * (k + 16) <= min(m, n), "the Krylov route must run"
+    B, A = random_batch(3, 2, m, n, ranks, dtype)
+    U, S, Vh = svd_of_product_batched(B, A, rank=k)
+    for i in range(2):
+        dW = B[i].double() @ A[i].double()
+        torch.testing.assert_close(S[i].double(), torch.linalg.svdvals(dW)[:k], rtol=tol, atol=0)
+        for r in (1, 3, 4, k):
+            Bt, At = truncate((U[i], S[i], Vh[i]), r, alpha=16.0)
+            assert rel(lora_scaling(16.0, r) * (Bt.double() @ At.double()), best_rank(dW, r)) < tol
+
+
+def test_krylov_eigvecs_span_the_top_eigenvectors_without_falling_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A float32 spectrum as flat as SmolLM2's rounds (σ_i = 1/(1 + i/50)): the Krylov vectors pass their checks
+    (no eigh of the whole matrix) and span the top k eigenvectors to float32 precision."""
+    g = torch.Generator().manual_seed(4)
+    W, _ = torch.linalg.qr(torch.randn(3, 400, 400, generator=g, dtype=F64))
+    lam = (1.0 / (1.0 + torch.arange(400, dtype=F64) / 50)) ** 2
+    G = ((W * lam) @ W.mT).float()
+    calls: list[int] = []
+    eigh = torch.linalg.eigh
+
+    def spy(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(M.shape[-1])
+        return eigh(M)
+
+    monkeypatch.setattr(torch.linalg, "eigh", spy)
+    V = lowrank._top_eigvecs(G, 24, 8)
+    assert 400 not in calls
+    _, W = eigh(G.double())
+    for i in range(3):
+        top = W[i][:, -8:]
+        assert float(torch.linalg.matrix_norm(top - V[i].double() @ (V[i].double().mT @ top), ord=2)) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_krylov_route_ties_beyond_a_block_and_rank_deficiency(dtype: torch.dtype) -> None:
+    """A tie of multiplicity 12 > KRYLOV_BLOCK at the top, and ΔW of rank 6 < the Krylov dimension: the checks
+    send both to eigh, and the dispatched products stay the best rank-r approximations."""
+    m, n = 400, 380
+    g = torch.Generator().manual_seed(6)
+    U0, _ = torch.linalg.qr(torch.randn(m, 100, generator=g, dtype=F64))
+    V0, _ = torch.linalg.qr(torch.randn(n, 100, generator=g, dtype=F64))
+    s = torch.cat([torch.full((12,), 5.0, dtype=F64), torch.linspace(3.0, 0.1, 88, dtype=F64)])
+    assert lowrank.KRYLOV_BLOCK < 12
+    Bs = [(U0[:, i : i + 10] * s[i : i + 10]).to(dtype) for i in range(0, 100, 10)]
+    As = [V0[:, i : i + 10].T.to(dtype) for i in range(0, 100, 10)]
+    tol = 1e-10 if dtype == F64 else 2e-5
+    U, S, Vh = svd_of_sum(Bs, As, [1.0] * 10, rank=16)
+    dW = (U0 * s) @ V0.T
+    torch.testing.assert_close(S.double(), s[:16], atol=tol * 5, rtol=0)
+    for r in (12, 16):  # cuts below the tie: unique
+        approx = (U[:, :r].double() * S[:r].double()) @ Vh[:r].double()
+        assert rel(approx, best_rank(dW, r)) < tol
+    B1, A1 = torch.randn(m, 6, generator=g, dtype=dtype), torch.randn(6, n, generator=g, dtype=dtype)
+    U, S, Vh = svd_of_sum([B1] * 60, [A1] * 60, [1 / 60] * 60, rank=8)  # R = 360 >= the Gram route's bound
+    dW = B1.double() @ A1.double()
+    assert torch.isfinite(U).all() and torch.isfinite(Vh).all()
+    assert rel((U.double() * S.double()) @ Vh.double(), dW) < tol
+    assert float(S[6:].abs().max()) <= tol * float(S[0])
