@@ -41,6 +41,7 @@ from fedrank.flower.deploy import (
     LocalDeployment,
     RunConfigError,
     format_node_config,
+    free_port,
     make_node_key,
     make_tls,
     run_ray_simulation,
@@ -156,6 +157,17 @@ def test_app_dir_is_a_valid_flower_app(app_dir: Path) -> None:
         "round-timeout": 0.0,
         "node-wait": 120.0,
     }
+
+
+def test_free_ports_avoid_the_ephemeral_range_and_repeats() -> None:
+    """Ports for our servers come from outside the range outgoing connections take theirs from (else one
+    can be taken between the check and the server's bind), are bindable, and are never handed out twice."""
+    lo, hi = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = [free_port() for _ in range(40)]
+    assert len(set(ports)) == len(ports)
+    assert all(not lo <= p <= hi for p in ports)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", ports[-1]))
 
 
 def test_node_config_text_round_trips_through_flwr_parser() -> None:

@@ -19,6 +19,7 @@ import ipaddress
 import json
 import logging
 import os
+import random
 import re
 import signal
 import socket
@@ -284,11 +285,43 @@ def executable(name: str) -> str:
     return str(beside) if beside.is_file() else name
 
 
+_HANDED_OUT: set[int] = set()
+"""Ports :func:`free_port` has returned in this process (never returned twice)."""
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    """The range the OS takes outgoing connections' local ports from (Linux's default where unreadable)."""
+    try:
+        lo, hi = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return lo, hi
+
+
 def free_port(host: str = LOOPBACK) -> int:
-    """A TCP port that was free on `host` a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A TCP port that was free on `host` a moment ago, outside the OS's ephemeral range and not returned
+    before by this process. A port the OS picks (bind to 0) lies in the ephemeral range, where every outgoing
+    connection (a SuperNode's to the SuperLink, a ClientApp's to its SuperNode) also takes its local port, so
+    between our check and the server's bind one of them could take it ("address already in use")."""
+    lo, hi = _ephemeral_ports()
+    pool = range(20000, lo) if lo > 21000 else range(hi + 1, 65536)
+    rng = random.Random()
+    for _ in range(256):
+        port = rng.choice(pool)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # nothing free there: let the OS pick
         s.bind((host, 0))
-        return int(s.getsockname()[1])
+        port = int(s.getsockname()[1])
+    _HANDED_OUT.add(port)
+    return port
 
 
 def processes_with_env(key: str, value: str) -> list[psutil.Process]:
