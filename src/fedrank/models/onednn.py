@@ -28,8 +28,10 @@ about 0.3 MB to each, and packed training batches have a new shape almost every 
 quickstart run's resident memory grew by 0.09 GB per round (flat with MKL). A LoRA training pass uses about
 20 shapes, but in cycles of 9 (a decoder layer's forward, then its backward), so 16 entries still serve
 every layer after the first; measured no slower (600 varying shapes: 6.8-7.3 s with 16-64 entries against
-9.0 s with 1024; 6 shapes repeated: the same; the quickstart's training 64-72 s with 64 and 70 s with 16,
-within this machine's run-to-run variation), and the quickstart's peak 0.05 GiB lower than with 64. Set here,
+9.0 s with 1024; 6 shapes repeated: the same; a pass's 12 LoRA-layer shapes x 30 layers, the rows of a
+pass repeating: 126 / 121 / 115 ms per pass with 16 / 64 / 1024 entries, one run each; the quickstart's
+training took 61-70 s in five runs with 16 and 64-72 s in five with 64, this machine's run-to-run
+variation), and the quickstart's peak was 1.86-1.93 GiB in three runs with 16, 1.93-1.97 in five with 64. Set here,
 before oneDNN's first use, unless the environment sets them (a process that used oneDNN before importing
 this keeps its own)."""
 os.environ.setdefault("LRU_CACHE_CAPACITY", str(CACHE_CAPACITY))
