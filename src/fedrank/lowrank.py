@@ -375,12 +375,18 @@ def _top_svd_factored(
         return Vh.mT, S, U.mT
     dtype = B.dtype
     l = min(k + oversample, n)
-    if form_delta:
-        Mt = _bmm(A.mT, B.mT)  # ΔWᵀ, rows in the order oneDNN reads fastest
-        G = _bmm(Mt, Mt.mT)
-    else:
-        G = _bmm(_bmm(A.mT, _bmm(B.mT, B)), A)  # Aᵀ(BᵀB)A
-    Vl = _top_eigvecs(G, l, k)
+
+    def gram(Bc: Tensor, Ac: Tensor) -> Tensor:
+        if form_delta:
+            Mt = _bmm(Ac.mT, Bc.mT)  # ΔWᵀ, rows in the order oneDNN reads fastest
+            return _bmm(Mt, Mt.mT)
+        return _bmm(_bmm(Ac.mT, _bmm(Bc.mT, Bc)), Ac)  # Aᵀ(BᵀB)A
+
+    # The Grams and their eigenvectors a few layers at a time: the intermediates (a few MB) stay in cache and
+    # in memory the allocator reuses, where the whole batch's (SmolLM2's 60 gate/up layers: 225 MB) would be
+    # fresh pages, whose first-touch faults cost more than the products' reads.
+    c = KRYLOV_CHUNK
+    Vl = torch.cat([_top_eigvecs(gram(B[i : i + c], A[i : i + c]), l, k) for i in range(0, B.shape[0], c)])
     Q, _ = torch.linalg.qr((B @ (A @ Vl)).double())
     # (QᵀB)·A in float64, one layer at a time: float64 copies of the whole batch would double its memory.
     Z = torch.stack([(Q[i].mT @ B[i].double()) @ A[i].double() for i in range(B.shape[0])])
