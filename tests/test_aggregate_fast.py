@@ -335,3 +335,26 @@ def test_krylov_route_ties_beyond_a_block_and_rank_deficiency(dtype: torch.dtype
     assert torch.isfinite(U).all() and torch.isfinite(Vh).all()
     assert rel((U.double() * S.double()) @ Vh.double(), dW) < tol
     assert float(S[6:].abs().max()) <= tol * float(S[0])
+
+
+@pytest.mark.parametrize("rank", [48, 20, 0])
+def test_top_svd_wide_equals_the_svd(rank: int) -> None:
+    """The Rayleigh–Ritz step's SVD of the wide l×n projection through QR + an l×l SVD: the same top triplets
+    as ``torch.linalg.svd``, on full rank, rank-deficient and zero matrices, with a tie at the cut."""
+    g = torch.Generator().manual_seed(3)
+    L, l, n, k = 3, 48, 200, 32
+    S = torch.linspace(2.0, 1.0, l, dtype=F64)
+    S[28:36] = S[32].item()  # a tie across the cut at k = 32
+    S[rank:] = 0.0
+    U = torch.linalg.qr(torch.randn(L, l, l, generator=g, dtype=F64))[0]
+    V = torch.linalg.qr(torch.randn(L, n, l, generator=g, dtype=F64))[0]
+    Z = (U * S) @ V.mT
+    Uk, Sk, Vhk = lowrank._top_svd_wide(Z, k)
+    assert Uk.shape == (L, l, k) and Sk.shape == (L, k) and Vhk.shape == (L, k, n)
+    Sr = torch.linalg.svdvals(Z)[..., :k]
+    torch.testing.assert_close(Sk, Sr, atol=1e-12, rtol=1e-12)
+    for i in range(L):  # a tie at the cut makes the best rank-k product non-unique: its error is unique
+        got = (Uk[i] * Sk[i]) @ Vhk[i]
+        optimum = S[k:].square().sum().sqrt()
+        torch.testing.assert_close(torch.linalg.matrix_norm(Z[i] - got), optimum, atol=1e-12, rtol=0)
+    torch.testing.assert_close(Uk.mT @ Uk, torch.eye(k, dtype=F64).expand(L, k, k), atol=1e-12, rtol=0)

@@ -420,3 +420,52 @@ def test_check_layers_names_the_layer_with_a_non_finite_factor(bad: float) -> No
     broken = {**f, "l2": LoraFactors(f["l2"].B, A)}
     with pytest.raises(AggregationError, match="client 0: layer l2 has non-finite factors"):
         check_layers(f, [ClientUpdate(0, 2, 1, broken)])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["A", "B"])
+def test_flexlora_names_the_client_and_layer_with_a_non_finite_factor(bad: float, where: str) -> None:
+    """FlexLoRA checks finiteness on its stacked copy (one sum per layer while it is in cache) and only then,
+    on failure, client by client: the same AggregationError as ``check_layers``, naming client and layer."""
+    from fedrank.aggregation.base import AggregationError
+
+    method = FlexLoRA()
+    shapes = {"l0": (6, 5), "l1": (6, 5), "l2": (4, 7)}
+    state = method.init_state(shapes, 4)
+    g = torch.Generator().manual_seed(0)
+    ups = [
+        ClientUpdate(
+            c,
+            r,
+            10,
+            {
+                k: LoraFactors(torch.randn(m, r, generator=g), torch.randn(r, n, generator=g))
+                for k, (m, n) in shapes.items()
+            },
+        )
+        for c, r in enumerate([2, 4, 3])
+    ]
+    method.aggregate(state, ups)
+    f = ups[1].factors["l1"]
+    B, A = f.B.clone(), f.A.clone()
+    (A if where == "A" else B)[1, 0] = bad
+    broken = ClientUpdate(1, 4, 10, {**ups[1].factors, "l1": LoraFactors(B, A)})
+    with pytest.raises(AggregationError, match="client 1: layer l1 has non-finite factors"):
+        method.aggregate(state, [ups[0], broken, ups[2]])
+    # a client of weight 0 is checked too
+    with pytest.raises(AggregationError, match="client 1: layer l1 has non-finite factors"):
+        method.aggregate(state, [ups[0], broken, ups[2]], weights=[1.0, 0.0, 1.0])
+    # finite factors whose stacked sums overflow (A's 1e37s; ΔW itself stays moderate): settled client by
+    # client, and accepted
+    huge = [
+        ClientUpdate(
+            u.client_id,
+            u.rank,
+            10,
+            {k: LoraFactors(v.B * 1e-36, torch.full_like(v.A, 1e37)) for k, v in u.factors.items()},
+        )
+        for u in ups
+    ]
+    new = method.aggregate(state, huge)
+    assert new.delta is not None and new.svd is not None
+    assert all(torch.isfinite(s.U).all() and torch.isfinite(s.S).all() for s in new.svd.values())

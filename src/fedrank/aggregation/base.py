@@ -27,6 +27,8 @@ __all__ = [
     "LoraState",
     "MethodOptions",
     "Shapes",
+    "check_finite",
+    "check_layers",
     "derive_generator",
     "init_state_factors",
     "normalized_weights",
@@ -172,12 +174,21 @@ def normalized_weights(updates: Sequence[ClientUpdate], weights: Sequence[float]
     return p / total
 
 
-def check_layers(state_layers: Mapping[str, Any], updates: Sequence[ClientUpdate], max_rank: int | None = None) -> None:
+def check_layers(
+    state_layers: Mapping[str, Any],
+    updates: Sequence[ClientUpdate],
+    max_rank: int | None = None,
+    *,
+    finite: bool = True,
+) -> None:
     """Every update must cover exactly the state's layers, each with the layer's (m, n) shape (the state's
-    values: LoraFactors or dense deltas), floating point, at a rank between 1 and ``max_rank`` (when given), finite."""
+    values: LoraFactors or dense deltas), floating point, at a rank between 1 and ``max_rank`` (when given),
+    finite (``finite=False``: the caller checks that more cheaply, e.g. on its stacked copy of the factors, and
+    calls :func:`check_finite` to name the client where that fails)."""
     names = set(state_layers)
+    shapes = {name: tuple(int(x) for x in layer.shape) for name, layer in state_layers.items()}
     for u in updates:
-        if set(u.factors) != names:
+        if u.factors.keys() != names:
             missing, extra = sorted(names - set(u.factors)), sorted(set(u.factors) - names)
             raise AggregationError(
                 f"client {u.client_id}: layers differ from the global state (missing {missing}, extra {extra})"
@@ -185,8 +196,8 @@ def check_layers(state_layers: Mapping[str, Any], updates: Sequence[ClientUpdate
         if u.rank <= 0 or (max_rank is not None and u.rank > max_rank):
             raise AggregationError(f"client {u.client_id}: rank {u.rank} outside 1..{max_rank} of the global state")
         for name, f in u.factors.items():
-            want = tuple(int(x) for x in state_layers[name].shape)
-            if f.shape != want:
+            want = shapes[name]
+            if (f.B.shape[0], f.A.shape[1]) != want:
                 raise AggregationError(
                     f"client {u.client_id}: layer {name} has ΔW shape {f.shape}, the global layer is {want}"
                 )
@@ -196,6 +207,14 @@ def check_layers(state_layers: Mapping[str, Any], updates: Sequence[ClientUpdate
                 raise AggregationError(
                     f"client {u.client_id}: layer {name} has rank {f.rank}, the update says {u.rank}"
                 )
+        if finite:
+            _check_finite(u)
+
+
+def check_finite(updates: Sequence[ClientUpdate]) -> None:
+    """Every update's factors finite: an :class:`AggregationError` naming the first client and layer that
+    is not (what :func:`check_layers` checks by default)."""
+    for u in updates:
         _check_finite(u)
 
 

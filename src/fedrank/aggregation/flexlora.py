@@ -17,16 +17,19 @@ Rayleigh–Ritz step).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from fedrank.aggregation.base import (
     AggregationError,
     MethodOptions,
     Shapes,
+    check_finite,
     check_layers,
     init_state_factors,
     normalized_weights,
@@ -62,6 +65,11 @@ class FlexLoRAState:
     def init_rank(self) -> int:
         """The largest client rank the state was made for (``init_state``'s ``max_rank``)."""
         return next(iter(self.init.values())).rank
+
+    @functools.cached_property
+    def dims(self) -> int:
+        """Σ (m + n) over the layers: a rank-r adapter has r times as many parameters."""
+        return sum(f.shape[0] + f.shape[1] for f in self.init.values())
 
     @property
     def max_rank(self) -> int:
@@ -122,7 +130,7 @@ class FlexLoRA(MethodOptions):
                 f"flexlora keeps {self.components} components; client {client.client_id} has rank {client.rank}"
             )
         factors = self._factors(state, client.rank)
-        download = sum(client.rank * (f.shape[0] + f.shape[1]) for f in factors.values())
+        download = client.rank * state.dims
         return self.assign(client, factors, download)
 
     def aggregate(
@@ -131,19 +139,22 @@ class FlexLoRA(MethodOptions):
         """ΔW = Σ_k p_k·s(r_k)·B_k A_k per layer, kept as its stacked factors, and its top SVD triplets: the
         layers of one shape (the 30 q_proj of a model, ...) stacked and factorised as one batch."""
         p = normalized_weights(updates, weights)
-        check_layers(state.init, updates)
+        check_layers(state.init, updates, finite=False)  # finiteness: on the stack, below
         w = [float(pk) * self.scaling(u.rank) for pk, u in zip(p, updates, strict=True)]
         top = self.components or max(state.init_rank, *(u.rank for u in updates))
         by_shape: dict[tuple[int, int], list[str]] = {}
         for name, f in state.init.items():
             by_shape.setdefault(f.shape, []).append(name)
-        delta, svd = {}, {}
+        stacks = []
+        total = torch.zeros((), dtype=torch.float64, device=next(iter(updates[0].factors.values())).B.device)
         for names in by_shape.values():
-            B, A = stack_factors_batched(
-                [[u.factors[k].B for u in updates] for k in names],
-                [[u.factors[k].A for u in updates] for k in names],
-                w,
-            )
+            Bs = [[u.factors[k].B for u in updates] for k in names]
+            As = [[u.factors[k].A for u in updates] for k in names]
+            stacks.append((names, *stack_factors_batched(Bs, As, w, total=total)))
+        if not bool(torch.isfinite(total)):
+            check_finite(updates)  # names the client and layer; if all are finite, the sum overflowed
+        delta, svd = {}, {}
+        for names, B, A in stacks:
             U, S, Vh = svd_of_product_batched(B, A, rank=top)
             for i, k in enumerate(names):
                 delta[k] = LoraFactors(B[i], A[i])
