@@ -125,6 +125,10 @@ def flatten(obj: object) -> list[torch.Tensor]:
 def test_config_errors_say_what_is_wrong(cfg_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['train.lrr'\]; valid keys in \[train\]"):
         load_config(cfg_path, ["train.lrr=1"])
+    old = cfg_path.parent / "old.toml"
+    old.write_text(cfg_path.read_text().replace("[train]", "[train]\nrows_per_pass = 2", 1))
+    with pytest.raises(ConfigError, match=r"train.rows_per_pass is now train.pass_tokens"):  # an earlier version's key
+        load_config(old)
     with pytest.raises(ConfigError, match="method.name 'fedavg' is unknown; choices: fedex, fedit, fedplora, fedsa"):
         load_config(cfg_path, ["method.name=fedavg"])
     with pytest.raises(ConfigError, match="ranks.distribution 'zipf' is unknown; choices: uniform"):

@@ -256,6 +256,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+RENAMED = {"train.rows_per_pass": "train.pass_tokens (token positions per pass: rows x row width)"}
+"""Keys of earlier versions, named in the error an old config gets."""
+
+
 def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     """Build dataclass ``cls`` from a (TOML) dict; unknown keys are errors listing the valid ones."""
     hints = typing.get_type_hints(cls)
@@ -263,7 +267,11 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     unknown = sorted(set(data) - set(names))
     if unknown:
         keys = [f"{where}.{k}" if where else k for k in unknown]
-        raise ConfigError(f"unknown config key(s) {keys}; valid keys{' in [' + where + ']' if where else ''}: {names}")
+        renamed = [f"{k} is now {RENAMED[k]}" for k in keys if k in RENAMED]
+        raise ConfigError(
+            f"unknown config key(s) {keys}; valid keys{' in [' + where + ']' if where else ''}: {names}"
+            + (f" ({'; '.join(renamed)})" if renamed else "")
+        )
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     try:
         return cls(**kwargs)
