@@ -490,3 +490,12 @@ def test_answer_cross_entropy_matches_autograd_across_chunks() -> None:
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     head.weight.requires_grad_(True)  # a trained head needs its own gradient: autograd's route
     assert not _fused_loss(head, hidden)
+    head.weight.requires_grad_(False)
+
+    class WithAdapter(torch.nn.Module):  # e.g. peft's LoRA layer around the head: its factors train
+        def __init__(self) -> None:
+            super().__init__()
+            self.base_layer, self.weight = head, head.weight
+            self.lora = torch.nn.Linear(24, 300, bias=False)
+
+    assert not _fused_loss(WithAdapter(), hidden)

@@ -110,8 +110,8 @@ class _AnswerCrossEntropy(torch.autograd.Function):
     gradient of the same size its backward would make. The same matmuls as autograd's, so no extra time."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: Tensor, targets: Tensor, head: nn.Module) -> Tensor:
-        weight: Tensor = head.weight  # type: ignore[assignment]
+    def forward(ctx: Any, hidden: Tensor, targets: Tensor, head: nn.Linear) -> Tensor:
+        weight: Tensor = head.weight
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden)
         for i in range(0, hidden.shape[0], LOSS_CHUNK):
@@ -132,11 +132,12 @@ class _AnswerCrossEntropy(torch.autograd.Function):
 
 
 def _fused_loss(head: Any, hidden: Tensor) -> bool:
-    """Whether :class:`_AnswerCrossEntropy` computes this loss: a frozen, bias-free head, no autocast."""
+    """Whether :class:`_AnswerCrossEntropy` computes this loss: a plain linear head (not one peft wrapped
+    with its own LoRA factors), bias-free, with no trainable parameter, and no autocast."""
     return (
-        isinstance(getattr(head, "weight", None), Tensor)
-        and not head.weight.requires_grad
-        and getattr(head, "bias", None) is None
+        isinstance(head, nn.Linear)
+        and head.bias is None
+        and not any(p.requires_grad for p in head.parameters())
         and hidden.requires_grad
         and not torch.is_autocast_enabled(hidden.device.type)
     )
