@@ -159,15 +159,21 @@ def test_app_dir_is_a_valid_flower_app(app_dir: Path) -> None:
     }
 
 
-def test_free_ports_avoid_the_ephemeral_range_and_repeats() -> None:
+def test_free_ports_avoid_the_ephemeral_range_and_repeats(monkeypatch: pytest.MonkeyPatch) -> None:
     """Ports for our servers come from outside the range outgoing connections take theirs from (else one
-    can be taken between the check and the server's bind), are bindable, and are never handed out twice."""
-    lo, hi = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    can be taken between the check and the server's bind), are bindable, and are never handed out twice;
+    where that range leaves nothing outside it, the OS picks."""
+    from fedrank.flower import deploy
+
+    lo, hi = deploy._ephemeral_ports()
     ports = [free_port() for _ in range(40)]
     assert len(set(ports)) == len(ports)
     assert all(not lo <= p <= hi for p in ports)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", ports[-1]))
+    monkeypatch.setattr(deploy, "_ephemeral_ports", lambda: (1024, 65535))  # a common server setting
+    more = [free_port() for _ in range(5)]
+    assert len(set(more) | set(ports)) == len(more) + len(ports) and all(0 < p < 65536 for p in more)
 
 
 def test_node_config_text_round_trips_through_flwr_parser() -> None:

@@ -458,6 +458,8 @@ def test_merged_evaluation_pages_out_the_mapped_originals_and_restores_them(tmp_
     weights = (tmp_path / "m" / "model.safetensors").resolve()
     host = LoraHost(lm.model)
     before = {n: p.detach().clone() for n, p in host.base_parameters()}
+    if not page_out([next(iter(lm.model.parameters()))]):
+        pytest.skip("madvise(MADV_PAGEOUT) is unavailable here (Linux < 5.4, or no file-mapped weights)")
     for p in lm.model.parameters():
         float(p.sum())  # every page resident
     targets = sum(4 * m * n for m, n in host.shapes.values())
@@ -499,3 +501,21 @@ def test_answer_cross_entropy_matches_autograd_across_chunks() -> None:
             self.lora = torch.nn.Linear(24, 300, bias=False)
 
     assert not _fused_loss(WithAdapter(), hidden)
+
+
+def test_merged_pages_out_only_weights_no_base_delta_was_written_into(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a FLoRA base delta was written into the weights, their pages are private copies that
+    MADV_PAGEOUT could only send to swap: merged() no longer asks."""
+    calls: list[int] = []
+    monkeypatch.setattr("fedrank.models.lora.page_out", lambda ts: calls.append(len(ts)) or 0)
+    host = LoraHost(tiny_llama(seed=4).model)
+    a = ClientAssignment(0, 4, 2.0, random_factors(host, 4, 5), 0)
+    with host.merged(a):
+        pass
+    assert sum(calls) == len(host.shapes)  # every merged original, while they are clean
+    calls.clear()
+    delta = {k: torch.randn(m, n) * 0.05 for k, (m, n) in host.shapes.items()}
+    host.load(ClientAssignment(-1, 1, 0.0, {}, 0, base_delta=delta))
+    with host.merged(a):
+        pass
+    assert calls == []

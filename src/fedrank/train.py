@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from fedrank.data.tokenize import IGNORE, Encoded, collate, pack
-from fedrank.models.onednn import linear
+from fedrank.models.onednn import OneDNNLinear, linear
 
 PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = ("adamw", "sgd")
@@ -135,7 +135,8 @@ def _fused_loss(head: Any, hidden: Tensor) -> bool:
     """Whether :class:`_AnswerCrossEntropy` computes this loss: a plain linear head (not one peft wrapped
     with its own LoRA factors), bias-free, with no trainable parameter, and no autocast."""
     return (
-        isinstance(head, nn.Linear)
+        type(head) in (nn.Linear, OneDNNLinear)  # not a quantised subclass, not a peft wrapper
+        and head.weight.is_floating_point()
         and head.bias is None
         and not any(p.requires_grad for p in head.parameters())
         and hidden.requires_grad

@@ -304,10 +304,10 @@ def free_port(host: str = LOOPBACK) -> int:
     connection (a SuperNode's to the SuperLink, a ClientApp's to its SuperNode) also takes its local port, so
     between our check and the server's bind one of them could take it ("address already in use")."""
     lo, hi = _ephemeral_ports()
-    pool = range(20000, lo) if lo > 21000 else range(hi + 1, 65536)
+    pool = [*range(20000, lo), *range(hi + 1, 65536)]  # either side of the ephemeral range (may be empty)
     rng = random.Random()
-    for _ in range(256):
-        port = rng.choice(pool)
+    for _ in range(256 if pool else 0):
+        port: int = rng.choice(pool)
         if port in _HANDED_OUT:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -317,9 +317,12 @@ def free_port(host: str = LOOPBACK) -> int:
                 continue
         _HANDED_OUT.add(port)
         return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # nothing free there: let the OS pick
-        s.bind((host, 0))
-        port = int(s.getsockname()[1])
+    for _ in range(64):  # nothing free there: let the OS pick (from the ephemeral range)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            break
     _HANDED_OUT.add(port)
     return port
 

@@ -146,10 +146,12 @@ class LoraHost:
         originals: dict[str, nn.Parameter] = {}
         modules: dict[str, Any] = dict(self.base.named_modules())
         pending: list[Tensor] = []
+        written = bool(self._w0)  # a base delta was written into the weights: their pages are private copies,
+        # which MADV_PAGEOUT can only send to swap (and _w0 holds the originals anyway)
         try:
             with torch.no_grad():
                 for name in self.shapes:
-                    if sum(t.nbytes for t in pending) >= PAGE_OUT_BYTES:
+                    if not written and sum(t.nbytes for t in pending) >= PAGE_OUT_BYTES:
                         page_out(pending)
                         pending = []
                     lin: Any = getattr(modules[name], "base_layer", modules[name])  # peft's LoraLayer wraps it
@@ -170,7 +172,8 @@ class LoraHost:
                     originals[name] = w
                     pending.append(w)
                     lin.weight = nn.Parameter(merged, requires_grad=False)
-            page_out(pending)
+            if not written:
+                page_out(pending)
             if self.peft is not None:
                 with self.peft.disable_adapter():
                     yield self.peft
