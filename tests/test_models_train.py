@@ -519,3 +519,31 @@ def test_merged_pages_out_only_weights_no_base_delta_was_written_into(monkeypatc
     with host.merged(a):
         pass
     assert calls == []
+
+
+def test_packed_training_of_the_host_model_takes_the_fused_loss(
+    host: LoraHost, tiny, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The peft-wrapped model's head (tied to the embeddings, frozen) qualifies for _AnswerCrossEntropy, so the
+    packed route never keeps positions x vocabulary log-probabilities; the padded route keeps the model's own
+    loss."""
+    from fedrank import train as train_module
+
+    calls: list[int] = []
+    real = train_module._AnswerCrossEntropy.apply
+
+    def counting(*args):  # type: ignore[no-untyped-def]
+        calls.append(int(args[0].shape[0]))
+        return real(*args)
+
+    monkeypatch.setattr(train_module._AnswerCrossEntropy, "apply", counting)
+    data = [encode(tiny.tokenizer, e, 64) for e in TOY]
+    for packed_rows in (True, False):
+        host.load(ClientAssignment(0, 4, 2.0, random_factors(host, 4, 8), 0))
+        cfg = TrainConfig(lr=1e-2, steps=2, batch_size=4, pack=packed_rows)
+        res = train_local(host.module, host.trainable_parameters(), data, cfg, torch.Generator().manual_seed(3), 0)
+        if packed_rows:
+            assert calls and sum(calls) == res.tokens  # every answer position, through the fused loss
+            calls.clear()
+        else:
+            assert calls == []
