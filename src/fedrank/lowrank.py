@@ -482,9 +482,9 @@ def stack_factors_batched(
     Ab = torch.empty(len(As), R, n, dtype=dtype, device=device)
     wcols = torch.repeat_interleave(w, torch.tensor(ranks)).to(device)
     for i, (Bl, Al) in enumerate(zip(Bs, As, strict=True)):
-        torch.cat([B if B.dtype == dtype else B.to(dtype) for B in Bl], dim=1, out=Bb[i])
+        torch.cat([B.to(dtype) for B in Bl], dim=1, out=Bb[i])
         Bb[i].mul_(wcols)  # while the layer is in cache: one pass over the batch less (gate/up: -12%)
-        torch.cat([A if A.dtype == dtype else A.to(dtype) for A in Al], dim=0, out=Ab[i])
+        torch.cat([A.to(dtype) for A in Al], dim=0, out=Ab[i])
         if total is not None:
             total += Bb[i].sum().double() + Ab[i].sum().double()
     return Bb, Ab

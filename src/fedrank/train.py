@@ -54,8 +54,9 @@ class TrainConfig:
     this many positions (at least one row each; 0: all rows at once). Activations are the memory of training
     (SmolLM2-135M: about 2 MB per position); rows are independent (no attention across rows), and each
     pass's loss is the sum over its answer tokens divided by the whole micro-batch's, so the gradient is the
-    whole micro-batch's. 256 costs about 2% of the time of one 512-position pass and half its activations;
-    one 128-position row at a time costs 20%."""
+    whole micro-batch's. 256 halves the activations of the quickstart's 512-position micro-batches; its cost
+    was 2% on one fixed batch, but about 10% of the quickstart's training time (two passes per micro-batch);
+    one 128-position row at a time costs 20% on the fixed batch."""
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.lr) or self.lr <= 0:
@@ -156,15 +157,15 @@ def batch_loss(model: nn.Module, batch: dict[str, Tensor], tokens: int | None = 
     wrapped: Any = model
     base: Any = wrapped.get_base_model() if hasattr(wrapped, "get_base_model") else wrapped  # peft wraps the LM
     hidden = base.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE
+    keep = batch["labels"][:, 1:] != IGNORE
+    targets = batch["labels"][:, 1:][keep]
     answer = hidden.last_hidden_state[:, :-1][keep]
     head = base.get_output_embeddings()
     if _fused_loss(head, answer):
-        total: Tensor = _AnswerCrossEntropy.apply(answer, targets[keep], head)  # type: ignore[no-untyped-call]
+        total: Tensor = _AnswerCrossEntropy.apply(answer, targets, head)  # type: ignore[no-untyped-call]
     else:
-        total = torch.nn.functional.cross_entropy(head(answer).float(), targets[keep], reduction="sum")
-    return total / (tokens if tokens is not None else targets[keep].numel())
+        total = torch.nn.functional.cross_entropy(head(answer).float(), targets, reduction="sum")
+    return total / (tokens if tokens is not None else targets.numel())
 
 
 def passes(batch: dict[str, Tensor], tokens: int) -> list[dict[str, Tensor]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import functools
 import gc
 import hashlib
 import importlib.metadata
@@ -192,13 +193,18 @@ def release_memory(collect: bool = True) -> None:
         gc.collect()
     else:
         gc.collect(1)
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    trim = getattr(libc, "malloc_trim", None)
+    trim = getattr(_libc(), "malloc_trim", None)
     if trim is not None:
         trim(0)
+
+
+@functools.cache
+def _libc() -> Any:
+    """glibc through ctypes (None where there is none: the memory calls here are then no-ops)."""
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return None
 
 
 MADV_PAGEOUT = 21
@@ -245,9 +251,8 @@ def page_out(tensors: Iterable[Tensor], gap: int = 1 << 16) -> int:
             merged.append(span)
     if not merged:
         return 0
-    try:
-        madvise = ctypes.CDLL("libc.so.6", use_errno=True).madvise
-    except (OSError, AttributeError):
+    madvise = getattr(_libc(), "madvise", None)
+    if madvise is None:
         return 0
     madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     page = mmap.PAGESIZE
