@@ -547,3 +547,36 @@ def test_packed_training_of_the_host_model_takes_the_fused_loss(
             calls.clear()
         else:
             assert calls == []
+
+
+def test_lean_gated_mlp_keeps_one_tensor_fewer_and_gives_the_same_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host's gated MLPs (silu(gate) * up kept as gate and up only): the loss and every LoRA gradient
+    are bit-identical to the plain modules', and autograd keeps exactly one intermediate-sized tensor per
+    layer and position fewer."""
+    import fedrank.models.lora as lora_mod
+    from fedrank.models.gated_mlp import lean_gated_mlps
+
+    ids = torch.randint(3, 300, (2, 11), generator=torch.Generator().manual_seed(0))
+
+    def run() -> tuple[torch.Tensor, tuple[torch.Tensor, ...], int]:
+        host = LoraHost(tiny_llama(seed=3).model)
+        host.load(ClientAssignment(0, 4, 2.0, random_factors(host, 4, seed=1), 0))
+        saved: list[int] = []
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            loss = host.module(input_ids=ids, labels=ids).loss
+        return loss.detach(), torch.autograd.grad(loss, host.trainable_parameters()), sum(saved)
+
+    loss1, grads1, bytes1 = run()
+    with monkeypatch.context() as m:
+        m.setattr(lora_mod, "lean_gated_mlps", lambda model: 0)  # the plain modules
+        loss0, grads0, bytes0 = run()
+    assert torch.equal(loss0, loss1)
+    assert all(torch.equal(a, b) for a, b in zip(grads0, grads1, strict=True))
+    cfg = tiny_llama(seed=3).model.config
+    assert bytes0 - bytes1 == cfg.num_hidden_layers * ids.numel() * cfg.intermediate_size * 4
+    assert lean_gated_mlps(tiny_llama(seed=3).model) == cfg.num_hidden_layers

@@ -310,40 +310,96 @@ def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) 
     return ids.to(device), mask.to(device), pos.to(device)
 
 
-def _continuation_logliks(
-    model: Any,
-    cache: Any,
-    first: Tensor,
-    mask: Tensor,
-    lengths: Tensor,
-    rows: Sequence[int],
-    conts: Sequence[Sequence[int]],
-    pad_id: int,
-) -> list[Tensor]:
-    """Per-token log-likelihoods of continuations ``conts[j]`` of prompt ``rows[j]`` (an index into the
-    prompt batch whose KV ``cache``, last-position log-probabilities ``first``, attention ``mask`` and real
-    ``lengths`` are given; a prompt may have several continuations, e.g. its options). The cache is left as
-    it was."""
-    device = mask.device
-    width = max(len(c) for c in conts)
-    ids = torch.full((len(conts), width), pad_id, dtype=torch.long)
-    cmask = torch.zeros((len(conts), width), dtype=torch.long)
-    for j, c in enumerate(conts):
-        ids[j, : len(c)] = torch.tensor(c)
-        cmask[j, : len(c)] = 1
-    sel = torch.tensor(rows, dtype=torch.long, device=device)
-    full_mask = torch.cat([mask[sel], cmask.to(device)], dim=1)
-    pos = lengths[sel].unsqueeze(1) + torch.arange(width, device=device).unsqueeze(0)
-    part = select_cache(cache, sel)
-    logits = model(input_ids=ids.to(device), attention_mask=full_mask, position_ids=pos, cache=part).logits
-    del part
-    out = []
-    for j, c in enumerate(conts):  # one row's log-probabilities at a time: no second batch-sized copy
-        head = first[rows[j], c[0]].reshape(1)
-        logp = torch.log_softmax(logits[j, : len(c) - 1].float(), dim=-1)
-        rest = logp[torch.arange(len(c) - 1), torch.tensor(c[1:], dtype=torch.long)]
-        out.append(torch.cat([head, rest.reshape(-1)]))
+PACKED_POSITIONS = 2048
+"""The most continuation positions (prompt rows x packed width) scored in one pass after a prompt batch:
+each adds its keys and values to the batch's KV cache until the pass ends (46 KB a position for SmolLM2-135M,
+94 MB for 2,048)."""
+HEAD_POSITIONS = 256
+"""Positions projected onto the vocabulary at once (each a vocabulary-wide vector, 196 KB for SmolLM2)."""
+
+
+def _waves(conts: Sequence[Sequence[Sequence[int]]], max_positions: int) -> list[list[list[int]]]:
+    """Which continuations each pass scores: ``conts[r]`` are prompt row r's; a pass takes from every row, in
+    order, as many as fit in a width of max(``max_positions`` // rows, the longest next one), so every pass
+    scores at least one continuation of every row that has some left. A pass is a list of indices per row."""
+    nxt = [0] * len(conts)
+    out: list[list[list[int]]] = []
+    while any(i < len(c) for i, c in zip(nxt, conts, strict=True)):
+        heads = [len(c[i]) for i, c in zip(nxt, conts, strict=True) if i < len(c)]
+        cap = max(max_positions // len(conts), *heads)
+        wave: list[list[int]] = []
+        for r, c in enumerate(conts):
+            take, width = [], 0
+            while nxt[r] < len(c) and width + len(c[nxt[r]]) <= cap:
+                width += len(c[nxt[r]])
+                take.append(nxt[r])
+                nxt[r] += 1
+            wave.append(take)
+        out.append(wave)
     return out
+
+
+def _packed_logliks(
+    model: Any, cache: Any, first: Tensor, mask: Tensor, lengths: Tensor, conts: Sequence[Sequence[Sequence[int]]]
+) -> list[list[Tensor]]:
+    """Per-token log-likelihoods of the continuations ``conts[r]`` of every row r of a prompt batch (its KV
+    ``cache``, last-position log-probabilities ``first``, attention ``mask`` and real ``lengths``).
+
+    A row's continuations are packed one after another after its prompt: each attends to the prompt and to
+    its own earlier tokens only (a 4D attention mask) and is numbered from the prompt's end, as if it were
+    the only one, so no prompt cache is copied and only a row's tail is padding; only the positions that
+    predict a continuation token are projected onto the vocabulary (:data:`HEAD_POSITIONS` at a time).
+    Identical continuations of a row are scored once, so their scores are identical (BIG-bench breaks exact
+    ties). Passes of at most :data:`PACKED_POSITIONS` positions (:func:`_waves`); after each the cache is cut
+    back to the prompts."""
+    device = mask.device
+    base: Any = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the LM
+    decoder, head = base.get_decoder(), base.get_output_embeddings()
+    dtype = next(decoder.parameters()).dtype
+    distinct = [list(dict.fromkeys(tuple(c) for c in row)) for row in conts]
+    scored: list[dict[tuple[int, ...], Tensor]] = [{} for _ in conts]
+    n, prompt_width = mask.shape
+    for wave in _waves(distinct, PACKED_POSITIONS):
+        width = max(sum(len(distinct[r][k]) for k in take) for r, take in enumerate(wave))
+        ids = torch.zeros((n, width), dtype=torch.long)
+        seg = torch.full((n, width), -1, dtype=torch.long)
+        pos = lengths.cpu().unsqueeze(1).repeat(1, width)
+        spans: list[tuple[int, tuple[int, ...], int]] = []
+        for r, take in enumerate(wave):
+            s = 0
+            for k in take:
+                c = distinct[r][k]
+                ids[r, s : s + len(c)] = torch.tensor(c)
+                seg[r, s : s + len(c)] = k
+                pos[r, s : s + len(c)] += torch.arange(len(c))
+                spans.append((r, c, s))
+                s += len(c)
+        causal = torch.ones((width, width), dtype=torch.bool).tril()
+        own = (seg.unsqueeze(2) == seg.unsqueeze(1)) & (seg.unsqueeze(1) >= 0) & causal
+        allowed = torch.cat([mask.cpu().bool().unsqueeze(1).expand(n, width, prompt_width), own], dim=2)
+        attn = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+        out = decoder(
+            input_ids=ids.to(device),
+            attention_mask=attn.unsqueeze(1).to(device),
+            position_ids=pos.to(device),
+            cache=cache,
+            use_cache=True,
+        )
+        cache.crop(-width)
+        rows = [r for r, c, s in spans for _ in range(len(c) - 1)]
+        cols = [s + i for r, c, s in spans for i in range(len(c) - 1)]
+        targets = torch.tensor([t for _, c, _ in spans for t in c[1:]], dtype=torch.long, device=device)
+        hidden = out.last_hidden_state[torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)]
+        del out
+        logp = torch.empty(len(rows), dtype=torch.float32, device=device)
+        for i in range(0, len(rows), HEAD_POSITIONS):
+            part = torch.log_softmax(head(hidden[i : i + HEAD_POSITIONS]).float(), dim=-1)
+            logp[i : i + HEAD_POSITIONS] = part.gather(-1, targets[i : i + HEAD_POSITIONS].unsqueeze(-1)).squeeze(-1)
+        at = 0
+        for r, c, _ in spans:
+            scored[r][c] = torch.cat([first[r, c[0]].reshape(1), logp[at : at + len(c) - 1]])
+            at += len(c) - 1
+    return [[scored[r][tuple(c)] for c in row] for r, row in enumerate(conts)]
 
 
 def _greedy(
@@ -451,30 +507,6 @@ def _prompt_pass(
     return cache, out.logits[:, -1], mask
 
 
-def _chunks(
-    items: Sequence[Any], widths: Sequence[int], max_positions: int, context: int = 0, max_cached: int = 0
-) -> list[list[Any]]:
-    """``items`` in order of ``widths`` (shortest first), grouped so that a group's rows x widest row is at most
-    ``max_positions`` and, where ``max_cached`` > 0, its rows x (``context`` + widest row) at most
-    ``max_cached`` (a row over either alone): continuations of similar lengths are scored together, so short
-    options are not padded to a long answer, and each group's vocabulary-wide log-probabilities and its copy
-    of the prompts' KV cache stay bounded."""
-    out: list[list[Any]] = []
-    for j in sorted(range(len(items)), key=lambda j: (widths[j], j)):
-        rows = len(out[-1]) + 1 if out else 0
-        if out and rows * widths[j] <= max_positions and (not max_cached or rows * (context + widths[j]) <= max_cached):
-            out[-1].append(items[j])
-        else:
-            out.append([items[j]])
-    return out
-
-
-CACHED_POSITIONS = 2048
-"""The most prompt-cache positions (rows x length) copied at once to score continuations: SmolLM2-135M keeps
-46 KB per position (30 layers' keys and values), so 2,048 positions are 94 MB; a multiple-choice batch's
-options each need their prompt's cache."""
-
-
 @torch.no_grad()
 def score_and_generate(
     model: Any,
@@ -502,14 +534,13 @@ def score_and_generate(
     batch shares computed once, :func:`_prompt_pass`),
     ``cfg.generate_batch_size`` generative prompts (``cfg.batch_size`` when only scoring) or
     ``cfg.batch_size`` multiple-choice prompts at a time; the continuations of a batch are scored together
-    from its cache (grouped by length, at most 512 positions at a time), then generative batches decode greedily with
-    early stop at the end of turn (the text of ``model.generate``).
+    after its cache, each row's packed after its prompt (:func:`_packed_logliks`), then generative batches
+    decode greedily with early stop at the end of turn (the text of ``model.generate``).
     """
     device = next(model.parameters()).device
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     scored = [Scored() for _ in examples]
     mc, gen = _contexts(tokenizer, examples, cfg, score)
-    max_positions = max(cfg.batch_size, 512)
     gen_step = cfg.generate_batch_size if max_new_tokens else cfg.batch_size
     was = model.training
     model.eval()
@@ -521,18 +552,10 @@ def score_and_generate(
                 cache, last, mask = _prompt_pass(model, [c.prompt for c in batch], pad_id, device)
                 first = torch.log_softmax(last.float(), dim=-1)
                 lengths = mask.sum(1)
-                pairs = [(r, k) for r, c in enumerate(batch) for k in range(len(c.conts))]
-                lls: dict[tuple[int, int], Tensor] = {}
-                widths = [len(batch[r].conts[k]) for r, k in pairs]
-                for chunk in _chunks(pairs, widths, max_positions, mask.shape[1], CACHED_POSITIONS):
-                    conts = [batch[r].conts[k] for r, k in chunk]
-                    got = _continuation_logliks(
-                        model, cache, first, mask, lengths, [r for r, _ in chunk], conts, pad_id
-                    )
-                    lls.update(zip(chunk, got, strict=True))
+                lls = _packed_logliks(model, cache, first, mask, lengths, [c.conts for c in batch])
                 for r, c in enumerate(batch):
                     ex, s = examples[c.index], scored[c.index]
-                    ll = [lls[r, k] for k in range(len(c.conts))]
+                    ll = lls[r]
                     if ex.is_multiple_choice:
                         choices = ex.choices or ()
                         s.option_logliks = [float(x.sum()) for x in ll[: len(choices)]]
