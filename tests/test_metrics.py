@@ -222,21 +222,31 @@ def test_one_pass_evaluation_equals_the_separate_routes(tiny) -> None:
     assert res["rougeL"] == pytest.approx(sum(rouge_l(p, e.references) for p, e in zip(preds, gen)) / len(gen))
 
 
-def test_continuation_passes_bound_positions_and_take_every_continuation_once() -> None:
-    """_waves: each pass takes, per row and in order, the continuations that fit in a width of
-    max(max_positions // rows, the longest next one): rows x width is bounded unless one continuation is
-    longer alone, every continuation is scored exactly once, and each pass makes progress on every row."""
-    from fedrank.evaluate import _waves
+def test_lanes_pack_each_rows_continuations_first_fit_decreasing() -> None:
+    """_lanes: every continuation in exactly one lane of its own row, no lane wider than the width unless it
+    holds one longer continuation alone; first fit in order of decreasing length."""
+    from fedrank.evaluate import _lanes
 
     conts = [[[1] * 5, [1] * 1, [1] * 9], [[1] * 3], [[1] * 40, [1] * 2, [1] * 2], []]
-    waves = _waves(conts, max_positions=48)  # 12 positions a row, unless one continuation is longer alone
-    taken = [sorted(k for w in waves for k in w[r]) for r in range(4)]
-    assert taken == [[0, 1, 2], [0], [0, 1, 2], []]
-    for w in waves:
-        widths = [sum(len(conts[r][k]) for k in w[r]) for r in range(4)]
-        longest = max(len(conts[r][k]) for r in range(4) for k in w[r])
-        assert max(widths) <= max(12, longest)
-    # the 40-token continuation sets the first pass's width, which the other rows then fill
-    assert waves == [[[0, 1, 2], [0], [0], []], [[], [], [1, 2], []]]
-    assert _waves(conts, max_positions=4000) == [[[0, 1, 2], [0], [0, 1, 2], []]]
-    assert _waves([[], []], 48) == []
+    lanes = _lanes(conts, width=10)
+    for r, row in enumerate(conts):
+        assert sorted(k for lr, ks in lanes if lr == r for k in ks) == list(range(len(row)))
+    for r, ks in lanes:
+        assert sum(len(conts[r][k]) for k in ks) <= 10 or len(ks) == 1
+    assert lanes == [(0, [2, 1]), (0, [0]), (1, [0]), (2, [0]), (2, [1, 2])]
+
+
+def test_continuation_groups_bound_positions_and_the_copied_cache() -> None:
+    """_chunks: shortest first; each group's rows x widest <= max_positions and rows x (context + widest) <=
+    max_cached (a row over a bound alone); every item exactly once."""
+    from fedrank.evaluate import _chunks
+
+    widths = [5, 1, 9, 3, 3, 7, 2, 40]
+    groups = _chunks(list(range(8)), widths, max_positions=12, context=20, max_cached=50)
+    assert sorted(i for g in groups for i in g) == list(range(8))
+    assert [widths[g[0]] for g in groups] == sorted(widths[g[0]] for g in groups)
+    for g in groups:
+        widest = max(widths[i] for i in g)
+        assert len(g) == 1 or (len(g) * widest <= 12 and len(g) * (20 + widest) <= 50)
+    assert max(len(g) for g in groups) == 2  # the cache bound, not the positions bound, decides here
+    assert len(_chunks(list(range(8)), widths, max_positions=12)) < len(groups)  # no cache bound: fewer groups

@@ -310,32 +310,47 @@ def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) 
     return ids.to(device), mask.to(device), pos.to(device)
 
 
-PACKED_POSITIONS = 2048
-"""The most continuation positions (prompt rows x packed width) scored in one pass after a prompt batch:
-each adds its keys and values to the batch's KV cache until the pass ends (46 KB a position for SmolLM2-135M,
-94 MB for 2,048)."""
+CACHED_POSITIONS = 3072
+"""The most prompt-cache positions (lanes x prompt width) copied at once to score continuations: SmolLM2-135M
+keeps 46 KB per position (30 layers' keys and values), so 3,072 positions are 141 MB."""
+LANE_POSITIONS = 1024
+"""The most continuation positions (lanes x widest lane) scored in one pass."""
 HEAD_POSITIONS = 256
 """Positions projected onto the vocabulary at once (each a vocabulary-wide vector, 196 KB for SmolLM2)."""
 
 
-def _waves(conts: Sequence[Sequence[Sequence[int]]], max_positions: int) -> list[list[list[int]]]:
-    """Which continuations each pass scores: ``conts[r]`` are prompt row r's; a pass takes from every row, in
-    order, as many as fit in a width of max(``max_positions`` // rows, the longest next one), so every pass
-    scores at least one continuation of every row that has some left. A pass is a list of indices per row."""
-    nxt = [0] * len(conts)
-    out: list[list[list[int]]] = []
-    while any(i < len(c) for i, c in zip(nxt, conts, strict=True)):
-        heads = [len(c[i]) for i, c in zip(nxt, conts, strict=True) if i < len(c)]
-        cap = max(max_positions // len(conts), *heads)
-        wave: list[list[int]] = []
-        for r, c in enumerate(conts):
-            take, width = [], 0
-            while nxt[r] < len(c) and width + len(c[nxt[r]]) <= cap:
-                width += len(c[nxt[r]])
-                take.append(nxt[r])
-                nxt[r] += 1
-            wave.append(take)
-        out.append(wave)
+def _lanes(conts: Sequence[Sequence[Sequence[int]]], width: int) -> list[tuple[int, list[int]]]:
+    """Each row's continuations ``conts[r]`` packed into lanes of at most ``width`` tokens (a longer one
+    alone), first fit in order of decreasing length: (row, indices of the continuations in the lane)."""
+    out: list[tuple[int, list[int]]] = []
+    for r, row in enumerate(conts):
+        fill: list[int] = []
+        lanes: list[list[int]] = []
+        for k in sorted(range(len(row)), key=lambda k: (-len(row[k]), k)):
+            i = next((i for i, f in enumerate(fill) if f + len(row[k]) <= width), len(lanes))
+            if i == len(lanes):
+                fill.append(0)
+                lanes.append([])
+            fill[i] += len(row[k])
+            lanes[i].append(k)
+        out += [(r, lane) for lane in lanes]
+    return out
+
+
+def _chunks(
+    items: Sequence[Any], widths: Sequence[int], max_positions: int, context: int = 0, max_cached: int = 0
+) -> list[list[Any]]:
+    """``items`` in order of ``widths`` (shortest first), grouped so that a group's rows x widest row is at most
+    ``max_positions`` and, where ``max_cached`` > 0, its rows x (``context`` + widest row) at most
+    ``max_cached`` (a row over either alone): lanes of similar lengths are scored together, so short ones
+    are not padded to a long one, and each group's copy of the prompts' KV cache stays bounded."""
+    out: list[list[Any]] = []
+    for j in sorted(range(len(items)), key=lambda j: (widths[j], j)):
+        rows = len(out[-1]) + 1 if out else 0
+        if out and rows * widths[j] <= max_positions and (not max_cached or rows * (context + widths[j]) <= max_cached):
+            out[-1].append(items[j])
+        else:
+            out.append([items[j]])
     return out
 
 
@@ -343,60 +358,66 @@ def _packed_logliks(
     model: Any, cache: Any, first: Tensor, mask: Tensor, lengths: Tensor, conts: Sequence[Sequence[Sequence[int]]]
 ) -> list[list[Tensor]]:
     """Per-token log-likelihoods of the continuations ``conts[r]`` of every row r of a prompt batch (its KV
-    ``cache``, last-position log-probabilities ``first``, attention ``mask`` and real ``lengths``).
+    ``cache``, last-position log-probabilities ``first``, attention ``mask`` and real ``lengths``); the cache
+    is left as it was.
 
-    A row's continuations are packed one after another after its prompt: each attends to the prompt and to
-    its own earlier tokens only (a 4D attention mask) and is numbered from the prompt's end, as if it were
-    the only one, so no prompt cache is copied and only a row's tail is padding; only the positions that
-    predict a continuation token are projected onto the vocabulary (:data:`HEAD_POSITIONS` at a time).
-    Identical continuations of a row are scored once, so their scores are identical (BIG-bench breaks exact
-    ties). Passes of at most :data:`PACKED_POSITIONS` positions (:func:`_waves`); after each the cache is cut
-    back to the prompts."""
+    A row's continuations are packed one after another into lanes (:func:`_lanes`, as wide as the batch's
+    longest continuation), each lane after a copy of its prompt's cache: a continuation attends to the prompt
+    and to its own earlier tokens only (a 4D attention mask) and is numbered from the prompt's end, as if it
+    were alone. Lanes of similar widths are scored together (:func:`_chunks`), so little is padding, and
+    only the positions that predict a continuation token are projected onto the vocabulary
+    (:data:`HEAD_POSITIONS` at a time). Identical continuations of a row are scored once, so their scores
+    are identical (BIG-bench breaks exact ties)."""
     device = mask.device
     base: Any = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the LM
     decoder, head = base.get_decoder(), base.get_output_embeddings()
     dtype = next(decoder.parameters()).dtype
     distinct = [list(dict.fromkeys(tuple(c) for c in row)) for row in conts]
     scored: list[dict[tuple[int, ...], Tensor]] = [{} for _ in conts]
-    n, prompt_width = mask.shape
-    for wave in _waves(distinct, PACKED_POSITIONS):
-        width = max(sum(len(distinct[r][k]) for k in take) for r, take in enumerate(wave))
+    longest = max((len(c) for row in distinct for c in row), default=0)
+    lanes = _lanes(distinct, longest)
+    fills = [sum(len(distinct[r][k]) for k in ks) for r, ks in lanes]
+    prompt_width = mask.shape[1]
+    for wave in _chunks(lanes, fills, LANE_POSITIONS, prompt_width, CACHED_POSITIONS):
+        n = len(wave)
+        width = max(sum(len(distinct[r][k]) for k in ks) for r, ks in wave)
+        rows = torch.tensor([r for r, _ in wave], dtype=torch.long)
         ids = torch.zeros((n, width), dtype=torch.long)
         seg = torch.full((n, width), -1, dtype=torch.long)
-        pos = lengths.cpu().unsqueeze(1).repeat(1, width)
-        spans: list[tuple[int, tuple[int, ...], int]] = []
-        for r, take in enumerate(wave):
+        pos = lengths.cpu()[rows].unsqueeze(1).repeat(1, width)
+        spans: list[tuple[int, int, tuple[int, ...], int]] = []  # lane, prompt row, continuation, start
+        for i, (r, ks) in enumerate(wave):
             s = 0
-            for k in take:
+            for k in ks:
                 c = distinct[r][k]
-                ids[r, s : s + len(c)] = torch.tensor(c)
-                seg[r, s : s + len(c)] = k
-                pos[r, s : s + len(c)] += torch.arange(len(c))
-                spans.append((r, c, s))
+                ids[i, s : s + len(c)] = torch.tensor(c)
+                seg[i, s : s + len(c)] = k
+                pos[i, s : s + len(c)] += torch.arange(len(c))
+                spans.append((i, r, c, s))
                 s += len(c)
         causal = torch.ones((width, width), dtype=torch.bool).tril()
         own = (seg.unsqueeze(2) == seg.unsqueeze(1)) & (seg.unsqueeze(1) >= 0) & causal
-        allowed = torch.cat([mask.cpu().bool().unsqueeze(1).expand(n, width, prompt_width), own], dim=2)
+        prompt = mask.cpu().bool()[rows].unsqueeze(1).expand(n, width, prompt_width)
+        allowed = torch.cat([prompt, own], dim=2)
         attn = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
         out = decoder(
             input_ids=ids.to(device),
             attention_mask=attn.unsqueeze(1).to(device),
             position_ids=pos.to(device),
-            cache=cache,
+            cache=select_cache(cache, rows.to(device)),
             use_cache=True,
         )
-        cache.crop(-width)
-        rows = [r for r, c, s in spans for _ in range(len(c) - 1)]
-        cols = [s + i for r, c, s in spans for i in range(len(c) - 1)]
-        targets = torch.tensor([t for _, c, _ in spans for t in c[1:]], dtype=torch.long, device=device)
-        hidden = out.last_hidden_state[torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)]
+        at_lane = [i for i, _, c, _ in spans for _ in range(len(c) - 1)]
+        at_pos = [s + j for _, _, c, s in spans for j in range(len(c) - 1)]
+        targets = torch.tensor([t for _, _, c, _ in spans for t in c[1:]], dtype=torch.long, device=device)
+        hidden = out.last_hidden_state[torch.tensor(at_lane, dtype=torch.long), torch.tensor(at_pos, dtype=torch.long)]
         del out
-        logp = torch.empty(len(rows), dtype=torch.float32, device=device)
-        for i in range(0, len(rows), HEAD_POSITIONS):
+        logp = torch.empty(len(at_lane), dtype=torch.float32, device=device)
+        for i in range(0, len(at_lane), HEAD_POSITIONS):
             part = torch.log_softmax(head(hidden[i : i + HEAD_POSITIONS]).float(), dim=-1)
             logp[i : i + HEAD_POSITIONS] = part.gather(-1, targets[i : i + HEAD_POSITIONS].unsqueeze(-1)).squeeze(-1)
         at = 0
-        for r, c, _ in spans:
+        for _, r, c, _ in spans:
             scored[r][c] = torch.cat([first[r, c[0]].reshape(1), logp[at : at + len(c) - 1]])
             at += len(c) - 1
     return [[scored[r][tuple(c)] for c in row] for r, row in enumerate(conts)]
