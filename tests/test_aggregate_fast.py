@@ -247,14 +247,16 @@ def test_flexlora_round_dispatches_best_rank_r_and_keeps_delta_exactly(dtype: to
         torch.testing.assert_close(b.factors[k].B @ b.factors[k].A, a.factors[k].B @ a.factors[k].A)
 
 
-def test_dispatch_truncates_once_per_rank_and_scaling() -> None:
-    """Clients of one rank receive the same truncation, computed once per state; another α is not reused."""
+def test_dispatch_gives_clients_of_one_rank_the_same_truncation_and_scaling() -> None:
+    """Clients of one rank receive the same truncation, bit for bit, each its own (truncated per client, the
+    state keeping none); another α gives the same product."""
     ups = updates([4, 8, 4, 8], torch.float32)
     fx = FlexLoRA(alpha=16.0)
     new = fx.aggregate(fx.init_state(SHAPES, 8), ups)
     a, b = fx.dispatch(new, ClientSpec(0, 4, 1), 1), fx.dispatch(new, ClientSpec(2, 4, 1), 1)
     assert a.factors is not b.factors and a.factors.keys() == b.factors.keys()
-    assert all(a.factors[k].B is b.factors[k].B for k in SHAPES)
+    assert all(torch.equal(a.factors[k].B, b.factors[k].B) and a.factors[k].B is not b.factors[k].B for k in SHAPES)
+    assert all(torch.equal(a.factors[k].A, b.factors[k].A) for k in SHAPES)
     a.factors.clear()  # a client's dict is its own
     assert fx.dispatch(new, ClientSpec(1, 4, 1), 1).factors.keys() == SHAPES.keys()
     other = FlexLoRA(alpha=32.0).dispatch(new, ClientSpec(0, 4, 1), 1)

@@ -29,7 +29,7 @@ class EvalConfig:
     """The most tokens generated for any task, however long its references."""
     batch_size: int = 8
     """Multiple-choice prompts per prompt pass, and generative ones when nothing is generated (continuations
-    are scored at most 512 positions at a time: the full-vocabulary log-probabilities are the memory)."""
+    are then scored in lanes after the batch's cache, :func:`_packed_logliks`)."""
     generate_batch_size: int = 32
     """Prompts decoded together (one prompt pass, then greedy steps): a decoding step reads every weight once
     whatever the rows, so more rows per step cost little more; the text does not depend on it."""
