@@ -29,7 +29,7 @@ class EvalConfig:
     """The most tokens generated for any task, however long its references."""
     batch_size: int = 8
     """Multiple-choice prompts per prompt pass, and generative ones when nothing is generated (continuations
-    are then scored in lanes after the batch's cache, :func:`_packed_logliks`)."""
+    are then scored in lanes after copies of their prompts' caches, :func:`_packed_logliks`)."""
     generate_batch_size: int = 32
     """Prompts decoded together (one prompt pass, then greedy steps): a decoding step reads every weight once
     whatever the rows, so more rows per step cost little more; the text does not depend on it."""
@@ -378,9 +378,9 @@ def _packed_logliks(
     lanes = _lanes(distinct, longest)
     fills = [sum(len(distinct[r][k]) for k in ks) for r, ks in lanes]
     prompt_width = mask.shape[1]
-    for wave in _chunks(lanes, fills, LANE_POSITIONS, prompt_width, CACHED_POSITIONS):
-        n = len(wave)
-        width = max(sum(len(distinct[r][k]) for k in ks) for r, ks in wave)
+    for group in _chunks(range(len(lanes)), fills, LANE_POSITIONS, prompt_width, CACHED_POSITIONS):
+        wave = [lanes[j] for j in group]
+        n, width = len(wave), max(fills[j] for j in group)
         rows = torch.tensor([r for r, _ in wave], dtype=torch.long)
         ids = torch.zeros((n, width), dtype=torch.long)
         seg = torch.full((n, width), -1, dtype=torch.long)
@@ -554,9 +554,9 @@ def score_and_generate(
     Prompts are grouped by length (fewer pad tokens), left-padded and run once with a KV cache (a prefix the
     batch shares computed once, :func:`_prompt_pass`),
     ``cfg.generate_batch_size`` generative prompts (``cfg.batch_size`` when only scoring) or
-    ``cfg.batch_size`` multiple-choice prompts at a time; the continuations of a batch are scored together
-    after its cache, each row's packed after its prompt (:func:`_packed_logliks`), then generative batches
-    decode greedily with early stop at the end of turn (the text of ``model.generate``).
+    ``cfg.batch_size`` multiple-choice prompts at a time; the continuations of a batch are scored together,
+    packed into lanes after copies of their prompts' caches (:func:`_packed_logliks`), then generative
+    batches decode greedily with early stop at the end of turn (the text of ``model.generate``).
     """
     device = next(model.parameters()).device
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
