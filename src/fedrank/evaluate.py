@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from fedrank.data.examples import Example
 from fedrank.data.tokenize import IGNORE, Encoded, encode, prompt_text
-from fedrank.models.loading import kv_cache, select_cache
+from fedrank.models.loading import decoder_and_head, kv_cache, select_cache
 
 
 @dataclass(frozen=True)
@@ -369,8 +369,7 @@ def _packed_logliks(
     (:data:`HEAD_POSITIONS` at a time). Identical continuations of a row are scored once, so their scores
     are identical (BIG-bench breaks exact ties)."""
     device = mask.device
-    base: Any = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the LM
-    decoder, head = base.get_decoder(), base.get_output_embeddings()
+    decoder, head = decoder_and_head(model)
     dtype = next(decoder.parameters()).dtype
     distinct = [list(dict.fromkeys(tuple(c) for c in row)) for row in conts]
     scored: list[dict[tuple[int, ...], Tensor]] = [{} for _ in conts]

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from fedrank.data.tokenize import IGNORE, Encoded, collate, pack
+from fedrank.models.loading import decoder_and_head
 from fedrank.models.onednn import OneDNNLinear, linear
 
 PRECISIONS = ("fp32", "bf16")
@@ -154,13 +155,11 @@ def batch_loss(model: nn.Module, batch: dict[str, Tensor], tokens: int | None = 
     if "position_ids" not in batch:
         loss: Tensor = model(**batch).loss
         return loss
-    wrapped: Any = model
-    base: Any = wrapped.get_base_model() if hasattr(wrapped, "get_base_model") else wrapped  # peft wraps the LM
-    hidden = base.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    decoder, head = decoder_and_head(model)
+    hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     keep = batch["labels"][:, 1:] != IGNORE
     targets = batch["labels"][:, 1:][keep]
     answer = hidden.last_hidden_state[:, :-1][keep]
-    head = base.get_output_embeddings()
     if _fused_loss(head, answer):
         total: Tensor = _AnswerCrossEntropy.apply(answer, targets, head)  # type: ignore[no-untyped-call]
     else:

@@ -266,6 +266,13 @@ def page_out(tensors: Iterable[Tensor], gap: int = 1 << 16) -> int:
     return advised
 
 
+def decoder_and_head(model: Any) -> tuple[Any, Any]:
+    """A causal LM's decoder stack (hidden states) and output layer (the vocabulary projection), through a
+    peft wrapper if there is one: for callers that project only some positions onto the vocabulary."""
+    base: Any = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
 def kv_cache() -> Any:
     """An empty KV cache for incremental decoding (transformers' DynamicCache)."""
     from transformers import DynamicCache
