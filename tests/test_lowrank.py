@@ -16,6 +16,7 @@ from fedrank.lowrank import (
     pad_rank,
     stack_factors,
     svd_of_sum,
+    svdvals_of_sum,
     truncate,
     truncate_rank,
 )
@@ -104,6 +105,32 @@ def test_svd_of_sum_degenerate_inputs(case: str) -> None:
         assert float(S.abs().max()) == 0.0
     if case == "duplicates":
         assert int((1e-9 * S[0] < S).sum()) == 3, "three copies of one rank-3 client span rank 3"
+
+
+@pytest.mark.parametrize(
+    "m,n,ranks",
+    [(300, 200, [4, 8, 2, 16]), (40, 30, [12, 12, 12]), (20, 90, [4, 30])],
+    ids=["qr-route", "dense-route", "dense-wide"],
+)
+@pytest.mark.parametrize("case", ["random", "duplicates", "zero_weights"])
+def test_svdvals_of_sum_are_svd_of_sums_values(m: int, n: int, ranks: list[int], case: str) -> None:
+    """The values alone, by the same route as :func:`svd_of_sum` (QR + core, or ΔW where cheaper), equal its S
+    and ΔW's singular values in float64, rank-deficient and zero ΔW included."""
+    Bs, As, w = clients(5, m, n, ranks)
+    if case == "duplicates":  # ΔW of the last client's rank however many copies
+        Bs, As = [Bs[-1]] * len(ranks), [As[-1]] * len(ranks)
+    if case == "zero_weights":
+        w = [0.0] * len(ranks)
+    assert _dense_is_cheaper(m, n, sum(B.shape[1] for B in Bs)) == (m != 300), "each route must be exercised"
+    S = svdvals_of_sum(Bs, As, w)
+    assert S.dtype == torch.float64 and S.shape == (min(m, n, sum(B.shape[1] for B in Bs)),)
+    torch.testing.assert_close(S, svd_of_sum(Bs, As, w)[1], atol=1e-10 * max(float(S[0]), 1.0), rtol=0)
+    ref = torch.linalg.svdvals(dense_sum(Bs, As, w))[: S.shape[0]]
+    torch.testing.assert_close(S, ref, atol=1e-10 * max(float(ref[0]), 1.0), rtol=0)
+    if case == "zero_weights":
+        assert float(S.abs().max()) == 0.0
+    if case == "duplicates":
+        assert int((1e-9 * S[0] < S).sum()) == min(ranks[-1], m, n)
 
 
 def test_svd_of_sum_rejects_bad_input() -> None:

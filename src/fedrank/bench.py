@@ -21,7 +21,7 @@ from torch import Tensor
 
 from fedrank.aggregation.base import normalized_weights
 from fedrank.aggregation.flexlora import FlexLoRA
-from fedrank.lowrank import lora_scaling, stack_factors, svd_of_sum, truncate
+from fedrank.lowrank import lora_scaling, stack_factors, svd_of_sum, svdvals_of_sum, truncate
 from fedrank.ranks import assign_ranks
 from fedrank.types import ClientSpec, ClientUpdate, LoraFactors
 
@@ -195,6 +195,32 @@ def _case(
     return lines
 
 
+def spectrum_line(rnd: Round) -> str:
+    """The spectrum diagnostic's singular values of every layer's ΔW: from :func:`svd_of_sum` (vectors made
+    and dropped) against :func:`svdvals_of_sum`, interleaved, best of 2, and their largest difference."""
+    terms = [([u.factors[n].B for u in rnd.updates], [u.factors[n].A for u in rnd.updates]) for n in rnd.shapes]
+    w = rnd.weights()
+
+    def with_vectors(Bs: list[Tensor], As: list[Tensor]) -> Tensor:
+        return svd_of_sum(Bs, As, w)[1]
+
+    def values_only(Bs: list[Tensor], As: list[Tensor]) -> Tensor:
+        return svdvals_of_sum(Bs, As, w)
+
+    best = [float("inf")] * 2
+    got: list[list[Tensor]] = [[], []]
+    for _ in range(2):
+        for i, fn in enumerate((with_vectors, values_only)):
+            t = time.perf_counter()
+            got[i] = [fn(Bs, As) for Bs, As in terms]
+            best[i] = min(best[i], time.perf_counter() - t)
+    diff = max(float((a - b).abs().max() / b[0].clamp_min(1e-30)) for a, b in zip(got[0], got[1], strict=True))
+    return (
+        f"    spectrum diagnostic, singular values of every layer: svd_of_sum {best[0]:.3f}s, svdvals_of_sum "
+        f"{best[1]:.3f}s  speedup {best[0] / best[1]:.1f}x  max diff / sigma_1 {diff:.1e}"
+    )
+
+
 def time_training_step(rank: int = 8, batch: int = 4, seq_len: int = 256, steps: int = 3) -> float:
     """Seconds of one LoRA training step (forward, backward, AdamW) of a SmolLM2-135M-shaped model on the CPU."""
     from fedrank.aggregation.base import init_state_factors
@@ -262,6 +288,7 @@ def run(quick: bool = False, device: str = "cpu", training_step: bool = True) ->
         dev,
         via_qr=False,
     )
+    lines.append(spectrum_line(b))
     if training_step:
         step = time_training_step()
         lines.append(

@@ -24,6 +24,7 @@ __all__ = [
     "svd_of_product_batched",
     "svd_of_sum",
     "svd_of_sums_batched",
+    "svdvals_of_sum",
     "truncate",
     "truncate_rank",
 ]
@@ -91,11 +92,35 @@ def svd_of_sum(
     _check_stack(Bs, As, weights)
     if rank is not None and rank <= 0:
         raise ValueError(f"rank must be positive, got {rank}")
+    B, A = _weighted_stack(Bs, As, weights)
+    return svd_of_sums_batched([B], [A], rank=rank)[0]
+
+
+def svdvals_of_sum(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Sequence[float] | Tensor) -> Tensor:
+    """The singular values of ΔW = Σ_k w_k·B_k·A_k, descending: :func:`svd_of_sum`'s S, q = min(R, m, n) of
+    them, without the singular vectors (e.g. for ΔW's energy spectrum). The same routes less their vectors:
+    ``torch.linalg.svdvals`` of the R×R core R_b R_aᵀ (float64) after the two QRs, or of ΔW where forming it
+    is cheaper (:func:`_dense_is_cheaper`); no rotation back, which is most of the QR route's cost."""
+    _check_stack(Bs, As, weights)
+    B, A = _weighted_stack(Bs, As, weights)
+    m, R, n = B.shape[0], B.shape[1], A.shape[1]
+    q = min(m, n, R)
+    if _dense_is_cheaper(m, n, R):
+        S: Tensor = torch.linalg.svdvals(B @ A)[:q]
+        return S
+    S = torch.linalg.svdvals(_qr_core(B, A)[2])
+    return S.to(B.dtype)
+
+
+def _weighted_stack(
+    Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Sequence[float] | Tensor
+) -> tuple[Tensor, Tensor]:
+    """[w_1B_1 … w_KB_K] (m×R) and [A_1; …; A_K] (R×n) in B_1's dtype: ΔW = B·A."""
     dtype = Bs[0].dtype
     w = torch.as_tensor(weights, dtype=dtype, device=Bs[0].device).reshape(-1)
     B = torch.cat([wk * Bk.to(dtype) for wk, Bk in zip(w, Bs, strict=True)], dim=1)
     A = torch.cat([Ak.to(dtype) for Ak in As], dim=0)
-    return svd_of_sums_batched([B], [A], rank=rank)[0]
+    return B, A
 
 
 def svd_of_sums_batched(

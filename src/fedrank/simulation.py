@@ -27,7 +27,7 @@ from fedrank.data.bigbench import cache_dir
 from fedrank.data.examples import Example
 from fedrank.evaluate import evaluate_task, macro_average
 from fedrank.local import ClientExecutor, InProcessClients, LocalTrainer, Outcome, collapsed
-from fedrank.lowrank import energy_spectrum, lora_scaling, svd_of_sum, truncate
+from fedrank.lowrank import energy_spectrum, lora_scaling, svd_of_sum, svdvals_of_sum, truncate
 from fedrank.models import (
     LoadedModel,
     LoraHost,
@@ -391,7 +391,7 @@ class Simulation:
         top_min, top_max, eff = [], [], []
         for name in gm.factors or (gm.base_delta or {}):
             Bs, As, ws = global_delta_terms(gm, name)
-            e = energy_spectrum(svd_of_sum(Bs, As, ws)[1], (r_min, r_max))
+            e = energy_spectrum(svdvals_of_sum(Bs, As, ws), (r_min, r_max))
             if e is not None:
                 top_min.append(e[0][0])
                 top_max.append(e[0][1])
