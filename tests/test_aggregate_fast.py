@@ -97,6 +97,51 @@ def test_every_component_routes_match_dense_svd(shape: tuple[int, int], R: int) 
         torch.testing.assert_close(S[i], torch.linalg.svdvals(dW)[:q], atol=1e-10 * float(S[i, 0]), rtol=0)
 
 
+@pytest.mark.skipif(not lowrank._ONEDNN_MM, reason="this torch has no oneDNN matmul kernel")
+@pytest.mark.parametrize("k", [96, 192])
+def test_ut_transform_applies_q_as_ormqr_does(k: int) -> None:
+    """Q·[X; 0] by the UT transform equals LAPACK's ``ormqr`` to float32 rounding, zero columns (τ = 0: an
+    identity reflector) included, and Q·R gives back the factored matrix."""
+    g = torch.Generator().manual_seed(4)
+    L, m, R = 2, 700, 192
+    M = torch.randn(L, m, R, generator=g)
+    M[1, :, 5] = 0.0
+    M[1, :, 100] = 0.0
+    a, tau = torch.geqrf(M)
+    assert int((tau[1] == 0).sum()) == 2 and bool((tau[0] != 0).all())
+    X = torch.randn(L, R, k, generator=g, dtype=F64)
+    Xp = torch.zeros(L, m, k)
+    Xp[:, :R] = X.float()
+    torch.testing.assert_close(lowrank._apply_q_ut(a, tau, X), torch.ormqr(a, tau, Xp), atol=2e-5, rtol=0)
+    Q = lowrank._apply_q_ut(a, tau, torch.eye(R).expand(L, R, R))
+    torch.testing.assert_close(Q.mT @ Q, torch.eye(R).expand(L, R, R), atol=2e-6, rtol=0)
+    torch.testing.assert_close(Q @ a[:, :R].triu(), M, atol=2e-5, rtol=0)
+
+
+def test_every_component_takes_the_ut_transform_where_it_pays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tall float32 layer's every-component SVD rotates its large side by the UT transform and its small
+    side by ``ormqr`` (:func:`lowrank._apply_q`), and matches the float64 SVD of ΔW."""
+    calls: list[tuple[int, ...]] = []
+    ut = lowrank._apply_q_ut
+
+    def counted(a: torch.Tensor, tau: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(a.shape))
+        return ut(a, tau, X)
+
+    monkeypatch.setattr(lowrank, "_apply_q_ut", counted)
+    m, n, ranks = 4096, 300, [32, 32, 64]
+    B, A = random_batch(6, 1, m, n, ranks, torch.float32)
+    assert not _dense_is_cheaper(m, n, sum(ranks))
+    U, S, Vh = svd_of_product_batched(B, A)
+    assert calls == ([(1, m, sum(ranks))] if lowrank._ONEDNN_MM else [])
+    dW = B[0].double() @ A[0].double()
+    ref = torch.linalg.svdvals(dW)
+    torch.testing.assert_close(S[0].double(), ref[: S.shape[1]], atol=2e-6 * float(ref[0]), rtol=0)
+    assert rel((U[0].double() * S[0].double()) @ Vh[0].double(), dW) < 2e-6
+    eye = torch.eye(S.shape[1], dtype=F64)
+    torch.testing.assert_close(U[0].double().mT @ U[0].double(), eye, atol=2e-6, rtol=0)
+
+
 def tied_clients(m: int, n: int, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """Five rank-8 clients whose sum has singular values with exact ties: 5 (×4), 4 (×4), 3 (×8), 2 (×8), 1 (×16)."""
     g = torch.Generator().manual_seed(5)
