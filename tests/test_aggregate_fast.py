@@ -3,6 +3,8 @@ on flat spectra (random factors), tied singular values and rank-deficient ΔW, f
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -293,17 +295,28 @@ def test_flexlora_round_dispatches_best_rank_r_and_keeps_delta_exactly(dtype: to
 
 
 def test_dispatch_gives_clients_of_one_rank_the_same_truncation_and_scaling() -> None:
-    """Clients of one rank receive the same truncation, bit for bit, each its own (truncated per client, the
-    state keeping none); another α gives the same product."""
+    """Clients of one rank receive the same truncation, bit for bit, each in a dict of its own; while one
+    holds it, another of its rank shares its tensors; once none does, the state keeps nothing (a weak memo)
+    and the next client gets a new truncation, equal to the first. Another α gives the same product."""
     ups = updates([4, 8, 4, 8], torch.float32)
     fx = FlexLoRA(alpha=16.0)
     new = fx.aggregate(fx.init_state(SHAPES, 8), ups)
     a, b = fx.dispatch(new, ClientSpec(0, 4, 1), 1), fx.dispatch(new, ClientSpec(2, 4, 1), 1)
-    assert a.factors is not b.factors and a.factors.keys() == b.factors.keys()
-    assert all(torch.equal(a.factors[k].B, b.factors[k].B) and a.factors[k].B is not b.factors[k].B for k in SHAPES)
-    assert all(torch.equal(a.factors[k].A, b.factors[k].A) for k in SHAPES)
+    assert a.factors is not b.factors and a.factors.keys() == b.factors.keys() == SHAPES.keys()
+    assert all(a.factors[k] is b.factors[k] for k in SHAPES), "a rank's factors held by a client are shared"
+    c = fx.dispatch(new, ClientSpec(1, 8, 1), 1)
+    assert all(c.factors[k].rank == 8 for k in SHAPES)
+    first = {k: (f.B.clone(), f.A.clone()) for k, f in a.factors.items()}
     a.factors.clear()  # a client's dict is its own
-    assert fx.dispatch(new, ClientSpec(1, 4, 1), 1).factors.keys() == SHAPES.keys()
+    assert b.factors.keys() == SHAPES.keys()
+    del a, b, c
+    gc.collect()
+    assert len(new.dispatched) == 0, "no factor outlives the clients that hold it"
+    again = fx.dispatch(new, ClientSpec(3, 4, 1), 1)
+    assert all(
+        torch.equal(again.factors[k].B, first[k][0]) and torch.equal(again.factors[k].A, first[k][1]) for k in SHAPES
+    )
+    b = again
     other = FlexLoRA(alpha=32.0).dispatch(new, ClientSpec(0, 4, 1), 1)
     for k in SHAPES:  # the same product ΔW_4 under either scaling
         torch.testing.assert_close(

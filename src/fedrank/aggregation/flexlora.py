@@ -18,8 +18,9 @@ Rayleigh–Ritz step).
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -51,12 +52,20 @@ class FlexLoRAState:
     the weighted stacked factors ΔW = B·A (``delta``, rank Σ r_k), and its top SVD components, as many as a
     client may have (``svd``). Without ``delta`` (``components`` set, or raFLoRA) ``svd`` is all there is.
 
-    The factors sent at each rank are truncated again for every client, not kept: a truncation costs a few
-    milliseconds, keeping every rank's for the round cost SmolLM2 37 MB at the quickstart's memory peak."""
+    ``dispatched`` remembers, weakly, the factors sent at each rank: while a client still holds its rank's
+    factors, another client of that rank is sent the same tensors (read-only: every consumer copies them into
+    its model) instead of a new truncation; once no client holds them they are gone. So a driver that
+    dispatches every client before training any (80 clients on SmolLM2's shapes: 0.40 s of fresh truncations)
+    computes each rank once, and one that trains each client after dispatching it keeps no factor the
+    clients do not (keeping every rank's for the round cost 37 MB at the quickstart's memory peak). Not part
+    of the checkpoint."""
 
     init: dict[str, LoraFactors]
     svd: dict[str, LowRankSVD] | None = None
     delta: dict[str, LoraFactors] | None = None
+    dispatched: weakref.WeakValueDictionary[tuple[int, float, bool, str], LoraFactors] = field(
+        default_factory=weakref.WeakValueDictionary, init=False, repr=False, compare=False
+    )
 
     @property
     def init_rank(self) -> int:
@@ -96,7 +105,17 @@ class FlexLoRA(MethodOptions):
         return FlexLoRAState(init_state_factors(shapes, max_rank, self.seed))
 
     def _factors(self, state: FlexLoRAState, rank: int) -> dict[str, LoraFactors]:
-        """Every layer's factors at ``rank``."""
+        """Every layer's factors at ``rank``, in a dict of the caller's own: those some client still holds
+        (``state.dispatched``), or a new truncation."""
+        keys = [(rank, self.alpha, self.rslora, k) for k in state.init]
+        held = [state.dispatched.get(key) for key in keys]
+        if all(f is not None for f in held):
+            return {key[3]: f for key, f in zip(keys, held, strict=True) if f is not None}
+        factors = self._truncated(state, rank)
+        state.dispatched.update((key, factors[key[3]]) for key in keys)
+        return factors
+
+    def _truncated(self, state: FlexLoRAState, rank: int) -> dict[str, LoraFactors]:
         if state.svd is None:
             if rank > state.max_rank:
                 raise AggregationError(
