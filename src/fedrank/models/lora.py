@@ -148,14 +148,15 @@ class LoraHost:
         originals: dict[str, nn.Parameter] = {}
         modules: dict[str, Any] = dict(self.base.named_modules())
         pending: list[Tensor] = []
+        pending_bytes = 0
         written = bool(self._w0)  # a base delta was written into the weights: their pages are private copies,
         # which MADV_PAGEOUT can only send to swap (and _w0 holds the originals anyway)
         try:
             with torch.no_grad():
                 for name in self.shapes:
-                    if not written and sum(t.nbytes for t in pending) >= PAGE_OUT_BYTES:
+                    if not written and pending_bytes >= PAGE_OUT_BYTES:
                         page_out(pending)
-                        pending = []
+                        pending, pending_bytes = [], 0
                     lin: Any = getattr(modules[name], "base_layer", modules[name])  # peft's LoraLayer wraps it
                     w = lin.weight
                     f = a.factors.get(name)
@@ -173,6 +174,7 @@ class LoraHost:
                         merged += (a.scaling * (B @ A)).to(w.dtype)
                     originals[name] = w
                     pending.append(w)
+                    pending_bytes += w.nbytes
                     lin.weight = nn.Parameter(merged, requires_grad=False)
             if not written:
                 page_out(pending)
