@@ -580,3 +580,21 @@ def test_lean_gated_mlp_keeps_one_tensor_fewer_and_gives_the_same_numbers(monkey
     cfg = tiny_llama(seed=3).model.config
     assert bytes0 - bytes1 == cfg.num_hidden_layers * ids.numel() * cfg.intermediate_size * 4
     assert lean_gated_mlps(tiny_llama(seed=3).model) == cfg.num_hidden_layers
+
+
+def test_lean_gated_mlp_without_autograd_computes_in_place_with_the_same_logits() -> None:
+    """Without autograd (evaluation, generation) the lean MLP takes SiLU and the product in place: the
+    logits are the plain modules' bit for bit, and the MLP returns what ``down_proj`` gets (no copy)."""
+    from fedrank.models.gated_mlp import lean_gated_mlps
+
+    ids = torch.randint(3, 300, (2, 11), generator=torch.Generator().manual_seed(0))
+    plain, lean = tiny_llama(seed=3).model.eval(), tiny_llama(seed=3).model.eval()
+    assert lean_gated_mlps(lean) == lean.config.num_hidden_layers
+    seen: list[torch.Tensor] = []
+    mlp = lean.model.layers[0].mlp
+    mlp.down_proj.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    gates: list[torch.Tensor] = []
+    mlp.gate_proj.register_forward_hook(lambda mod, args, out: gates.append(out))
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, lean(input_ids=ids).logits)
+    assert seen[0].data_ptr() == gates[0].data_ptr(), "silu(gate) * up was written into gate's tensor"

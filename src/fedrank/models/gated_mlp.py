@@ -4,7 +4,9 @@ Autograd keeps three intermediate-sized tensors per layer for ``down(silu(gate(x
 (for SiLU's gradient), ``silu(gate(x))`` and ``up(x)`` (for the product's). :class:`_SiLUMul` keeps
 ``gate(x)`` and ``up(x)`` and makes ``silu(gate(x))`` again in the backward, an elementwise op: for
 SmolLM2-135M that is 6 KB less per trained position and layer, 46 MB for a pass of 256 positions, about
-a seventh of what a pass keeps. Values and gradients are those of the plain module, bit for bit (the same
+a seventh of what a pass keeps. Without autograd (evaluation, generation) SiLU and the product are taken in
+place in ``gate``: no intermediate-sized tensor is allocated at all (a prompt pass of 16 rows of ~180
+tokens: 2.16 against 2.33 s). Values and gradients are those of the plain module, bit for bit (the same
 ops on the same operands).
 """
 
@@ -41,8 +43,8 @@ def _forward(self: Any, x: Tensor) -> Tensor:
     gate, up = self.gate_proj(x), self.up_proj(x)
     if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
         hidden: Tensor = _SiLUMul.apply(gate, up)
-    else:
-        hidden = self.act_fn(gate) * up
+    else:  # nothing will read gate or up again: no new tensor (on this VM a fresh one costs its page faults)
+        hidden = F.silu(gate, inplace=True).mul_(up)
     out: Tensor = self.down_proj(hidden)
     return out
 
