@@ -3,7 +3,9 @@ on flat spectra (random factors), tied singular values and rank-deficient ΔW, f
 
 from __future__ import annotations
 
+import copy
 import gc
+import pickle
 
 import pytest
 import torch
@@ -118,6 +120,18 @@ def test_ut_transform_applies_q_as_ormqr_does(k: int) -> None:
     Q = lowrank._apply_q_ut(a, tau, torch.eye(R).expand(L, R, R))
     torch.testing.assert_close(Q.mT @ Q, torch.eye(R).expand(L, R, R), atol=2e-6, rtol=0)
     torch.testing.assert_close(Q @ a[:, :R].triu(), M, atol=2e-5, rtol=0)
+    # rank 20 (most reflectors act on rounding noise) and an upper triangular input (every τ = 0: Q = I)
+    low = torch.randn(m, 20, generator=g) @ torch.randn(20, R, generator=g)
+    tri = torch.zeros(m, R)
+    tri[:R] = torch.randn(R, R, generator=g).triu()
+    a2, tau2 = torch.geqrf(torch.stack([low, tri]))
+    assert bool((tau2[1] == 0).all())
+    X2 = torch.randn(2, R, k, generator=g)
+    Xp2 = torch.zeros(2, m, k)
+    Xp2[:, :R] = X2
+    got = lowrank._apply_q_ut(a2, tau2, X2)
+    torch.testing.assert_close(got, torch.ormqr(a2, tau2, Xp2), atol=2e-5, rtol=0)
+    assert torch.equal(got[1], Xp2[1]), "identity reflectors leave X as it is"
 
 
 def test_every_component_takes_the_ut_transform_where_it_pays(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -312,6 +326,11 @@ def test_dispatch_gives_clients_of_one_rank_the_same_truncation_and_scaling() ->
     del a, b, c
     gc.collect()
     assert len(new.dispatched) == 0, "no factor outlives the clients that hold it"
+    held = fx.dispatch(new, ClientSpec(3, 4, 1), 1)
+    for copied in (pickle.loads(pickle.dumps(new)), copy.deepcopy(new)):  # the memo is left out
+        assert len(copied.dispatched) == 0 and len(new.dispatched) == len(SHAPES)
+        assert torch.equal(copied.svd[next(iter(SHAPES))].S, new.svd[next(iter(SHAPES))].S)
+    del held
     again = fx.dispatch(new, ClientSpec(3, 4, 1), 1)
     assert all(
         torch.equal(again.factors[k].B, first[k][0]) and torch.equal(again.factors[k].A, first[k][1]) for k in SHAPES

@@ -109,8 +109,8 @@ def test_svd_of_sum_degenerate_inputs(case: str) -> None:
 
 @pytest.mark.parametrize(
     "m,n,ranks",
-    [(300, 200, [4, 8, 2, 16]), (40, 30, [12, 12, 12]), (20, 90, [4, 30])],
-    ids=["qr-route", "dense-route", "dense-wide"],
+    [(300, 200, [4, 8, 2, 16]), (200, 300, [4, 8, 2, 16]), (40, 30, [12, 12, 12]), (20, 90, [4, 30])],
+    ids=["qr-route", "qr-route-wide", "dense-route", "dense-wide"],
 )
 @pytest.mark.parametrize("case", ["random", "duplicates", "zero_weights"])
 def test_svdvals_of_sum_are_svd_of_sums_values(m: int, n: int, ranks: list[int], case: str) -> None:
@@ -121,7 +121,7 @@ def test_svdvals_of_sum_are_svd_of_sums_values(m: int, n: int, ranks: list[int],
         Bs, As = [Bs[-1]] * len(ranks), [As[-1]] * len(ranks)
     if case == "zero_weights":
         w = [0.0] * len(ranks)
-    assert _dense_is_cheaper(m, n, sum(B.shape[1] for B in Bs)) == (m != 300), "each route must be exercised"
+    assert _dense_is_cheaper(m, n, sum(B.shape[1] for B in Bs)) == (max(m, n) != 300), "each route is exercised"
     S = svdvals_of_sum(Bs, As, w)
     assert S.dtype == torch.float64 and S.shape == (min(m, n, sum(B.shape[1] for B in Bs)),)
     torch.testing.assert_close(S, svd_of_sum(Bs, As, w)[1], atol=1e-10 * max(float(S[0]), 1.0), rtol=0)
@@ -131,6 +131,14 @@ def test_svdvals_of_sum_are_svd_of_sums_values(m: int, n: int, ranks: list[int],
         assert float(S.abs().max()) == 0.0
     if case == "duplicates":
         assert int((1e-9 * S[0] < S).sum()) == min(ranks[-1], m, n)
+
+
+def test_svdvals_of_sum_in_float32_keeps_the_input_dtype() -> None:
+    Bs, As, w = clients(8, 300, 200, [4, 8, 16], torch.float32)
+    S = svdvals_of_sum(Bs, As, w)
+    ref = torch.linalg.svdvals(dense_sum(Bs, As, w))[: S.shape[0]]
+    assert S.dtype == torch.float32
+    torch.testing.assert_close(S.double(), ref, atol=2e-6 * float(ref[0]), rtol=0)
 
 
 def test_svd_of_sum_rejects_bad_input() -> None:

@@ -294,7 +294,7 @@ def _apply_q_ut(a: Tensor, tau: Tensor, X: Tensor) -> Tensor:
         G = _mm(V.mT, V.mT).double()  # VᵀV
         Tinv = G.triu(1) + torch.diag(torch.where(live, 1.0 / tau[i].double(), 1.0))
         Xi = X[i].to(a.dtype)
-        W = _mm(V[:R].mT, Xi.mT) if Xi.shape[-1] > 1 else V[:R].mT @ Xi  # V_1ᵀX
+        W = _mm(V[:R].mT, Xi.mT)  # V_1ᵀX
         Y = torch.linalg.solve_triangular(Tinv, W.double(), upper=True).to(a.dtype)
         torch.neg(_mm(V, Y.mT), out=out[i])
         out[i, :R] += Xi

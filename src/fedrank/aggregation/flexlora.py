@@ -21,7 +21,7 @@ import functools
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -85,6 +85,13 @@ class FlexLoRAState:
         if self.delta is not None:
             return next(iter(self.delta.values())).rank
         return max(s.rank for s in self.svd.values())
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling and ``copy`` leave the memo out (weak references do not pickle); a copy starts empty."""
+        return {k: v for k, v in self.__dict__.items() if k != "dispatched"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, dispatched=weakref.WeakValueDictionary())
 
 
 @dataclass(frozen=True)
