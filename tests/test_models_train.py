@@ -598,3 +598,33 @@ def test_lean_gated_mlp_without_autograd_computes_in_place_with_the_same_logits(
     with torch.no_grad():
         assert torch.equal(plain(input_ids=ids).logits, lean(input_ids=ids).logits)
     assert seen[0].data_ptr() == gates[0].data_ptr(), "silu(gate) * up was written into gate's tensor"
+
+
+def test_lean_rms_norms_give_the_same_logits_and_leave_other_formulas_alone() -> None:
+    """Llama's RMSNorms multiply by their weight in place when nothing records gradients: the logits are the
+    plain model's bit for bit (random norm weights), every norm is changed (two a layer and the final one),
+    and a norm of another formula, even with Llama's attribute names, keeps its own forward."""
+    from fedrank.models.rms_norm import lean_rms_norms
+
+    class GemmaLikeRMSNorm(torch.nn.Module):
+        def __init__(self, n: int) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(n))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            return (1.0 + self.weight) * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    ids = torch.randint(3, 300, (2, 11), generator=torch.Generator().manual_seed(0))
+    plain, lean = tiny_llama(seed=3).model.eval(), tiny_llama(seed=3).model.eval()
+    with torch.no_grad():
+        for a, b in zip(plain.modules(), lean.modules(), strict=True):
+            if type(a).__name__.endswith("RMSNorm"):
+                w = torch.rand(a.weight.shape, generator=torch.Generator().manual_seed(a.weight.numel())) + 0.5
+                a.weight.copy_(w)
+                b.weight.copy_(w)
+    assert lean_rms_norms(lean) == 2 * lean.config.num_hidden_layers + 1
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, lean(input_ids=ids).logits)
+    odd = torch.nn.Sequential(GemmaLikeRMSNorm(8))
+    assert lean_rms_norms(odd) == 0 and "forward" not in vars(odd[0])
