@@ -15,6 +15,7 @@ import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -24,6 +25,8 @@ from fedrank.aggregation.flexlora import FlexLoRA
 from fedrank.lowrank import lora_scaling, stack_factors, svd_of_sum, svdvals_of_sum, truncate
 from fedrank.ranks import assign_ranks
 from fedrank.types import ClientSpec, ClientUpdate, LoraFactors
+
+T = TypeVar("T")
 
 ALPHA = 16.0
 SMOLLM2_LAYER_SHAPES = {  # (out m, in n) of the seven target modules of each of SmolLM2-135M's 30 layers
@@ -150,20 +153,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_interleaved(
-    fns: Sequence[Callable[[], Dispatch]], repeat: int, device: torch.device
-) -> list[tuple[float, Dispatch]]:
-    """Best-of-``repeat`` seconds of each route, the routes interleaved so that machine noise and allocator
-    state hit them alike."""
+def timed_interleaved(fns: Sequence[Callable[[], T]], repeat: int, device: torch.device) -> list[tuple[float, T]]:
+    """Best-of-``repeat`` (>= 1) seconds of each route and its last result, the routes interleaved so that
+    machine noise and allocator state hit them alike."""
     best = [float("inf")] * len(fns)
-    outs: list[Dispatch] = [{} for _ in fns]
-    for _ in range(repeat):
+    outs: list[T] = []
+    for rep in range(repeat):
         for i, fn in enumerate(fns):
             _sync(device)
             t = time.perf_counter()
-            outs[i] = fn()
+            out = fn()
             _sync(device)
             best[i] = min(best[i], time.perf_counter() - t)
+            if rep == 0:
+                outs.append(out)
+            else:
+                outs[i] = out
     return list(zip(best, outs, strict=True))
 
 
@@ -195,29 +200,23 @@ def _case(
     return lines
 
 
-def spectrum_line(rnd: Round) -> str:
+def spectrum_line(rnd: Round, device: torch.device) -> str:
     """The spectrum diagnostic's singular values of every layer's ΔW: from :func:`svd_of_sum` (vectors made
     and dropped) against :func:`svdvals_of_sum`, interleaved, best of 2, and their largest difference."""
     terms = [([u.factors[n].B for u in rnd.updates], [u.factors[n].A for u in rnd.updates]) for n in rnd.shapes]
     w = rnd.weights()
 
-    def with_vectors(Bs: list[Tensor], As: list[Tensor]) -> Tensor:
-        return svd_of_sum(Bs, As, w)[1]
+    def with_vectors() -> list[Tensor]:
+        return [svd_of_sum(Bs, As, w)[1] for Bs, As in terms]
 
-    def values_only(Bs: list[Tensor], As: list[Tensor]) -> Tensor:
-        return svdvals_of_sum(Bs, As, w)
+    def values_only() -> list[Tensor]:
+        return [svdvals_of_sum(Bs, As, w) for Bs, As in terms]
 
-    best = [float("inf")] * 2
-    got: list[list[Tensor]] = [[], []]
-    for _ in range(2):
-        for i, fn in enumerate((with_vectors, values_only)):
-            t = time.perf_counter()
-            got[i] = [fn(Bs, As) for Bs, As in terms]
-            best[i] = min(best[i], time.perf_counter() - t)
-    diff = max(float((a - b).abs().max() / b[0].clamp_min(1e-30)) for a, b in zip(got[0], got[1], strict=True))
+    (t_vec, got_vec), (t_val, got_val) = timed_interleaved([with_vectors, values_only], 2, device)
+    diff = max(float((a - b).abs().max() / b[0].clamp_min(1e-30)) for a, b in zip(got_vec, got_val, strict=True))
     return (
-        f"    spectrum diagnostic, singular values of every layer: svd_of_sum {best[0]:.3f}s, svdvals_of_sum "
-        f"{best[1]:.3f}s  speedup {best[0] / best[1]:.1f}x  max diff / sigma_1 {diff:.1e}"
+        f"    spectrum diagnostic, singular values of every layer: svd_of_sum {t_vec:.3f}s, svdvals_of_sum "
+        f"{t_val:.3f}s  speedup {t_vec / t_val:.1f}x  max diff / sigma_1 {diff:.1e}"
     )
 
 
@@ -288,7 +287,7 @@ def run(quick: bool = False, device: str = "cpu", training_step: bool = True) ->
         dev,
         via_qr=False,
     )
-    lines.append(spectrum_line(b))
+    lines.append(spectrum_line(b, dev))
     if training_step:
         step = time_training_step()
         lines.append(
