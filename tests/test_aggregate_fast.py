@@ -134,6 +134,46 @@ def test_ut_transform_applies_q_as_ormqr_does(k: int) -> None:
     assert torch.equal(got[1], Xp2[1]), "identity reflectors leave X as it is"
 
 
+def test_core_svd_by_eigh_where_well_conditioned_else_svd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """:func:`lowrank._core_svd`: a batch of cores, each an exact SVD (orthonormal U and V, C = U·S·Vᵀ, S the
+    singular values) to float64 rounding x the condition number. Well-conditioned cores, tied singular
+    values included, go through ``eigh``; a rank-deficient one (clients with the same factors) never reaches
+    it (its R diagonal shows it); an ill-conditioned one with an unremarkable R diagonal is caught by its
+    eigenvalues. Only those two take ``torch.linalg.svd``."""
+    g = torch.Generator().manual_seed(9)
+    m, n, R = 300, 260, 40
+    B = torch.randn(4, m, R, generator=g)
+    A = torch.rand(4, R, n, generator=g) * 2 - 1
+    q0 = torch.linalg.qr(torch.randn(m, R, generator=g))[0]
+    q1 = torch.linalg.qr(torch.randn(n, R, generator=g))[0]
+    B[1] = q0 * torch.tensor([3.0] * 10 + [1.0] * 30)  # tied singular values (10 of them, then 30)
+    A[1] = q1.mT
+    B[2, :, 20:] = B[2, :, :20]  # the same client twice
+    A[2, 20:] = A[2, :20]
+    kahan = torch.ones(R, R).triu(1).neg() + torch.eye(R)  # unit diagonal, condition number ~2^R
+    B[3] = q0 @ kahan
+    hb, ha, core = lowrank._qr_core(B, A)
+    eighs: list[int] = []
+    svds: list[int] = []
+    eigh, svd = torch.linalg.eigh, torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "eigh", lambda G: eighs.append(G.shape[0]) or eigh(G))
+    monkeypatch.setattr(torch.linalg, "svd", lambda C: svds.append(C.shape[0]) or svd(C))
+    U, S, Vh = lowrank._core_svd(core, hb, ha)
+    assert eighs == [3] and svds == [2], "cores 0, 1, 3 reach eigh; 2 never does; 2 and 3 take the SVD"
+    eye = torch.eye(R, dtype=F64)
+    for i in range(4):
+        ref = torch.linalg.svdvals(core[i])
+        assert bool((S[i][:-1] >= S[i][1:]).all())
+        if i == 2:
+            torch.testing.assert_close(S[i, :20], ref[:20], atol=1e-12 * float(ref[0]), rtol=0)
+        else:
+            torch.testing.assert_close(S[i], ref, atol=1e-12 * float(ref[0]), rtol=0)
+            torch.testing.assert_close(U[i].mT @ U[i], eye, atol=1e-9, rtol=0)
+        torch.testing.assert_close(Vh[i] @ Vh[i].mT, eye, atol=1e-12, rtol=0)
+        torch.testing.assert_close((U[i] * S[i]) @ Vh[i], core[i], atol=1e-12 * float(ref[0]), rtol=0)
+    assert float(S[1, 0] - S[1, 9]) < 1e-6 * float(S[1, 0]), "core 1 has 10 tied values (to float32's QR)"
+
+
 def test_every_component_takes_the_ut_transform_where_it_pays(monkeypatch: pytest.MonkeyPatch) -> None:
     """A tall float32 layer's every-component SVD rotates its large side by the UT transform and its small
     side by ``ormqr`` (:func:`lowrank._apply_q`), and matches the float64 SVD of ΔW."""
