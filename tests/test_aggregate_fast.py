@@ -136,42 +136,52 @@ def test_ut_transform_applies_q_as_ormqr_does(k: int) -> None:
 
 def test_core_svd_by_eigh_where_well_conditioned_else_svd(monkeypatch: pytest.MonkeyPatch) -> None:
     """:func:`lowrank._core_svd`: a batch of cores, each an exact SVD (orthonormal U and V, C = U·S·Vᵀ, S the
-    singular values) to float64 rounding x the condition number. Well-conditioned cores, tied singular
-    values included, go through ``eigh``; a rank-deficient one (clients with the same factors) never reaches
-    it (its R diagonal shows it); an ill-conditioned one with an unremarkable R diagonal is caught by its
-    eigenvalues. Only those two take ``torch.linalg.svd``."""
+    singular values, descending). Well-conditioned cores, tied singular values included, go through
+    ``eigh``; a rank-deficient one (clients with the same factors) never reaches it (its R diagonal shows
+    it); ill-conditioned ones with an unremarkable R diagonal (Kahan-like, unit diagonal) are caught by
+    their eigenvalues at the threshold (:data:`lowrank.CORE_EIGH_MIN_RATIO`) and a zero core (a layer nobody
+    trained) by its zero eigenvalues. Only those take ``torch.linalg.svd``."""
     g = torch.Generator().manual_seed(9)
     m, n, R = 300, 260, 40
-    B = torch.randn(4, m, R, generator=g)
-    A = torch.rand(4, R, n, generator=g) * 2 - 1
+    B = torch.randn(6, m, R, generator=g)
+    A = torch.rand(6, R, n, generator=g) * 2 - 1
     q0 = torch.linalg.qr(torch.randn(m, R, generator=g))[0]
     q1 = torch.linalg.qr(torch.randn(n, R, generator=g))[0]
-    B[1] = q0 * torch.tensor([3.0] * 10 + [1.0] * 30)  # tied singular values (10 of them, then 30)
-    A[1] = q1.mT
-    B[2, :, 20:] = B[2, :, :20]  # the same client twice
-    A[2, 20:] = A[2, :20]
-    kahan = torch.ones(R, R).triu(1).neg() + torch.eye(R)  # unit diagonal, condition number ~2^R
-    B[3] = q0 @ kahan
+    B[0, :, 20:] = B[0, :, :20]  # the same client twice
+    A[0, 20:] = A[0, :20]
+    B[2] = q0 * torch.tensor([3.0] * 10 + [1.0] * 30)  # tied singular values (10 of them, then 30)
+    A[2] = q1.mT
+
+    def kahan(c: float) -> torch.Tensor:  # unit diagonal, condition number (1 + c)^R or so
+        return torch.eye(R) - c * torch.ones(R, R).triu(1)
+
+    B[3], A[3] = q0 @ kahan(0.18), q1.mT  # λ_min/λ_max about 5e-7: under the threshold
+    B[4], A[4] = q0 @ kahan(0.15), q1.mT  # about 6e-6: just over it
+    B[5] = 0.0
     hb, ha, core = lowrank._qr_core(B, A)
+    ratio = [float(s[-1] / s[0]) ** 2 for s in torch.linalg.svdvals(core[3:5])]
+    assert ratio[0] < lowrank.CORE_EIGH_MIN_RATIO < ratio[1] < 1e-5
     eighs: list[int] = []
     svds: list[int] = []
     eigh, svd = torch.linalg.eigh, torch.linalg.svd
     monkeypatch.setattr(torch.linalg, "eigh", lambda G: eighs.append(G.shape[0]) or eigh(G))
     monkeypatch.setattr(torch.linalg, "svd", lambda C: svds.append(C.shape[0]) or svd(C))
     U, S, Vh = lowrank._core_svd(core, hb, ha)
-    assert eighs == [3] and svds == [2], "cores 0, 1, 3 reach eigh; 2 never does; 2 and 3 take the SVD"
+    assert eighs == [5] and svds == [3], "cores 1-5 reach eigh, 0 never does; 0, 3 and 5 take the SVD"
     eye = torch.eye(R, dtype=F64)
-    for i in range(4):
+    assert bool(torch.isfinite(U).all()) and float(S[5].abs().max()) == 0.0
+    for i in range(6):
         ref = torch.linalg.svdvals(core[i])
         assert bool((S[i][:-1] >= S[i][1:]).all())
-        if i == 2:
-            torch.testing.assert_close(S[i, :20], ref[:20], atol=1e-12 * float(ref[0]), rtol=0)
-        else:
-            torch.testing.assert_close(S[i], ref, atol=1e-12 * float(ref[0]), rtol=0)
-            torch.testing.assert_close(U[i].mT @ U[i], eye, atol=1e-9, rtol=0)
+        torch.testing.assert_close(S[i], ref, atol=1e-12 * float(ref[0]) + 1e-300, rtol=0)
+        torch.testing.assert_close(U[i].mT @ U[i], eye, atol=1e-9, rtol=0)
         torch.testing.assert_close(Vh[i] @ Vh[i].mT, eye, atol=1e-12, rtol=0)
-        torch.testing.assert_close((U[i] * S[i]) @ Vh[i], core[i], atol=1e-12 * float(ref[0]), rtol=0)
-    assert float(S[1, 0] - S[1, 9]) < 1e-6 * float(S[1, 0]), "core 1 has 10 tied values (to float32's QR)"
+        torch.testing.assert_close((U[i] * S[i]) @ Vh[i], core[i], atol=1e-12 * float(ref[0]) + 1e-300, rtol=0)
+    assert float(S[2, 0] - S[2, 9]) < 1e-6 * float(S[2, 0]), "core 2 has 10 tied values (to float32's QR)"
+    # the public route with a zero factor: finite, orthonormal, S = 0 (``truncate`` then sends zeros)
+    U0, S0, Vh0 = svd_of_product_batched(torch.zeros(1, 2000, 40), torch.randn(1, 40, 1500, generator=g))
+    assert bool(torch.isfinite(U0).all() and torch.isfinite(Vh0).all()) and float(S0.abs().max()) == 0.0
+    torch.testing.assert_close(U0[0].mT @ U0[0], torch.eye(40), atol=1e-5, rtol=0)
 
 
 def test_every_component_takes_the_ut_transform_where_it_pays(monkeypatch: pytest.MonkeyPatch) -> None:
