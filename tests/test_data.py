@@ -8,29 +8,34 @@ import pytest
 
 from fedrank.config import ConfigError, DataConfig
 from fedrank.data import (
-    BigBench,
-    BigBenchStore,
+    DataError,
     Federation,
     FileStore,
+    IndexStore,
     InMemoryStore,
     PartitionConfig,
+    TaskIndex,
     node_data,
     parse_task,
 )
-from fedrank.data.bigbench import INDEX_VERSION, build_index, iter_tasks
+from fedrank.data.bigbench import iter_checkout, iter_tasks, open_index, with_examples
+from fedrank.data.index import build_index
 from fedrank.data.examples import Example
+from fedrank.data.artifacts import sha256_of
 from fedrank.data.files import row_example
 from fedrank.data.tokenize import IGNORE, collate, encode
 
+FIXTURES = Path(__file__).parent / "fixtures"
+
 
 @pytest.fixture(scope="module")
-def bench(bigbench_sdist: Path, tmp_path_factory: pytest.TempPathFactory) -> BigBench:
-    root = tmp_path_factory.mktemp("index")
-    build_index(iter_tasks(bigbench_sdist), root)
-    return BigBench.from_dir(root)
+def bench(bigbench_sdist: Path, tmp_path_factory: pytest.TempPathFactory) -> TaskIndex:
+    root = tmp_path_factory.mktemp("index") / "index"
+    build_index(with_examples(iter_tasks(bigbench_sdist)), root)
+    return TaskIndex.from_dir(root)
 
 
-def test_index_reads_tasks_subtasks_and_kinds(bench: BigBench) -> None:
+def test_index_reads_tasks_subtasks_and_kinds(bench: TaskIndex) -> None:
     assert set(bench.tasks) == {"toy_compare", "toy_add", "toy_words:upper", "toy_words:reverse", "toy_tiny"}
     assert bench.tasks["toy_compare"].kind == "multiple_choice"
     assert bench.tasks["toy_add"].kind == "generative"
@@ -39,7 +44,7 @@ def test_index_reads_tasks_subtasks_and_kinds(bench: BigBench) -> None:
     assert bench.tasks["toy_add"].num_examples == 30
 
 
-def test_parse_task_formats_prompts_targets_and_choices(bench: BigBench) -> None:
+def test_parse_task_formats_prompts_targets_and_choices(bench: TaskIndex) -> None:
     ex = bench.examples("toy_compare")[0]
     assert ex.prompt.startswith("Answer the question. \nQ: Is ")
     assert "\n choice: Yes\n choice: No\nA:" in ex.prompt
@@ -57,16 +62,16 @@ def test_parse_task_formats_prompts_targets_and_choices(bench: BigBench) -> None
 
 
 def test_max_examples_caps_the_cache_with_a_seeded_subset(bigbench_sdist: Path, tmp_path: Path) -> None:
-    infos = build_index(iter_tasks(bigbench_sdist), tmp_path / "a", max_examples=10)
+    infos = build_index(with_examples(iter_tasks(bigbench_sdist)), tmp_path / "a", max_examples=10)
     info = {i.name: i for i in infos}["toy_add"]
     assert info.num_examples == 30 and info.cached_examples == 10
-    build_index(iter_tasks(bigbench_sdist), tmp_path / "b", max_examples=10)
-    a = BigBench.from_dir(tmp_path / "a").examples("toy_add")
-    assert a == BigBench.from_dir(tmp_path / "b").examples("toy_add") and len(a) == 10
+    build_index(with_examples(iter_tasks(bigbench_sdist)), tmp_path / "b", max_examples=10)
+    a = TaskIndex.from_dir(tmp_path / "a").examples("toy_add")
+    assert a == TaskIndex.from_dir(tmp_path / "b").examples("toy_add") and len(a) == 10
 
 
-def test_task_partition_holds_out_unseen_tasks_and_skips_small_ones(bench: BigBench) -> None:
-    store = BigBenchStore(bench)
+def test_task_partition_holds_out_unseen_tasks_and_skips_small_ones(bench: TaskIndex) -> None:
+    store = IndexStore(bench)
     fed = Federation(store, PartitionConfig(kind="task", num_clients=3, num_eval_tasks=1, min_examples=20, seed=1))
     assert fed.skipped == {"toy_tiny": "fewer than 20 examples (5)"}
     assert len(fed.eval_tasks) == 1 and not set(fed.eval_tasks) & set(fed.train_tasks)
@@ -133,16 +138,27 @@ def test_encode_masks_prompt_and_truncates_prompt_first(tiny) -> None:
     assert int((batch["labels"][1] != IGNORE).sum()) == len(answer)
 
 
-def test_sdist_lookup_never_downloads_when_told_not_to(tmp_path: Path, bigbench_sdist: Path) -> None:
-    from fedrank.data.bigbench import sdist_path
-
-    with pytest.raises(FileNotFoundError, match="bigbench-1.0.0.tar.gz"):
-        sdist_path(tmp_path, download=False)
+def test_bigbench_reads_a_placed_sdist_or_a_checkout_and_never_downloads(tmp_path: Path, bigbench_sdist: Path) -> None:
+    with pytest.raises(DataError, match=r"no longer served.*data.path = a checkout.*bigbench-1.0.0.tar.gz"):
+        open_index(tmp_path)
     (tmp_path / "bigbench").mkdir()
     (tmp_path / "bigbench" / "bigbench-1.0.0.tar.gz").write_bytes(bigbench_sdist.read_bytes())
-    assert sdist_path(tmp_path, download=False) == tmp_path / "bigbench" / "bigbench-1.0.0.tar.gz"
-    bench = BigBench.open(tmp_path, download=False)  # builds the index from the cached sdist once
-    assert "toy_add" in bench.tasks and (tmp_path / "bigbench" / f"index-v{INDEX_VERSION}" / "index.json").is_file()
+    from_sdist = open_index(tmp_path)  # builds the index from the placed sdist once
+    assert "toy_add" in from_sdist.tasks and (tmp_path / "bigbench" / "sdist-index" / "index.json").is_file()
+    assert from_sdist.provenance["sha256"] == sha256_of(tmp_path / "bigbench" / "bigbench-1.0.0.tar.gz")
+    checkout = FIXTURES / "bigbench"  # the committed tree is in the official repository's layout
+    from_checkout = open_index(tmp_path, checkout)
+    assert from_checkout.tasks == from_sdist.tasks
+    assert all(from_checkout.examples(t) == from_sdist.examples(t) for t in from_sdist.tasks)
+    assert [n for n, _ in iter_checkout(checkout)][:1] != ["toy_words:upper"]  # parents before subtasks
+
+
+def test_bigbench_checkout_errors_name_what_is_missing(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="is not a directory"):
+        open_index(tmp_path, tmp_path / "nowhere")
+    (tmp_path / "repo" / "bigbench").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"holds no bigbench/benchmark_tasks/<task>/task.json"):
+        open_index(tmp_path, tmp_path / "repo")
 
 
 def family_store() -> InMemoryStore:

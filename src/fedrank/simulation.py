@@ -23,7 +23,7 @@ from fedrank import checkpoint, eval_cache, faults, run_dir
 from fedrank.aggregation import HOMOGENEOUS, AggregationMethod, make_method
 from fedrank.config import ConfigError, RunConfig, override, to_dict
 from fedrank.data import Federation, open_store
-from fedrank.data.bigbench import cache_dir
+from fedrank.data.index import cache_dir
 from fedrank.data.examples import Example
 from fedrank.evaluate import evaluate_task, macro_average
 from fedrank.local import ClientExecutor, InProcessClients, LocalTrainer, Outcome, collapsed

