@@ -18,11 +18,11 @@ from fedrank.data import (
     node_data,
     parse_task,
 )
-from fedrank.data.bigbench import iter_checkout, iter_tasks, open_index, with_examples
-from fedrank.data.index import build_index
-from fedrank.data.examples import Example
 from fedrank.data.artifacts import sha256_of
+from fedrank.data.bigbench import iter_checkout, iter_tasks, open_index, with_examples
+from fedrank.data.examples import Example
 from fedrank.data.files import row_example
+from fedrank.data.index import build_index
 from fedrank.data.tokenize import IGNORE, collate, encode
 
 FIXTURES = Path(__file__).parent / "fixtures"

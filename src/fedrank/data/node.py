@@ -26,6 +26,7 @@ from typing import Protocol
 
 from fedrank.data.examples import Example
 from fedrank.data.files import FileStore
+from fedrank.data.index import IndexStore
 from fedrank.data.partition import ClientData, Federation, PartitionConfig, client_data, family
 from fedrank.data.store import TaskStore
 from fedrank.data.synthetic import synthetic_store
@@ -71,17 +72,19 @@ class DataSource(Protocol):
     def synthetic_examples(self) -> int: ...
 
 
-def open_store(data: DataSource, seed: int = 0) -> TaskStore:
-    """The run's task store (:data:`SOURCES`)."""
+def open_store(data: DataSource, seed: int = 0, download: bool = True) -> TaskStore:
+    """The run's task store (:data:`SOURCES`); ``download``: a pinned artifact not in the cache is fetched."""
     cache = data.cache_dir or None
     if data.source == "evals":
         from fedrank.data.evals import evals_store
 
-        return evals_store(cache, data.prompt_format, data.scripts, data.max_prompt_chars, data.license_exceptions)
+        return evals_store(
+            cache, data.prompt_format, data.scripts, data.max_prompt_chars, data.license_exceptions, download
+        )
     if data.source == "benchmarks":
         from fedrank.data.benchmarks import benchmarks_store
 
-        return benchmarks_store(cache, data.suite)
+        return benchmarks_store(cache, data.suite, download)
     if data.source == "bigbench":
         from fedrank.data.bigbench import bigbench_store
 
@@ -95,6 +98,18 @@ def open_store(data: DataSource, seed: int = 0) -> TaskStore:
     if data.source == "synthetic":
         return synthetic_store(data.synthetic_tasks, data.synthetic_examples, seed)
     raise ValueError(f"data.source {data.source!r} is unknown; choices: {', '.join(SOURCES)}")
+
+
+def provenance(data: DataSource, store: TaskStore) -> dict[str, object]:
+    """Where a run's tasks came from, for summary.json: the source, and for a pinned artifact its version,
+    sha256 and licenses (a checkout: its path; files: their paths)."""
+    out: dict[str, object] = {"source": data.source}
+    if isinstance(store, IndexStore):
+        out.update(store.provenance)
+    elif data.source in ("files", "jsonl"):
+        out["paths"] = list(data.paths)
+    out["tasks_offered"] = len(store.task_names())
+    return out
 
 
 @functools.lru_cache(maxsize=2)
