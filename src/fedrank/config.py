@@ -112,6 +112,14 @@ class DataConfig:
             raise ConfigError(f"data.scripts {bad_scripts}: unknown; choices: {', '.join(SCRIPTS)}")
         if self.max_prompt_chars < 0:
             raise ConfigError(f"data.max_prompt_chars must be >= 0, got {self.max_prompt_chars}")
+        if self.source == "benchmarks":
+            from fedrank.data.benchmarks import suite_tasks
+            from fedrank.data.index import DataError
+
+            try:
+                suite_tasks(self.suite)
+            except DataError as e:
+                raise ConfigError(f"data.suite: {e}") from e
 
 
 PROMPT_FORMATS = ("chat", "plain")
@@ -215,6 +223,10 @@ class EvalScheduleConfig:
     participants: int = 4
     """Participants whose own test splits are evaluated at every evaluation (seen tasks; 0: none): the first
     clients of round 1's sample that hold test examples, the same clients before, during and after."""
+    seen_by: str = "client"
+    """How the participants' test examples are grouped and macro-averaged: "client" (each participant's own
+    test split) or "task" (each training task's held-out examples, pooled over the participants' test splits,
+    at most ``partition.max_eval_examples`` per task: per-task accuracy, as FSLoRA reports it)."""
     reuse_base: bool = True
     """The base model's evaluation (round 0, before any update) is kept under the cache directory (evals/)
     and reused by a later run whose weights, tokenizer, examples, settings, fedrank code, library versions
@@ -222,6 +234,8 @@ class EvalScheduleConfig:
     settings: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        if self.seen_by not in ("client", "task"):
+            raise ConfigError(f"eval.seen_by {self.seen_by!r} is unknown; choices: client, task")
         if self.every < 0 or self.participants < 0:
             raise ConfigError(
                 f"eval.every and eval.participants must be >= 0 (0: off), got {self.every} and {self.participants}"

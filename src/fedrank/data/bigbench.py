@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fedrank.data.examples import Example
-from fedrank.data.index import DataError, IndexStore, TaskIndex, build_index, cache_dir
+from fedrank.data.index import DataError, IndexStore, TaskIndex, build_index, cache_dir, index_root
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def _checkout_key(path: Path) -> str:
 
 def open_index(cache: str | os.PathLike[str] | None = None, path: str | os.PathLike[str] | None = None) -> TaskIndex:
     """The index of a checkout (``path``) or of the sdist in the cache, built on first use; no download."""
-    base = cache_dir(cache) / "bigbench"
+    base = index_root(cache, "bigbench")
     if path:
         key = _checkout_key(Path(path))
         root = base / f"checkout-{key}"
@@ -159,7 +159,7 @@ def open_index(cache: str | os.PathLike[str] | None = None, path: str | os.PathL
             lambda out: build_index(with_examples(iter_checkout(Path(path))), out, provenance=provenance),
             f"the BIG-bench checkout {path}",
         )
-    sdist = base / SDIST
+    sdist = cache_dir(cache) / "bigbench" / SDIST  # where earlier fedrank versions downloaded it
     root = base / "sdist-index"
     if not (root / "index.json").is_file() and not sdist.is_file():
         raise DataError(

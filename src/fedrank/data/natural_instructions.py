@@ -57,7 +57,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from fedrank.data.examples import Example
-from fedrank.data.index import DataError, IndexStore, TaskIndex, build_index, cache_dir
+from fedrank.data.index import DataError, IndexStore, TaskIndex, build_index, index_root
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +281,7 @@ def open_index(
         "seed": seed,
     }
     key = checkout.key(options)
-    root = cache_dir(cache) / SOURCE / f"index-{key}"
+    root = index_root(cache, SOURCE) / f"index-{key}"
 
     def build(out: Path) -> None:
         plan, left = checkout.plan()
