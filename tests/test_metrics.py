@@ -221,9 +221,10 @@ def test_one_pass_evaluation_equals_the_separate_routes(tiny) -> None:
     # the scores' bytes, which float rounding between the two routes changes on some processors)
     for e, s in mc:
         other = choice_logliks(model, tok, e, cfg)
-        if len(set(s.option_logliks)) == len(s.option_logliks) and min(
-            abs(a - b) for i, a in enumerate(other) for b in other[i + 1 :]
-        ) > 1e-3:
+        if (
+            len(set(s.option_logliks)) == len(s.option_logliks)
+            and min(abs(a - b) for i, a in enumerate(other) for b in other[i + 1 :]) > 1e-3
+        ):
             assert choose(s.option_logliks) == choose(other)
     gen = [e for e in examples if not e.is_multiple_choice]
     preds = generate(model, tok, [e.prompt for e in gen], cfg, int(res["new_tokens"]))

@@ -381,9 +381,9 @@ def test_a_failed_overwrite_leaves_no_old_outputs(
     assert main(["run", str(cfg_path), "--out", str(out), "--no-progress", "--set", "output.plots=true"]) == 0
     with monkeypatch.context() as m:
         _interrupt_after(m, 1)
-        with pytest.raises(KeyboardInterrupt):
-            main(["run", str(cfg_path), "--out", str(out), "--overwrite", "--no-progress", "--set", "seed=5"])
-    names = {p.name for p in out.iterdir()}
+        code = main(["run", str(cfg_path), "--out", str(out), "--overwrite", "--no-progress", "--set", "seed=5"])
+        assert code == 130  # Ctrl-C: one line, exit 130
+    names = {p.name for p in out.iterdir()} - {run_dir.LOCK}
     assert names == {"config.toml", "metrics.jsonl", "checkpoints"}, names
     # export now takes the new run's newest checkpoint, under the new config
     assert main(["export", str(out), "--rank", "2", "--out", str(tmp_path / "ad")]) == 0
@@ -410,7 +410,7 @@ def test_overwrite_refuses_a_directory_holding_other_files(
         f"fedrank: error: refusing to empty {out}: it holds files that are not a fedrank run's (notes.txt); "
         "remove them or choose another output directory"
     )
-    assert sorted(p.name for p in out.iterdir()) == ["config.toml", "notes.txt"]  # nothing removed
+    assert sorted(p.name for p in out.iterdir()) == [run_dir.LOCK, "config.toml", "notes.txt"]  # nothing removed
 
 
 def test_compare_and_export_refuse_a_non_empty_directory_without_overwrite(

@@ -337,24 +337,27 @@ def test_tensorboard_without_the_package_is_refused_when_the_config_loads(
 def test_summary_and_end_of_run_output_split_the_wall_time_and_give_the_peak_rss(
     run_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """summary.json's time_split: load, train (the client records' seconds), aggregate (the round records'),
-    evaluate (the eval records'), other and the total (= the run's seconds + the model load); the end-of-run
+    """summary.json's time_split: data (opening the data and partitioning), load, train (the client records'
+    seconds), aggregate (the round records'),
+    evaluate (the eval records'), other and the total (= the run's seconds + data + the model load); the end-of-run
     output prints it with the peak RSS."""
     from fedrank.report import read_metrics
 
     summary = json.loads((run_dir / "summary.json").read_text())
     split, records = summary["time_split"], read_metrics(run_dir / "metrics.jsonl")
     assert split["load"] == pytest.approx(summary["load_seconds"], abs=1e-3)
+    assert split["data"] == pytest.approx(summary["data_seconds"], abs=1e-3) and split["data"] > 0
     assert split["train"] == pytest.approx(sum(r["seconds"] for r in records if r["type"] == "client"), abs=1e-2)
     assert split["aggregate"] == pytest.approx(
         sum(r["aggregate_seconds"] for r in records if r["type"] == "round"), abs=1e-2
     )
     assert split["evaluate"] == pytest.approx(sum(r["seconds"] for r in records if r["type"] == "eval"), abs=1e-2)
-    assert split["total"] == pytest.approx(summary["seconds"] + summary["load_seconds"], abs=1e-2)
-    parts = ("load", "train", "aggregate", "evaluate", "other")
+    total = summary["seconds"] + summary["load_seconds"] + summary["data_seconds"]
+    assert split["total"] == pytest.approx(total, abs=1e-2)
+    parts = ("data", "load", "train", "aggregate", "evaluate", "other")
     assert sum(split[k] for k in parts) == pytest.approx(split["total"], abs=1e-2)
     assert 50 * 2**20 < summary["peak_rss_bytes"] < 64 * 2**30
     _print_outputs(summary, run_dir)
     out = capsys.readouterr().out
-    assert f"wall time {split['total']:.0f} s: load {split['load']:.0f} s, train {split['train']:.0f} s" in out
+    assert f"wall time {split['total']:.0f} s: data {split['data']:.0f} s, load {split['load']:.0f} s, train" in out
     assert f"peak RSS {summary['peak_rss_bytes'] / 2**30:.2f} GiB" in out

@@ -15,6 +15,10 @@ Format (``fedrank-state/1``): a safetensors file whose ``__metadata__`` holds
 
 Loading parses the header as JSON, lets safetensors validate and read the tensors, verifies the checksum and
 rebuilds the tree; a pickle (``torch.save``) or anything else is refused before a byte of it is interpreted.
+The header is read first and the tensors it declares are checked against the file's size (and the memory
+available) before the rest is read, and the header and manifest are parsed with bounded depth and size
+(:mod:`fedrank.untrusted`). The checksum is integrity, not authenticity: anyone can recompute it, so what a
+checkpoint holds is checked again where it is used (:func:`fedrank.run_dir.restore`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,14 @@ import torch
 from torch import Tensor
 
 from fedrank import faults
+from fedrank.untrusted import (
+    MAX_HEADER_BYTES,
+    DataError,
+    available_memory,
+    gib,
+    load_json,
+    safetensors_data_bytes,
+)
 
 FORMAT = "fedrank-state/1"
 SUFFIX = ".safetensors"
@@ -178,24 +190,38 @@ def to_bytes(obj: Any, kind: str = "state") -> bytes:
     return data
 
 
-def _header(data: bytes, where: str) -> dict[str, Any]:
-    n = struct.unpack("<Q", data[:8])[0] if len(data) >= 8 else -1
-    header: Any = None
-    if 0 <= n <= len(data) - 8:
-        try:
-            header = json.loads(data[8 : 8 + n])
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            header = None
-    if header is None and (data[:4] == b"PK\x03\x04" or (data[:1] == b"\x80" and data[1:2] in b"\x02\x03\x04\x05")):
-        raise CheckpointError(
+def _not_ours(data: bytes, where: str, size: int) -> CheckpointError:
+    """The error for a file without a readable safetensors header: a pickle, or something corrupt."""
+    if data[:4] == b"PK\x03\x04" or (data[:1] == b"\x80" and data[1:2] in b"\x02\x03\x04\x05"):
+        return CheckpointError(
             f"{where} is a pickle (torch.save) file, not a fedrank checkpoint; it is not loaded, because "
             "unpickling a file can run any code. Start the run afresh (--overwrite) or use another directory"
         )
+    return CheckpointError(
+        f"{where} is truncated or corrupt, or not a fedrank checkpoint (no readable safetensors header; {size} bytes)"
+    )
+
+
+def _header_length(data: bytes, size: int) -> int:
+    """The header length the first 8 bytes declare, or -1 when it cannot be one (past the end or too large)."""
+    n: int = struct.unpack("<Q", data[:8])[0] if len(data) >= 8 else -1
+    return n if 0 <= n <= min(size - 8, MAX_HEADER_BYTES) else -1
+
+
+def _parse_header(raw: bytes, where: str) -> Any:
+    try:
+        return load_json(raw, f"{where}: its safetensors header", max_bytes=MAX_HEADER_BYTES)
+    except DataError as e:
+        if "nested deeper" in str(e):
+            raise CheckpointError(str(e)) from e
+        return None
+
+
+def _header(data: bytes, where: str) -> dict[str, Any]:
+    n = _header_length(data, len(data))
+    header = _parse_header(data[8 : 8 + n], where) if n >= 0 else None
     if header is None:
-        raise CheckpointError(
-            f"{where} is truncated or corrupt, or not a fedrank checkpoint (no readable safetensors header; "
-            f"{len(data)} bytes)"
-        )
+        raise _not_ours(data, where, len(data))
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{where} is not a fedrank checkpoint (no {FORMAT!r} metadata)")
@@ -216,7 +242,11 @@ def from_bytes(data: bytes, where: str = "checkpoint", kind: str | None = None) 
     if _digest(str(meta.get("kind")), str(meta.get("manifest")), tensors) != meta.get("sha256"):
         raise CheckpointError(f"{where} does not match its checksum (corrupt or partially written)")
     try:
-        return decode(json.loads(meta["manifest"]), tensors)
+        manifest = load_json(str(meta.get("manifest")), f"{where}: its manifest", max_bytes=MAX_HEADER_BYTES)
+    except DataError as e:
+        raise CheckpointError(str(e)) from e
+    try:
+        return decode(manifest, tensors)
     except CheckpointError as e:
         raise CheckpointError(f"{where}: {e}") from e
     except (KeyError, TypeError, ValueError) as e:
@@ -274,13 +304,55 @@ def save(obj: Any, path: Path, *, kind: str = "state", fault_round: int | None =
     atomic_write_bytes(path, to_bytes(obj, kind), fault_round=fault_round)
 
 
-def load(path: Path, kind: str | None = None) -> Any:
-    """Load a checkpoint written by :func:`save`, verifying its format, kind and checksum."""
+def read_checked(path: Path, max_bytes: int | None = None) -> bytes:
+    """The bytes of checkpoint file ``path``, read only after its header was checked: the tensors it declares
+    must fill the rest of the file exactly and fit in ``max_bytes`` (when given) and in the memory available.
+    A huge (sparse) file is refused from its first bytes, never read into memory."""
+    where = str(path)
     try:
-        data = path.read_bytes()
+        f = open(path, "rb")  # noqa: SIM115 (closed below; a missing file is a CheckpointError)
     except FileNotFoundError as e:
         raise CheckpointError(f"no checkpoint at {path}") from e
-    return from_bytes(data, str(path), kind)
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        n = _header_length(head, size)
+        if n < 0:
+            raise _not_ours(head + f.read(8), where, size)
+        raw = f.read(n)
+        header = _parse_header(raw, where)
+        if header is None:
+            raise _not_ours(head + raw, where, size)
+        try:
+            declared = safetensors_data_bytes(header, where)
+        except DataError as e:
+            raise CheckpointError(f"{e} (corrupt or crafted)") from e
+        held = size - 8 - n
+        if declared != held:
+            raise CheckpointError(
+                f"{where} is truncated or corrupt: its header declares {declared} bytes of tensor data, the file "
+                f"holds {held}"
+            )
+        if max_bytes is not None and declared > max_bytes:
+            raise CheckpointError(
+                f"{where} declares {gib(declared)} of tensors, more than a checkpoint of this run holds (at most "
+                f"{gib(max_bytes)}); not read"
+            )
+        free = available_memory()
+        if free is not None and declared > free:
+            raise CheckpointError(
+                f"{where} declares {gib(declared)} of tensors, more than the {gib(free)} of memory available; not read"
+            )
+        data = head + raw + f.read(declared + 1)
+    if len(data) != size:
+        raise CheckpointError(f"{where} changed while it was read ({size} bytes, then {len(data)})")
+    return data
+
+
+def load(path: Path, kind: str | None = None, *, max_bytes: int | None = None) -> Any:
+    """Load a checkpoint written by :func:`save`, verifying its format, kind, sizes (see :func:`read_checked`,
+    ``max_bytes``: the most bytes of tensors expected) and checksum."""
+    return from_bytes(read_checked(path, max_bytes), str(path), kind)
 
 
 def tensor_bytes(obj: Any) -> int:

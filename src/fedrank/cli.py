@@ -31,16 +31,21 @@ def _few(tasks: Sequence[str], most: int = 3) -> str:
 
 
 def _print_outputs(summary: dict[str, Any], out: Path) -> None:
-    from fedrank.report import end_of_run_table
+    from fedrank.report import end_of_run_table, safe_name
+
+    def names(xs: Any) -> list[str]:  # task and client names come from the data: control characters escaped
+        return [safe_name(x) for x in xs]
 
     print("\n" + end_of_run_table(summary))
-    print(f"\nheld-out task families: {', '.join(summary.get('held_out', []))}")
-    print(f"unseen tasks evaluated: {', '.join(summary.get('unseen_tasks', []))}")
+    print(f"\nheld-out task families: {', '.join(names(summary.get('held_out', [])))}")
+    print(f"unseen tasks evaluated: {', '.join(names(summary.get('unseen_tasks', [])))}")
     seen = summary.get("seen_clients", {})
     if summary.get("seen_by") == "task":
-        print("seen (participants' held-out examples by task): " + _few(list(seen), 8))
+        print("seen (participants' held-out examples by task): " + _few(names(seen), 8))
     else:
-        print("seen (participants):    " + ", ".join(f"client {c} ({_few(t)})" for c, t in seen.items()))
+        print(
+            "seen (participants):    " + ", ".join(f"client {safe_name(c)} ({_few(names(t))})" for c, t in seen.items())
+        )
     sp = summary.get("spectrum", {})
     if "effective_rank" in sp:
         print(
@@ -67,14 +72,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError("--resume and --overwrite exclude each other")
         if not (out / run_dir.CONFIG).is_file():
             raise RunDirError(f"cannot resume {out}: it holds no {run_dir.CONFIG} (is it a fedrank run directory?)")
+        if (out / run_dir.CONFIG).is_symlink():
+            raise RunDirError(f"cannot resume {out}: its {run_dir.CONFIG} is a symbolic link")
         cfg = load_config(out / run_dir.CONFIG, args.set or [])
     else:
         cfg = _load(args)
         out = Path(args.out or cfg.output.dir)
         check_ranks(cfg)  # settings are checked before --overwrite removes anything
-        run_dir.prepare_output(out, "run", args.overwrite)
-    print("resolved config:\n" + dumps_config(cfg))
-    result = Simulation(cfg, out, resume=bool(args.resume), progress=not args.no_progress).run()
+    with run_dir.exclusive(out):  # one writer per run directory, for the run's whole life
+        if not args.resume:
+            run_dir.prepare_output(out, "run", args.overwrite)
+        print("resolved config:\n" + dumps_config(cfg))
+        result = Simulation(cfg, out, resume=bool(args.resume), progress=not args.no_progress).run()
     _print_outputs(result.summary, out)
     return 0
 
@@ -83,7 +92,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from fedrank.aggregation import METHODS
     from fedrank.html_report import write_comparison_report
     from fedrank.report import comparison
-    from fedrank.simulation import Simulation, with_method
+    from fedrank.simulation import with_method
 
     cfg = _load(args)
     out = Path(args.out or cfg.output.dir + "-compare")
@@ -100,27 +109,36 @@ def cmd_compare(args: argparse.Namespace) -> int:
         for m in methods
         for seed in seeds
     }  # every configuration is built (and validated) before anything trains
-    from fedrank.run_dir import prepare_output
+    from fedrank import run_dir as rd
 
-    prepare_output(out, "compare", args.overwrite)
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
     runs: dict[str, list[Path]] = {}
     failed: list[str] = []
-    for method in methods:
-        for seed in seeds:
-            run_cfg = configs[(method, seed)]
-            run_dir = out / method / f"seed{seed}"
-            log.info("compare: %s seed %d -> %s", method, seed, run_dir)
-            try:
-                Simulation(run_cfg, run_dir, progress=not args.no_progress).run()
-            except RunFailed as e:  # one method's failed run does not cost the others theirs
-                log.error("compare: %s seed %d failed and is left out of the table: %s", method, seed, e)
-                failed.append(f"{method} seed {seed}")
-                continue
-            runs.setdefault(method, []).append(run_dir)
-    if not runs:
-        raise RunFailed(f"every run failed: {', '.join(failed)}")
-    md, csv_path = comparison(runs, out)
-    report = write_comparison_report(runs, out / REPORT)
+    with rd.exclusive(out):
+        if args.resume:
+            rd.refuse_links(out, "compare")
+            bad = rd.foreign_entries(out, "compare")
+            if bad:
+                raise RunDirError(f"cannot resume the comparison in {out}: it holds other files ({', '.join(bad[:5])})")
+        else:
+            rd.prepare_output(out, "compare", args.overwrite)
+        for method in methods:
+            for seed in seeds:
+                run_cfg = configs[(method, seed)]
+                run_dir = out / method / f"seed{seed}"
+                try:
+                    with rd.exclusive(run_dir):
+                        _compare_run(run_cfg, run_dir, method, seed, args)
+                except RunFailed as e:  # one method's failed run does not cost the others theirs
+                    log.error("compare: %s seed %d failed and is left out of the table: %s", method, seed, e)
+                    failed.append(f"{method} seed {seed}")
+                    continue
+                runs.setdefault(method, []).append(run_dir)
+        if not runs:
+            raise RunFailed(f"every run failed: {', '.join(failed)}")
+        md, csv_path = comparison(runs, out)
+        report = write_comparison_report(runs, out / REPORT)
     print(md.read_text())
     if failed:
         print(f"left out (the run failed, see its metrics.jsonl): {', '.join(failed)}")
@@ -129,21 +147,46 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_run(cfg: RunConfig, out: Path, method: str, seed: int, args: argparse.Namespace) -> None:
+    """One run of a comparison: with ``--resume`` a finished run (its summary.json written under this very
+    config) is kept, an interrupted one resumed from its checkpoint, the rest started."""
+    from fedrank import run_dir as rd
+    from fedrank.simulation import Simulation
+
+    if args.resume and (out / rd.CONFIG).is_file():
+        saved = load_config(out / rd.CONFIG)
+        differ = rd.config_diff(to_dict(saved), to_dict(cfg))
+        if [k for k in differ if not rd.resumable(k)]:
+            raise ConfigError(
+                f"compare --resume: {out} was run under another config (differs in {', '.join(differ[:5])}); "
+                "give the comparison's original settings, or --overwrite to redo it"
+            )
+        if (out / rd.SUMMARY).is_file() and not (out / rd.SUMMARY).is_symlink():
+            log.info("compare: %s seed %d finished earlier, kept (%s)", method, seed, out)
+            return
+        if rd.checkpoints(out):
+            log.info("compare: %s seed %d interrupted, resuming from its checkpoint (%s)", method, seed, out)
+            Simulation(cfg, out, resume=True, progress=not args.no_progress).run()
+            return
+    log.info("compare: %s seed %d -> %s", method, seed, out)
+    Simulation(cfg, out, progress=not args.no_progress).run()
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from fedrank.html_report import write_comparison_report, write_run_report
-    from fedrank.report import close, comparison, figures, load_run, save_figures
+    from fedrank.report import close, comparison, figures, load_run, safe_name, save_figures
 
     runs: dict[str, list[Path]] = {}
     for d in map(Path, args.run_dirs):
         run = load_run(d)
         figs = figures(run.records, run.ranks, run.method)
         try:
-            plots = save_figures(figs, d / "plots")
+            plots = _plots_into_run(d, figs, save_figures)
             if args.html and len(args.run_dirs) == 1:
                 print(f"report: {write_run_report(d, figs, Path(args.html))}")
         finally:
             close(figs)
-        print(f"{d}: {json.dumps(run.summary['unseen_after'])}  plots: {[str(p) for p in plots]}")
+        print(f"{safe_name(d, 300)}: {json.dumps(run.summary['unseen_after'])}  plots: {[str(p) for p in plots]}")
         runs.setdefault(run.method, []).append(d)
     if args.out:
         md, _ = comparison(runs, Path(args.out))
@@ -151,6 +194,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.html and len(args.run_dirs) > 1:
         print(f"report: {write_comparison_report(runs, Path(args.html))}")
     return 0
+
+
+def _plots_into_run(d: Path, figs: Any, save: Any) -> list[Path]:
+    """The run's plots rewritten in ``d/plots`` where that is safe and possible; otherwise the report only reads
+    ``d`` (a read-only or shared run directory, or one holding links where the plots go), with one log line."""
+    from fedrank import run_dir as rd
+
+    links = rd.links_in(d)
+    if links:
+        log.warning("not writing plots into %s: it holds symbolic links (%s)", d, ", ".join(links[:3]))
+        return []
+    try:
+        paths: list[Path] = save(figs, d / "plots")
+    except OSError as e:
+        log.warning("not writing plots into %s: %s", d, os_error(e))
+        return []
+    return paths
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -167,9 +227,11 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"{source} was written under another config than {d / run_dir.CONFIG} (differs in {', '.join(differ)}); "
             "not exporting a model under the wrong config"
         )
-    run_dir.prepare_output(out, "adapter", args.overwrite)
-    base = SMOLLM2_ID if cfg.model.name == SMOLLM2 else cfg.model.name
-    path = export_global(build_method(cfg), state, cfg, args.rank, out, base)
+    with run_dir.exclusive(out):
+        run_dir.prepare_output(out, "adapter", args.overwrite)
+        run_dir.refuse_links(out, "adapter")
+        base = SMOLLM2_ID if cfg.model.name == SMOLLM2 else cfg.model.name
+        path = export_global(build_method(cfg), state, cfg, args.rank, out, base)
     print(f"exported rank-{args.rank} PEFT adapter to {path}")
     return 0
 
@@ -270,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--overwrite", action="store_true", help="replace fedrank's files in a non-empty --out (others are refused)"
     )
+    c.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted comparison in --out: finished runs are kept, interrupted ones resumed from "
+        "their checkpoints, the rest started (the same config, methods and seeds)",
+    )
     c.add_argument("--methods", required=True, help="comma-separated, e.g. flexlora,fslora,hetlora,fedit")
     c.add_argument("--seeds", help="comma-separated seeds (default: the config's seed)")
     c.add_argument(
@@ -359,6 +427,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         code: int = args.func(args)
+    except KeyboardInterrupt:
+        print(
+            "fedrank: interrupted; a run continues from its last checkpoint with 'fedrank run --resume DIR', "
+            "a comparison with 'fedrank compare ... --resume'",
+            file=sys.stderr,
+        )
+        return 130
     except (ConfigError, CheckpointError, RunDirError, ValueError, KeyError, RunFailed) as e:
         print(f"fedrank: error: {e}", file=sys.stderr)
         return 2

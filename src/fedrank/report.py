@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import csv
-import json
+import logging
 import math
+import re
 import resource
 import sys
 import tomllib
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +22,455 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------ names and numbers on the way out
+def safe_name(text: object, most: int = 80) -> str:
+    """``text`` (a name from a run directory or a data set) for a terminal or a log line: control and format
+    characters (ANSI/OSC escape sequences, newlines, bidi overrides) escaped as ``repr`` escapes them
+    (``\\x1b``, ``\\n``, ``\\u202e``), and at most ``most`` characters, shortened with "…"."""
+    raw = str(text)
+    pieces = [c if c.isprintable() else repr(c)[1:-1] for c in raw[: most + 1]]
+    if len(raw) <= most and sum(map(len, pieces)) <= most:
+        return "".join(pieces)
+    out: list[str] = []
+    size = 0
+    for piece in pieces:
+        if size + len(piece) > most - 1:
+            break
+        out.append(piece)
+        size += len(piece)
+    return "".join(out) + "…"
+
+
+def plot_label(text: object, most: int = 60) -> str:
+    """``text`` as matplotlib text that shows as written: :func:`safe_name`, with every ``$`` escaped so that
+    no name is read as mathtext (``$\\frac{$`` would stop the figure from drawing)."""
+    return safe_name(text, most).replace("$", r"\$")
+
+
+def fmt(x: object, spec: str = ".4f") -> str:
+    """``x`` formatted by ``spec`` where it is a real, finite number (not a bool), else "–"; a fixed-point
+    ``spec`` gives way to 4 significant digits from 10¹⁵ on (a diverged perplexity is not 300 digits long)."""
+    if isinstance(x, bool) or not isinstance(x, int | float) or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    try:
+        if spec[-1:] in ("f", "%") and abs(x) >= 1e15:
+            return format(float(x), spec.rstrip("f%").split(".")[0] + ".4g")
+        return format(x, spec)
+    except (OverflowError, ValueError):
+        return "–"
+
+
+def fmt_count(x: object) -> str:
+    """``x`` as a whole number where it is one (an int, or a float without a fraction), else "–"."""
+    if isinstance(x, float) and math.isfinite(x) and x.is_integer():
+        return str(int(x))
+    return str(x) if isinstance(x, int) and not isinstance(x, bool) else "–"
+
+
+_TAG_PART = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def tb_tag(*parts: object) -> str:
+    """A TensorBoard tag of ``parts`` joined by "/": each part (a split, a task or client name, a metric) with
+    every character outside [A-Za-z0-9_.-] replaced by "_" (a "/" in a name too, so that names cannot make
+    groups of their own), and at most 100 characters."""
+    return "/".join(_TAG_PART.sub("_", str(p))[:100] or "_" for p in parts)
+
+
+# ------------------------------------------------------------------ a run directory is untrusted input
+# People share run directories: every value the reports take from summary.json and metrics.jsonl is checked
+# here, against the schema the simulator writes (types, ranges), before anything reads it. A value that does not
+# fit is left out with a warning (a number is kept as NaN, which the reports show as "–"); a record whose type
+# or round does not fit is left out as a whole.
+
+MAX_ROUND = 10**6
+MAX_RANK = 2**16
+MAX_COUNT = 2**62
+MAX_NAME = 1000
+"""Longest task, client, metric or method name kept (longer ones are left out)."""
+MAX_TEXT = 4096
+MAX_METRICS = 16
+"""Most metrics kept per evaluated task or average (each is a panel of the plots)."""
+_BIG = 1e12
+_SECONDS = 1e9
+
+
+class Invalid(ValueError):
+    """A value from a run directory that does not fit the schema."""
+
+
+Check = Callable[[Any, str, list[str]], Any]
+"""(value, where it is, problems found inside it) -> the checked value; raises :class:`Invalid`."""
+
+
+def _where(at: str, key: object) -> str:
+    return f"{at}.{safe_name(key, 40)}"
+
+
+def _num(lo: float = -sys.float_info.max, hi: float = sys.float_info.max) -> Check:
+    """A real number in [lo, hi] (by default any finite one) as a float, or NaN (metrics.jsonl's null: a
+    diverged loss)."""
+
+    def check(x: Any, at: str, problems: list[str]) -> float:
+        if isinstance(x, bool) or not isinstance(x, int | float):
+            raise Invalid(f"not a number ({type(x).__name__})")
+        if isinstance(x, float) and math.isnan(x):
+            return x
+        if not lo <= x <= hi:
+            raise Invalid(f"outside [{lo:g}, {hi:g}]")
+        return float(x)
+
+    return check
+
+
+def _int(lo: int = 0, hi: int = MAX_COUNT) -> Check:
+    """A whole number in [lo, hi] (an int, or a float without a fraction)."""
+
+    def check(x: Any, at: str, problems: list[str]) -> int:
+        if isinstance(x, bool) or not isinstance(x, int | float):
+            raise Invalid(f"not an integer ({type(x).__name__})")
+        if isinstance(x, float) and not (math.isfinite(x) and x.is_integer()):
+            raise Invalid("not an integer")
+        if not lo <= x <= hi:
+            raise Invalid(f"outside [{lo}, {hi}]")
+        return int(x)
+
+    return check
+
+
+def _text(most: int = MAX_TEXT) -> Check:
+    def check(x: Any, at: str, problems: list[str]) -> str:
+        if not isinstance(x, str):
+            raise Invalid(f"not a string ({type(x).__name__})")
+        if len(x) > most:
+            raise Invalid(f"longer than {most} characters")
+        return x
+
+    return check
+
+
+_name = _text(MAX_NAME)
+
+
+def _bool(x: Any, at: str, problems: list[str]) -> bool:
+    if not isinstance(x, bool):
+        raise Invalid(f"not true/false ({type(x).__name__})")
+    return x
+
+
+def _choice(*options: str) -> Check:
+    def check(x: Any, at: str, problems: list[str]) -> str:
+        if x not in options or not isinstance(x, str):
+            raise Invalid(f"not one of {', '.join(options)}")
+        return x
+
+    return check
+
+
+def _optional(inner: Check) -> Check:
+    def check(x: Any, at: str, problems: list[str]) -> Any:
+        return None if x is None else inner(x, at, problems)
+
+    return check
+
+
+def _list(item: Check, most: int = 100_000) -> Check:
+    """A list; items that do not fit are left out."""
+
+    def check(x: Any, at: str, problems: list[str]) -> list[Any]:
+        if not isinstance(x, list):
+            raise Invalid(f"not a list ({type(x).__name__})")
+        if len(x) > most:
+            raise Invalid(f"more than {most} items")
+        out = []
+        for i, v in enumerate(x):
+            try:
+                out.append(item(v, f"{at}[{i}]", problems))
+            except Invalid as e:
+                problems.append(f"{at}[{i}]: {e}")
+        return out
+
+    return check
+
+
+def _mapping(key: Check, value: Check, most: int = 100_000) -> Check:
+    """An object; entries whose name or value do not fit, and those past the first ``most``, are left out."""
+
+    def check(x: Any, at: str, problems: list[str]) -> dict[str, Any]:
+        if not isinstance(x, dict):
+            raise Invalid(f"not an object ({type(x).__name__})")
+        out: dict[str, Any] = {}
+        for k, v in x.items():
+            where = _where(at, k)
+            if len(out) >= most:
+                problems.append(f"{at}: more than {most} entries, the rest left out")
+                break
+            try:
+                out[key(k, where, problems)] = value(v, where, problems)
+            except Invalid as e:
+                problems.append(f"{where}: {e}")
+        return out
+
+    return check
+
+
+_metric_map = _mapping(_name, _num(), MAX_METRICS)
+
+
+def _metrics(x: Any, at: str, problems: list[str]) -> dict[str, float]:
+    """Metric name -> a finite value or NaN; ``n`` and ``new_tokens`` (counts) finite, in [0, 10¹²]."""
+    out: dict[str, float] = _metric_map(x, at, problems)
+    for k in ("n", "new_tokens"):
+        if k in out and not 0 <= out[k] <= _BIG:  # NaN too
+            problems.append(f"{at}.{k}: not a count")
+            del out[k]
+    return out
+
+
+def _spectrum(x: Any, at: str, problems: list[str]) -> dict[str, Any]:
+    """{} (no diagnostic), {r_min, r_max} (ΔW = 0) or all five keys: readers may rely on that shape."""
+    keys: dict[str, Check] = {
+        "r_min": _int(1, MAX_RANK),
+        "r_max": _int(1, MAX_RANK),
+        "energy_top_rmin": _num(0.0, 1.0 + 1e-6),
+        "energy_top_rmax": _num(0.0, 1.0 + 1e-6),
+        "effective_rank": _num(0.0, float(MAX_RANK)),
+    }
+    if not isinstance(x, dict):
+        raise Invalid(f"not an object ({type(x).__name__})")
+    out: dict[str, Any] = {}
+    for k, check in keys.items():
+        if k in x:
+            try:
+                out[k] = check(x[k], f"{at}.{k}", problems)
+            except Invalid as e:
+                problems.append(f"{at}.{k}: {e}")
+    if len(out) == len(keys):
+        return out
+    if "r_min" in out and "r_max" in out:
+        return {"r_min": out["r_min"], "r_max": out["r_max"]}
+    return {}
+
+
+def _rank_counts(x: Any, at: str, problems: list[str]) -> dict[str, int]:
+    """Rank (a whole number as a string) -> clients; at most 1024 ranks and 10⁶ clients in all."""
+    out = _mapping(_text(8), _int(0, 10**6), 1024)(x, at, problems)
+    bad = [k for k in out if not (k.isascii() and k.isdigit() and 1 <= int(k) <= MAX_RANK)]
+    for k in bad:
+        problems.append(f"{_where(at, k)}: not a rank")
+        del out[k]
+    if sum(out.values()) > 10**6:
+        raise Invalid("more than 10⁶ clients")
+    return {str(int(k)): v for k, v in out.items()}
+
+
+_REQUIRED: Callable[[], Any] | None = None
+Field = tuple[Check, Callable[[], Any] | None]
+"""A record's field: its check and a factory of what stands in for it when it is missing or does not fit
+(None: the record is left out)."""
+
+_NAN: Callable[[], Any] = lambda: math.nan  # noqa: E731
+_TASKS = _mapping(_name, _list(_name))
+_SECONDS_FIELD: Field = (_num(0.0, _SECONDS), _NAN)
+_BYTES_FIELD: Field = (_num(0.0, float(MAX_COUNT)), _NAN)
+
+RECORDS: dict[str, dict[str, Field]] = {
+    "eval": {
+        "unseen": (_mapping(_name, _metrics), dict),
+        "unseen_avg": (_metrics, dict),
+        "participants": (_mapping(_name, _metrics), dict),
+        "participants_avg": (_metrics, dict),
+        "participant_tasks": (_TASKS, dict),
+        "seen_by": (_choice("client", "task"), lambda: "client"),
+        "seconds": _SECONDS_FIELD,
+        "reused": (_bool, bool),
+    },
+    "client": {
+        "client": (_int(0, MAX_COUNT), _REQUIRED),
+        "rank": (_int(1, MAX_RANK), _REQUIRED),
+        "n": (_num(0.0, _BIG), _NAN),
+        "tasks": (_list(_name), list),
+        "loss": (_num(), _NAN),
+        "seconds": _SECONDS_FIELD,
+        "up_bytes": _BYTES_FIELD,
+        "down_bytes": _BYTES_FIELD,
+    },
+    "round": {
+        "clients": (_num(0.0, _BIG), _NAN),
+        "train_loss": (_num(), _NAN),
+        "up_bytes": _BYTES_FIELD,
+        "down_bytes": _BYTES_FIELD,
+        "aggregate_seconds": _SECONDS_FIELD,
+        "seconds": _SECONDS_FIELD,
+        "spectrum": (_spectrum, dict),
+    },
+    "round_skipped": {
+        "valid_updates": (_num(0.0, _BIG), _NAN),
+        "min_clients": (_num(0.0, _BIG), _NAN),
+    },
+}
+"""What the reports read of each record type of metrics.jsonl (every record also has its type and round)."""
+
+LEFT_OUT: dict[str, Field] = {"client": (_int(0, MAX_COUNT), _NAN), "reason": (_text(), str)}
+"""The fields of a client_failed / client_rejected / client_dropped / client_skipped record."""
+_LEFT_OUT_TYPE = re.compile(r"client_[a-z_]{1,40}")
+_round = _int(0, MAX_ROUND)
+
+
+def _fields(r: dict[str, Any], schema: dict[str, Field], at: str, problems: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, (check, default) in schema.items():
+        try:
+            if key not in r:
+                raise Invalid("missing")
+            out[key] = check(r[key], f"{at}.{key}", problems)
+        except Invalid as e:
+            if default is None:
+                raise Invalid(f"{key}: {e}") from e
+            if key in r:
+                problems.append(f"{at}.{key}: {e}")
+            out[key] = default()
+    return out
+
+
+def clean_records(records: Sequence[Any], source: object = "metrics.jsonl") -> list[dict[str, Any]]:
+    """The records of :data:`RECORDS` (and the client_* ones) with exactly the fields the reports read, each
+    checked; a warning names what was left out."""
+    out: list[dict[str, Any]] = []
+    problems: list[str] = []
+    for i, r in enumerate(records):
+        at = f"record {i + 1}"
+        try:
+            if not isinstance(r, dict):
+                raise Invalid(f"not an object ({type(r).__name__})")
+            kind = r.get("type")
+            if not isinstance(kind, str):
+                raise Invalid("no type")
+            schema = RECORDS.get(kind) or (LEFT_OUT if _LEFT_OUT_TYPE.fullmatch(kind) else None)
+            if schema is None:
+                raise Invalid(f"unknown type {safe_name(kind, 40)!r}")
+            if "round" not in r:
+                raise Invalid("no round")
+            try:
+                rnd = _round(r["round"], f"{at}.round", problems)
+            except Invalid as e:
+                raise Invalid(f"round: {e}") from e
+            out.append({"type": kind, "round": rnd, **_fields(r, schema, at, problems)})
+        except Invalid as e:
+            problems.append(f"{at} left out: {e}")
+    _warn(source, problems)
+    return out
+
+
+SUMMARY: dict[str, Check] = {
+    "method": _name,
+    "rounds": _int(0, MAX_ROUND),
+    "client_updates": _int(),
+    "skipped_rounds": _int(0, MAX_ROUND),
+    "clients_left_out": _mapping(
+        _choice(*(f"client_{k}" for k in ("failed", "rejected", "dropped", "skipped"))), _int()
+    ),
+    "eval_before_round": _optional(_round),
+    "eval_before_reused": _bool,
+    "eval_after_round": _optional(_round),
+    **{f"{split}_{when}": _metrics for split in ("unseen", "seen") for when in ("before", "after", "change")},
+    "participants_after": _metrics,
+    "unseen_tasks": _list(_name),
+    "seen_clients": _TASKS,
+    "seen_by": _choice("client", "task"),
+    "unseen_examples": _int(),
+    "seen_examples": _int(),
+    "spectrum": _spectrum,
+    "final_train_loss": _optional(_num()),
+    "up_bytes": _int(),
+    "down_bytes": _int(),
+    "seconds": _num(0.0, _SECONDS),
+    "load_seconds": _num(0.0, _SECONDS),
+    "data_seconds": _num(0.0, _SECONDS),
+    "adapter": _text(),
+    "export_rank": _int(1, MAX_RANK),
+    "held_out": _list(_name),
+    "training_tasks": _int(),
+    "registered_clients": _int(),
+    "rank_counts": _rank_counts,
+    "global_state": _text(),
+    "report": _text(),
+    "tensorboard": _text(),
+    "plots": _list(_text()),
+    "time_split": _mapping(
+        _choice("data", "load", "train", "aggregate", "evaluate", "other", "total"), _num(0.0, _BIG)
+    ),
+    "peak_rss_bytes": _int(),
+}
+"""What the reports read of summary.json; other keys (the data's provenance ...) are not read."""
+
+
+def clean_summary(summary: Any, source: object = "summary.json") -> dict[str, Any]:
+    """The keys of :data:`SUMMARY` in ``summary``, each checked; a warning names what was left out."""
+    problems: list[str] = []
+    out: dict[str, Any] = {}
+    if not isinstance(summary, dict):
+        problems.append(f"not an object ({type(summary).__name__})")
+        summary = {}
+    for key, check in SUMMARY.items():
+        if key in summary:
+            try:
+                out[key] = check(summary[key], key, problems)
+            except Invalid as e:
+                problems.append(f"{key}: {e}")
+    _warn(source, problems)
+    return out
+
+
+def _warn(source: object, problems: list[str]) -> None:
+    if problems:
+        log.warning(
+            "%s: %d value(s) do not fit and are left out of the report, e.g. %s",
+            safe_name(source, 200),
+            len(problems),
+            "; ".join(safe_name(p, 160) for p in problems[:3]),
+        )
+
+
+def _read_text(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+
+
+def read_config(text: str, source: object = "config.toml") -> dict[str, Any]:
+    """``config.toml``'s settings, {} (with a warning) where it is not TOML or nests tables and arrays more
+    than 32 deep (a fedrank config nests 3)."""
+    from fedrank.untrusted import depth
+
+    try:
+        config = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, RecursionError) as e:
+        log.warning("%s is not TOML (%s); the report leaves its settings out", safe_name(source, 200), safe_name(e))
+        return {}
+    if depth(config) > 32:
+        log.warning("%s nests more than 32 deep; the report leaves its settings out", safe_name(source, 200))
+        return {}
+    return config
+
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (is this a fedrank run directory?)")
+    from fedrank.untrusted import DataError, available_memory, gib, load_json
+
+    size, free = path.stat().st_size, available_memory()
+    if free is not None and size > free:
+        raise ValueError(f"{path} is {gib(size)}, more than the {gib(free)} of memory available; not read")
     records = []
-    for i, line in enumerate(path.read_text().splitlines()):
+    for i, line in enumerate(path.read_bytes().splitlines()):
         if not line.strip():
             continue
-        try:
-            records.append(json.loads(line, object_hook=_null_as_nan))
-        except json.JSONDecodeError as e:
-            raise ValueError(
-                f"{path} line {i + 1} is not JSON ({e}); a line cut by a crash is repaired by --resume"
-            ) from e
+        try:  # bounded: a line nested thousands deep or of gigabytes is refused, naming the file and line
+            records.append(load_json(line, f"{path} line {i + 1}", object_hook=_null_as_nan))
+        except DataError as e:
+            raise ValueError(f"{e}; a line cut by a crash is repaired by --resume") from e
     return records
 
 
@@ -76,6 +512,7 @@ def run_summary(records: Sequence[dict[str, Any]], method: str) -> dict[str, Any
         "seen_change": {k: seen_after[k] - seen_before[k] for k in seen_after if k in seen_before},
         "unseen_tasks": sorted(last.get("unseen", {})),
         "seen_clients": {c: last.get("participant_tasks", {}).get(c, []) for c in last.get("participants", {})},
+        "seen_by": last.get("seen_by", "client"),
         "unseen_examples": int(sum(m.get("n", 0) for m in last.get("unseen", {}).values())),
         "seen_examples": int(sum(m.get("n", 0) for m in last.get("participants", {}).values())),
         "spectrum": rounds[-1].get("spectrum", {}) if rounds else {},
@@ -136,19 +573,27 @@ def round_curve(runs: Sequence[Sequence[dict[str, Any]]], key: str) -> Curve:
     return out
 
 
+PLOT_LIMIT = 1e15
+"""Values beyond ± this are not drawn (matplotlib cannot lay out an axis from -1e308 to 1e308)."""
+
+
+def _plottable(v: float) -> float:
+    return v if math.isfinite(v) and abs(v) <= PLOT_LIMIT else math.nan
+
+
 def _line(ax: Any, curve: Curve, label: str, k: int) -> None:
     """Line ``k`` of a plot: the mean over runs with markers, and a ± std band when there are several runs."""
     xs = sorted(curve)
-    stats = [mean_std(curve[x]) for x in xs]
-    mean = [m for m, _ in stats]
+    stats = [mean_std([_plottable(v) for v in curve[x]]) for x in xs]
+    mean = [_plottable(m) for m, _ in stats]
     n = max(len(curve[x]) for x in xs)
     marker, linestyle = STYLES[k % len(STYLES)]
     color = f"C{k % 10}"
-    name = label if n == 1 else f"{label} (mean ± std, {n} seeds)"
+    name = plot_label(label) if n == 1 else f"{plot_label(label)} (mean ± std, {n} seeds)"
     ax.plot(xs, mean, marker=marker, linestyle=linestyle, color=color, label=name, markersize=5)
     if n > 1:
-        lo = [m - s for m, s in stats]
-        hi = [m + s for m, s in stats]
+        lo = [_plottable(m - s) for m, s in stats]
+        hi = [_plottable(m + s) for m, s in stats]
         ax.fill_between(xs, lo, hi, color=color, alpha=0.15, linewidth=0)
 
 
@@ -158,7 +603,7 @@ def eval_figure(curves: dict[str, Curves]) -> Figure | None:
     reference line."""
     panels = {p for c in curves.values() for p in c}
     rows = [
-        (key, split, ordered_metrics({m for g, m in panels if g == key}))
+        (key, split, ordered_metrics({m for g, m in panels if g == key})[:MAX_METRICS])
         for key, split, _ in GROUPS
         if any(g == key for g, _ in panels)
     ]
@@ -176,9 +621,11 @@ def eval_figure(curves: dict[str, Curves]) -> Figure | None:
                 if (key, metric) in c:
                     _line(ax, c[(key, metric)], label, k)
                     base += c[(key, metric)].get(0, [])
-            if base:
-                ax.axhline(sum(base) / len(base), **BASE_STYLE, label="base model (round 0)")
-            ax.set(title=f"{split}: {metric} ({_better(metric)})", xlabel="round", ylabel=f"{split} {metric}")
+            level = _plottable(sum(map(_plottable, base)) / len(base)) if base else math.nan
+            if math.isfinite(level):
+                ax.axhline(level, **BASE_STYLE, label="base model (round 0)")
+            name = plot_label(metric, 40)
+            ax.set(title=f"{split}: {name} ({_better(metric)})", xlabel="round", ylabel=f"{split} {name}")
             ax.legend(fontsize=7)
     return fig
 
@@ -277,14 +724,16 @@ def round_seconds(records: Sequence[dict[str, Any]]) -> dict[int, dict[str, floa
 
 
 def time_split(records: Sequence[dict[str, Any]], summary: dict[str, Any]) -> list[tuple[str, float]]:
-    """The run's wall time by part: (part, seconds), the last row the total. Model load and the total are
-    those of the last process (a resumed run's earlier processes are not in them)."""
+    """The run's wall time by part: (part, seconds), the last row the total. Data (download, index and
+    partition: the first run builds the index), model load and the total are those of the last process (a
+    resumed run's earlier processes are not in them)."""
     per_round = round_seconds(records).values()
-    rows = [("model load", float(summary["load_seconds"]))] if "load_seconds" in summary else []
+    rows = [("data", float(summary["data_seconds"]))] if "data_seconds" in summary else []
+    rows += [("model load", float(summary["load_seconds"]))] if "load_seconds" in summary else []
     for name in ("client training", "aggregation", "evaluation"):
         rows.append((name, sum(p.get(name, 0.0) for p in per_round)))
     if "seconds" in summary:
-        counted = sum(s for name, s in rows if name != "model load")
+        counted = sum(s for name, s in rows if name not in ("data", "model load"))
         rows.append(("other: validation, spectrum, checkpoints, export", max(0.0, summary["seconds"] - counted)))
     rows.append(("total", sum(s for _, s in rows)))
     return rows
@@ -294,6 +743,7 @@ def time_split_summary(records: Sequence[dict[str, Any]], summary: dict[str, Any
     """:func:`time_split` as summary.json's ``time_split``: seconds by part (load, train, aggregate,
     evaluate, other) and the total."""
     keys = {
+        "data": "data",
         "model load": "load",
         "client training": "train",
         "aggregation": "aggregate",
@@ -357,11 +807,17 @@ def share_noise(before: float, after: float, n: int) -> float:
 
 
 def end_of_run_table(summary: dict[str, Any]) -> str:
-    """An aligned before -> after table of the evaluated groups (macro averages over tasks / clients)."""
+    """An aligned before -> after table of the evaluated groups (macro averages over tasks / clients), for a
+    terminal: ``summary`` is checked first (:func:`clean_summary`), names are :func:`safe_name`'s."""
+    summary = clean_summary(summary)
     rows = [("group", "metric", "before", "after", "change", "noise", "n")]
     groups = (
         (f"unseen ({len(summary.get('unseen_tasks', []))} tasks)", "unseen", summary.get("unseen_examples", 0)),
-        (f"seen ({len(summary.get('seen_clients', {}))} clients)", "seen", summary.get("seen_examples", 0)),
+        (
+            f"seen ({len(summary.get('seen_clients', {}))} {summary.get('seen_by', 'client')}s)",
+            "seen",
+            summary.get("seen_examples", 0),
+        ),
     )
     one_eval = summary.get("eval_before_round") == summary.get("eval_after_round")
     for label, key, n in groups:
@@ -372,10 +828,10 @@ def end_of_run_table(summary: dict[str, Any]) -> str:
                 (
                     label if i == 0 else "",
                     metric,
-                    "–" if b is None else f"{b:.4f}",
-                    f"{after[metric]:.4f}",
-                    "–" if b is None else f"{after[metric] - b:+.4f}",
-                    "" if b is None or metric not in SHARES else f"±{share_noise(b, after[metric], n):.4f}",
+                    "–" if b is None else fmt(b),
+                    fmt(after[metric]),
+                    "–" if b is None else fmt(after[metric] - b, "+.4f"),
+                    "" if b is None or metric not in SHARES else f"±{fmt(share_noise(b, after[metric], n))}",
                     str(n) if i == 0 else "",
                 )
             )
@@ -386,7 +842,8 @@ def end_of_run_table(summary: dict[str, Any]) -> str:
     ]
     lines.insert(1, "-" * len(lines[0]))
     b_round, a_round = summary.get("eval_before_round"), summary.get("eval_after_round")
-    lines.append(f"(before = round {b_round}, the zero-shot base model when 0; after = round {a_round}; loss is the")
+    before_after = f"(before = round {fmt_count(b_round)}, the zero-shot base model when 0; after = round "
+    lines.append(before_after + f"{fmt_count(a_round)}; loss is the")
     lines.append(" answer loss, lower is better; macro averages over the tasks / clients)")
     lines.append("(noise: two standard errors of a change in a share between two independent draws of n")
     lines.append(" answers; a change inside it is not evidence of an effect)")
@@ -398,16 +855,16 @@ def end_of_run_table(summary: dict[str, Any]) -> str:
         lines.append(" eval.reuse_base = false evaluates it again)")
     split = summary.get("time_split")
     if split:
-        by_part = ", ".join(
-            f"{k} {split[k]:.0f} s" for k in ("load", "train", "aggregate", "evaluate", "other") if k in split
-        )
+        keys = ("data", "load", "train", "aggregate", "evaluate", "other")
+        by_part = ", ".join(f"{k} {fmt(split[k], '.0f')} s" for k in keys if k in split)
         rss = summary.get("peak_rss_bytes")
         lines.append(
-            f"wall time {split['total']:.0f} s: {by_part}" + (f"; peak RSS {rss / 2**30:.2f} GiB" if rss else "")
+            f"wall time {fmt(split.get('total'), '.0f')} s: {by_part}"
+            + (f"; peak RSS {fmt(rss / 2**30, '.2f')} GiB" if rss else "")
         )
     left = summary.get("clients_left_out", {})
     if summary.get("skipped_rounds") or left:
-        parts = [f"{n} {kind.replace('client_', '')}" for kind, n in left.items()]
+        parts = [f"{n} {safe_name(kind.replace('client_', ''), 40)}" for kind, n in left.items()]
         lines.append(
             f"{summary.get('skipped_rounds', 0)} round(s) skipped; client updates left out: "
             + (", ".join(parts) or "none")
@@ -423,9 +880,13 @@ def tidy(fig: Figure) -> None:
 
 
 def mean_std(xs: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
+    """Mean and sample standard deviation (0 for one value); values too large to square give inf (shown as
+    "–"), not an OverflowError."""
     m = sum(xs) / len(xs)
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    try:
+        sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    except OverflowError:
+        sd = math.inf
     return m, sd
 
 
@@ -439,6 +900,8 @@ class Run:
     summary: dict[str, Any]
     """``summary.json`` where the run finished, over what :func:`run_summary` rebuilds from the records."""
     config_text: str
+    config: dict[str, Any] = field(default_factory=dict)
+    """``config_text`` parsed ({} where it is not TOML)."""
 
     @property
     def ranks(self) -> list[int] | None:
@@ -448,13 +911,26 @@ class Run:
 
 
 def load_run(d: Path) -> Run:
-    records = read_metrics(d / "metrics.jsonl")
-    config_text = (d / "config.toml").read_text() if (d / "config.toml").is_file() else ""
-    method = str(tomllib.loads(config_text).get("method", {}).get("name", "?"))
+    """Run directory ``d`` as the reports read it. It is untrusted input (people share run directories): the
+    records and summary.json are checked (:func:`clean_records`, :func:`clean_summary`) before anything uses
+    them, and what does not fit is left out with a warning."""
+    records = clean_records(read_metrics(d / "metrics.jsonl"), d / "metrics.jsonl")
+    config_text = _read_text(d / "config.toml")
+    config = read_config(config_text, d / "config.toml")
+    section = config.get("method")
+    name = section.get("name", "?") if isinstance(section, dict) else "?"
+    method = name if isinstance(name, str) and 0 < len(name) <= MAX_NAME else "?"
     summary = run_summary(records, method)
     if (d / "summary.json").is_file():
-        summary.update(json.loads((d / "summary.json").read_text()))
-    return Run(d, method, records, summary, config_text)
+        from fedrank.untrusted import load_json
+
+        try:
+            loaded: Any = load_json(_read_text(d / "summary.json"), str(d / "summary.json"))  # depth, size bounded
+        except ValueError as e:
+            log.warning("%s: %s; the report leaves it out", safe_name(d / "summary.json", 200), safe_name(e, 300))
+            loaded = {}
+        summary.update(clean_summary(loaded, d / "summary.json"))
+    return Run(d, method, records, summary, config_text, config)
 
 
 def method_table(runs: dict[str, list[Run]]) -> tuple[list[str], list[dict[str, Any]]]:
@@ -513,10 +989,10 @@ def comparison(runs: dict[str, list[Path]], out: Path) -> tuple[Path, Path]:
         w.writerow(["method", "seeds"] + [c for k in keys for c in (f"{k} mean", f"{k} std")])
         for r in rows:
             w.writerow([r["method"], r["seeds"]] + [x for k in keys for x in r.get(k, (float("nan"),) * 2)])
-    md = ["| method | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    md = ["| method | seeds | " + " | ".join(map(_md_cell, keys)) + " |", "|---|---|" + "---|" * len(keys)]
     for r in rows:
-        cells = [f"{r[k][0]:.4f} ± {r[k][1]:.4f}" if k in r else "–" for k in keys]
-        md.append(f"| {r['method']} | {r['seeds']} | " + " | ".join(cells) + " |")
+        cells = [f"{fmt(r[k][0])} ± {fmt(r[k][1])}" if k in r else "–" for k in keys]
+        md.append(f"| {_md_cell(r['method'])} | {r['seeds']} | " + " | ".join(_md_cell(c) for c in cells) + " |")
     md_path = out / "comparison.md"
     md_path.write_text("\n".join(md) + "\n")
     fig = eval_figure({m: eval_curves([r.records for r in rs]) for m, rs in loaded.items()})
@@ -524,6 +1000,11 @@ def comparison(runs: dict[str, list[Path]], out: Path) -> tuple[Path, Path]:
         save_figures({"comparison": fig}, out)
         plt.close(fig)
     return md_path, csv_path
+
+
+def _md_cell(text: object) -> str:
+    """A Markdown table cell that prints safely (comparison.md is printed): :func:`safe_name`, "|" escaped."""
+    return safe_name(text).replace("|", "\\|")
 
 
 def write_tensorboard(
@@ -542,7 +1023,7 @@ def write_tensorboard(
     with SummaryWriter(log_dir=str(out)) as w:
         for name, parts in round_seconds(records).items():
             for part, s in parts.items():
-                w.add_scalar(f"seconds/{part.replace(' ', '_')}", s, name)
+                w.add_scalar(tb_tag("seconds", part), s, name)
         for r in records:
             step = r["round"]
             if r["type"] == "round":
@@ -554,16 +1035,16 @@ def write_tensorboard(
                 w.add_scalar("clients/dropped_failed_rejected", dropped[step], step)
                 for k, v in r.get("spectrum", {}).items():
                     if k not in ("r_min", "r_max"):
-                        w.add_scalar(f"spectrum/{k}", v, step)
+                        w.add_scalar(tb_tag("spectrum", k), v, step)
             elif r["type"] == "eval":
                 for key, split, _ in GROUPS:
                     for metric, v in r.get(key, {}).items():
-                        w.add_scalar(f"eval/{split}/{metric}", v, step)
+                        w.add_scalar(tb_tag("eval", split, metric), v, step)
                 for key, split in (("unseen", "unseen"), ("participants", "seen")):
                     for who, metrics in r.get(key, {}).items():
                         for metric, v in metrics.items():
                             if metric != "n":
-                                w.add_scalar(f"eval_{split}/{who}/{metric}", v, step)
+                                w.add_scalar(tb_tag(f"eval_{split}", who, metric), v, step)
         counts = Counter(ranks)
         if counts:
             ks = sorted(counts)

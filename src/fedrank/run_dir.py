@@ -16,12 +16,14 @@ verifies (checksum) and whose records ``metrics.jsonl`` still holds, logging eve
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import math
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,8 @@ RUN_ENTRIES = frozenset(
     | set(COMPARISON)
 )
 ADAPTER_ENTRIES = frozenset({"adapter_config.json", "adapter_model.safetensors", "README.md"})
+LOCK = ".fedrank.lock"
+"""The lock file of a directory fedrank writes (:func:`exclusive`): held by one process at a time."""
 LAYOUTS = {"run": "a fedrank run's", "compare": "a fedrank comparison's", "adapter": "an exported adapter's"}
 
 RESUMABLE = ("output", "eval", "data.cache_dir")
@@ -66,7 +70,7 @@ class RunDirError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------- layout
 def _ours(name: str, entries: frozenset[str]) -> bool:
-    if name in entries or name.startswith(".fedrank-probe-"):
+    if name in entries or name == LOCK or name.startswith(".fedrank-probe-"):
         return True
     return name.startswith(".") and name.endswith(".tmp") and name[1:-4] in entries  # an interrupted write
 
@@ -87,7 +91,7 @@ def foreign_entries(path: Path, layout: str = "run") -> list[str]:
         if layout == "adapter" and _ours(e.name, ADAPTER_ENTRIES):
             continue
         if layout == "compare":
-            if _ours(e.name, frozenset(COMPARISON)):
+            if _ours(e.name, frozenset((*COMPARISON, REPORT))):
                 continue
             if e.is_dir() and not e.is_symlink() and e.name in METHODS:
                 for s in sorted(e.iterdir()):
@@ -112,6 +116,8 @@ def clear(path: Path, layout: str = "run") -> None:
             "remove them or choose another output directory"
         )
     for e in path.iterdir():
+        if e.name == LOCK:
+            continue  # held by this process (exclusive)
         if e.is_dir() and not e.is_symlink():
             shutil.rmtree(e)
         else:
@@ -124,7 +130,7 @@ def prepare_output(path: Path, layout: str, overwrite: bool) -> None:
     fedrank's files of that ``layout``, which are then removed before anything is written."""
     if path.exists() and not path.is_dir():
         raise RunDirError(f"output directory {path} exists and is not a directory")
-    if not path.is_dir() or not any(path.iterdir()):
+    if not path.is_dir() or not any(e.name != LOCK for e in path.iterdir()):
         return
     if not overwrite:
         run = layout == "run" and (path / CONFIG).exists()
@@ -144,8 +150,10 @@ def check_writable(path: Path, need_bytes: int = 0) -> None:
     except OSError as e:
         raise RunDirError(f"cannot create output directory {path}: {e.strerror or e}") from e
     probe = path / f".fedrank-probe-{os.getpid()}"
+    if probe.is_symlink():
+        probe.unlink()  # a planted link: removed, never written through
     try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             os.write(fd, b"fedrank")
             os.fsync(fd)
@@ -173,17 +181,92 @@ def _size(n: int) -> str:
 
 
 def open_existing(out: Path) -> None:
-    """A run to resume: ``out`` must exist and be writable."""
+    """A run to resume: ``out`` must exist, be writable and hold no links where fedrank writes."""
     if not out.is_dir():
         raise RunDirError(f"cannot resume {out}: no such directory")
+    refuse_links(out)
     check_writable(out)
 
 
 def start_fresh(out: Path) -> None:
     """A new run owns ``out``: an earlier run's files there are removed (the CLI asks for --overwrite first),
     other files are refused, and the directory must be writable."""
+    refuse_links(out)
     clear(out, "run")
     check_writable(out)
+
+
+WRITTEN_FOLDERS = (CHECKPOINTS, CLIENTS, ADAPTER, PLOTS, TENSORBOARD)
+"""Folders of a run directory that fedrank writes into (every entry below them is checked for links)."""
+
+
+def links_in(out: Path, layout: str = "run") -> list[str]:
+    """Symbolic links (relative names) where fedrank writes in ``out``: any entry of a run's layout, anything
+    below the folders it writes into, and for a comparison the same in each of its runs. A link there would
+    let a shared or downloaded run directory make fedrank write or delete files outside it."""
+    from fedrank.aggregation import METHODS
+
+    if not out.is_dir():
+        return []
+    found: list[str] = []
+    for e in sorted(out.iterdir()):
+        if e.is_symlink():
+            found.append(e.name)
+        elif layout == "run" and e.is_dir() and e.name in WRITTEN_FOLDERS:
+            found += [f"{e.name}/{p.relative_to(e).as_posix()}" for p in sorted(e.rglob("*")) if p.is_symlink()]
+        elif layout == "compare" and e.is_dir() and e.name in METHODS:
+            for s in sorted(e.iterdir()):
+                if s.is_symlink():
+                    found.append(f"{e.name}/{s.name}")
+                elif s.is_dir():
+                    found += [f"{e.name}/{s.name}/{n}" for n in links_in(s, "run")]
+    return found
+
+
+def refuse_links(out: Path, layout: str = "run") -> None:
+    """One line naming the links where fedrank would write in ``out`` (:func:`links_in`), if any."""
+    bad = links_in(out, layout)
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise RunDirError(
+            f"{out} holds symbolic links where fedrank writes ({', '.join(bad[:5])}{more}); fedrank does not write "
+            "through links in a run directory: remove them, or copy the run without links"
+        )
+
+
+@contextlib.contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """One writer per directory: an exclusive ``flock`` on ``path/.fedrank.lock`` held for the block (the
+    kernel releases it when the process ends, SIGKILL included). A second writer gets one line naming the
+    holder's pid. ``path`` is created if needed."""
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"output directory {path} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"cannot create output directory {path}: {e.strerror or e}") from e
+    lock = path / LOCK
+    if lock.is_symlink():
+        lock.unlink()  # a planted link: removed, never opened
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        raise RunDirError(f"output directory {path} is not writable: {e.strerror or e}") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunDirError(
+            f"{path} is in use by another fedrank process (pid {holder}); wait for it to finish, or choose "
+            "another output directory"
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays (removing it would race a waiting process)
 
 
 # ---------------------------------------------------------------------------------------------- records
@@ -230,19 +313,35 @@ def fsync_file(path: Path) -> None:
 
 def _metrics_lines(path: Path) -> tuple[list[bytes], int]:
     """metrics.jsonl's complete lines (without their newline) and the length of a partial last line."""
-    data = path.read_bytes() if path.is_file() else b""
+    from fedrank.untrusted import available_memory, gib
+
+    size = path.stat().st_size if path.is_file() else 0
+    free = available_memory()
+    if free is not None and size > free:
+        raise CheckpointError(f"{path} is {gib(size)}, more than the {gib(free)} of memory available; not read")
+    data = path.read_bytes() if size else b""
     *lines, partial = data.split(b"\n")
     return lines, len(partial)
 
 
-def _check_records(path: Path, lines: list[bytes], count: int, where: str) -> None:
+def _check_records(path: Path, lines: list[bytes], count: Any, where: str) -> list[dict[str, Any]]:
+    """The first ``count`` records (those ``where`` counts), each a JSON object with a ``type``."""
+    from fedrank.untrusted import DataError, load_json, short
+
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise CheckpointError(f"{where} counts {short(count)} records of {path.name}, not a number of records")
     if len(lines) < count:
         raise CheckpointError(f"{path} holds {len(lines)} complete records, fewer than the {count} that {where} counts")
+    records = []
     for i, line in enumerate(lines[:count]):
         try:
-            json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path} line {i + 1} (counted by {where}) is not JSON: {e}") from e
+            rec = load_json(line, f"{path} line {i + 1} (counted by {where})")
+        except DataError as e:
+            raise CheckpointError(str(e)) from e
+        if not isinstance(rec, dict) or not isinstance(rec.get("type"), str):
+            raise CheckpointError(f"{path} line {i + 1} (counted by {where}) is {short(rec)}, not a record with a type")
+        records.append(rec)
+    return records
 
 
 def repair_metrics(path: Path, count: int, where: str) -> None:
@@ -371,24 +470,47 @@ def _refuse_legacy(out: Path) -> None:
         )
 
 
-def restore(out: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+def restore(out: Path, config: dict[str, Any], expected: Any = None) -> dict[str, Any] | None:
     """The newest usable checkpoint of the run in ``out`` (its dict), with ``metrics.jsonl`` cut back to the
     records it counts and later client states removed; ``None`` when the run has no checkpoint yet (it then
     restarts from round 0, with ``metrics.jsonl`` and ``clients/`` emptied).
 
-    Usable: the file verifies (checksum, format) and ``metrics.jsonl`` still holds the records it counts.
-    Every checkpoint skipped is logged with why, and the one used is named; none usable is an error. A
-    config differing in a setting that alters training (see :data:`RESUMABLE`) is an error, not a fallback."""
+    Usable: the file verifies (sizes, checksum, format), its contents are what this run could have written
+    (:func:`fedrank.untrusted.check_checkpoint`: the round, counts, rank overrides, RNG state, and the state
+    against ``expected``, the run's initial state: class, layers, shapes, dtype, finite and bounded values)
+    and ``metrics.jsonl`` still holds the records it counts, one round record for each round it has done.
+    The checksum is integrity, not authenticity: a crafted file with a recomputed checksum is refused by
+    these checks. Every checkpoint skipped is logged with why, and the one used is named; none usable is an
+    error. A config differing in a setting that alters training (see :data:`RESUMABLE`) is an error, not a
+    fallback."""
+    from fedrank import untrusted
+
     _refuse_legacy(out)
     remove_temporaries(out)
     metrics = out / METRICS
+    rank_bound = untrusted.run_bounds(config, expected)[3]
+    limit = untrusted.state_bytes_limit(expected, rank_bound) if expected is not None else None
     skipped: list[tuple[Path, str]] = []
     for rnd, path in reversed(checkpoints(out)):
         try:
-            ck: dict[str, Any] = checkpoint.load(path, kind="checkpoint")
+            ck: dict[str, Any] = checkpoint.load(path, kind="checkpoint", max_bytes=limit)
+            if not isinstance(ck, dict) or not isinstance(ck.get("config"), dict):
+                raise CheckpointError(f"holds {untrusted.short(ck)}, not a checkpoint with its config")
             check_resume_config(ck["config"], config, path)
+            try:
+                untrusted.check_checkpoint(ck, config, expected)
+            except untrusted.DataError as e:
+                raise CheckpointError(
+                    f"{e} (a crafted or damaged checkpoint; its checksum only proves it is whole)"
+                ) from e
+            if ck["round"] != rnd:
+                raise CheckpointError(f"holds round {ck['round']}, not the round {rnd} its name says")
             lines, _ = _metrics_lines(metrics)
-            _check_records(metrics, lines, int(ck["metrics_lines"]), path.name)
+            counted = _check_records(metrics, lines, ck["metrics_lines"], path.name)
+            try:
+                untrusted.check_counted_records(counted, rnd, ck["metrics_lines"])
+            except untrusted.DataError as e:
+                raise CheckpointError(f"{e}; {metrics.name} does not match it") from e
         except CheckpointError as e:
             log.warning("skipping checkpoint %s: %s", path, e)
             skipped.append((path, str(e)))
@@ -418,15 +540,29 @@ def restore(out: Path, config: dict[str, Any]) -> dict[str, Any] | None:
 
 def load_global_state(out: Path) -> tuple[Any, dict[str, Any], Path]:
     """(state, config dict, file) of a run: its final global state, else its newest checkpoint that verifies."""
+    from fedrank import untrusted
+
+    def checked(path: Path, kind: str) -> dict[str, Any]:
+        got = checkpoint.load(path, kind=kind)
+        try:
+            if not isinstance(got, dict) or not isinstance(got.get("config"), dict) or "state" not in got:
+                raise untrusted.DataError(f"holds {untrusted.short(got)}, not a state and its config")
+            untrusted.validate_state(got["state"])
+        except untrusted.DataError as e:
+            raise CheckpointError(
+                f"{path}: {e} (a crafted or damaged file; its checksum only proves it is whole)"
+            ) from e
+        return got
+
     final = out / GLOBAL_STATE
     if final.exists():
-        g = checkpoint.load(final, kind="global_state")
+        g = checked(final, "global_state")
         return g["state"], g["config"], final
     _refuse_legacy(out)
     errors = []
     for _, path in reversed(checkpoints(out)):
         try:
-            ck = checkpoint.load(path, kind="checkpoint")
+            ck = checked(path, "checkpoint")
         except CheckpointError as e:
             log.warning("skipping checkpoint %s: %s", path, e)
             errors.append(str(e))

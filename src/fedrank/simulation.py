@@ -165,8 +165,10 @@ class Simulation:
             run_dir.start_fresh(self.out)
         self.metrics_path = self.out / run_dir.METRICS
         check_ranks(cfg)
+        t_data = time.perf_counter()
         self.store = open_store(cfg.data, cfg.seed)
         self.fed = Federation(self.store, cfg.partition)
+        self.data_seconds = time.perf_counter() - t_data
         self.per_round = cfg.federation.per_round(self.fed.num_clients)
         self.method = build_method(cfg)
         self.may_prune = bool(cfg.method.prune)  # HetLoRA's clients may return a smaller rank
@@ -559,6 +561,7 @@ class Simulation:
             {
                 "seconds": seconds,
                 "load_seconds": self.load_seconds,
+                "data_seconds": self.data_seconds,
                 "adapter": str(adapter),
                 "export_rank": rank,
                 "data": provenance(self.cfg.data, self.store),

@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fedrank.data.index import DataError, cache_dir, clean_partial_builds
 
@@ -37,6 +38,17 @@ class Artifact:
     @property
     def requirement(self) -> str:
         return f"{self.project}=={self.version}"
+
+    def provenance(self, source: str, **extra: Any) -> dict[str, Any]:
+        """What an index built from this artifact records (summary.json's ``data``)."""
+        return {
+            "source": source,
+            "artifact": self.filename,
+            "version": self.version,
+            "sha256": self.sha256,
+            "licenses": self.licenses,
+            **extra,
+        }
 
 
 EVALS = Artifact(

