@@ -293,8 +293,8 @@ def cmd_data(args: argparse.Namespace) -> int:
         if key in prov:
             print(f"{key + ':':<9} {prov.pop(key)}")
     print(
-        f"offered:  {got['tasks']} tasks in {got['families']} families, {got['examples']:,} examples "
-        f"(with these data settings; index: {prov.pop('tasks_offered', got['tasks'])} offered)"
+        f"offered:  {got['tasks']} of the source's {got['indexed']} tasks, in {got['families']} families, "
+        f"{got['examples']:,} examples (with these [data] settings: scripts, prompt length, suite, licenses)"
     )
     if args.tasks:
         print(f"\n{'task':<48} {'family':<32} {'examples':>8}  keywords")

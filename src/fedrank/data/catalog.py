@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fedrank.data.artifacts import ARTIFACTS, artifact_path, verify
-from fedrank.data.index import INDEX_VERSION, DataError, index_root
+from fedrank.data.index import INDEX_VERSION, DataError, IndexStore, index_root
 from fedrank.data.node import SOURCES, DataSource, open_store, provenance
 from fedrank.data.partition import family
 
@@ -78,6 +78,7 @@ def info(data: DataSource, download: bool = False) -> dict[str, Any]:
     families = Counter(family(t) for t in tasks)
     return {
         "provenance": provenance(data, store),
+        "indexed": len(store.index.tasks) if isinstance(store, IndexStore) else len(tasks),
         "tasks": len(tasks),
         "families": len(families),
         "examples": sum(counts.values()),
