@@ -131,3 +131,27 @@ def test_end_of_run_output_shortens_long_task_lists() -> None:
 
     assert _few(["a", "b"]) == "a, b"
     assert _few([f"t{i}" for i in range(40)]) == "t0, t1, t2 and 37 more"
+
+
+def test_seen_by_task_pools_held_out_examples_of_every_training_task(cfg_path: Path, tmp_path: Path) -> None:
+    """eval.seen_by = "task" (FSLoRA's per-task accuracy): the seen group is keyed by training task, each with at
+    most partition.max_eval_examples examples from the clients' test splits, none of which any client trains on."""
+    sets = [
+        "partition.kind=dirichlet",
+        "partition.num_eval_tasks=0",
+        "partition.max_eval_examples=3",
+        "eval.seen_by=task",
+        "federation.rounds=1",
+    ]
+    sim = Simulation(load_config(cfg_path, sets), tmp_path / "run", progress=False)
+    summary = sim.run().summary
+    seen = summary["seen_clients"]
+    assert summary["seen_by"] == "task" and set(seen) == set(sim.fed.train_tasks)
+    assert all(v == [t] for t, v in seen.items())
+    evals = [r for r in records(tmp_path / "run") if r["type"] == "eval"]
+    assert all(m["n"] <= 3 for m in evals[-1]["participants"].values())
+    pooled = sim._seen_sets(3)
+    trained = {id(e) for c in range(sim.fed.num_clients) for e in sim.fed.client(c).train}  # the store's objects
+    assert all(e.task == t for t, ex in pooled.items() for e in ex)
+    assert not {id(e) for ex in pooled.values() for e in ex} & trained
+    assert f"seen ({len(seen)} tasks)" in end_of_run_table(summary)

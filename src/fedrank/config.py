@@ -224,9 +224,10 @@ class EvalScheduleConfig:
     """Participants whose own test splits are evaluated at every evaluation (seen tasks; 0: none): the first
     clients of round 1's sample that hold test examples, the same clients before, during and after."""
     seen_by: str = "client"
-    """How the participants' test examples are grouped and macro-averaged: "client" (each participant's own
-    test split) or "task" (each training task's held-out examples, pooled over the participants' test splits,
-    at most ``partition.max_eval_examples`` per task: per-task accuracy, as FSLoRA reports it)."""
+    """How the seen group is formed and macro-averaged: "client" (each participant's own test split) or "task"
+    (each training task's held-out examples, pooled over the registered clients' test splits, at most
+    ``partition.max_eval_examples`` per task: per-task accuracy on held-out examples, as FSLoRA reports it;
+    ``participants`` then only needs to be > 0)."""
     reuse_base: bool = True
     """The base model's evaluation (round 0, before any update) is kept under the cache directory (evals/)
     and reused by a later run whose weights, tokenizer, examples, settings, fedrank code, library versions

@@ -429,13 +429,20 @@ class Simulation:
 
     def _seen_sets(self, n_eval: int | None) -> dict[str, list[Example]]:
         """The participants' test examples by client, or (``eval.seen_by = "task"``) by task: each training
-        task's examples in the participants' test splits, the first ``n_eval`` of each."""
+        task's held-out examples, pooled over the registered clients' test splits in client order until every
+        training task has ``n_eval`` (the same examples at every evaluation; no client trains on its test
+        split)."""
         if self.cfg.eval.seen_by == "client":
             return {str(c): list(self.fed.client(c).test[:n_eval]) for c in self.eval_clients}
         by_task: dict[str, list[Example]] = {}
-        for c in self.eval_clients:
+        want = set(self.fed.train_tasks)
+        for c in range(self.fed.num_clients):
+            if self.fed.num_test_examples(c) == 0:
+                continue
             for ex in self.fed.client(c).test:
                 by_task.setdefault(ex.task, []).append(ex)
+            if n_eval and all(len(by_task.get(t, ())) >= n_eval for t in want):
+                break
         return {t: by_task[t][:n_eval] for t in sorted(by_task)}
 
     def evaluate(self, round_done: int) -> dict[str, Any]:
