@@ -30,6 +30,7 @@ from fedrank.simulation import Simulation
 from fedrank.types import ClientSpec, LoraFactors
 from fedrank.untrusted import DataError, load_json, state_bytes_limit, validate_state
 from helpers import dispatch_and_train as perturbed
+from helpers import tiny_toml
 from test_persistence import SHAPES
 from test_simulation import TINY, _interrupt_after, records
 
@@ -453,3 +454,47 @@ def test_task_partition_with_clients_beyond_the_examples_is_refused_before_train
     assert min(fed.num_examples(c) + fed.num_test_examples(c) for c in range(most)) >= 1
     with pytest.raises(ValueError, match=f"at most {most}$"):
         Federation(store, PartitionConfig(kind="task", num_clients=most + 1, num_eval_tasks=2, min_examples=8))
+
+
+def test_a_crafted_fedsa_client_state_is_blamed_on_its_file(tmp_path: Path) -> None:
+    """FedSA's persisted per-client B (clients/<id>/after-round-N.safetensors) is a run-directory file too: a
+    non-finite, ×1e30, non-float or non-map one is refused naming the file, before any client trains on it."""
+    import torch
+
+    from fedrank import checkpoint, run_dir
+    from fedrank.config import load_config
+    from fedrank.simulation import Simulation
+
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(tiny_toml(method={"name": "fedsa"}, federation={"rounds": 1}))
+    sim = Simulation(load_config(cfg), tmp_path / "run", progress=False)
+    sim.run()
+    cid = next(c for c in range(sim.fed.num_clients) if run_dir.client_state_rounds(sim.out, c))
+    path = run_dir.client_state_path(sim.out, cid, 1)
+    good = checkpoint.load(path)
+    assert sim._load_local(cid, 1) is not None
+    name = next(iter(good))
+    for bad, why in (
+        ({**good, name: good[name] * 1e30 + 1}, "above"),
+        ({**good, name: torch.full_like(good[name], float("nan"))}, "not finite"),
+        ({**good, name: good[name].to(torch.int64)}, "torch.int64"),
+        ([1, 2], "not a client state"),
+    ):
+        checkpoint.save(bad, path, kind="client_state")
+        with pytest.raises(checkpoint.CheckpointError, match=why) as err:
+            sim._load_local(cid, 1)
+        assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_crafted_config_toml_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run directory's config.toml nested 100,000 deep (tomllib's RecursionError) or not UTF-8: --resume says so
+    in one line."""
+    from fedrank.cli import main
+
+    for name, raw in (("deep", b"a = " + b"[" * 100_000 + b"]" * 100_000 + b"\n"), ("bytes", b"seed = 0\n\xff\n")):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.toml").write_bytes(raw)
+        assert main(["run", "--resume", str(run)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(run / "config.toml") in err[0], err

@@ -4,13 +4,16 @@ comparison resumes, Ctrl-C is one line."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -245,3 +248,50 @@ def test_ctrl_c_is_one_line_with_what_to_do(
     assert main(["compare", "x.toml", "--methods", "flexlora"]) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "interrupted" in err[0] and "--resume" in err[0]
+
+
+WRITTEN = [*(n for n, _ in PLANTS), "clients/0", "tensorboard/events.out.tfevents.1", ".fedrank-probe-1"]
+
+
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_every_path_fedrank_writes_linked_to_a_file_or_a_directory_is_named(
+    kind: str, finished: Path, tmp_path: Path
+) -> None:
+    d, f = outside(tmp_path)
+    for i, name in enumerate(WRITTEN):
+        run = copy_run(finished, tmp_path / f"run{i}")
+        target = run / name
+        if target.is_dir() and not target.is_symlink():
+            subprocess.run(["rm", "-rf", str(target)], check=True)
+        else:
+            target.unlink(missing_ok=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(d if kind == "dir" else f)
+        assert rd.links_in(run) == [name], name
+        with pytest.raises(rd.RunDirError, match=re.escape(name)):
+            rd.open_existing(run)
+        with pytest.raises(rd.RunDirError, match=re.escape(name)):
+            rd.start_fresh(run)
+    assert (d / "keep.txt").read_text() == f.read_text() == "outside file\n"
+
+
+def test_report_only_reads_a_read_only_run_directory(
+    finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Root ignores permission bits, so the read-only file system is simulated at open(): report --html writes
+    its page elsewhere and leaves the run directory as it was (the plots are not rewritten there)."""
+    import builtins
+
+    run = copy_run(finished, tmp_path / "run")
+    before = snapshot(run)
+    real_open = builtins.open
+
+    def read_only(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if str(file).startswith(str(run)) and any(c in mode for c in "wax+"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", read_only)
+    assert main(["report", str(run), "--html", str(tmp_path / "page.html")]) == 0
+    monkeypatch.setattr(builtins, "open", real_open)
+    assert (tmp_path / "page.html").stat().st_size > 1000 and snapshot(run) == before

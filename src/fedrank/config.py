@@ -392,6 +392,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             data = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: invalid TOML: {e}") from e
+        except RecursionError as e:  # a crafted file (a run directory's config.toml is untrusted input)
+            raise ConfigError(f"{p}: nested too deeply to be a fedrank config") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     cfg: RunConfig = from_dict(RunConfig, apply_overrides(data, overrides or []))
     return cfg
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from fedrank import checkpoint, eval_cache, faults, run_dir
 from fedrank.aggregation import HOMOGENEOUS, AggregationMethod, make_method
+from fedrank.checkpoint import CheckpointError
 from fedrank.config import ConfigError, RunConfig, override, to_dict
 from fedrank.data import Federation, open_store
 from fedrank.data.examples import Example
@@ -237,8 +238,10 @@ class Simulation:
         done = [d for d in run_dir.client_state_rounds(self.out, cid) if d <= round_index]
         if not done:
             return None
-        local: dict[str, Tensor] = checkpoint.load(self._local_path(cid, done[-1]))
-        return local
+        path = self._local_path(cid, done[-1])
+        local: dict[str, Tensor] = checkpoint.load(path, max_bytes=checkpoint.tensor_bytes(self.state))
+        check_local_state(local, path)
+        return local  # its layers' shapes are the method's to check (fedsa: B of (out features, the client's rank))
 
     # ----------------------------------------------------------------- the round
     def fixed_eval_clients(self) -> list[int]:
@@ -653,6 +656,22 @@ def _rank_hist(ranks: list[int]) -> str:
 
 def _fmt(metrics: dict[str, float]) -> str:
     return " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "perplexity")
+
+
+def check_local_state(local: Any, path: Path) -> None:
+    """A client's persisted state as fedrank writes it: layer name -> a finite floating tensor no larger in
+    magnitude than a state holds (:data:`fedrank.untrusted.MAX_ABS`); anything else blames the file."""
+    from fedrank.untrusted import MAX_ABS
+
+    if not isinstance(local, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in local.items()):
+        raise CheckpointError(f"{path} is not a client state (layer name -> tensor); a crafted or damaged file")
+    for name, t in local.items():
+        big = t.numel() > 0 and float(t.abs().max()) > MAX_ABS
+        if not t.is_floating_point() or not bool(torch.isfinite(t).all()) or big:
+            raise CheckpointError(
+                f"{path}: layer {name} is {t.dtype} {tuple(t.shape)} with values that are not finite or above "
+                f"{MAX_ABS:g}; a crafted or damaged client state"
+            )
 
 
 def _mb(b: float) -> str:
