@@ -54,6 +54,18 @@ def outside(tmp_path: Path) -> tuple[Path, Path]:
     return d, f
 
 
+def plant(run: Path, name: str, points_to: Path) -> Path:
+    """``run/name`` replaced by a symbolic link to ``points_to``."""
+    target = run / name
+    if target.is_dir() and not target.is_symlink():
+        subprocess.run(["rm", "-rf", str(target)], check=True)
+    else:
+        target.unlink(missing_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.symlink_to(points_to)
+    return target
+
+
 def snapshot(*paths: Path) -> dict[str, bytes]:
     out = {}
     for p in paths:
@@ -83,13 +95,7 @@ def test_a_link_where_fedrank_writes_is_refused_and_nothing_outside_changes(
 ) -> None:
     run = copy_run(finished, tmp_path / "run")
     d, f = outside(tmp_path)
-    target = run / name
-    if target.is_dir() and not target.is_symlink():
-        subprocess.run(["rm", "-rf", str(target)], check=True)
-    else:
-        target.unlink(missing_ok=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.symlink_to(d if kind == "dir" else f)
+    target = plant(run, name, d if kind == "dir" else f)
     before = snapshot(d, f)
     assert rd.links_in(run) == [name]
     assert main(["run", "--resume", str(run), "--no-progress"]) == 2
@@ -260,13 +266,7 @@ def test_every_path_fedrank_writes_linked_to_a_file_or_a_directory_is_named(
     d, f = outside(tmp_path)
     for i, name in enumerate(WRITTEN):
         run = copy_run(finished, tmp_path / f"run{i}")
-        target = run / name
-        if target.is_dir() and not target.is_symlink():
-            subprocess.run(["rm", "-rf", str(target)], check=True)
-        else:
-            target.unlink(missing_ok=True)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.symlink_to(d if kind == "dir" else f)
+        plant(run, name, d if kind == "dir" else f)
         assert rd.links_in(run) == [name], name
         with pytest.raises(rd.RunDirError, match=re.escape(name)):
             rd.open_existing(run)
