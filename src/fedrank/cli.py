@@ -264,12 +264,9 @@ def _data_config(args: argparse.Namespace) -> Any:
     return data
 
 
-def _short(text: str, most: int = 100) -> str:
-    return text if len(text) <= most else text[: most - 1] + "…"
-
-
 def cmd_data(args: argparse.Namespace) -> int:
     from fedrank.data import catalog
+    from fedrank.report import safe_name  # names from the data: control characters escaped, shortened
 
     cache = args.cache
     if args.action == "list":
@@ -279,7 +276,7 @@ def cmd_data(args: argparse.Namespace) -> int:
             if art:
                 state = "in the cache" if art["cached"] else "not fetched (fedrank data fetch " + row["source"] + ")"
                 print(f"{'':<21}   {art['file']}: {state}; sha256 {art['sha256']}")
-                print(f"{'':<21}   licenses: {_short(art['licenses'], 140)}")
+                print(f"{'':<21}   licenses: {safe_name(art['licenses'], 140)}")
             for ix in row.get("indexes", []):
                 print(f"{'':<21}   index {ix['path']}: {ix['tasks']} tasks")
         return 0
@@ -299,7 +296,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.tasks:
         print(f"\n{'task':<48} {'family':<32} {'examples':>8}  keywords")
         for t in got["per_task"]:
-            name, fam, kw = _short(t["task"], 48), _short(t["family"], 32), ", ".join(t["keywords"])
+            name, fam, kw = safe_name(t["task"], 48), safe_name(t["family"], 32), ", ".join(t["keywords"])
             print(f"{name:<48} {fam:<32} {t['examples']:>8}  {kw}")
     elif args.action == "info":
         print("(--tasks lists them)")
