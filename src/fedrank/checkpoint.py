@@ -61,11 +61,13 @@ def state_classes() -> dict[str, type]:
     from fedrank.aggregation.fedex import FedExState
     from fedrank.aggregation.flexlora import FlexLoRAState
     from fedrank.aggregation.flora import FLoRAState
+    from fedrank.aggregation.fslora import FSLoRAServerState
     from fedrank.aggregation.rolora import RoLoRAState
     from fedrank.lowrank import LowRankSVD
     from fedrank.types import LoraFactors
 
-    classes: list[type] = [LoraState, FlexLoRAState, FLoRAState, FedExState, RoLoRAState, LoraFactors, LowRankSVD]
+    classes: list[type] = [LoraState, FlexLoRAState, FLoRAState, FedExState, RoLoRAState, FSLoRAServerState]
+    classes += [LoraFactors, LowRankSVD]
     return {c.__name__: c for c in classes}
 
 

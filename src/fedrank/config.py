@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedrank.aggregation import METHODS
+from fedrank.aggregation.scale import FOLDABLE, SCALES
 from fedrank.data.files import BUILDERS as _BUILDERS
 from fedrank.data.node import SOURCES
 from fedrank.data.partition import PartitionConfig
@@ -158,12 +159,24 @@ class MethodConfig:
     """HetLoRA rank self-pruning options (reg, gamma, threshold); empty = off."""
     per_method: dict[str, Any] = field(default_factory=dict)
     """Options of other methods for ``fedrank compare``, e.g. {fslora = {server_lr = 1.0}}."""
+    scale: str = "global"
+    """The index-sharing methods' LoRA scale: "global" (every client trains at s(R)) or "fold" (each at its own
+    s(r_k), √(s(R)/s(r_k)) folded into both factors; ``fedrank.aggregation.scale``). Other methods: "global"."""
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
             raise ConfigError(f"method.name {self.name!r} is unknown; choices: {', '.join(sorted(METHODS))}")
         if self.prune and self.name != "hetlora":
             raise ConfigError("method.prune (rank self-pruning) is a HetLoRA option; set method.name = 'hetlora'")
+        if self.scale not in SCALES:
+            raise ConfigError(f"method.scale {self.scale!r} is unknown; choices: {', '.join(SCALES)}")
+        if self.scale == "fold" and self.name not in FOLDABLE:
+            raise ConfigError(
+                f"method.scale = 'fold' applies to the index-sharing methods ({', '.join(sorted(FOLDABLE))}); "
+                f"{self.name} has its own scale convention"
+            )
+        if self.scale == "fold" and self.prune:
+            raise ConfigError("method.scale = 'fold' and HetLoRA's rank self-pruning cannot be combined")
 
 
 WEIGHTINGS = ("examples", "seen", "uniform")

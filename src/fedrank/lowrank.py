@@ -18,6 +18,7 @@ __all__ = [
     "energy_spectrum",
     "init_lora_factors",
     "lora_scaling",
+    "pad_orthonormal",
     "pad_rank",
     "stack_factors",
     "stack_factors_batched",
@@ -525,7 +526,10 @@ def truncate(
     Eckart–Young: U_r diag(S_r) V_rᵀ is the closest rank-r matrix in Frobenius and spectral norm.
     The singular values are folded into B and the client's scaling is undone, so that
     ``lora_scaling(alpha, rank) * B @ A`` reproduces the truncated ΔW. If the SVD holds fewer than
-    ``rank`` components the factors are zero-padded up to ``rank``.
+    ``rank`` components (a round of few clients: ΔW has rank Σ r_k of that round), B gets zero columns and
+    A's extra rows an orthonormal complement of V_q (:func:`pad_orthonormal`), what a dense SVD's V would give
+    for the zero singular values: the product is unchanged, and the extra indices still learn (zero rows of
+    A would leave B's extra columns, and A's rows themselves, with zero gradient for the whole round).
     """
     U, S, Vh = (svd.U, svd.S, svd.Vh) if isinstance(svd, LowRankSVD) else svd
     if rank <= 0:
@@ -535,8 +539,22 @@ def truncate(
     B = U[:, :q] * (S[:q] / scale)
     A = Vh[:q]
     if q < rank:
-        B, A = pad_rank(B, A, rank)
+        B, A = pad_orthonormal(B, A, rank)
     return B.contiguous(), A.contiguous()
+
+
+def pad_orthonormal(B: Tensor, A: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Factors (m, q), (q, n) with orthonormal rows of A padded to ``rank``: B's new columns are zero, A's new
+    rows complete its rows to an orthonormal set (from a complete QR of Aᵀ, deterministic), so B·A is
+    unchanged and every index has a nonzero gradient. Beyond n rows (rank > n) no further orthonormal row
+    exists and the rest stay zero."""
+    q, n = A.shape
+    Bp, Ap = pad_rank(B, A, rank)
+    extra = min(rank, n) - q
+    if extra > 0:
+        Q, _ = torch.linalg.qr(A.double().T, mode="complete")  # columns q.. span the complement of A's rows
+        Ap[q : q + extra] = Q[:, q : q + extra].T.to(A.dtype)
+    return Bp, Ap
 
 
 def pad_rank(B: Tensor, A: Tensor, rank: int) -> tuple[Tensor, Tensor]:

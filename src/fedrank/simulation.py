@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from fedrank import checkpoint, eval_cache, faults, run_dir
 from fedrank.aggregation import HOMOGENEOUS, AggregationMethod, make_method
+from fedrank.aggregation.scale import FOLDABLE, FoldedScale
 from fedrank.checkpoint import CheckpointError
 from fedrank.config import ConfigError, RunConfig, override, to_dict
 from fedrank.data import Federation, open_store
@@ -79,7 +80,11 @@ def build_method(cfg: RunConfig) -> AggregationMethod[Any]:
     opts: dict[str, Any] = {"alpha": cfg.model.alpha, "rslora": cfg.model.rslora, "seed": cfg.seed}
     if cfg.method.name == "fslora":
         opts["rank"] = max(cfg.ranks.choices)  # the global rank defaults to the largest rank of the pool
-    return make_method(cfg.method.name, **{**opts, **cfg.method.options})
+    method = make_method(cfg.method.name, **{**opts, **cfg.method.options})
+    if cfg.method.scale == "fold":
+        folded: AggregationMethod[Any] = FoldedScale(method)  # type: ignore[assignment]
+        return folded
+    return method
 
 
 def check_ranks(cfg: RunConfig) -> None:
@@ -631,16 +636,18 @@ def export_global(
 
 
 def global_delta_terms(gm: ClientAssignment, name: str) -> tuple[list[Tensor], list[Tensor], list[float]]:
-    """Layer ``name``'s global update ΔW = s·B A (+ a merged base delta, FLoRA) as the weighted factor
-    products Σ_i w_i·B_i A_i that :func:`svd_of_sum` takes: (Bs, As, ws)."""
+    """Layer ``name``'s global update ΔW = s·B A (+ frozen modules s·B_frozen A_frozen, + a dense base delta:
+    FedEx-LoRA's residual, FLoRA's merged delta) as the weighted factor products Σ_i w_i·B_i A_i that
+    :func:`svd_of_sum` takes: (Bs, As, ws)."""
     Bs: list[Tensor] = []
     As: list[Tensor] = []
     ws: list[float] = []
-    if name in gm.factors:
-        f = gm.factors[name]
-        Bs.append(f.B.float())
-        As.append(f.A.float())
-        ws.append(gm.scaling)
+    for part in (gm.factors, gm.frozen or {}):
+        if name in part:
+            f = part[name]
+            Bs.append(f.B.float())
+            As.append(f.A.float())
+            ws.append(gm.scaling)
     if gm.base_delta is not None:
         d = gm.base_delta[name].float()
         Bs.append(d)
@@ -678,6 +685,8 @@ def _mb(b: float) -> str:
     return f"{b / 2**20:.2f} MiB"
 
 
+UNIFORM = {"federation.weighting": "uniform"}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "fslora": {
         "train.optimizer": "sgd",
@@ -685,15 +694,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train.max_grad_norm": 0.0,
         "train.lr": FSLORA_SGD_LR,
         "model.rslora": True,
+        **UNIFORM,
     },
+    "fedex": UNIFORM,
+    "rolora": UNIFORM,
+    "fedplora": UNIFORM,
 }
-"""What ``compare`` changes for a method so that it runs as its authors run it (``--no-presets``: off).
+"""What ``compare`` and ``study`` change for a method so that it runs closer to how its authors run it
+(``--no-presets``: off).
 
-fslora: the official code's SGD-with-momentum version (wenzhifang/Federated-Sketching-LoRA, and
-...-Implementation up to commit 1bc7362; its latest HEAD trains with AdamW) with rsLoRA scaling
-(``use_rslora=True``) and no gradient clipping (clipping would cut the r/k boost of a small-k client's
-gradient). With SGD the sketch's r/k reaches the update through the gradient, which is what makes the
-server's update unbiased; the learning rate is ours (the quickstart's step budget, see the README)."""
+fslora: the paper's algorithm (sketch S_i, server step B ← B + η_s Σ_i p_i ΔB_i with η_s = 1) with what the
+official code (wenzhifang/Federated-Sketching-LoRA-Implementation) shares with it: the client's SGD with
+momentum 0.9 of its older commits (up to 1bc7362; its HEAD trains with AdamW), rsLoRA (``use_rslora=True``),
+no gradient clipping (clipping would cut the r/k boost of a small-k client's gradient), and the plain mean
+over the round's clients (p_i = 1/K). Not copied: the official ``lora_alpha = 1`` and client lr 3e-4 (fedrank
+keeps the run's α and tunes the lr), its server AdamW (``method.per_method.fslora.server_optimizer =
+"adamw"`` offers it), and its sketch, which it never applies (see ``fedrank.aggregation.fslora``).
+fedex, rolora, fedplora: the papers average the round's clients with 1/K, not n_k (``weighting = "uniform"``).
+"""
 
 
 def with_method(
@@ -709,7 +727,9 @@ def with_method(
         ranks = replace(ranks, distribution="fixed")
     options = cfg.method.options if name == cfg.method.name else dict(cfg.method.per_method.get(name, {}))
     prune = cfg.method.prune if name == "hetlora" else {}
-    out = replace(cfg, seed=seed, ranks=ranks, method=replace(cfg.method, name=name, options=options, prune=prune))
+    scale = cfg.method.scale if name in FOLDABLE else "global"  # the others have a convention of their own
+    method = replace(cfg.method, name=name, options=options, prune=prune, scale=scale)
+    out = replace(cfg, seed=seed, ranks=ranks, method=method)
     if resample_data:
         out = replace(out, partition=replace(out.partition, seed=seed))
     if presets and name in PRESETS:

@@ -116,8 +116,15 @@ class MethodOptions:
         methods pass the global rank R, so that every client trains with s(R) and a rank index means the
         same update s(R)·b_i·a_iᵀ at every client and in the global model. With each client's own s(r_k) a
         rank-4 client's components would enter a rank-32 global model at 1/8 strength and come back
-        amplified 8×. (FlexLoRA's official HeteroLoRA baseline instead folds √(s_k) into both factors, which
-        gives the same global ΔW for identical clients.)
+        amplified 8×. ``method.scale = "fold"`` (:mod:`fedrank.aggregation.scale`) is the other convention:
+        each client trains at its own s(r_k) with √(s(R)/s(r_k)) folded into both factors, the same model
+        with another gradient scale. (FlexLoRA's official code has that fold, ``handle_alpha``, but its
+        HeteroLoRA baseline's upload path does not call it: as shipped, its clients train at s(r_k) and their
+        raw factors are zero-padded and averaged.)
+
+        Scale conventions across methods: FlexLoRA, raFLoRA and FLoRA train each client at its own s(r_k);
+        the index-sharing methods at s(R); FSLoRA at s(R)·r/k_i (its sketch). One shared learning rate is
+        therefore partly a comparison of learning rates: ``fedrank study`` tunes each method's own.
         """
         sent = adapter_numel(factors) if download is None else download
         s = self.scaling(client.rank if scale_rank is None else scale_rank)

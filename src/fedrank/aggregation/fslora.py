@@ -11,12 +11,22 @@ their changes ΔB_i, ΔA_i (O(k_i), not O(r)). The server's unbiased update, wit
 
 ``normalize="holders"`` (a documented variant, not the paper's rule) divides each index's sum by the
 weight of the clients that held it. With k_i = r for all clients both reduce to FedAvg.
+
+``server_optimizer="adamw"`` is what the official code (wenzhifang/Federated-Sketching-LoRA-Implementation,
+``LoRA_Sketching.py``; its default ``--server-opt adam``, ``--server-lr 3e-4``) does instead of the step above:
+the server treats g = −Σ_i p_i ΔB_i (there: the plain mean over the round's clients of
+(server − client)·mask, i.e. p_i = 1/K with ``federation.weighting = "uniform"``) as a gradient and takes one
+``torch.optim.AdamW`` step on (B, A) with it (β = (0.9, 0.999), ε = 1e-8, weight decay 0.01, its moments
+kept across rounds in :class:`FSLoRAServerState`). Two more differences from that code, which fedrank does
+not copy: its defaults are ``lora_alpha = 1`` and client lr 3e-4, and it never applies its own sketch (it
+selects parameters with ``'lora_B' == n``, never true under peft's parameter names, so its clients train
+the full rank, unscaled, and the mask is all ones). fedrank applies the paper's sketch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
@@ -38,10 +48,42 @@ from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactor
 
 
 @dataclass(frozen=True)
+class FSLoRAServerState(LoraState):
+    """The global LoRA and the server's AdamW state (``server_optimizer="adamw"``): first and second moments
+    per layer, shaped like the factors, and the number of steps taken."""
+
+    m: dict[str, LoraFactors] = field(default_factory=dict)
+    v: dict[str, LoraFactors] = field(default_factory=dict)
+    step: int = 0
+
+
+ADAMW_BETAS, ADAMW_EPS = (0.9, 0.999), 1e-8
+"""``torch.optim.AdamW``'s defaults, which the official code's server optimiser uses (and weight decay 0.01)."""
+
+
+def adamw_step(
+    p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: int, lr: float, weight_decay: float = 0.01
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One ``torch.optim.AdamW`` step of parameter ``p`` with gradient ``g`` and moments ``m``, ``v`` (``step``:
+    1 for the first): the new (p, m, v). Decoupled weight decay first, then the bias-corrected Adam step."""
+    (b1, b2), eps = ADAMW_BETAS, ADAMW_EPS
+    p = p * (1 - lr * weight_decay)
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    denom = v.sqrt() / (1 - b2**step) ** 0.5 + eps
+    return p - (lr / (1 - b1**step)) * m / denom, m, v
+
+
+@dataclass(frozen=True)
 class FSLoRA(MethodOptions):
+    """``server_lr``: the server step η_s (default 1.0: the paper's rule; 3e-4 with AdamW, the official
+    default); ``server_optimizer``: "sgd" (B ← B + η_s Σ_i p_i ΔB_i) or "adamw" (see the module docstring)."""
+
     rank: int = 32
-    server_lr: float = 1.0
+    server_lr: float | None = None
     normalize: Literal["weights", "holders"] = "weights"
+    server_optimizer: Literal["sgd", "adamw"] = "sgd"
+    server_weight_decay: float = 0.01
     name: ClassVar[str] = "fslora"
 
     def __post_init__(self) -> None:
@@ -50,12 +92,28 @@ class FSLoRA(MethodOptions):
             raise ValueError(f"fslora: global rank must be positive, got {self.rank}")
         if self.normalize not in ("weights", "holders"):
             raise ValueError(f"fslora: normalize must be 'weights' or 'holders', got {self.normalize!r}")
-        if self.server_lr <= 0:
+        if self.server_optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"fslora: server_optimizer must be 'sgd' or 'adamw', got {self.server_optimizer!r}")
+        if self.server_lr is not None and not self.server_lr > 0:
             raise ValueError(f"fslora: server_lr must be positive, got {self.server_lr}")
+        if not self.server_weight_decay >= 0:
+            raise ValueError(f"fslora: server_weight_decay must be >= 0, got {self.server_weight_decay}")
+
+    @property
+    def step_size(self) -> float:
+        """η_s: ``server_lr``, or its default for the server optimiser (1.0 for sgd, 3e-4 for adamw)."""
+        if self.server_lr is not None:
+            return self.server_lr
+        return 3e-4 if self.server_optimizer == "adamw" else 1.0
 
     def init_state(self, shapes: Shapes, max_rank: int) -> LoraState:
-        """The global LoRA at the configured rank r (client ranks above r are capped at r)."""
-        return LoraState(init_state_factors(shapes, self.rank, self.seed))
+        """The global LoRA at the configured rank r (client ranks above r are capped at r), with zero AdamW
+        moments for the "adamw" server."""
+        factors = init_state_factors(shapes, self.rank, self.seed)
+        if self.server_optimizer == "sgd":
+            return LoraState(factors)
+        zeros = {k: LoraFactors(torch.zeros_like(f.B), torch.zeros_like(f.A)) for k, f in factors.items()}
+        return FSLoRAServerState(factors, zeros, {k: LoraFactors(z.B.clone(), z.A.clone()) for k, z in zeros.items()})
 
     def sketch_indices(self, client: ClientSpec, round_index: int) -> Tensor:
         """I_i: k_i = min(r_k, r) indices drawn uniformly without replacement, seeded by (seed, round, client)."""
@@ -95,7 +153,7 @@ class FSLoRA(MethodOptions):
                     f"0..{self.rank - 1}"
                 )
             idx.append(u.indices)
-        out = {}
+        out, m, v = {}, {}, {}
         for name, g in state.factors.items():
             dA = [u.factors[name].A - g.A[i] for u, i in zip(updates, idx, strict=True)]
             dB = [u.factors[name].B.T - g.B.T[i] for u, i in zip(updates, idx, strict=True)]
@@ -104,7 +162,16 @@ class FSLoRA(MethodOptions):
             if self.normalize == "holders":
                 zero = torch.zeros_like(tA), torch.zeros_like(tB)
                 tA, tB = holder_mean(tA, held, zero[0]), holder_mean(tB, held, zero[1])
-            out[name] = LoraFactors(g.B + self.server_lr * tB.T, g.A + self.server_lr * tA)
+            if not isinstance(state, FSLoRAServerState):
+                out[name] = LoraFactors(g.B + self.step_size * tB.T, g.A + self.step_size * tA)
+                continue
+            # the official server: Σ_i p_i (server − client)·mask_i as the gradient of one AdamW step
+            t, wd = state.step + 1, self.server_weight_decay
+            B, mB, vB = adamw_step(g.B, -tB.T, state.m[name].B, state.v[name].B, t, self.step_size, wd)
+            A, mA, vA = adamw_step(g.A, -tA, state.m[name].A, state.v[name].A, t, self.step_size, wd)
+            out[name], m[name], v[name] = LoraFactors(B, A), LoraFactors(mB, mA), LoraFactors(vB, vA)
+        if isinstance(state, FSLoRAServerState):
+            return FSLoRAServerState(out, m, v, state.step + 1)
         return LoraState(out)
 
     def global_model(self, state: LoraState, rank: int | None = None) -> ClientAssignment:
