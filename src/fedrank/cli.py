@@ -8,6 +8,7 @@ import errno
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -128,8 +129,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 run_cfg = configs[(method, seed)]
                 run_dir = out / method / f"seed{seed}"
                 try:
-                    with rd.exclusive(run_dir):
-                        _compare_run(run_cfg, run_dir, method, seed, args)
+                    _compare_run(run_cfg, run_dir, method, seed, args)  # holds run_dir's lock
                 except RunFailed as e:  # one method's failed run does not cost the others theirs
                     log.error("compare: %s seed %d failed and is left out of the table: %s", method, seed, e)
                     failed.append(f"{method} seed {seed}")
@@ -150,26 +150,40 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def _compare_run(cfg: RunConfig, out: Path, method: str, seed: int, args: argparse.Namespace) -> None:
     """One run of a comparison: with ``--resume`` a finished run (its summary.json written under this very
     config) is kept, an interrupted one resumed from its checkpoint, the rest started."""
-    from fedrank import run_dir as rd
-    from fedrank.simulation import Simulation
+    from fedrank.study import run_or_resume
 
-    if args.resume and (out / rd.CONFIG).is_file():
-        saved = load_config(out / rd.CONFIG)
-        differ = rd.config_diff(to_dict(saved), to_dict(cfg))
-        if [k for k in differ if not rd.resumable(k)]:
-            raise ConfigError(
-                f"compare --resume: {out} was run under another config (differs in {', '.join(differ[:5])}); "
-                "give the comparison's original settings, or --overwrite to redo it"
-            )
-        if (out / rd.SUMMARY).is_file() and not (out / rd.SUMMARY).is_symlink():
-            log.info("compare: %s seed %d finished earlier, kept (%s)", method, seed, out)
-            return
-        if rd.checkpoints(out):
-            log.info("compare: %s seed %d interrupted, resuming from its checkpoint (%s)", method, seed, out)
-            Simulation(cfg, out, resume=True, progress=not args.no_progress).run()
-            return
-    log.info("compare: %s seed %d -> %s", method, seed, out)
-    Simulation(cfg, out, progress=not args.no_progress).run()
+    try:
+        how = run_or_resume(cfg, out, progress=not args.no_progress, resume=args.resume)
+    except ConfigError as e:
+        raise ConfigError(f"compare --resume: {e}") from e
+    log.info("compare: %s seed %d %s (%s)", method, seed, {"kept": "finished earlier, kept"}.get(how, how), out)
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from fedrank.study import aggregate, load_study, plan_tuning, run_study
+
+    study, cfg = load_study(args.config, args.set or [])
+    out = Path(args.out or study.out)
+    results = Path(args.results or study.results)
+    if args.plan:
+        tune = plan_tuning(study, cfg, out)
+        seeds = len(study.seeds) * len(study.distributions or (cfg.ranks.distribution,)) * len(study.variants)
+        from fedrank.aggregation.scale import FOLDABLE
+
+        fold = len(study.seeds) * len([v for v in study.variants if v in FOLDABLE]) if study.fold_ablation else 0
+        print(f"{study.name}: {len(tune)} tuning runs, then up to {seeds} seed runs and {fold} fold-ablation runs")
+        for job in tune[: len(study.lr_grid)]:
+            print(f"  e.g. {job.path}: {job.variant} lr {job.lr:g} seed {job.seed}")
+        return 0
+    if args.aggregate_only:
+        md = aggregate(study, cfg, out, results)
+    else:
+        t0 = time.perf_counter()
+        md = run_study(study, cfg, out, results, progress=not args.no_progress, retry_failed=args.retry_failed)
+        print(f"study: this sitting took {time.perf_counter() - t0:.0f} s")
+    print(md.read_text())
+    print(f"results: {md}  ({results / 'results.csv'}, {results / 'results.json'}, figures, report.html)")
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -350,6 +364,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(func=cmd_compare)
 
+    st = sub.add_parser(
+        "study",
+        help="every method tuned on a learning-rate grid, then at several seeds and rank distributions, with 95%% "
+        "intervals and paired differences: resumable (rerun the same command to go on)",
+    )
+    st.add_argument("config", help="a study TOML: a run config plus a [study] table (configs/study_*.toml)")
+    st.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a run config value")
+    st.add_argument("--out", help="run directories (default: study.out)")
+    st.add_argument("--results", help="results.md, CSV, JSON, figures and report.html (default: study.results)")
+    st.add_argument("--plan", action="store_true", help="print how many runs the study has and stop")
+    st.add_argument("--aggregate-only", action="store_true", help="only rewrite the results from finished runs")
+    st.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as diverged or failed")
+    st.add_argument("--no-progress", action="store_true", help="no progress bars")
+    st.set_defaults(func=cmd_study)
+
     rp = sub.add_parser("report", help="rebuild tables, plots and HTML reports from run directories")
     rp.add_argument("run_dirs", nargs="+")
     rp.add_argument("--out", help="also write comparison.md/csv/png here")
@@ -427,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(
             "fedrank: interrupted; a run continues from its last checkpoint with 'fedrank run --resume DIR', "
-            "a comparison with 'fedrank compare ... --resume'",
+            "a comparison with 'fedrank compare ... --resume', a study by running the same 'fedrank study' again",
             file=sys.stderr,
         )
         return 130

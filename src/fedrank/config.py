@@ -409,6 +409,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{p}: nested too deeply to be a fedrank config") from e
         except UnicodeDecodeError as e:
             raise ConfigError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    return config_from_dict(data, overrides)
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    """A run config from parsed TOML and ``--set`` overrides."""
     cfg: RunConfig = from_dict(RunConfig, apply_overrides(data, overrides or []))
     return cfg
 

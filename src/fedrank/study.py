@@ -1,0 +1,724 @@
+"""``fedrank study CONFIG``: a fair, resumable comparison of every method, with intervals.
+
+A study config is a run config (the setting every run shares) plus a ``[study]`` table. The study runs in
+three phases, each run in its own directory under ``study.out``:
+
+1. **tune** (``tune/<variant>/lr<lr>``): every variant at every learning rate of ``lr_grid``, at
+   ``tune_seed`` (its own data split, held-out families and ranks) and the first rank distribution. Each
+   variant's rate is the one with the lowest answer loss on the *seen* split (held-out examples of the
+   training tasks; never the unseen task families), among the runs that did not diverge.
+2. **seeds** (``<distribution>/<variant>/seed<k>``): every variant at its chosen rate, for every seed and rank
+   distribution; each seed redraws the data split, the held-out families, the ranks and the client sampling
+   (``with_method(resample_data=True)``), and all variants share the seeds, so differences are paired.
+3. **fold** (``<distribution>/<variant>+fold/seed<k>``, first distribution only): the index-sharing variants
+   again with ``method.scale = "fold"`` at the same rate: the scale-convention ablation.
+
+A finished run (its ``summary.json`` written under the same config) is kept, an interrupted one resumes from
+its checkpoint, and a run that diverged or failed is recorded in ``study.json`` and not retried
+(``--retry-failed`` retries it). A run with a client whose model collapsed counts as diverged: never a result.
+:func:`aggregate` then writes ``results.md``, ``results.csv``, ``results.json``, figures and ``report.html``.
+
+Variants: a method name from :data:`fedrank.aggregation.METHODS` (homogeneous methods at the pool's smallest
+rank, the FlexLoRA paper's "bucket" baseline) or ``<homogeneous method>@max`` (every client at the largest
+rank: an upper reference).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import subprocess
+import time
+import tomllib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats as scipy_stats  # type: ignore[import-untyped]
+
+from fedrank.aggregation import HOMOGENEOUS, METHODS
+from fedrank.aggregation.scale import FOLDABLE
+from fedrank.config import ConfigError, RunConfig, config_from_dict, from_dict, load_config, override, to_dict
+
+log = logging.getLogger("fedrank.study")
+
+__all__ = [
+    "Job",
+    "Ledger",
+    "StudyConfig",
+    "aggregate",
+    "choose_rates",
+    "execute",
+    "load_study",
+    "mean_interval",
+    "paired_interval",
+    "plan_seeds",
+    "plan_tuning",
+    "run_or_resume",
+    "run_study",
+    "variant_config",
+]
+
+LEDGER = "study.json"
+SELECT = ("seen_after", "loss")
+"""The tuning criterion: answer loss on the seen split (held-out examples of the training tasks), lower is better."""
+METRIC_ORDER = ("loss", "accuracy", "rougeL", "match")
+GROUPS = (("unseen", "unseen_after", "unseen_before"), ("seen", "seen_after", "seen_before"))
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str = "study"
+    """Title of the results."""
+    methods: tuple[str, ...] = ()
+    """Variants (empty: all 13 methods and ``fedit@max``)."""
+    lr_grid: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
+    tune_seed: int = 1000
+    seeds: tuple[int, ...] = (1, 2, 3)
+    distributions: tuple[str, ...] = ()
+    """Rank distributions of the seed runs (empty: the config's ``ranks.distribution``); tuning uses the first."""
+    fold_ablation: bool = True
+    presets: bool = True
+    """Apply :data:`fedrank.simulation.PRESETS` (each method as its authors run it) before the grid's rate."""
+    out: str = "runs/study"
+    results: str = "docs/results"
+
+    def __post_init__(self) -> None:
+        for v in self.variants:
+            name, _, at = v.partition("@")
+            if name not in METHODS or at not in ("", "max") or (at and name not in HOMOGENEOUS):
+                raise ConfigError(
+                    f"study.methods: {v!r} is not a method ({', '.join(sorted(METHODS))}) or a homogeneous method "
+                    f"at the largest rank ({', '.join(f'{m}@max' for m in sorted(HOMOGENEOUS))})"
+                )
+        if len(set(self.variants)) != len(self.variants):
+            raise ConfigError("study.methods names a variant twice")
+        if not self.lr_grid or any(not (math.isfinite(x) and x > 0) for x in self.lr_grid):
+            raise ConfigError(f"study.lr_grid must be positive learning rates, got {list(self.lr_grid)}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or self.tune_seed in self.seeds:
+            raise ConfigError("study.seeds must be distinct and must not include study.tune_seed")
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        return self.methods or (*sorted(METHODS), "fedit@max")
+
+
+def load_study(path: str | Path, overrides: Sequence[str] = ()) -> tuple[StudyConfig, RunConfig]:
+    """The ``[study]`` table and the run config of a study TOML (``--set`` overrides apply to the run config)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"study config {p} does not exist")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: invalid TOML: {e}") from e
+    table = data.get("study")
+    if not isinstance(table, dict):
+        raise ConfigError(f"{p} has no [study] table: a study config is a run config plus [study]")
+    study: StudyConfig = from_dict(StudyConfig, table, "study.")
+    cfg = config_from_dict({k: v for k, v in data.items() if k != "study"}, list(overrides))
+    for d in study.distributions:
+        replace(cfg.ranks, distribution=d)  # validated by RanksConfig
+    return study, cfg
+
+
+@dataclass(frozen=True)
+class Job:
+    phase: str
+    """"tune", "seed" or "fold"."""
+    variant: str
+    distribution: str
+    seed: int
+    lr: float
+    path: Path
+    cfg: RunConfig = field(repr=False, compare=False)
+
+    @property
+    def key(self) -> str:
+        return str(self.path)
+
+
+def variant_config(
+    cfg: RunConfig,
+    variant: str,
+    seed: int,
+    distribution: str,
+    lr: float,
+    *,
+    scale: str = "global",
+    presets: bool = True,
+) -> RunConfig:
+    """The run config of ``variant`` at ``seed``, rank ``distribution`` and learning rate ``lr``."""
+    from fedrank.simulation import with_method
+
+    name, _, at = variant.partition("@")
+    base = replace(cfg, ranks=replace(cfg.ranks, distribution=distribution))
+    out = with_method(base, name, seed, presets=presets, resample_data=True)
+    if at == "max":
+        out = replace(out, ranks=replace(out.ranks, choices=(max(cfg.ranks.choices),)))
+    return override(out, {"train.lr": lr, "method.scale": scale})
+
+
+def _lr_name(lr: float) -> str:
+    return f"lr{lr:g}"
+
+
+def plan_tuning(study: StudyConfig, cfg: RunConfig, out: Path) -> list[Job]:
+    dist = (study.distributions or (cfg.ranks.distribution,))[0]
+    return [
+        Job("tune", v, dist, study.tune_seed, lr, out / "tune" / v / _lr_name(lr),
+            variant_config(cfg, v, study.tune_seed, dist, lr, presets=study.presets))
+        for v in study.variants
+        for lr in study.lr_grid
+    ]  # fmt: skip
+
+
+def plan_seeds(study: StudyConfig, cfg: RunConfig, out: Path, rates: dict[str, float]) -> list[Job]:
+    """The seed runs (and the fold ablation) of the variants that have a chosen rate."""
+    dists = study.distributions or (cfg.ranks.distribution,)
+    jobs = []
+    for d in dists:
+        for v in study.variants:
+            if v in rates:
+                for s in study.seeds:
+                    c = variant_config(cfg, v, s, d, rates[v], presets=study.presets)
+                    jobs.append(Job("seed", v, d, s, rates[v], out / d / v / f"seed{s}", c))
+    if study.fold_ablation:
+        for v in study.variants:
+            if v in rates and v in FOLDABLE:
+                for s in study.seeds:
+                    c = variant_config(cfg, v, s, dists[0], rates[v], scale="fold", presets=study.presets)
+                    jobs.append(Job("fold", v, dists[0], s, rates[v], out / dists[0] / f"{v}+fold" / f"seed{s}", c))
+    return jobs
+
+
+# ------------------------------------------------------------------------------------------------ running
+def run_or_resume(cfg: RunConfig, out: Path, *, progress: bool = True, resume: bool = True) -> str:
+    """One run in ``out``: "kept" (finished earlier under this very config), "resumed" (from its checkpoint)
+    or "ran". A finished or interrupted run of another config is refused. Raises
+    :class:`fedrank.validation.RunFailed` when the run fails."""
+    from fedrank import run_dir as rd
+    from fedrank.simulation import Simulation
+
+    with rd.exclusive(out):
+        if resume and (out / rd.CONFIG).is_file():
+            saved = load_config(out / rd.CONFIG)
+            differ = rd.config_diff(to_dict(saved), to_dict(cfg))
+            if [k for k in differ if not rd.resumable(k)]:
+                raise ConfigError(
+                    f"{out} was run under another config (differs in {', '.join(differ[:5])}); give the original "
+                    "settings, or remove that run directory to redo it"
+                )
+            if (out / rd.SUMMARY).is_file() and not (out / rd.SUMMARY).is_symlink():
+                return "kept"
+            if rd.checkpoints(out):
+                Simulation(cfg, out, resume=True, progress=progress).run()
+                return "resumed"
+        Simulation(cfg, out, progress=progress).run()
+        return "ran"
+
+
+def _read_json(path: Path) -> Any:
+    from fedrank.untrusted import load_json
+
+    return load_json(path.read_bytes(), str(path))
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    from fedrank.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def _collapsed_clients(run: Path) -> list[str]:
+    """Reasons of the run's clients that diverged or collapsed (metrics.jsonl)."""
+    from fedrank.report import read_metrics
+
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for r in read_metrics(path):
+        reason = str(r.get("reason", ""))
+        if r.get("type") == "client_failed" and ("diverged" in reason or "collapsed" in reason):
+            out.append(f"client {r.get('client')}: {reason}")
+    return out
+
+
+class Ledger:
+    """``study.json``: each run's status ("done", "diverged", "failed") and seconds, written atomically."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.runs: dict[str, dict[str, Any]] = {}
+        if path.is_file():
+            data = _read_json(path)
+            if isinstance(data, dict) and isinstance(data.get("runs"), dict):
+                self.runs = data["runs"]
+
+    def get(self, job: Job) -> dict[str, Any] | None:
+        return self.runs.get(job.key)
+
+    def put(self, job: Job, **entry: Any) -> None:
+        self.runs[job.key] = {"phase": job.phase, "variant": job.variant, "seed": job.seed, "lr": job.lr, **entry}
+        _write_json(self.path, {"runs": self.runs})
+
+
+def execute(jobs: Sequence[Job], ledger: Ledger, *, progress: bool, retry_failed: bool) -> None:
+    """Each job in turn: kept, resumed or run; its status recorded."""
+    from fedrank.validation import RunFailed
+
+    for i, job in enumerate(jobs, 1):
+        prior = ledger.get(job)
+        if prior is not None and prior.get("status") in ("diverged", "failed") and not retry_failed:
+            log.info("study %d/%d: %s %s, not retried (--retry-failed)", i, len(jobs), job.key, prior["status"])
+            continue
+        t0 = time.perf_counter()
+        try:
+            how = run_or_resume(job.cfg, job.path, progress=progress)
+        except RunFailed as e:
+            kind = "diverged" if ("diverged" in str(e) or "collapsed" in str(e)) else "failed"
+            log.warning("study %d/%d: %s %s: %s", i, len(jobs), job.key, kind, e)
+            ledger.put(job, status=kind, reason=str(e), seconds=time.perf_counter() - t0)
+            continue
+        bad = _collapsed_clients(job.path)
+        summary = _read_json(job.path / "summary.json")
+        seconds = float(summary.get("seconds", time.perf_counter() - t0)) if isinstance(summary, dict) else 0.0
+        status = "diverged" if bad else "done"
+        ledger.put(job, status=status, reason="; ".join(bad[:3]), seconds=seconds, how=how)
+        log.info("study %d/%d: %s %s (%s, %.0f s)", i, len(jobs), job.key, status, how, seconds)
+
+
+def _summary(job: Job, ledger: Ledger) -> dict[str, Any] | None:
+    entry = ledger.get(job)
+    if entry is None or entry.get("status") != "done":
+        return None
+    s = _read_json(job.path / "summary.json")
+    return s if isinstance(s, dict) else None
+
+
+def _metric(summary: dict[str, Any], group: str, metric: str) -> float:
+    v = summary.get(group, {}).get(metric) if isinstance(summary.get(group), dict) else None
+    return float(v) if isinstance(v, int | float) and math.isfinite(v) else math.nan
+
+
+def choose_rates(jobs: Sequence[Job], ledger: Ledger) -> tuple[dict[str, float], dict[str, dict[float, float]]]:
+    """Per variant, the tuning run's rate with the lowest seen answer loss (ties: the smaller rate), among the
+    runs that finished without diverging; and every rate's loss (NaN: diverged, failed or not run)."""
+    table: dict[str, dict[float, float]] = {}
+    for job in jobs:
+        s = _summary(job, ledger)
+        table.setdefault(job.variant, {})[job.lr] = _metric(s, *SELECT) if s else math.nan
+    chosen = {}
+    for v, by_lr in table.items():
+        ok = [(loss, lr) for lr, loss in by_lr.items() if math.isfinite(loss)]
+        if ok:
+            chosen[v] = min(ok)[1]
+    return chosen, table
+
+
+def run_study(
+    study: StudyConfig, cfg: RunConfig, out: Path, results: Path, *, progress: bool = True, retry_failed: bool = False
+) -> Path:
+    """Every phase (skipping what is done), then :func:`aggregate`; returns ``results.md``. One study process
+    per ``out`` (its lock)."""
+    from fedrank import run_dir as rd
+
+    with rd.exclusive(out):
+        return _run_study(study, cfg, out, results, progress=progress, retry_failed=retry_failed)
+
+
+def _run_study(
+    study: StudyConfig, cfg: RunConfig, out: Path, results: Path, *, progress: bool, retry_failed: bool
+) -> Path:
+    ledger = Ledger(out / LEDGER)
+    tune = plan_tuning(study, cfg, out)
+    log.info("study: tuning %d runs (%d variants x %d rates)", len(tune), len(study.variants), len(study.lr_grid))
+    execute(tune, ledger, progress=progress, retry_failed=retry_failed)
+    rates, _ = choose_rates(tune, ledger)
+    for v in study.variants:
+        if v not in rates:
+            log.warning("study: %s diverged or failed at every rate of the grid: no seed runs", v)
+    seeds = plan_seeds(study, cfg, out, rates)
+    log.info("study: %d seed runs", len(seeds))
+    execute(seeds, ledger, progress=progress, retry_failed=retry_failed)
+    return aggregate(study, cfg, out, results)
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+def mean_interval(xs: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and Student-t interval (lo, hi) of ``xs`` (NaN values left out; one value: an unbounded interval)."""
+    a = np.asarray([x for x in xs if math.isfinite(x)], dtype=float)
+    if a.size == 0:
+        return math.nan, math.nan, math.nan
+    m = float(a.mean())
+    if a.size == 1:
+        return m, -math.inf, math.inf
+    half = float(scipy_stats.t.ppf(0.5 + level / 2, a.size - 1) * a.std(ddof=1) / math.sqrt(a.size))
+    return m, m - half, m + half
+
+
+def paired_interval(a: dict[int, float], b: dict[int, float], level: float = 0.95) -> tuple[float, float, float, int]:
+    """Mean difference a − b over the seeds both have, its interval, and how many seeds were paired."""
+    common = [s for s in a if s in b and math.isfinite(a[s]) and math.isfinite(b[s])]
+    m, lo, hi = mean_interval([a[s] - b[s] for s in common], level)
+    return m, lo, hi, len(common)
+
+
+# ------------------------------------------------------------------------------------------------ results
+def _fmt(x: float) -> str:
+    if not math.isfinite(x):
+        return "–" if math.isnan(x) else ("∞" if x > 0 else "−∞")
+    return f"{x:.4f}" if abs(x) < 100 else f"{x:.4g}"
+
+
+def _cell(m: float, lo: float, hi: float) -> str:
+    return f"{_fmt(m)} [{_fmt(lo)}, {_fmt(hi)}]" if math.isfinite(m) else "–"
+
+
+def _git_commit() -> str:
+    try:
+        here = Path(__file__).resolve().parent  # the checkout fedrank runs from, wherever the study is run
+        cmd = ["git", "-C", str(here), "rev-parse", "--short", "HEAD"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _metrics_of(summaries: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(group label, metric) pairs present in the summaries, in a fixed order."""
+    out = []
+    for label, after, _ in GROUPS:
+        present = {k for s in summaries for k in (s.get(after) or {}) if k != "perplexity"}
+        out += [(label, m) for m in METRIC_ORDER if m in present]
+    return out
+
+
+def _client_records(run: Path) -> Iterator[dict[str, Any]]:
+    from fedrank.report import read_metrics
+
+    if (run / "metrics.jsonl").is_file():
+        yield from read_metrics(run / "metrics.jsonl")
+
+
+def aggregate(study: StudyConfig, cfg: RunConfig, out: Path, results: Path) -> Path:
+    """``results.md`` / ``.csv`` / ``.json``, figures and ``report.html`` in ``results`` from the finished runs."""
+    results.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger(out / LEDGER)
+    tune = plan_tuning(study, cfg, out)
+    rates, grid = choose_rates(tune, ledger)
+    jobs = plan_seeds(study, cfg, out, rates)
+    dists = list(study.distributions or (cfg.ranks.distribution,))
+    # summaries per (distribution, variant label) and seed
+    done: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
+    status: dict[tuple[str, str], dict[str, int]] = {}
+    for job in jobs:
+        label = job.variant + ("+fold" if job.phase == "fold" else "")
+        entry = ledger.get(job)
+        st = entry.get("status", "pending") if entry else "pending"
+        status.setdefault((job.distribution, label), {}).setdefault(st, 0)
+        status[(job.distribution, label)][st] += 1
+        s = _summary(job, ledger)
+        if s is not None:
+            done.setdefault((job.distribution, label), {})[job.seed] = s
+    all_summaries = [s for by in done.values() for s in by.values()]
+    metrics = _metrics_of(all_summaries)
+    rows: list[dict[str, Any]] = []
+    labels = [*study.variants, *[f"{v}+fold" for v in study.variants if v in FOLDABLE and study.fold_ablation]]
+    for d in dists:
+        # the zero-shot base model: each seed's "before" evaluation (the same data split for every variant)
+        base: dict[int, dict[str, Any]] = {}
+        for (dd, _), by in done.items():
+            if dd == d:
+                for seed, s in by.items():
+                    base.setdefault(seed, s)
+        entries: list[tuple[str, dict[int, dict[str, Any]], str]] = [("zero-shot", base, "before")]
+        entries += [(lab, done.get((d, lab), {}), "after") for lab in labels]
+        for lab, by, when in entries:
+            row: dict[str, Any] = {"distribution": d, "variant": lab, "seeds": len(by)}
+            row["lr"] = rates.get(lab.removesuffix("+fold"), math.nan) if lab != "zero-shot" else math.nan
+            row["status"] = status.get((d, lab), {})
+            for label, metric in metrics:
+                key = next(g for g in GROUPS if g[0] == label)[1 if when == "after" else 2]
+                vals = {seed: _metric(s, key, metric) for seed, s in by.items()}
+                row[f"{label}.{metric}"] = mean_interval(list(vals.values()))
+                row[f"_{label}.{metric}"] = vals
+            if by and lab != "zero-shot":
+                up = [float(s.get("up_bytes", math.nan)) for s in by.values()]
+                down = [float(s.get("down_bytes", math.nan)) for s in by.values()]
+                secs = [float(s.get("seconds", math.nan)) for s in by.values()]
+                updates = [float(s.get("client_updates", math.nan)) for s in by.values()]
+                rounds = [float(s.get("rounds", math.nan)) for s in by.values()]
+                row["MiB/round"] = (
+                    float(np.nanmean([(u + w) / r for u, w, r in zip(up, down, rounds, strict=True)])) / 2**20
+                )
+                row["seconds"] = float(np.nansum(secs))
+                row["updates"] = float(np.nansum(updates))
+                sp = [s.get("spectrum", {}).get("energy_top_rmin") for s in by.values()]
+                row["energy_top_rmin"] = mean_interval([float(x) for x in sp if isinstance(x, int | float)])
+            rows.append(row)
+    # paired differences to flexlora and to fedit (every client at the smallest rank)
+    refs: list[str] = [r for r in ("flexlora", "fedit") if r in study.variants]
+    for row in rows:
+        for ref in refs:
+            other = next((r for r in rows if r["distribution"] == row["distribution"] and r["variant"] == ref), None)
+            if other is None or row["variant"] in (ref, "zero-shot"):
+                continue
+            for label, metric in metrics:
+                k = f"{label}.{metric}"
+                row[f"Δ{ref}.{k}"] = paired_interval(row[f"_{k}"], other[f"_{k}"])
+    comm = _communication(jobs, ledger, dists[0])
+    _write_tables(results, study, rows, metrics, refs)
+    figures = _figures(study, jobs, ledger, results, rows, metrics, dists)
+    report = _report(jobs, ledger, results, dists[0])
+    md = _markdown(study, cfg, out, results, rows, metrics, refs, grid, rates, comm, figures, report, ledger)
+    return md
+
+
+def _communication(jobs: Sequence[Job], ledger: Ledger, dist: str) -> dict[str, dict[int, float]]:
+    """Per variant, the mean MiB a client exchanges (up + down) per round, by client rank."""
+    sums: dict[str, dict[int, list[float]]] = {}
+    for job in jobs:
+        if job.distribution != dist or _summary(job, ledger) is None:
+            continue
+        label = job.variant + ("+fold" if job.phase == "fold" else "")
+        for r in _client_records(job.path):
+            if r.get("type") == "client" and isinstance(r.get("rank"), int):
+                mib = (float(r.get("up_bytes", 0)) + float(r.get("down_bytes", 0))) / 2**20
+                sums.setdefault(label, {}).setdefault(int(r["rank"]), []).append(mib)
+    return {v: {k: float(np.mean(x)) for k, x in sorted(by.items())} for v, by in sums.items()}
+
+
+def _write_tables(
+    results: Path, study: StudyConfig, rows: list[dict[str, Any]], metrics: list[tuple[str, str]], refs: list[str]
+) -> None:
+    keys = [f"{g}.{m}" for g, m in metrics]
+    with (results / "results.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        head = ["distribution", "variant", "lr", "seeds"]
+        head += [f"{k} {p}" for k in keys for p in ("mean", "lo95", "hi95")]
+        head += [f"Δ{r}.{k} {p}" for r in refs for k in keys for p in ("mean", "lo95", "hi95")]
+        w.writerow(head)
+        for row in rows:
+            line = [row["distribution"], row["variant"], row["lr"], row["seeds"]]
+            line += [x for k in keys for x in row.get(k, (math.nan,) * 3)]
+            line += [x for r in refs for k in keys for x in row.get(f"Δ{r}.{k}", (math.nan,) * 4)[:3]]
+            w.writerow(line)
+    clean = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
+    _write_json(results / "results.json", {"study": study.name, "rows": clean})
+
+
+def _figures(
+    study: StudyConfig,
+    jobs: Sequence[Job],
+    ledger: Ledger,
+    results: Path,
+    rows: list[dict[str, Any]],
+    metrics: list[tuple[str, str]],
+    dists: list[str],
+) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fedrank.report import read_metrics
+
+    paths: list[Path] = []
+    tab20 = plt.get_cmap("tab20")
+
+    def colors(i: int) -> Any:  # the strong shades first, then the light ones
+        return tab20((2 * i) % 20 + (i // 10) % 2)
+    # 1. metric vs round per variant (first distribution), mean and 95% band over seeds
+    curves: dict[str, dict[str, dict[int, list[float]]]] = {}
+    energy: dict[str, dict[int, list[float]]] = {}
+    for job in jobs:
+        if job.phase != "seed" or job.distribution != dists[0] or _summary(job, ledger) is None:
+            continue
+        for r in read_metrics(job.path / "metrics.jsonl"):
+            if r.get("type") == "eval":
+                for label, key in (("unseen", "unseen_avg"), ("seen", "participants_avg")):
+                    for metric, v in (r.get(key) or {}).items():
+                        if metric != "perplexity" and isinstance(v, int | float):
+                            c = curves.setdefault(f"{label}.{metric}", {}).setdefault(job.variant, {})
+                            c.setdefault(int(r["round"]), []).append(float(v))
+            if r.get("type") == "round" and isinstance((r.get("spectrum") or {}).get("energy_top_rmin"), int | float):
+                energy.setdefault(job.variant, {}).setdefault(int(r["round"]), []).append(
+                    float(r["spectrum"]["energy_top_rmin"])
+                )
+    keys = [f"{g}.{m}" for g, m in metrics if f"{g}.{m}" in curves]
+    if keys:
+        fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 4), squeeze=False)
+        for ax, key in zip(axes[0], keys, strict=True):
+            for i, (v, by) in enumerate(sorted(curves[key].items())):
+                xs = sorted(by)
+                ci = [mean_interval(by[x]) for x in xs]
+                ys = [c[0] for c in ci]
+                ax.plot(xs, ys, marker="o", ms=3, color=colors(i), label=v)
+                lo = [c[1] if math.isfinite(c[1]) else c[0] for c in ci]
+                hi = [c[2] if math.isfinite(c[2]) else c[0] for c in ci]
+                ax.fill_between(xs, lo, hi, color=colors(i), alpha=0.12)
+            ax.set_title(key)
+            ax.set_xlabel("round")
+        axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5))
+        fig.suptitle(f"{study.name}: metric vs round ({dists[0]}; mean and 95% interval over seeds)")
+        fig.tight_layout()
+        paths.append(_save(fig, results / "rounds.png"))
+    # 2. final metric per rank distribution
+    first = next(iter(keys), None)
+    if first and len(dists) > 1:
+        fig, ax = plt.subplots(figsize=(10, 4))
+        variants = [r["variant"] for r in rows if r["distribution"] == dists[0]]
+        for j, d in enumerate(dists):
+            pts = [next((r for r in rows if r["distribution"] == d and r["variant"] == v), {}) for v in variants]
+            ms = [p.get(first, (math.nan,) * 3) for p in pts]
+            x = np.arange(len(variants)) + (j - len(dists) / 2) * 0.15
+            m = np.array([c[0] for c in ms])
+            err = np.array(
+                [
+                    [c[0] - c[1] if math.isfinite(c[1]) else 0 for c in ms],
+                    [c[2] - c[0] if math.isfinite(c[2]) else 0 for c in ms],
+                ]
+            )
+            ax.errorbar(x, m, yerr=err, fmt="o", ms=3, capsize=2, label=d)
+        ax.set_xticks(np.arange(len(variants)), variants, rotation=60, fontsize=7)
+        ax.set_ylabel(first)
+        ax.legend(fontsize=7)
+        ax.set_title(f"{study.name}: final {first} per rank distribution (95% interval)")
+        fig.tight_layout()
+        paths.append(_save(fig, results / "distributions.png"))
+    # 3. energy of the global update in the top r_min directions, per variant and round
+    if energy:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, (v, by) in enumerate(sorted(energy.items())):
+            xs = sorted(by)
+            ax.plot(xs, [float(np.mean(by[x])) for x in xs], marker="o", ms=3, color=colors(i), label=v)
+        ax.set_xlabel("round")
+        ax.set_ylabel("energy in the top r_min directions")
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5))
+        ax.set_title("rank-collapse diagnostic (mean over seeds)")
+        fig.tight_layout()
+        paths.append(_save(fig, results / "collapse.png"))
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _report(jobs: Sequence[Job], ledger: Ledger, results: Path, dist: str) -> Path | None:
+    from fedrank.html_report import write_comparison_report
+
+    runs: dict[str, list[Path]] = {}
+    for job in jobs:
+        if job.phase == "seed" and job.distribution == dist and _summary(job, ledger) is not None:
+            runs.setdefault(job.variant, []).append(job.path)
+    return write_comparison_report(runs, results / "report.html") if runs else None
+
+
+def _markdown(
+    study: StudyConfig,
+    cfg: RunConfig,
+    out: Path,
+    results: Path,
+    rows: list[dict[str, Any]],
+    metrics: list[tuple[str, str]],
+    refs: list[str],
+    grid: dict[str, dict[float, float]],
+    rates: dict[str, float],
+    comm: dict[str, dict[int, float]],
+    figures: list[Path],
+    report: Path | None,
+    ledger: Ledger,
+) -> Path:
+    keys = [f"{g}.{m}" for g, m in metrics]
+    total = sum(float(e.get("seconds", 0.0)) for e in ledger.runs.values())
+    updates = sum(float(r.get("updates", 0.0)) for r in rows if isinstance(r.get("updates"), float))
+    counts: dict[str, int] = {}
+    for e in ledger.runs.values():
+        counts[str(e.get("status"))] = counts.get(str(e.get("status")), 0) + 1
+    planned = len(plan_tuning(study, cfg, out)) + len(plan_seeds(study, cfg, out, {v: 1.0 for v in study.variants}))
+    lines = [
+        f"# {study.name}",
+        "",
+        "Written by `fedrank study` (do not edit: rerun it). Every cell is the mean over seeds with its 95% "
+        "Student-t interval in brackets; `–` where no run finished.",
+        "",
+        f"- commit `{_git_commit()}`; runs in `{out}`; {len(ledger.runs)} of {planned} planned runs recorded "
+        f"({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}).",
+        f"- compute: {total / 3600:.2f} h of run time recorded; {updates:.0f} client updates in the seed runs"
+        + (f", {updates / (total / 3600):.0f} client updates per hour overall" if total > 0 else "")
+        + f" (this machine: {os.cpu_count()} CPUs).",
+        f"- model `{cfg.model.name}`, data `{cfg.data.source}`"
+        + (f" suite `{cfg.data.suite}`" if cfg.data.source == "benchmarks" else "")
+        + f", {cfg.partition.num_clients} registered clients ({cfg.partition.kind}), "
+        f"{cfg.federation.rounds} rounds of {cfg.federation.clients_per_round} clients, {cfg.train.steps} local steps "
+        f"of batch {cfg.train.batch_size}; ranks {list(cfg.ranks.choices)}; seeds {list(study.seeds)} "
+        f"(tuning seed {study.tune_seed}); presets {'on' if study.presets else 'off'}.",
+        "",
+        "## Learning rate chosen per variant (seen answer loss at the tuning seed; never the unseen tasks)",
+        "",
+        "| variant | " + " | ".join(_lr_name(x) for x in study.lr_grid) + " | chosen |",
+        "|---|" + "---|" * (len(study.lr_grid) + 1),
+    ]
+    for v in study.variants:
+        by = grid.get(v, {})
+        cells = [
+            _fmt(by.get(x, math.nan)) if math.isfinite(by.get(x, math.nan)) else "diverged/–" for x in study.lr_grid
+        ]
+        lines.append(f"| {v} | " + " | ".join(cells) + f" | {_fmt(rates[v]) if v in rates else 'none'} |")
+    for d in dict.fromkeys(r["distribution"] for r in rows):
+        lines += ["", f"## Final metrics, rank distribution `{d}`", ""]
+        lines.append("| variant | lr | seeds | " + " | ".join(keys) + " |")
+        lines.append("|---|---|---|" + "---|" * len(keys))
+        for r in rows:
+            if r["distribution"] == d:
+                cells = [_cell(*r.get(k, (math.nan,) * 3)) for k in keys]
+                lr = _fmt(r["lr"]) if math.isfinite(r["lr"]) else ""
+                lines.append(f"| {r['variant']} | {lr} | {r['seeds']} | " + " | ".join(cells) + " |")
+        for ref in refs:
+            lines += ["", f"Paired difference to **{ref}** (same seeds; a change in loss < 0 is better):", ""]
+            lines.append("| variant | pairs | " + " | ".join(keys) + " |")
+            lines.append("|---|---|" + "---|" * len(keys))
+            for r in rows:
+                if r["distribution"] == d and f"Δ{ref}.{keys[0]}" in r if keys else False:
+                    cells = [_cell(*r.get(f"Δ{ref}.{k}", (math.nan,) * 4)[:3]) for k in keys]
+                    n = r.get(f"Δ{ref}.{keys[0]}", (0, 0, 0, 0))[3]
+                    lines.append(f"| {r['variant']} | {n} | " + " | ".join(cells) + " |")
+    d0 = rows[0]["distribution"] if rows else ""
+    lines += ["", f"## Communication and the rank-collapse diagnostic (`{d0}`)", ""]
+    ranks = sorted({k for by in comm.values() for k in by})
+    lines.append(
+        "| variant | MiB per round | "
+        + " | ".join(f"MiB per client-round, r={k}" for k in ranks)
+        + " | energy in top r_min |"
+    )
+    lines.append("|---|---|" + "---|" * len(ranks) + "---|")
+    for r in rows:
+        if r["distribution"] == d0 and r["variant"] != "zero-shot":
+            per_rank = comm.get(r["variant"], {})
+            cells = [f"{per_rank[k]:.2f}" if k in per_rank else "" for k in ranks]
+            e = r.get("energy_top_rmin", (math.nan,) * 3)
+            mib = r.get("MiB/round", math.nan)
+            lines.append(f"| {r['variant']} | {_fmt(mib)} | " + " | ".join(cells) + f" | {_cell(*e)} |")
+    if figures:
+        lines += ["", "## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures]
+    if report is not None:
+        lines += ["", f"One self-contained HTML report of the `{d0}` seed runs: [{report.name}]({report.name})."]
+    diverged = [(k, e) for k, e in ledger.runs.items() if e.get("status") in ("diverged", "failed")]
+    if diverged:
+        lines += ["", "## Diverged or failed runs (never counted as results)", ""]
+        lines += [f"- `{k}`: {e.get('status')}: {str(e.get('reason', ''))[:200]}" for k, e in sorted(diverged)]
+    md = results / "results.md"
+    md.write_text("\n".join(lines) + "\n")
+    return md

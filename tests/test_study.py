@@ -1,0 +1,113 @@
+"""``fedrank study``: the driver plans, skips, resumes and aggregates correctly (tiny model), and its intervals
+are right."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fedrank.cli import main
+from fedrank.study import Ledger, load_study, mean_interval, paired_interval, plan_seeds, plan_tuning
+from helpers import TINY_TOML
+
+
+def test_mean_interval_matches_a_textbook_case() -> None:
+    """x = 1..5: mean 3, s = √2.5, t_{0.975, 4} = 2.776445 → 3 ± 1.963243 (e.g. NIST/SEMATECH §1.3.5.2)."""
+    m, lo, hi = mean_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert m == 3.0
+    assert hi - m == pytest.approx(2.776445 * math.sqrt(2.5) / math.sqrt(5), rel=1e-6)
+    assert m - lo == pytest.approx(1.963243, rel=1e-6)
+    assert mean_interval([2.0]) == (2.0, -math.inf, math.inf)  # one seed: no interval
+    assert all(math.isnan(x) for x in mean_interval([]))
+    # paired: the interval of the per-seed differences, over the seeds both have
+    d, dlo, dhi, n = paired_interval({1: 1.0, 2: 2.0, 3: 4.0, 4: 9.0}, {1: 0.5, 2: 1.0, 3: 3.0})
+    assert n == 3 and d == pytest.approx((0.5 + 1.0 + 1.0) / 3)
+    assert (dlo, dhi) == pytest.approx(mean_interval([0.5, 1.0, 1.0])[1:])
+
+
+def _study(tmp_path: Path, **extra: str) -> Path:
+    table = {
+        "name": '"tiny"',
+        "methods": '["flexlora", "hetlora"]',
+        "lr_grid": "[0.01, 1e6]",  # 1e6: every client's model collapses (diverged, never a result)
+        "seeds": "[1, 2]",
+        "out": f'"{tmp_path / "runs"}"',
+        "results": f'"{tmp_path / "results"}"',
+        **extra,
+    }
+    lines = ["[study]", *[f"{k} = {v}" for k, v in table.items()]]
+    path = tmp_path / "study.toml"
+    path.write_text(TINY_TOML + "\n" + "\n".join(lines) + "\n")
+    return path
+
+
+def test_study_config_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["study", str(_study(tmp_path, methods='["flexlora", "flexlora@max"]'))]) == 2
+    assert "homogeneous method at the largest rank" in capsys.readouterr().err
+    assert main(["study", str(_study(tmp_path, tune_seed="1"))]) == 2
+    assert "tune_seed" in capsys.readouterr().err
+    study, cfg = load_study(_study(tmp_path, methods='["fedit", "fedit@max", "fslora"]'))
+    jobs = {j.variant: j.cfg for j in plan_tuning(study, cfg, tmp_path) if j.lr == 0.01}
+    assert jobs["fedit"].ranks.choices == (2, 4) and jobs["fedit"].ranks.distribution == "fixed"  # at r_min
+    assert jobs["fedit@max"].ranks.choices == (4,)
+    assert jobs["fslora"].train.optimizer == "sgd" and jobs["fslora"].train.lr == 0.01  # preset, then the grid
+    seeds = plan_seeds(study, cfg, tmp_path, {"fedit": 0.01, "fslora": 0.01})
+    assert {(j.variant, j.seed) for j in seeds} == {(v, s) for v in ("fedit", "fslora") for s in (1, 2)}
+    assert {j.cfg.partition.seed for j in seeds} == {1, 2}  # each seed redraws the data
+
+
+@pytest.mark.slow
+def test_study_tunes_skips_resumes_and_aggregates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _study(tmp_path)
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    assert main(["study", str(path), "--no-progress"]) == 0
+    ledger = json.loads((runs / "study.json").read_text())["runs"]
+    # 2 variants x 2 rates, then 2 x 2 seeds, then hetlora's fold ablation x 2 seeds
+    assert len(ledger) == 10
+    assert {ledger[str(runs / "tune" / v / "lr1e+06")]["status"] for v in ("flexlora", "hetlora")} == {"diverged"}
+    chosen = {e["variant"]: e["lr"] for e in ledger.values() if e["phase"] == "seed"}
+    assert chosen == {"flexlora": 0.01, "hetlora": 0.01}  # the diverged rate is never chosen
+    md = (results / "results.md").read_text()
+    assert "| flexlora | 0.0100 | 2 |" in md and "| hetlora+fold | 0.0100 | 2 |" in md
+    assert "| zero-shot |  | 2 |" in md
+    assert "tune/flexlora/lr1e+06`: diverged" in md
+    rows = json.loads((results / "results.json").read_text())["rows"]
+    flex = next(r for r in rows if r["variant"] == "flexlora")
+    het = next(r for r in rows if r["variant"] == "hetlora")
+    summaries = {
+        s: json.loads((runs / "uniform" / "flexlora" / f"seed{s}" / "summary.json").read_text()) for s in (1, 2)
+    }
+    want = [summaries[s]["unseen_after"]["loss"] for s in (1, 2)]
+    assert flex["unseen.loss"] == pytest.approx(list(mean_interval(want)))
+    hs = [json.loads((runs / "uniform" / "hetlora" / f"seed{s}" / "summary.json").read_text()) for s in (1, 2)]
+    diffs = [h["unseen_after"]["loss"] - f for h, f in zip(hs, want)]
+    assert het["Δflexlora.unseen.loss"][:3] == pytest.approx(list(mean_interval(diffs)))
+    for name in ("results.csv", "rounds.png", "collapse.png", "report.html"):
+        assert (results / name).is_file(), name
+
+    # a second sitting: finished runs are kept, an interrupted one resumes from its checkpoint, diverged runs
+    # are not retried, and the results are the same
+    finished = runs / "uniform" / "flexlora" / "seed1"
+    interrupted = runs / "uniform" / "hetlora" / "seed2"
+    mtime = (finished / "summary.json").stat().st_mtime_ns
+    before = json.loads((interrupted / "summary.json").read_text())["unseen_after"]
+    (interrupted / "summary.json").unlink()
+    for ck in sorted((interrupted / "checkpoints").glob("round-*.safetensors"))[1:]:
+        ck.unlink()
+    entries = json.loads((runs / "study.json").read_text())
+    del entries["runs"][str(interrupted)]
+    (runs / "study.json").write_text(json.dumps(entries))
+    capsys.readouterr()
+    assert main(["study", str(path), "--no-progress"]) == 0
+    assert (finished / "summary.json").stat().st_mtime_ns == mtime
+    assert json.loads((interrupted / "summary.json").read_text())["unseen_after"] == pytest.approx(before)
+    ledger2 = Ledger(runs / "study.json").runs
+    assert ledger2[str(interrupted)]["how"] == "resumed"
+    assert ledger2[str(runs / "tune" / "flexlora" / "lr1e+06")]["status"] == "diverged"
+    def tables(text: str) -> list[str]:  # all but the compute line (the resumed run's seconds are new)
+        return [line for line in text.splitlines() if not line.startswith("- compute:")]
+
+    assert tables((results / "results.md").read_text()) == tables(md)
