@@ -251,9 +251,12 @@ def test_flora_merges_exact_weighted_sum_and_restarts_fresh() -> None:
     a = fl.dispatch(new, ClientSpec(9, 4, 1), 1)
     assert a.base_delta is new.merged
     assert all(float(f.B.abs().sum()) == 0 for f in a.factors.values())  # fresh LoRA: B = 0
+    # counted as sent: the fresh rank-4 LoRA and the dense merged delta (not the paper's stacked factors)
+    assert a.download_params == sum(4 * (m + n) + m * n for m, n in SHAPES.values())
+    first = fl.dispatch(state, ClientSpec(9, 4, 1), 0)  # round 0: the zero delta is not sent
+    assert first.base_delta is None and first.download_params == sum(4 * (m + n) for m, n in SHAPES.values())
+    # a second round accumulates; stacked_params keeps the size of both rounds' stacked factors
     stacked = sum(14 * (m + n) for m, n in SHAPES.values())
-    assert a.download_params == min(stacked, sum(m * n for m, n in SHAPES.values()))
-    # a second round accumulates: stacked factors of both rounds, capped by the dense delta
     newer = fl.aggregate(new, ups)
     assert newer.stacked_params == 2 * stacked
     torch.testing.assert_close(newer.merged[name], 2 * new.merged[name])

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -21,6 +23,7 @@ from fedrank.aggregation import (
     make_method,
 )
 from fedrank.aggregation.base import derive_generator, normalized_weights
+from fedrank.aggregation.fold import dense_base
 from fedrank.lowrank import lora_scaling
 from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
 from helpers import trained_update as trained
@@ -38,14 +41,16 @@ def rand_factors(g: torch.Generator, rank: int, dtype=torch.float64) -> dict[str
 
 
 def dense(a: ClientAssignment) -> dict[str, torch.Tensor]:
-    """What an assignment adds to W0: base_delta + scaling·B A (per layer, float64)."""
+    """What an assignment adds to W0: base_delta + scaling·B_frozen A_frozen (the client's fold) + scaling·B A
+    (per layer, float64)."""
     out = {}
+    base = dense_base(a)
     for k, (m, n) in SHAPES.items():
         d = torch.zeros(m, n, dtype=torch.float64)
         if k in a.factors:
             d = d + a.scaling * (a.factors[k].B.double() @ a.factors[k].A.double())
-        if a.base_delta is not None:
-            d = d + a.base_delta[k].double()
+        if base is not None:
+            d = d + base[k].double()
         out[k] = d
     return out
 
@@ -79,7 +84,7 @@ def test_fedplora_client_starts_from_the_exact_global_model(seed: int, ranks: li
         a = fp.dispatch(state, ClientSpec(cid, r, 1), rnd)
         assert a.rank == r and a.indices is not None and a.indices.numel() == r
         assert a.scaling == lora_scaling(16.0, R)  # the global scaling, whatever the client's rank
-        assert (a.base_delta is None) == (r == R)
+        assert a.base_delta is None and (a.frozen is None) == (r == R)  # the R − r unselected modules, folded
         close(dense(a), want)
         # the selection is the seeded draw of (seed, round, client): a resumed run selects the same modules
         perm = torch.randperm(R, generator=derive_generator(seed, rnd, cid))[:r].sort().values
@@ -153,7 +158,7 @@ def test_fedex_global_model_is_the_exact_average_of_the_client_models(
         close(dense(a), before)  # exact start
         u = trained(a, spec, g)
         ups.append(u)
-        client_models.append(dense(ClientAssignment(cid, r, a.scaling, u.factors, 0, base_delta=a.base_delta)))
+        client_models.append(dense(replace(a, factors=u.factors)))
     new = fx.aggregate(state, ups)
     p = normalized_weights(ups)
     want = {k: sum(float(pk) * cm[k] for pk, cm in zip(p, client_models)) for k in SHAPES}
@@ -337,10 +342,9 @@ def test_communication_matches_the_formula(name: str) -> None:
             own = sum(r * (m + n) for m, n in SHAPES.values())
             if name == "fedplora":  # all R modules down (to fold), the r selected up
                 assert (a.download_params, method.upload_params(u)) == (full, own)
-            elif name == "fedex":  # R indices + the residual so far, the smaller of factored and dense
-                stacked = rnd * (len(ranks) + 1) * full
-                dense_res = sum(m * n for m, n in SHAPES.values())
-                assert (a.download_params, method.upload_params(u)) == (full + min(stacked, dense_res), own)
+            elif name == "fedex":  # R indices + the dense residual, once there is one (not in round 0)
+                dense_res = sum(m * n for m, n in SHAPES.values()) if rnd > 0 else 0
+                assert (a.download_params, method.upload_params(u)) == (full + dense_res, own)
             elif name == "rolora":  # R indices down, the trained factor up: B (r·m) in even rounds, A (r·n) in odd
                 up = r * sum(ms) if rnd % 2 == 0 else r * sum(ns)
                 assert (a.download_params, method.upload_params(u)) == (full, up)
@@ -382,13 +386,42 @@ def test_folded_client_model_has_the_global_models_logits(host, name: str) -> No
         host.load(method.global_model(state))
         want = host.module(input_ids=ids).logits.clone()
         a = method.dispatch(state, ClientSpec(0, 3, 1), 1)
-        assert a.rank == 3 and a.base_delta is not None
+        assert a.rank == 3 and a.frozen is not None and all(f.rank == R - 3 for f in a.frozen.values())
         host.load(a)
         got = host.module(input_ids=ids).logits.clone()
         host.load(ClientAssignment(-1, 1, 0.0, {}, 0))
         base = host.module(input_ids=ids).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(got, base, atol=1e-3)  # the global model is not the base model
+
+
+@pytest.mark.parametrize("name", ["fedplora", "fedex", "rolora"])
+def test_folded_client_models_merged_weights_are_the_global_models(host, name: str) -> None:
+    """The client folds the frozen modules it was sent (not a dense fold from the server): merged into the
+    weights, a rank-3 client's model is the global model's, layer by layer."""
+    g = torch.Generator().manual_seed(6)
+    R = 8
+    factors = {
+        k: LoraFactors(torch.randn(m, R, generator=g) * 0.05, torch.randn(R, n, generator=g) * 0.05)
+        for k, (m, n) in host.shapes.items()
+    }
+    method = make_method(name)
+    if name == "fedex":
+        state = FedExState(factors, {k: torch.randn(m, n, generator=g) * 0.02 for k, (m, n) in host.shapes.items()})
+    else:
+        state = RoLoRAState(factors) if name == "rolora" else LoraState(factors)
+    a = method.dispatch(state, ClientSpec(0, 3, 1), 1)
+    assert a.frozen is not None and (a.base_delta is not None) == (name == "fedex")
+
+    def weights(x: ClientAssignment | None = None) -> dict[str, torch.Tensor]:
+        mods = dict(host.base.named_modules())  # peft wraps the base model in place
+        with host.merged(x or ClientAssignment(-1, 1, 0.0, {}, 0)):
+            return {k: getattr(mods[k], "base_layer", mods[k]).weight.detach().clone() for k in host.shapes}
+
+    got, want, base = weights(a), weights(method.global_model(state)), weights()
+    for k in host.shapes:
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-5)
+        assert not torch.allclose(got[k], base[k], atol=1e-4)  # the fold did change the weights
 
 
 def test_fedex_caps_a_client_rank_above_the_global_rank() -> None:

@@ -535,6 +535,7 @@ def _figures(
 
     def colors(i: int) -> Any:  # the strong shades first, then the light ones
         return tab20((2 * i) % 20 + (i // 10) % 2)
+
     # 1. metric vs round per variant (first distribution), mean and 95% band over seeds
     curves: dict[str, dict[str, dict[int, list[float]]]] = {}
     energy: dict[str, dict[int, list[float]]] = {}

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-__all__ = ["Adapter", "ClientAssignment", "ClientSpec", "ClientUpdate", "LoraFactors", "adapter_numel"]
+__all__ = ["Adapter", "ClientAssignment", "ClientSpec", "ClientUpdate", "LoraFactors", "adapter_numel", "payload_numel"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,14 @@ def adapter_numel(adapter: Adapter, *, A: bool = True, B: bool = True) -> int:
     return sum((f.A.numel() if A else 0) + (f.B.numel() if B else 0) for f in adapter.values())
 
 
+def payload_numel(
+    factors: Adapter, frozen: Adapter | None = None, base_delta: Mapping[str, Tensor] | None = None
+) -> int:
+    """Elements of the tensors an assignment carries: its factors, frozen modules and dense base delta."""
+    dense = sum(d.numel() for d in (base_delta or {}).values())
+    return adapter_numel(factors) + adapter_numel(frozen or {}) + dense
+
+
 @dataclass(frozen=True)
 class ClientSpec:
     """What the server knows about a client: its id, its LoRA rank and its data size n_k."""
@@ -61,9 +69,16 @@ class ClientAssignment:
     """What a client starts a round from.
 
     ``factors`` are the LoRA factors at the client's ``rank``; the client's forward pass uses
-    W0 + base_delta + scaling · B @ A. ``train_A`` / ``train_B`` say which factors are trainable.
-    ``indices`` (FSLoRA) are the global rank indices the factors' columns/rows stand for.
-    ``download_params`` counts what the server sent for this assignment.
+
+        W0 + base_delta + scaling · B_frozen @ A_frozen + scaling · B @ A.
+
+    ``train_A`` / ``train_B`` say which factors are trainable. ``frozen`` are LoRA modules the client holds
+    frozen at the same ``scaling`` (Fed-PLoRA, RoLoRA, FedEx-LoRA: the global indices it does not train); the
+    client folds them into its base weights itself (:func:`fedrank.aggregation.fold.dense_base`), so only
+    their factors travel. ``base_delta`` is a true dense m×n delta (FedEx-LoRA's residual, FLoRA's merged
+    update). ``indices`` (FSLoRA, Fed-PLoRA) are the global rank indices the factors' columns/rows stand for.
+    ``download_params`` counts what the server sends for this assignment: the elements of its factors,
+    frozen modules and base delta (:func:`payload_numel`; the few integer ``indices`` are not counted).
     """
 
     client_id: int
@@ -75,6 +90,7 @@ class ClientAssignment:
     train_B: bool = True
     indices: Tensor | None = None
     base_delta: dict[str, Tensor] | None = field(default=None, repr=False)
+    frozen: dict[str, LoraFactors] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ Mixed ranks (an extension; the paper has one rank). The global adapter has rank 
 at s_R = lora_scaling(α, R); client k trains a rank-r_k LoRA (r_k capped at R) at the same global scale
 s_R, like every index-sharing method in fedrank (a rank index means the same update everywhere; a client
 at its own s_k = α/r_k would move ΔW R/r_k times as far per AdamW step). Dispatch hands it the first r_k
-global indices and folds the other indices into its frozen base, so it starts from the global model
-exactly:
+global indices to train and the other indices, which it folds into its frozen base, so it starts from the
+global model exactly:
 
     B_k⁰ = B̄[:, :r_k],   A_k⁰ = Ā[:r_k],   base W0 + W_res + s_R·B̄[:, r_k:] Ā[r_k:].
 
@@ -28,10 +28,14 @@ so W0 + W_res + s_R·B̄ Ā = Σ_k p_k (W0 + ΔW_k): the exact p-weighted averag
 ΔW_k = W_res_old + s_R·B̄_old[:, r_k:] Ā_old[r_k:] + s_R·B_k A_k. With every r_k = R it is the paper's rule.
 The paper and its code average uniformly (1/K); here p_k = n_k / Σ n (uniform with equal data or weights).
 
-Communication, counted honestly as FLoRA's: a client receives the R global indices (R·(m + n) per layer:
-its r_k plus the R − r_k it folds) and must bring its base up to date with W_res, whichever is smaller: the
-dense m×n residual, or every round's residual in factored form so far, [p_1 s_R B̂_1 … p_K s_R B̂_K, −s_R B̄]
-· [Â_1; …; Â_K; Ā], i.e. (K + 1)·R·(m + n) per layer and round. It sends its factors, r_k·(m + n).
+Communication, counted as sent: a client receives the R global indices (R·(m + n) per layer: its r_k
+trainable ones and the R − r_k it holds frozen, :attr:`ClientAssignment.frozen`, which it folds into its
+base itself) and the dense m×n residual W_res as the assignment's ``base_delta``, once it is nonzero (round
+0's residual is zero and is not sent): R·(m + n) + m·n per layer. The round's residual also has a factored
+form, [p_1 s_R B̂_1 … p_K s_R B̂_K, −s_R B̄]·[Â_1; …; Â_K; Ā],
+(K + 1)·R·(m + n) per layer and round, whose running size ``FedExState.stacked_params`` keeps for
+comparison; fedrank sends the dense residual, so that is what is counted. A client sends its factors,
+r_k·(m + n).
 """
 
 from __future__ import annotations
@@ -51,13 +55,14 @@ from fedrank.aggregation.base import (
     init_state_factors,
     normalized_weights,
 )
-from fedrank.aggregation.fold import fold_complement
-from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
+from fedrank.aggregation.fold import complement, select_indices
+from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors, payload_numel
 
 
 @dataclass(frozen=True)
 class FedExState:
-    """The global adapter (rank R), the residual folded into the base so far, and its factored size so far."""
+    """The global adapter (rank R), the residual folded into the base so far, and its factored size so far
+    (``stacked_params``: what sending the residual as stacked factors would have cost, not what is sent)."""
 
     factors: dict[str, LoraFactors]
     residual: dict[str, Tensor]
@@ -70,6 +75,11 @@ class FedExState:
     @property
     def dense_params(self) -> int:
         return sum(d.numel() for d in self.residual.values())
+
+    @property
+    def has_residual(self) -> bool:
+        """Whether W_res is nonzero in some layer (it is zero until an aggregation misses a cross term)."""
+        return any(bool(d.any()) for d in self.residual.values())
 
 
 @dataclass(frozen=True)
@@ -86,11 +96,12 @@ class FedExLoRA(MethodOptions):
         R = state.rank
         r = min(client.rank, R)
         s_R = self.scaling(R)
-        factors = {name: LoraFactors(f.B[:, :r].clone(), f.A[:r].clone()) for name, f in state.factors.items()}
-        base = fold_complement(state.factors, torch.arange(r), s_R, state.residual)
-        download = sum(R * sum(f.shape) for f in state.factors.values())
-        download += min(state.stacked_params, state.dense_params)
-        return ClientAssignment(client.client_id, r, s_R, factors, download, base_delta=base)
+        keep = torch.arange(r)
+        factors = select_indices(state.factors, keep)
+        frozen = complement(state.factors, keep)  # indices r_k.. R, folded by the client
+        residual = state.residual if state.has_residual else None  # round 0's residual is zero: not sent
+        download = payload_numel(factors, frozen, residual)  # R·(m + n) (+ m·n once there is a residual)
+        return ClientAssignment(client.client_id, r, s_R, factors, download, base_delta=residual, frozen=frozen)
 
     def aggregate(
         self, state: FedExState, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None

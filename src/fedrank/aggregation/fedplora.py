@@ -27,7 +27,9 @@ every client and in the global model. B and A of a module are averaged separatel
 the aggregate is not exactly Σ_i p_i ΔW_i: only the initialisation is exact.
 
 Communication: a client must receive all R modules to fold the unselected ones, R·(m + n) per layer
-(the paper's noted downlink overhead over HetLoRA), and sends its r_i selected modules, r_i·(m + n).
+(the paper's noted downlink overhead over HetLoRA): its r_i trainable modules and the R − r_i frozen ones
+(:attr:`ClientAssignment.frozen`), which it folds into its base itself (:mod:`fedrank.aggregation.fold`).
+It sends its r_i selected modules, r_i·(m + n). The module indices (r_i integers) are not counted.
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ from fedrank.aggregation.base import (
     derive_generator,
     normalized_weights,
 )
-from fedrank.aggregation.fold import fold_complement, select_indices
-from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate
+from fedrank.aggregation.fold import complement, select_indices
+from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, payload_numel
 
 
 @dataclass(frozen=True)
@@ -70,10 +72,10 @@ class FedPLoRA(MethodOptions):
         R = state.rank
         idx = self.select(client, round_index, R)
         s = self.scaling(R)
-        folded = fold_complement(state.factors, idx, s)
-        download = sum(R * sum(f.shape) for f in state.factors.values())
         factors = select_indices(state.factors, idx)
-        return ClientAssignment(client.client_id, idx.numel(), s, factors, download, indices=idx, base_delta=folded)
+        frozen = complement(state.factors, idx)  # the unselected modules, folded by the client
+        download = payload_numel(factors, frozen)  # R·(m + n) per layer
+        return ClientAssignment(client.client_id, idx.numel(), s, factors, download, indices=idx, frozen=frozen)
 
     def aggregate(
         self, state: LoraState, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None

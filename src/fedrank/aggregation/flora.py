@@ -7,9 +7,13 @@ into the base weights every round and every client restarts from a fresh LoRA at
 
     W ← W + Σ_k p_k · (α/r_k) · B_k A_k.
 
-The state is the accumulated dense delta per layer (m×n). Download, accounted honestly: a client must
-bring its base weights up to date; it receives whichever is smaller, the stacked factors of every round
-so far or the dense m×n delta of every layer. The fresh LoRA itself is generated locally from a seed.
+The state is the accumulated dense delta per layer (m×n). Communication, counted as sent: a client must
+bring its base weights up to date. The paper's protocol broadcasts the stacked factors (r_1 + … + r_K)·(m + n)
+per layer and round; fedrank sends the dense merged delta as the assignment's ``base_delta`` (m·n per layer,
+once it is nonzero: round 0's is zero and is not sent), so that is what is counted, together with the fresh
+rank-r_k LoRA the server draws for the client (r_k·(m + n) per layer; a client could draw it from the seed
+itself, but fedrank sends it). ``FLoRAState.stacked_params`` keeps the stacked factors' running size for
+comparison.
 """
 
 from __future__ import annotations
@@ -29,12 +33,13 @@ from fedrank.aggregation.base import (
     normalized_weights,
 )
 from fedrank.lowrank import init_lora_factors, stack_factors
-from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
+from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors, payload_numel
 
 
 @dataclass(frozen=True)
 class FLoRAState:
-    """Accumulated merged delta per layer and the stacked parameters broadcast so far."""
+    """Accumulated merged delta per layer, and the stacked factors' size so far (what the paper's stacked
+    broadcast would have sent; fedrank sends the dense delta)."""
 
     merged: dict[str, Tensor]
     stacked_params: int = 0
@@ -42,6 +47,11 @@ class FLoRAState:
     @property
     def dense_params(self) -> int:
         return sum(d.numel() for d in self.merged.values())
+
+    @property
+    def has_delta(self) -> bool:
+        """Whether some layer's merged delta is nonzero (none is before the first aggregation)."""
+        return any(bool(d.any()) for d in self.merged.values())
 
 
 @dataclass(frozen=True)
@@ -59,8 +69,8 @@ class FLoRA(MethodOptions):
         for name, delta in state.merged.items():
             m, n = delta.shape
             factors[name] = LoraFactors(*init_lora_factors(m, n, client.rank, g))
-        download = min(state.stacked_params, state.dense_params)
-        return self.assign(client, factors, download, base_delta=state.merged)
+        merged = state.merged if state.has_delta else None  # round 0's delta is zero: not sent
+        return self.assign(client, factors, payload_numel(factors, base_delta=merged), base_delta=merged)
 
     def aggregate(
         self, state: FLoRAState, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None

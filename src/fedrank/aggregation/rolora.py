@@ -28,9 +28,10 @@ nobody held keep their value:
 so with A frozen s_R·B[:, i] A[i] is the exact p-weighted average of the holders' rank-1 terms, index by
 index; with one rank for all clients it is the rule above, Σ_k p_k ΔW_k.
 
-Communication: a client receives the R global indices (R·(m + n) per layer: it trains r_k and folds the rest;
-a client sampled now may have missed the last round, so both factors are sent) and uploads only the factor it
-trained: r_k·m in even rounds, r_k·n in odd rounds (RoLoRA's halved uplink).
+Communication: a client receives the R global indices (R·(m + n) per layer: the r_k it trains and the R − r_k
+it holds frozen and folds into its base itself, :attr:`ClientAssignment.frozen`; a client sampled now may have
+missed the last round, so both factors are sent) and uploads only the factor it trained: r_k·m in even rounds,
+r_k·n in odd rounds (RoLoRA's halved uplink).
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ from fedrank.aggregation.base import (
     init_state_factors,
     normalized_weights,
 )
-from fedrank.aggregation.fold import fold_complement, select_indices
-from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
+from fedrank.aggregation.fold import complement, select_indices
+from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors, payload_numel
 
 
 @dataclass(frozen=True)
@@ -85,16 +86,17 @@ class RoLoRA(MethodOptions):
         R = state.rank
         idx = first_indices(min(client.rank, R))
         s = self.scaling(R)
-        download = sum(R * sum(f.shape) for f in state.factors.values())
+        factors = select_indices(state.factors, idx)
+        frozen = complement(state.factors, idx)  # indices r_k.. R, folded by the client
         return ClientAssignment(
             client.client_id,
             idx.numel(),
             s,
-            select_indices(state.factors, idx),
-            download,
+            factors,
+            payload_numel(factors, frozen),  # R·(m + n) per layer
             train_A=not state.trains_B,
             train_B=state.trains_B,
-            base_delta=fold_complement(state.factors, idx, s),
+            frozen=frozen,
         )
 
     def aggregate(

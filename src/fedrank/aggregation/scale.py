@@ -64,7 +64,8 @@ class FoldedScale:
         if local is not None:
             local = {k: v / c for k, v in local.items()}
         a: ClientAssignment = self.inner.dispatch(state, client, round_index, local)
-        return replace(a, scaling=self.inner.scaling(a.rank), factors=_scaled(a.factors, c))
+        frozen = _scaled(a.frozen, c) if a.frozen else a.frozen  # folded modules: at the client's scale too
+        return replace(a, scaling=self.inner.scaling(a.rank), factors=_scaled(a.factors, c), frozen=frozen)
 
     def aggregate(self, state: Any, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None) -> Any:
         """The inner aggregate of the updates divided by their c_k (back to the global convention)."""

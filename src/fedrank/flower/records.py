@@ -1,11 +1,13 @@
 """What crosses the wire between fedrank's ServerApp and ClientApp, as Flower records.
 
 A dispatched :class:`~fedrank.types.ClientAssignment` travels as an ``ArrayRecord`` (each layer's ``B`` and
-``A``, FLoRA's ``base_delta``, FSLoRA's sketch ``indices``) and a ``ConfigRecord`` (rank, scaling, which
-factors train, the round and the run's resolved config as TOML). A client's answer is an ``ArrayRecord`` of
-the factors it trained (a frozen factor is not uploaded: the server takes it from what it sent), a
-``MetricRecord`` of its statistics and a ``ConfigRecord`` with its task names, or a ``ConfigRecord`` with
-the reason it failed. Tensors keep their dtype and bits (fp32 on the wire).
+``A``, its ``frozen_B`` and ``frozen_A`` (the modules the client folds into its base), the dense
+``base_delta`` (FedEx-LoRA's residual, FLoRA's merged delta), the sketch or module ``indices``; for the
+folding methods and FLoRA exactly the tensors its ``download_params`` counts, plus the indices) and a
+``ConfigRecord`` (rank, scaling, which factors train, the round and the run's resolved config as TOML). A
+client's answer is an ``ArrayRecord`` of the factors it trained (a frozen factor is not uploaded: the server
+takes it from what it sent), a ``MetricRecord`` of its statistics and a ``ConfigRecord`` with its task names,
+or a ``ConfigRecord`` with the reason it failed. Tensors keep their dtype and bits (fp32 on the wire).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def encode_assignment(a: ClientAssignment, round_index: int, config_toml: str) -
     arrays: dict[str, Tensor] = {}
     for name, f in a.factors.items():
         arrays[f"{name}::B"], arrays[f"{name}::A"] = f.B, f.A
+    for name, f in (a.frozen or {}).items():
+        arrays[f"{name}::frozen_B"], arrays[f"{name}::frozen_A"] = f.B, f.A
     for name, d in (a.base_delta or {}).items():
         arrays[f"{name}::base_delta"] = d
     if a.indices is not None:
@@ -67,6 +71,14 @@ def decode_assignment(content: RecordDict) -> tuple[ClientAssignment, int, str]:
             base[name] = t
     for name in {k.rsplit("::", 1)[0] for k in arrays if k.endswith("::B")}:
         factors[name] = LoraFactors(arrays[f"{name}::B"], arrays[f"{name}::A"])
+    frozen = {
+        name: LoraFactors(arrays[f"{name}::frozen_B"], arrays[f"{name}::frozen_A"])
+        for name in {k.rsplit("::", 1)[0] for k in arrays if k.endswith("::frozen_B")}
+    }
+    for name, f in frozen.items():
+        if name not in factors or f.shape != factors[name].shape:
+            want = f"its factors a {factors[name].shape} one" if name in factors else "it has no factors"
+            raise ValueError(f"assignment: layer {name}'s frozen modules are for a {f.shape} weight, {want}")
     a = ClientAssignment(
         client_id=int(meta["client-id"]),  # type: ignore[arg-type]
         rank=int(meta["rank"]),  # type: ignore[arg-type]
@@ -77,6 +89,7 @@ def decode_assignment(content: RecordDict) -> tuple[ClientAssignment, int, str]:
         train_B=bool(meta["train-B"]),
         indices=arrays.get("::indices"),
         base_delta=base or None,
+        frozen=frozen or None,
     )
     return a, int(meta["round"]), str(meta["config"])  # type: ignore[arg-type]
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fedrank.aggregation.fold import dense_base, dense_base_layer
 from fedrank.models.gated_mlp import lean_gated_mlps
 from fedrank.models.loading import page_out
 from fedrank.models.onednn import use_onednn, uses_onednn
@@ -104,8 +105,9 @@ class LoraHost:
         self.rank = rank
 
     def load(self, a: ClientAssignment) -> None:
-        """Write an assignment in: factors, scaling, which factors train, and FLoRA's base delta."""
-        self._apply_base_delta(a.base_delta)
+        """Write an assignment in: factors, scaling, which factors train, and the dense delta on the base
+        weights (its base delta and its frozen modules folded, :func:`~fedrank.aggregation.fold.dense_base`)."""
+        self._apply_base_delta(dense_base(a))
         if not a.factors:
             self.unload()
             return
@@ -136,8 +138,9 @@ class LoraHost:
 
     @contextmanager
     def merged(self, a: ClientAssignment) -> Iterator[nn.Module]:
-        """The model of assignment ``a`` with its update merged into the weights: W + base_delta + s·B A per
-        layer, and no adapter computed (an adapter of any width costs what the base model alone costs).
+        """The model of assignment ``a`` with its update merged into the weights: W + base_delta
+        + s·B_frozen A_frozen + s·B A per layer, and no adapter computed (an adapter of any width costs what the
+        base model alone costs).
 
         The merged weights are new tensors swapped in one layer at a time (the dense ΔW of a layer exists
         only while its merge is computed); the original weights stay untouched and are swapped back on exit,
@@ -163,11 +166,12 @@ class LoraHost:
                     w = lin.weight
                     f = a.factors.get(name)
                     update = _layer_update(a, f)
-                    if a.base_delta is None and not update:
+                    base = dense_base_layer(a, name)
+                    if base is None and not update:
                         continue  # nothing to add (e.g. round 0: B = 0): no copy
                     merged = w.detach().clone()
-                    if a.base_delta is not None:
-                        merged += a.base_delta[name].to(device=w.device, dtype=w.dtype)
+                    if base is not None:
+                        merged += base.to(device=w.device, dtype=w.dtype)
                     if f is not None and update:
                         B, A = (
                             f.B.to(device=w.device, dtype=torch.float32),
@@ -234,7 +238,8 @@ def _layer_update(a: ClientAssignment, f: LoraFactors | None) -> bool:
 def changes_base(a: ClientAssignment) -> bool:
     """Whether the model of assignment ``a`` may differ from the base model (False: it is the base model,
     e.g. every method's global model before training, where B = 0)."""
-    return a.base_delta is not None or any(_layer_update(a, f) for f in a.factors.values())
+    parts = [*a.factors.values(), *(a.frozen or {}).values()]
+    return a.base_delta is not None or any(_layer_update(a, f) for f in parts)
 
 
 def export_peft_adapter(
