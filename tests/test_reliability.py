@@ -12,6 +12,7 @@ import pytest
 
 from fedrank.cli import main
 from fedrank.config import ConfigError, load_config
+from fedrank.local import collapsed_predictions
 from fedrank.simulation import Simulation, collapsed
 from fedrank.validation import RunFailed
 from test_simulation import TINY, records
@@ -56,17 +57,66 @@ def test_bad_settings_fail_before_any_training(cfg_path: Path, tmp_path: Path, c
         Simulation(load_config(cfg_path, ["federation.min_clients=3"]), tmp_path / "r3", progress=False)
 
 
-def test_divergence_is_named_and_never_reported_as_an_improvement(cfg_path: Path, tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize(
+    "lr,steps,accepted",
+    [
+        ("1e6", 4, 0),
+        ("1e6", 2, 0),  # used to pass: the loss rule needs the last two steps at ln(V)
+        ("1e6", 1, 0),  # used to pass: one step gives the loss rule nothing to compare
+        # round 1: client 1 collapses in its last step (losses 6.71 -> 7.42, used to pass); client 0's model
+        # does not (entropy 4.10 against ln V = 5.76) and is aggregated; round 2: both collapse
+        ("50", 2, 1),
+    ],
+)
+def test_divergence_is_named_and_never_reported_as_an_improvement(
+    cfg_path: Path, tmp_path: Path, capsys, lr: str, steps: int, accepted: int
+) -> None:
     out = tmp_path / "run"
-    args = ["run", str(cfg_path), "--out", str(out), "--no-progress", "--set", "train.lr=1e6"]
-    assert main([*args, "--set", "federation.max_skipped_rounds=0", "--set", "train.steps=4"]) == 2
+    args = ["run", str(cfg_path), "--out", str(out), "--no-progress", "--set", f"train.lr={lr}"]
+    assert main([*args, "--set", "federation.max_skipped_rounds=0", "--set", f"train.steps={steps}"]) == 2
     err = capsys.readouterr().err
-    assert "1 rounds skipped with fewer than 1 valid client update" in err and "diverged" in err and "lr" in err
+    assert "1 rounds skipped with fewer than 1 valid client update" in err
+    assert "diverged: the model collapsed to uniform predictions" in err and f"train.lr = {float(lr):g}" in err
     recs = records(out)
     failed = [r for r in recs if r["type"] == "client_failed"]
-    assert len(failed) == 2 and all("diverged" in r["reason"] or "non-finite" in r["reason"] for r in failed)
-    assert not any(r["type"] == "round" for r in recs), "no update reached the global state"
+    assert len(failed) == 2 + accepted and all("diverged" in r["reason"] for r in failed)
+    assert sum(r["type"] == "round" for r in recs) == accepted, "no collapsed update reached the global state"
     assert not (out / "summary.json").exists()
+
+
+def test_collapse_is_seen_in_the_predictions_at_any_number_of_steps() -> None:
+    V = 316
+    u = math.log(V)  # 5.7557
+    assert collapsed_predictions(4.591, u, V)  # measured: lr = 1e6, 1 step
+    assert collapsed_predictions(4.591, u - 0.019 * u, V)  # within UNIFORM_MARGIN of ln V
+    assert not collapsed_predictions(4.591, u - 0.021 * u, V)
+    assert not collapsed_predictions(4.591, 4.101, V)  # measured: lr = 50, 2 steps, a model that did not collapse
+    assert not collapsed_predictions(u - 0.04 * u, u, V)  # dispatched already near-uniform (a random SmolLM2: 0.011)
+    assert collapsed_predictions(u - 0.051 * u, u, V)
+    assert not collapsed_predictions(math.nan, u, V) and not collapsed_predictions(4.591, math.nan, V)
+
+
+@pytest.mark.parametrize("lr", ["0.01", "0.1"])  # the suite's tiny runs (helpers.TINY_TOML, the Flower deployment)
+def test_healthy_training_is_not_called_collapsed(
+    cfg_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lr: str
+) -> None:
+    import fedrank.local as local
+
+    seen: list[float] = []
+    real = local.answer_entropy
+
+    def entropy(*args, **kw):  # type: ignore[no-untyped-def]
+        seen.append(real(*args, **kw))
+        return seen[-1]
+
+    monkeypatch.setattr(local, "answer_entropy", entropy)
+    cfg = load_config(cfg_path, [f"train.lr={lr}", "federation.rounds=1", "federation.clients_per_round=4"])
+    Simulation(cfg, tmp_path / "run", progress=False).run()
+    recs = records(tmp_path / "run")
+    assert not any(r["type"] == "client_failed" for r in recs)
+    assert sum(r["type"] == "client" for r in recs) == 4
+    ln_v = math.log(316)
+    assert len(seen) == 8 and all(ln_v - h > 0.1 * ln_v for h in seen)  # measured: 0.18-0.25 ln V, before and after
 
 
 def test_a_client_that_raises_is_dropped_and_the_round_goes_on(

@@ -167,6 +167,33 @@ def batch_loss(model: nn.Module, batch: dict[str, Tensor], tokens: int | None = 
     return total / (tokens if tokens is not None else targets.numel())
 
 
+@torch.no_grad()
+def answer_entropy(model: nn.Module, batch: dict[str, Tensor], bf16: bool = False) -> float:
+    """Mean entropy (nats) of ``model``'s next-token distributions at the positions whose next token is an
+    answer token, for a batch from :func:`pack` or :func:`collate`; NaN when the batch has no answer token.
+
+    A model that collapsed to uniform predictions has entropy ln(V) everywhere, whatever its training losses
+    say (a single step can do it, and a loss is only as good as its batch): the local trainer compares this
+    on one held batch before and after training. One forward pass, no gradient, the vocabulary
+    projection :data:`LOSS_CHUNK` positions at a time as in :class:`_AnswerCrossEntropy`."""
+    device = next(model.parameters()).device
+    decoder, head = decoder_and_head(model)
+    b = {k: v.to(device) for k, v in batch.items()}
+    keep = b["labels"][:, 1:] != IGNORE
+    n = int(keep.sum())
+    if n == 0:
+        return math.nan
+    context = {"position_ids": b["position_ids"]} if "position_ids" in b else {"attention_mask": b["attention_mask"]}
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        hidden = decoder(input_ids=b["input_ids"], use_cache=False, **context).last_hidden_state
+        answer = hidden[:, :-1][keep]
+        for i in range(0, n, LOSS_CHUNK):
+            probs = torch.softmax(head(answer[i : i + LOSS_CHUNK]).float(), dim=-1)
+            total += torch.special.entr(probs).sum(dtype=torch.float64)  # -p ln p, 0 where p = 0
+    return float(total) / n
+
+
 def passes(batch: dict[str, Tensor], tokens: int) -> list[dict[str, Tensor]]:
     """A packed batch in parts of at most ``tokens`` positions (at least one row; 0: the whole batch), each
     with at least one answer token."""
