@@ -50,7 +50,10 @@ def test_study_config_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["study", str(_study(tmp_path, tune_seed="1"))]) == 2
     assert "tune_seed" in capsys.readouterr().err
     study, cfg = load_study(_study(tmp_path, methods='["fedit", "fedit@max", "fslora"]'))
-    jobs = {j.variant: j.cfg for j in plan_tuning(study, cfg, tmp_path) if j.lr == 0.01}
+    tune = plan_tuning(study, cfg, tmp_path)
+    assert {j.lr for j in tune if j.variant == "fslora"} == {3e-3, 1e-2, 3e-2}  # SGD's own grid (its preset)
+    assert {j.lr for j in tune if j.variant == "fedit"} == {0.01, 1e6}
+    jobs = {j.variant: j.cfg for j in tune if j.lr == 0.01}
     assert jobs["fedit"].ranks.choices == (2, 4) and jobs["fedit"].ranks.distribution == "fixed"  # at r_min
     assert jobs["fedit@max"].ranks.choices == (4,)
     assert jobs["fslora"].train.optimizer == "sgd" and jobs["fslora"].train.lr == 0.01  # preset, then the grid

@@ -54,6 +54,7 @@ __all__ = [
     "aggregate",
     "choose_rates",
     "execute",
+    "grid_of",
     "load_study",
     "mean_interval",
     "paired_interval",
@@ -78,6 +79,8 @@ class StudyConfig:
     methods: tuple[str, ...] = ()
     """Variants (empty: all 13 methods and ``fedit@max``)."""
     lr_grid: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
+    sgd_lr_grid: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
+    """The grid of variants that train with SGD (FSLoRA's preset): SGD's rates are not AdamW's."""
     tune_seed: int = 1000
     seeds: tuple[int, ...] = (1, 2, 3)
     distributions: tuple[str, ...] = ()
@@ -98,8 +101,9 @@ class StudyConfig:
                 )
         if len(set(self.variants)) != len(self.variants):
             raise ConfigError("study.methods names a variant twice")
-        if not self.lr_grid or any(not (math.isfinite(x) and x > 0) for x in self.lr_grid):
-            raise ConfigError(f"study.lr_grid must be positive learning rates, got {list(self.lr_grid)}")
+        for grid in (self.lr_grid, self.sgd_lr_grid):
+            if not grid or any(not (math.isfinite(x) and x > 0) for x in grid) or len(set(grid)) != len(grid):
+                raise ConfigError(f"study.lr_grid and sgd_lr_grid must be distinct positive rates, got {list(grid)}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) or self.tune_seed in self.seeds:
             raise ConfigError("study.seeds must be distinct and must not include study.tune_seed")
 
@@ -168,13 +172,20 @@ def _lr_name(lr: float) -> str:
     return f"lr{lr:g}"
 
 
+def grid_of(study: StudyConfig, cfg: RunConfig, variant: str) -> tuple[float, ...]:
+    """The rates ``variant`` is tuned over: ``sgd_lr_grid`` where it trains with SGD, else ``lr_grid``."""
+    dist = (study.distributions or (cfg.ranks.distribution,))[0]
+    probe = variant_config(cfg, variant, study.tune_seed, dist, study.lr_grid[0], presets=study.presets)
+    return study.sgd_lr_grid if probe.train.optimizer == "sgd" else study.lr_grid
+
+
 def plan_tuning(study: StudyConfig, cfg: RunConfig, out: Path) -> list[Job]:
     dist = (study.distributions or (cfg.ranks.distribution,))[0]
     return [
         Job("tune", v, dist, study.tune_seed, lr, out / "tune" / v / _lr_name(lr),
             variant_config(cfg, v, study.tune_seed, dist, lr, presets=study.presets))
         for v in study.variants
-        for lr in study.lr_grid
+        for lr in grid_of(study, cfg, v)
     ]  # fmt: skip
 
 
@@ -338,7 +349,7 @@ def _run_study(
 ) -> Path:
     ledger = Ledger(out / LEDGER)
     tune = plan_tuning(study, cfg, out)
-    log.info("study: tuning %d runs (%d variants x %d rates)", len(tune), len(study.variants), len(study.lr_grid))
+    log.info("study: %d tuning runs (%d variants, each over its grid of rates)", len(tune), len(study.variants))
     execute(tune, ledger, progress=progress, retry_failed=retry_failed)
     rates, _ = choose_rates(tune, ledger)
     for v in study.variants:
@@ -669,15 +680,13 @@ def _markdown(
         "",
         "## Learning rate chosen per variant (seen answer loss at the tuning seed; never the unseen tasks)",
         "",
-        "| variant | " + " | ".join(_lr_name(x) for x in study.lr_grid) + " | chosen |",
-        "|---|" + "---|" * (len(study.lr_grid) + 1),
+        "| variant | seen loss at each rate of its grid | chosen |",
+        "|---|---|---|",
     ]
     for v in study.variants:
         by = grid.get(v, {})
-        cells = [
-            _fmt(by.get(x, math.nan)) if math.isfinite(by.get(x, math.nan)) else "diverged/–" for x in study.lr_grid
-        ]
-        lines.append(f"| {v} | " + " | ".join(cells) + f" | {_fmt(rates[v]) if v in rates else 'none'} |")
+        cells = [f"{x:g}: {_fmt(by[x]) if math.isfinite(by.get(x, math.nan)) else 'diverged/–'}" for x in sorted(by)]
+        lines.append(f"| {v} | " + ", ".join(cells) + f" | {f'{rates[v]:g}' if v in rates else 'none'} |")
     for d in dict.fromkeys(r["distribution"] for r in rows):
         lines += ["", f"## Final metrics, rank distribution `{d}`", ""]
         lines.append("| variant | lr | seeds | " + " | ".join(keys) + " |")
