@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import torch
@@ -365,22 +366,24 @@ def host():
     return LoraHost(tiny_llama(seed=0).model)  # its own model: peft wraps it in place
 
 
-@pytest.mark.parametrize("name", ["fedplora", "fedex", "rolora"])
-def test_folded_client_model_has_the_global_models_logits(host, name: str) -> None:
-    """The fold goes through the real model: a rank-3 client's starting logits equal the global model's."""
-    g = torch.Generator().manual_seed(5)
-    R = 8
+def _folding_state(host: Any, name: str, R: int, seed: int) -> tuple[Any, Any]:
+    """A folding method and a random global state of rank R (FedEx with a residual) for ``host``'s layers."""
+    g = torch.Generator().manual_seed(seed)
     factors = {
         k: LoraFactors(torch.randn(m, R, generator=g) * 0.05, torch.randn(R, n, generator=g) * 0.05)
         for k, (m, n) in host.shapes.items()
     }
-    method = make_method(name)
     if name == "fedex":
-        state = FedExState(factors, {k: torch.randn(m, n, generator=g) * 0.02 for k, (m, n) in host.shapes.items()})
-    elif name == "rolora":
-        state = RoLoRAState(factors)
-    else:
-        state = LoraState(factors)
+        residual = {k: torch.randn(m, n, generator=g) * 0.02 for k, (m, n) in host.shapes.items()}
+        return make_method(name), FedExState(factors, residual)
+    return make_method(name), RoLoRAState(factors) if name == "rolora" else LoraState(factors)
+
+
+@pytest.mark.parametrize("name", ["fedplora", "fedex", "rolora"])
+def test_folded_client_model_has_the_global_models_logits(host, name: str) -> None:
+    """The fold goes through the real model: a rank-3 client's starting logits equal the global model's."""
+    R = 8
+    method, state = _folding_state(host, name, R, seed=5)
     ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
     with torch.no_grad():
         host.load(method.global_model(state))
@@ -399,17 +402,8 @@ def test_folded_client_model_has_the_global_models_logits(host, name: str) -> No
 def test_folded_client_models_merged_weights_are_the_global_models(host, name: str) -> None:
     """The client folds the frozen modules it was sent (not a dense fold from the server): merged into the
     weights, a rank-3 client's model is the global model's, layer by layer."""
-    g = torch.Generator().manual_seed(6)
     R = 8
-    factors = {
-        k: LoraFactors(torch.randn(m, R, generator=g) * 0.05, torch.randn(R, n, generator=g) * 0.05)
-        for k, (m, n) in host.shapes.items()
-    }
-    method = make_method(name)
-    if name == "fedex":
-        state = FedExState(factors, {k: torch.randn(m, n, generator=g) * 0.02 for k, (m, n) in host.shapes.items()})
-    else:
-        state = RoLoRAState(factors) if name == "rolora" else LoraState(factors)
+    method, state = _folding_state(host, name, R, seed=6)
     a = method.dispatch(state, ClientSpec(0, 3, 1), 1)
     assert a.frozen is not None and (a.base_delta is not None) == (name == "fedex")
 

@@ -88,7 +88,7 @@ def test_study_tunes_skips_resumes_and_aggregates(tmp_path: Path, capsys: pytest
     hs = [json.loads((runs / "uniform" / "hetlora" / f"seed{s}" / "summary.json").read_text()) for s in (1, 2)]
     diffs = [h["unseen_after"]["loss"] - f for h, f in zip(hs, want)]
     assert het["Δflexlora.unseen.loss"][:3] == pytest.approx(list(mean_interval(diffs)))
-    for name in ("results.csv", "rounds.png", "collapse.png", "report.html"):
+    for name in ("results.csv", "runs.csv", "rounds.png", "collapse.png", "report.html"):
         assert (results / name).is_file(), name
 
     # a second sitting: finished runs are kept, an interrupted one resumes from its checkpoint, diverged runs

@@ -396,20 +396,22 @@ def override(cfg: RunConfig, values: dict[str, Any]) -> RunConfig:
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Load a TOML file (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{p}: invalid TOML: {e}") from e
-        except RecursionError as e:  # a crafted file (a run directory's config.toml is untrusted input)
-            raise ConfigError(f"{p}: nested too deeply to be a fedrank config") from e
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from e
-    return config_from_dict(data, overrides)
+    return config_from_dict({} if path is None else read_toml(path), overrides)
+
+
+def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A TOML file as a dict, or one :class:`ConfigError` line naming it (missing, not TOML, not UTF-8)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {p} does not exist")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: invalid TOML: {e}") from e
+    except RecursionError as e:  # a crafted file (a run directory's config.toml is untrusted input)
+        raise ConfigError(f"{p}: nested too deeply to be a fedrank config") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from e
 
 
 def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:

@@ -32,7 +32,6 @@ import math
 import os
 import subprocess
 import time
-import tomllib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -43,7 +42,16 @@ from scipy import stats as scipy_stats  # type: ignore[import-untyped]
 
 from fedrank.aggregation import HOMOGENEOUS, METHODS
 from fedrank.aggregation.scale import FOLDABLE
-from fedrank.config import ConfigError, RunConfig, config_from_dict, from_dict, load_config, override, to_dict
+from fedrank.config import (
+    ConfigError,
+    RunConfig,
+    config_from_dict,
+    from_dict,
+    load_config,
+    override,
+    read_toml,
+    to_dict,
+)
 
 log = logging.getLogger("fedrank.study")
 
@@ -114,16 +122,10 @@ class StudyConfig:
 
 def load_study(path: str | Path, overrides: Sequence[str] = ()) -> tuple[StudyConfig, RunConfig]:
     """The ``[study]`` table and the run config of a study TOML (``--set`` overrides apply to the run config)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"study config {p} does not exist")
-    try:
-        data = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: invalid TOML: {e}") from e
+    data = read_toml(path, "study config")
     table = data.get("study")
     if not isinstance(table, dict):
-        raise ConfigError(f"{p} has no [study] table: a study config is a run config plus [study]")
+        raise ConfigError(f"{path} has no [study] table: a study config is a run config plus [study]")
     study: StudyConfig = from_dict(StudyConfig, table, "study.")
     cfg = config_from_dict({k: v for k, v in data.items() if k != "study"}, list(overrides))
     for d in study.distributions:
@@ -484,12 +486,23 @@ def aggregate(study: StudyConfig, cfg: RunConfig, out: Path, results: Path) -> P
             for label, metric in metrics:
                 k = f"{label}.{metric}"
                 row[f"Δ{ref}.{k}"] = paired_interval(row[f"_{k}"], other[f"_{k}"])
+    _write_runs(results, ledger)
     comm = _communication(jobs, ledger, dists[0])
     _write_tables(results, study, rows, metrics, refs)
     figures = _figures(study, jobs, ledger, results, rows, metrics, dists)
     report = _report(jobs, ledger, results, dists[0])
     md = _markdown(study, cfg, out, results, rows, metrics, refs, grid, rates, comm, figures, report, ledger)
     return md
+
+
+def _write_runs(results: Path, ledger: Ledger) -> None:
+    """``runs.csv``: every recorded run with its phase, variant, seed, rate, status and wall time."""
+    with (results / "runs.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "phase", "variant", "seed", "lr", "status", "seconds"])
+        for key, e in sorted(ledger.runs.items()):
+            w.writerow([key, e.get("phase"), e.get("variant"), e.get("seed"), e.get("lr"), e.get("status"),
+                        f"{float(e.get('seconds', math.nan)):.1f}"])  # fmt: skip
 
 
 def _communication(jobs: Sequence[Job], ledger: Ledger, dist: str) -> dict[str, dict[int, float]]:
@@ -670,7 +683,7 @@ def _markdown(
         f"({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}).",
         f"- compute: {total / 3600:.2f} h of run time recorded; {updates:.0f} client updates in the seed runs"
         + (f", {updates / (total / 3600):.0f} client updates per hour overall" if total > 0 else "")
-        + f" (this machine: {os.cpu_count()} CPUs).",
+        + f" (this machine: {os.cpu_count()} CPUs; each run's wall time in `runs.csv`).",
         f"- model `{cfg.model.name}`, data `{cfg.data.source}`"
         + (f" suite `{cfg.data.suite}`" if cfg.data.source == "benchmarks" else "")
         + f", {cfg.partition.num_clients} registered clients ({cfg.partition.kind}), "
