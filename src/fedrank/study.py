@@ -699,7 +699,10 @@ def _markdown(
     for v in study.variants:
         by = grid.get(v, {})
         cells = [f"{x:g}: {_fmt(by[x]) if math.isfinite(by.get(x, math.nan)) else 'diverged/–'}" for x in sorted(by)]
-        lines.append(f"| {v} | " + ", ".join(cells) + f" | {f'{rates[v]:g}' if v in rates else 'none'} |")
+        chosen = f"{rates[v]:g}" if v in rates else "none"
+        if v in rates and len(by) > 1 and rates[v] in (min(by), max(by)):
+            chosen += " (grid edge)"  # the best rate may lie beyond the grid
+        lines.append(f"| {v} | " + ", ".join(cells) + f" | {chosen} |")
     for d in dict.fromkeys(r["distribution"] for r in rows):
         lines += ["", f"## Final metrics, rank distribution `{d}`", ""]
         lines.append("| variant | lr | seeds | " + " | ".join(keys) + " |")
