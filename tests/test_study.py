@@ -110,6 +110,7 @@ def test_study_tunes_skips_resumes_and_aggregates(tmp_path: Path, capsys: pytest
     ledger2 = Ledger(runs / "study.json").runs
     assert ledger2[str(interrupted)]["how"] == "resumed"
     assert ledger2[str(runs / "tune" / "flexlora" / "lr1e+06")]["status"] == "diverged"
+
     def tables(text: str) -> list[str]:  # all but the compute line (the resumed run's seconds are new)
         return [line for line in text.splitlines() if not line.startswith("- compute:")]
 
