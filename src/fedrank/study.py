@@ -430,6 +430,7 @@ def aggregate(study: StudyConfig, cfg: RunConfig, out: Path, results: Path) -> P
     dists = list(study.distributions or (cfg.ranks.distribution,))
     # summaries per (distribution, variant label) and seed
     done: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
+    finished: list[Job] = []  # the jobs whose summary is read here, once
     status: dict[tuple[str, str], dict[str, int]] = {}
     for job in jobs:
         label = job.variant + ("+fold" if job.phase == "fold" else "")
@@ -440,6 +441,7 @@ def aggregate(study: StudyConfig, cfg: RunConfig, out: Path, results: Path) -> P
         s = _summary(job, ledger)
         if s is not None:
             done.setdefault((job.distribution, label), {})[job.seed] = s
+            finished.append(job)
     all_summaries = [s for by in done.values() for s in by.values()]
     metrics = _metrics_of(all_summaries)
     rows: list[dict[str, Any]] = []
@@ -487,10 +489,10 @@ def aggregate(study: StudyConfig, cfg: RunConfig, out: Path, results: Path) -> P
                 k = f"{label}.{metric}"
                 row[f"Δ{ref}.{k}"] = paired_interval(row[f"_{k}"], other[f"_{k}"])
     _write_runs(results, ledger)
-    comm = _communication(jobs, ledger, dists[0])
+    comm = _communication(finished, dists[0])
     _write_tables(results, study, rows, metrics, refs)
-    figures = _figures(study, jobs, ledger, results, rows, metrics, dists)
-    report = _report(jobs, ledger, results, dists[0])
+    figures = _figures(study, finished, results, rows, metrics, dists)
+    report = _report(finished, results, dists[0])
     md = _markdown(study, cfg, out, results, rows, metrics, refs, grid, rates, comm, figures, report, ledger)
     return md
 
@@ -505,11 +507,11 @@ def _write_runs(results: Path, ledger: Ledger) -> None:
                         f"{float(e.get('seconds', math.nan)):.1f}"])  # fmt: skip
 
 
-def _communication(jobs: Sequence[Job], ledger: Ledger, dist: str) -> dict[str, dict[int, float]]:
+def _communication(finished: Sequence[Job], dist: str) -> dict[str, dict[int, float]]:
     """Per variant, the mean MiB a client exchanges (up + down) per round, by client rank."""
     sums: dict[str, dict[int, list[float]]] = {}
-    for job in jobs:
-        if job.distribution != dist or _summary(job, ledger) is None:
+    for job in finished:
+        if job.distribution != dist:
             continue
         label = job.variant + ("+fold" if job.phase == "fold" else "")
         for r in _client_records(job.path):
@@ -540,8 +542,7 @@ def _write_tables(
 
 def _figures(
     study: StudyConfig,
-    jobs: Sequence[Job],
-    ledger: Ledger,
+    finished: Sequence[Job],
     results: Path,
     rows: list[dict[str, Any]],
     metrics: list[tuple[str, str]],
@@ -563,8 +564,8 @@ def _figures(
     # 1. metric vs round per variant (first distribution), mean and 95% band over seeds
     curves: dict[str, dict[str, dict[int, list[float]]]] = {}
     energy: dict[str, dict[int, list[float]]] = {}
-    for job in jobs:
-        if job.phase != "seed" or job.distribution != dists[0] or _summary(job, ledger) is None:
+    for job in finished:
+        if job.phase != "seed" or job.distribution != dists[0]:
             continue
         for r in read_metrics(job.path / "metrics.jsonl"):
             if r.get("type") == "eval":
@@ -641,12 +642,12 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def _report(jobs: Sequence[Job], ledger: Ledger, results: Path, dist: str) -> Path | None:
+def _report(finished: Sequence[Job], results: Path, dist: str) -> Path | None:
     from fedrank.html_report import write_comparison_report
 
     runs: dict[str, list[Path]] = {}
-    for job in jobs:
-        if job.phase == "seed" and job.distribution == dist and _summary(job, ledger) is not None:
+    for job in finished:
+        if job.phase == "seed" and job.distribution == dist:
             runs.setdefault(job.variant, []).append(job.path)
     return write_comparison_report(runs, results / "report.html") if runs else None
 
