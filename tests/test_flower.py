@@ -166,27 +166,129 @@ def test_a_node_trains_on_its_own_file(cfg_path: Path, tmp_path: Path) -> None:
 def test_a_node_refuses_a_rank_above_its_declared_rank(cfg_path: Path, tmp_path: Path) -> None:
     sim = Simulation(load_config(cfg_path), tmp_path / "run", progress=False)
     grid = FakeGrid(nodes([4, 8, 16]))
-    ex = server_app.FlowerClients(grid, {0: 100}, "", timeout=5)  # type: ignore[arg-type]
+    ex = server_app.FlowerClients(grid, {0: server_app.NodeInfo(100, 4)}, "", 5, 3)  # type: ignore[arg-type]
     (out,) = ex.run(0, [ClientSpec(0, 16, 13)], lambda s: sim.dispatch(s, 0))
     assert out.update is None and out.error is not None
     assert "refused: the server sent a rank-16 assignment, but this node declared rank 4" in out.error
 
 
-def test_a_silent_node_is_recorded_and_the_round_goes_on(cfg_path: Path, tmp_path: Path) -> None:
+def test_a_silent_node_is_recorded_and_not_sampled_again(cfg_path: Path, tmp_path: Path) -> None:
+    """Node 101 died after the query round: round 1 records it and goes on; later rounds sample only the
+    nodes that answer (before: it was sampled, and failed, in every round)."""
     grid = FakeGrid(nodes([4, 8, 16]), drop=[101])
-    run_server(grid, cfg_path, tmp_path / "run", **{"round-timeout": 5})
+    run_server(grid, cfg_path, tmp_path / "run", **{"round-timeout": 5}, overrides="federation.rounds=3")
     recs = records(tmp_path / "run")
     failed = [r for r in recs if r["type"] == "client_failed"]
-    assert [(r["round"], r["client"]) for r in failed] == [(1, 1), (2, 1)]
+    assert [(r["round"], r["client"]) for r in failed] == [(1, 1)]
     assert failed[0]["reason"] == "node 101: no reply within 5 s"
-    assert [r["clients"] for r in recs if r["type"] == "round"] == [2, 2]
+    assert [r["clients"] for r in recs if r["type"] == "round"] == [2, 2, 2]
+    trained = [(r["round"], r["client"]) for r in recs if r["type"] == "client"]
+    assert trained == [(1, 0), (1, 2), (2, 0), (2, 2), (3, 0), (3, 2)] or sorted(trained) == sorted(
+        [(1, 0), (1, 2), (2, 0), (2, 2), (3, 0), (3, 2)]
+    )
+    train_msgs = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert [m.metadata.dst_node_id for m in train_msgs].count(101) == 1
 
 
-def test_a_missing_partition_is_recorded(cfg_path: Path, tmp_path: Path) -> None:
+class ComingBackGrid(FakeGrid):
+    """Node 101 dies after the query round; before round 3 a new node (104) connects for its partition."""
+
+    def __init__(self, node_configs: dict[int, dict[str, Any]]):
+        super().__init__(node_configs, drop=[101])
+        self.calls = 0
+
+    def get_node_ids(self) -> list[int]:
+        self.calls += 1
+        trains = {m.metadata.group_id for m in self.sent if m.metadata.message_type == "train"}
+        if "2" in trains and 104 not in self.configs:  # after round 2 was sent
+            self.configs[104], self.state[104] = dict(self.configs[101]), RecordDict()
+            del self.configs[101]
+        return list(self.configs)
+
+
+def test_a_node_that_connects_for_a_dead_partition_brings_it_back(cfg_path: Path, tmp_path: Path) -> None:
+    grid = ComingBackGrid(nodes([4, 8, 16]))
+    run_server(grid, cfg_path, tmp_path / "run", **{"round-timeout": 5}, overrides="federation.rounds=3")
+    recs = records(tmp_path / "run")
+    by_round = {t: sorted(r["client"] for r in recs if r["type"] == "client" and r["round"] == t) for t in (1, 2, 3)}
+    assert by_round == {1: [0, 2], 2: [0, 2], 3: [0, 1, 2]}
+    queries = [m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "query"]
+    assert queries == [100, 101, 102, 104]
+    back = [r for r in recs if r["type"] == "client" and r["client"] == 1]
+    assert back[0]["rank"] == 8  # the new node's declared rank
+
+
+def test_partitions_without_a_node_are_not_sampled(cfg_path: Path, tmp_path: Path) -> None:
     grid = FakeGrid({100: {"partition-id": 0, "rank": 4}, 102: {"partition-id": 2, "rank": 16}})
     run_server(grid, cfg_path, tmp_path / "run")
-    failed = {r["reason"] for r in records(tmp_path / "run") if r["type"] == "client_failed"}
-    assert failed == {"no SuperNode holds partition 1"}
+    recs = records(tmp_path / "run")
+    assert not [r for r in recs if r["type"].startswith("client_")]
+    assert {r["client"] for r in recs if r["type"] == "client"} == {0, 2}
+
+
+def test_a_run_whose_rounds_all_failed_is_not_a_success(cfg_path: Path, tmp_path: Path) -> None:
+    from fedrank.validation import RunFailed
+
+    grid = FakeGrid(nodes([4, 8, 16]), drop=[100, 101, 102])
+    with pytest.raises(RunFailed, match=r"all 2 rounds were skipped .* client 0: node 100: no reply within 5 s"):
+        run_server(grid, cfg_path, tmp_path / "run", **{"round-timeout": 5})
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("node_config", "line"),
+    [
+        ({}, "node 100: node-config partition-id is missing"),  # flwr reads "partition-id 2 rank 16" as {}
+        ({"partition-id": 0, "rank": 16.5}, "node 100: node-config rank = 16.5: must be an integer >= 1"),
+        ({"partition-id": 0, "rank": 0}, "node 100: node-config rank = 0: must be an integer >= 1"),
+        ({"partition-id": 3}, "node 100: node-config partition-id = 3: must be an integer in [0, 2]"),
+        ({"partition-id": "x"}, "node 100: node-config partition-id = 'x': must be an integer in [0, 2]"),
+        (
+            {"partition-id": 0, "num-partitions": 5},
+            "node 100: node-config num-partitions = 5, but the run registers partition.num_clients = 3",
+        ),
+        ({"partition-id": 0, "ranks": 4}, "node 100: unknown node-config key 'ranks'"),
+        ({"partition-id": 0, "memory-mib": -1}, "node 100: node-config memory-mib = -1: must be a positive number"),
+        ({"partition-id": 0, "task": "nope"}, "node 100: node-config task: node config task 'nope'"),
+        ({"partition-id": 0, "data-path": "/no/such.jsonl"}, "node 100: node-config data-path: "),
+    ],
+)
+def test_a_bad_node_config_is_refused_at_the_query_round(
+    node_config: dict[str, Any], line: str, cfg_path: Path, tmp_path: Path
+) -> None:
+    """Each bad node config is one line naming the node and the key, raised before any training message."""
+    grid = FakeGrid({100: node_config, 101: {"partition-id": 1}, 102: {"partition-id": 2}})
+    with pytest.raises(server_app.NodeConfigError) as err:
+        run_server(grid, cfg_path, tmp_path / "run")
+    assert line in str(err.value)
+    assert str(err.value).count("\n  node") == 1  # one problem, one line
+    assert all(m.metadata.message_type == "query" for m in grid.sent)
+    assert not (tmp_path / "run").exists()
+
+
+def test_two_nodes_with_one_partition_id_are_refused(cfg_path: Path, tmp_path: Path) -> None:
+    grid = FakeGrid({100: {"partition-id": 0}, 101: {"partition-id": 2}, 102: {"partition-id": 2}})
+    with pytest.raises(server_app.NodeConfigError, match="nodes 101 and 102 both declare node-config partition-id 2"):
+        run_server(grid, cfg_path, tmp_path / "run")
+
+
+def test_fedrank_errors_reach_the_flower_log_as_one_line() -> None:
+    """flwr logs a ServerApp's exception with exc_info; the filter makes fedrank's own errors one line."""
+    import logging
+    import sys
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        try:
+            raise exc
+        except BaseException:
+            info = sys.exc_info()
+        return logging.LogRecord("flwr", logging.ERROR, __file__, 1, "%s raised an exception", ("ServerApp",), info)
+
+    one = record(server_app.NodeConfigError("node 5: node-config rank = 16.5: must be an integer >= 1"))
+    assert server_app._OneLine().filter(one) and one.exc_info is None
+    assert one.getMessage() == "fedrank: error: node 5: node-config rank = 16.5: must be an integer >= 1"
+    other = record(ZeroDivisionError("a bug"))
+    assert server_app._OneLine().filter(other) and other.exc_info is not None  # a bug keeps its traceback
 
 
 def test_the_serverapp_resumes_after_a_restart(cfg_path: Path, tmp_path: Path) -> None:

@@ -337,8 +337,8 @@ def test_tensorboard_without_the_package_is_refused_when_the_config_loads(
 def test_summary_and_end_of_run_output_split_the_wall_time_and_give_the_peak_rss(
     run_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """summary.json's time_split: data (opening the data and partitioning), load, train (the client records'
-    seconds), aggregate (the round records'),
+    """summary.json's time_split: data (opening the data and partitioning), load, train (the rounds' training
+    wall time, which holds the client records' seconds), aggregate (the round records'),
     evaluate (the eval records'), other and the total (= the run's seconds + data + the model load); the end-of-run
     output prints it with the peak RSS."""
     from fedrank.report import read_metrics
@@ -347,7 +347,9 @@ def test_summary_and_end_of_run_output_split_the_wall_time_and_give_the_peak_rss
     split, records = summary["time_split"], read_metrics(run_dir / "metrics.jsonl")
     assert split["load"] == pytest.approx(summary["load_seconds"], abs=1e-3)
     assert split["data"] == pytest.approx(summary["data_seconds"], abs=1e-3) and split["data"] > 0
-    assert split["train"] == pytest.approx(sum(r["seconds"] for r in records if r["type"] == "client"), abs=1e-2)
+    assert split["train"] == pytest.approx(sum(r["train_seconds"] for r in records if r["type"] == "round"), abs=1e-2)
+    own = sum(r["seconds"] for r in records if r["type"] == "client")
+    assert own <= split["train"] and "clients" not in split  # in process the clients' training is the wait
     assert split["aggregate"] == pytest.approx(
         sum(r["aggregate_seconds"] for r in records if r["type"] == "round"), abs=1e-2
     )
@@ -361,3 +363,30 @@ def test_summary_and_end_of_run_output_split_the_wall_time_and_give_the_peak_rss
     out = capsys.readouterr().out
     assert f"wall time {split['total']:.0f} s: data {split['data']:.0f} s, load {split['load']:.0f} s, train" in out
     assert f"peak RSS {summary['peak_rss_bytes'] / 2**30:.2f} GiB" in out
+
+
+def test_time_split_counts_the_wait_for_remote_clients_as_training(capsys: pytest.CaptureFixture[str]) -> None:
+    """On Flower the nodes train at once and each message starts a process: the round's training is the wall
+    time the server waited (16 s and 14 s here), not the 1 s each node reports; that part is shown beside it.
+    Records written before train_seconds existed fall back to the clients' sum."""
+    from fedrank.report import CLIENTS_OWN, clean_records, time_split, time_split_summary
+
+    def rnd(t: int, wall: float | None) -> dict[str, object]:
+        r = {"type": "round", "round": t, "clients": 2, "train_loss": 1.0, "up_bytes": 8, "down_bytes": 8}
+        r |= {"aggregate_seconds": 0.5, "seconds": wall + 1.0 if wall else 2.5, "spectrum": {}}
+        return r | ({"train_seconds": wall} if wall else {})
+
+    clients = [{"type": "client", "round": t, "client": c, "rank": 4, "seconds": 1.0} for t in (1, 2) for c in (0, 1)]
+    summary = {"seconds": 40.0, "load_seconds": 3.0, "data_seconds": 1.0}
+    split = dict(time_split(clean_records([*clients, rnd(1, 16.0), rnd(2, 14.0)]), summary))
+    assert split["client training"] == 30.0 and split[CLIENTS_OWN] == 4.0
+    assert split["aggregation"] == 1.0 and split["other: validation, spectrum, checkpoints, export"] == 9.0
+    assert split["total"] == 44.0  # the clients' own seconds are inside client training, not added to it
+    old = dict(time_split(clean_records([*clients, rnd(1, None), rnd(2, None)]), summary))
+    assert old["client training"] == 4.0 and CLIENTS_OWN not in old
+    s = time_split_summary(clean_records([*clients, rnd(1, 16.0), rnd(2, 14.0)]), summary)
+    assert s["train"] == 30.0 and s["clients"] == 4.0 and s["total"] == 44.0
+    from fedrank.report import end_of_run_table
+
+    text = end_of_run_table({"method": "fedit", "rounds": 2, "time_split": s})
+    assert "train 30 s (the clients' own training 4 s)" in text

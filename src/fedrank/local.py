@@ -97,6 +97,11 @@ class ClientExecutor(Protocol):
         self, round_index: int, clients: Sequence[ClientSpec], dispatch: Callable[[ClientSpec], ClientAssignment]
     ) -> Iterator[Outcome]: ...
 
+    def available(self, round_index: int) -> frozenset[int] | None:
+        """The registered clients that can be sampled in round ``round_index`` (those with a live node), or
+        None when every one can (the in-process executor: always)."""
+        ...
+
 
 class LocalTrainer:
     """One client's local training on the process's model host."""
@@ -212,3 +217,6 @@ class InProcessClients:
                 continue
             stats["seconds"] = time.perf_counter() - t0  # dispatch included, as the server sees it
             yield Outcome(spec.client_id, sent, update, stats)
+
+    def available(self, round_index: int) -> frozenset[int] | None:
+        return None  # every registered client is in this process

@@ -304,6 +304,7 @@ RECORDS: dict[str, dict[str, Field]] = {
         "up_bytes": _BYTES_FIELD,
         "down_bytes": _BYTES_FIELD,
         "aggregate_seconds": _SECONDS_FIELD,
+        "train_seconds": _SECONDS_FIELD,
         "seconds": _SECONDS_FIELD,
         "spectrum": (_spectrum, dict),
     },
@@ -401,7 +402,7 @@ SUMMARY: dict[str, Check] = {
     "tensorboard": _text(),
     "plots": _list(_text()),
     "time_split": _mapping(
-        _choice("data", "load", "train", "aggregate", "evaluate", "other", "total"), _num(0.0, _BIG)
+        _choice("data", "load", "train", "clients", "aggregate", "evaluate", "other", "total"), _num(0.0, _BIG)
     ),
     "peak_rss_bytes": _int(),
 }
@@ -705,21 +706,32 @@ def _time_figure(records: Sequence[dict[str, Any]]) -> Figure | None:
     return fig
 
 
+CLIENTS_OWN = "of which the clients' own training"
+"""The clients' reported training seconds, summed: a part of client training, not beside it."""
+
+
 def round_seconds(records: Sequence[dict[str, Any]]) -> dict[int, dict[str, float]]:
-    """Per round: client training (sum over clients), aggregation, other (validation, the spectrum
-    diagnostic, FedSA-style local state), evaluation."""
+    """Per round: client training (the wall time the server waited for the round's clients: on Flower
+    nodes train at once and their processes start per message; runs written before it was recorded: the sum
+    over clients), the clients' own reported seconds (:data:`CLIENTS_OWN`), aggregation, other (validation,
+    the spectrum diagnostic, FedSA-style local state), evaluation."""
     out: dict[int, dict[str, float]] = {}
     for r in records:
         if r["type"] == "client":
             parts = out.setdefault(r["round"], {})
-            parts["client training"] = parts.get("client training", 0.0) + r["seconds"]
+            parts[CLIENTS_OWN] = parts.get(CLIENTS_OWN, 0.0) + r["seconds"]
         elif r["type"] == "round":
-            out.setdefault(r["round"], {}).update(aggregation=r["aggregate_seconds"], round=r["seconds"])
+            wall = r.get("train_seconds", math.nan)
+            parts = out.setdefault(r["round"], {})
+            parts.update(aggregation=r["aggregate_seconds"], round=r["seconds"])
+            if math.isfinite(wall):
+                parts["client training"] = wall
         elif r["type"] == "eval":
             out.setdefault(r["round"], {})["evaluation"] = r["seconds"]
     for parts in out.values():
+        parts.setdefault("client training", parts.get(CLIENTS_OWN, 0.0))
         if "round" in parts:
-            parts["other"] = max(0.0, parts.pop("round") - parts.get("client training", 0.0) - parts["aggregation"])
+            parts["other"] = max(0.0, parts.pop("round") - parts["client training"] - parts["aggregation"])
     return out
 
 
@@ -736,6 +748,9 @@ def time_split(records: Sequence[dict[str, Any]], summary: dict[str, Any]) -> li
         counted = sum(s for name, s in rows if name not in ("data", "model load"))
         rows.append(("other: validation, spectrum, checkpoints, export", max(0.0, summary["seconds"] - counted)))
     rows.append(("total", sum(s for _, s in rows)))
+    wall, own = (sum(p.get(k, 0.0) for p in per_round) for k in ("client training", CLIENTS_OWN))
+    if own < 0.8 * wall:  # the clients' training is a small part of the wait (Flower: a process per message)
+        rows.insert(rows.index(("client training", wall)) + 1, (CLIENTS_OWN, own))
     return rows
 
 
@@ -748,6 +763,7 @@ def time_split_summary(records: Sequence[dict[str, Any]], summary: dict[str, Any
         "client training": "train",
         "aggregation": "aggregate",
         "evaluation": "evaluate",
+        CLIENTS_OWN: "clients",
         "total": "total",
     }
     return {keys.get(name, "other"): round(sec, 3) for name, sec in time_split(records, summary)}
@@ -857,6 +873,11 @@ def end_of_run_table(summary: dict[str, Any]) -> str:
     if split:
         keys = ("data", "load", "train", "aggregate", "evaluate", "other")
         by_part = ", ".join(f"{k} {fmt(split[k], '.0f')} s" for k in keys if k in split)
+        if "clients" in split and "train" in split:
+            by_part = by_part.replace(
+                f"train {fmt(split['train'], '.0f')} s",
+                f"train {fmt(split['train'], '.0f')} s (the clients' own training {fmt(split['clients'], '.0f')} s)",
+            )
         rss = summary.get("peak_rss_bytes")
         lines.append(
             f"wall time {fmt(split.get('total'), '.0f')} s: {by_part}"

@@ -188,6 +188,7 @@ class Simulation:
         self.metrics_lines = 0  # records written; checkpoints keep it so a resume drops a crashed round's records
         self.rank_overrides: dict[int, int] = {}
         self.skipped_rounds = 0
+        self.train_seconds = 0.0
         self.max_rank = global_rank(cfg)
         self.state = self.method.init_state(self.host.shapes, self.max_rank)
         self.eval_clients = self.fixed_eval_clients()
@@ -261,16 +262,29 @@ class Simulation:
     def rank_of(self, cid: int) -> int:
         return self.rank_overrides.get(cid, self.ranks[cid])
 
-    def sample(self, round_index: int) -> list[int]:
+    def sample(self, round_index: int, available: frozenset[int] | None = None) -> list[int]:
+        """The round's clients: ``per_round`` of the registered clients, or of ``available`` (those an
+        executor can reach; seeded per round either way, so the same pool gives the same sample)."""
         rng = np.random.default_rng([self.cfg.seed, 17, round_index])
-        return [int(c) for c in rng.choice(self.fed.num_clients, self.per_round, replace=False)]
+        if available is None or len(available) >= self.fed.num_clients:
+            return [int(c) for c in rng.choice(self.fed.num_clients, self.per_round, replace=False)]
+        pool = sorted(available)
+        return [pool[int(i)] for i in rng.choice(len(pool), min(self.per_round, len(pool)), replace=False)]
 
     def specs(self, round_index: int) -> list[ClientSpec]:
         """The round's sampled clients that take part: those without training data, or dropped out by
         ``federation.dropout`` (seeded per round and client), are recorded and left out."""
         fed = self.cfg.federation
         out = []
-        for cid in self.sample(round_index):
+        available = self.executor.available(round_index)
+        if available is not None and len(available) < self.fed.num_clients:
+            log.info(
+                "round %d: sampling among the %d of %d registered clients that can be reached",
+                round_index + 1,
+                len(available),
+                self.fed.num_clients,
+            )
+        for cid in self.sample(round_index, available):
             if self.fed.num_examples(cid) == 0:  # a partition can leave a client without training data
                 self._drop("client_skipped", round_index, cid, "no examples")
             elif fed.dropout > 0 and self._drops_out(round_index, cid):
@@ -350,6 +364,7 @@ class Simulation:
             "up_bytes": sum(r["up_bytes"] for r in recs),
             "down_bytes": sum(r["down_bytes"] for r in recs),
             "aggregate_seconds": agg_s,
+            "train_seconds": self.train_seconds,  # the round's training as the server waited for it
             "spectrum": self.spectrum(),
             "seconds": time.perf_counter() - t0,
         }
@@ -372,18 +387,28 @@ class Simulation:
     def check_skipped(self, round_index: int) -> None:
         """Too many skipped rounds end the run, naming what the last round's clients ran into."""
         limit, need = self.cfg.federation.max_skipped_rounds, self.cfg.federation.min_clients
+        rounds = self.cfg.federation.rounds
         if self.skipped_rounds > limit:
-            from fedrank.report import read_metrics
-
-            reasons = [
-                f"client {r['client']}: {r['reason']}"
-                for r in read_metrics(self.metrics_path)
-                if r.get("round") == round_index + 1 and "reason" in r
-            ]
             raise RunFailed(
                 f"{self.skipped_rounds} rounds skipped with fewer than {need} valid client update(s) (more than "
-                f"federation.max_skipped_rounds = {limit}); the last round's clients: " + "; ".join(reasons)
+                f"federation.max_skipped_rounds = {limit}); the last round's clients: " + self._reasons(round_index)
             )
+        if self.skipped_rounds >= rounds:  # nothing was ever aggregated: not a result, whatever the limit says
+            raise RunFailed(
+                f"all {rounds} rounds were skipped with fewer than {need} valid client update(s); no update was "
+                "aggregated. The last round's clients: " + self._reasons(round_index)
+            )
+
+    def _reasons(self, round_index: int) -> str:
+        """Why the clients of round ``round_index`` were left out (of the latest round before it that left
+        any out, when it sampled none), from metrics.jsonl."""
+        from fedrank.report import read_metrics
+
+        left = [r for r in read_metrics(self.metrics_path) if "reason" in r and r["round"] <= round_index + 1]
+        last = max((r["round"] for r in left), default=None)
+        reasons = [f"client {r['client']}: {r['reason']}" for r in left if r["round"] == last]
+        where = "" if last in (None, round_index + 1) else f"(round {last}, the last that sampled any) "
+        return where + ("; ".join(reasons) or "none sampled")
 
     def weights(self, recs: list[dict[str, Any]]) -> list[float]:
         """p_k before normalisation, as ``federation.weighting`` says."""
@@ -534,6 +559,7 @@ class Simulation:
         for t in bar:
             t0 = time.perf_counter()
             updates, recs = self.train_round(t)
+            self.train_seconds = time.perf_counter() - t0
             skipped = len(updates) < cfg.federation.min_clients
             msg = self.skip_round(t, len(updates)) if skipped else self.aggregate_round(t, updates, recs, t0)
             # once a round, not after each client (the next client would fault the pages in again): the

@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--clientapp", default=CLIENTAPP, help=argparse.SUPPRESS)
         q.add_argument("--pythonpath", action="append", default=[], help=argparse.SUPPRESS)
 
+    app = sub.add_parser("app", help="write a Flower app directory (a pyproject.toml naming fedrank's apps)")
+    app.add_argument("dir", type=Path, help="the folder to write (created; its pyproject.toml is replaced)")
     up = sub.add_parser("up", help="start a SuperLink + SuperNodes on 127.0.0.1 until Ctrl-C")
     common(up)
     run = sub.add_parser("run", help="start, run CONFIG.toml as a Flower app, stop; exit code of the run")
@@ -103,26 +105,38 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 def main_flower(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "app":
+        app_dir = write_app_dir(args.dir, SERVERAPP, CLIENTAPP)
+        print(f"{app_dir}: run it with `flwr run {shlex.quote(str(app_dir))} <connection> --run-config ...`")
+        return 0
     if args.auth and not args.tls:
         raise SystemExit("fedrank flower: --auth needs --tls (SuperNode authentication runs over TLS)")
-    run_dir = (args.dir or Path(tempfile.mkdtemp(prefix="fedrank-flower-"))).absolute()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # every argument is checked before anything is written: bad input leaves no directory behind
+    run_config = _run_config(args) if args.command == "run" else {}
+    configs = node_configs(args.nodes or 3, args.ranks) if args.command == "up" or not args.ray else []
+    run_dir = private_dir(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="fedrank-flower-")).absolute()
     app_dir = write_app_dir(run_dir / "app", args.serverapp, args.clientapp)
     with _sigterm_as_interrupt():
         if args.command == "up":
-            return _up(args, run_dir, app_dir)
-        return _run(args, run_dir, app_dir)
+            return _up(args, run_dir, app_dir, configs)
+        return _run(args, run_dir, app_dir, run_config, configs)
 
 
-def _up(args: argparse.Namespace, run_dir: Path, app_dir: Path) -> int:
-    args.nodes = args.nodes or 3
-    dep = LocalDeployment(
-        run_dir, node_configs(args.nodes, args.ranks), tls=args.tls, auth=args.auth, pythonpath=args.pythonpath
-    )
+def private_dir(path: Path) -> Path:
+    """``path`` created (parents too) and made owner-only (0700): it holds keys, the SuperLink's database and
+    the logs."""
+    path = path.absolute()
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def _up(args: argparse.Namespace, run_dir: Path, app_dir: Path, configs: list[NodeConfig]) -> int:
+    dep = LocalDeployment(run_dir, configs, tls=args.tls, auth=args.auth, pythonpath=args.pythonpath)
     try:
         with dep:
             mode = "TLS + SuperNode auth" if args.auth else "TLS" if args.tls else "insecure"
-            print(f"SuperLink {dep.address} ({mode}), {args.nodes} SuperNodes {dep.node_ids}; logs: {dep.log_dir}")
+            print(f"SuperLink {dep.address} ({mode}), {len(configs)} SuperNodes {dep.node_ids}; logs: {dep.log_dir}")
             print(f"connection: {dep.connection}\nrun an app from another shell:")
             print(
                 f"  export FLWR_HOME={shlex.quote(str(dep.flwr_home))} "
@@ -141,49 +155,61 @@ def _up(args: argparse.Namespace, run_dir: Path, app_dir: Path) -> int:
         return 0
 
 
-def _run(args: argparse.Namespace, run_dir: Path, app_dir: Path) -> int:
+def _run_config(args: argparse.Namespace) -> dict[str, ConfigValue]:
+    """`fedrank flower run`'s arguments checked (the fedrank config loaded with its overrides, the output
+    directory prepared as `fedrank run` does), as the app's run config; `args.nodes` defaults to one
+    SuperNode per registered client."""
     if not args.config.is_file():
         raise SystemExit(f"fedrank flower run: no config file {args.config}")
     for item in args.overrides:
         if "=" not in item or ";" in item:
             raise SystemExit(f"fedrank flower run: --set {item!r}: expected key=value without ';'")
-    run_config: dict[str, ConfigValue] = {
-        "config": str(args.config.absolute()),
-        "overrides": ";".join(args.overrides),
-        "resume": args.resume,
-    }
+    if args.ray and args.ranks is not None:
+        raise SystemExit(
+            "fedrank flower run --ray: simulated nodes get only partition-id/num-partitions; "
+            "drop --ranks and set the ranks in the config's [ranks] table"
+        )
+    if args.resume and args.overwrite:
+        raise SystemExit("fedrank flower run: --resume and --overwrite exclude each other")
     from fedrank import run_dir as fedrank_run_dir
     from fedrank.config import load_config
 
     cfg = load_config(args.config, list(args.overrides))  # errors here, before any process starts
     out = (args.out or Path(cfg.output.dir)).absolute()
-    if args.resume and args.overwrite:
-        raise SystemExit("fedrank flower run: --resume and --overwrite exclude each other")
-    if not args.resume:  # the same rules as `fedrank run`: a non-empty directory needs --overwrite
-        fedrank_run_dir.prepare_output(out, "run", args.overwrite)
-    run_config["out-dir"] = str(out)
     if args.nodes is None:  # one SuperNode per registered client
         args.nodes = cfg.partition.num_clients
+    node_configs(args.nodes, args.ranks)  # --ranks checked before the output directory is touched
+    if not args.resume:  # the same rules as `fedrank run`: a non-empty directory needs --overwrite
+        fedrank_run_dir.prepare_output(out, "run", args.overwrite)
+    return {
+        "config": str(args.config.absolute()),
+        "overrides": ";".join(args.overrides),
+        "resume": args.resume,
+        "out-dir": str(out),
+    }
+
+
+def _run(
+    args: argparse.Namespace,
+    run_dir: Path,
+    app_dir: Path,
+    run_config: dict[str, ConfigValue],
+    configs: list[NodeConfig],
+) -> int:
     try:
         if args.ray:
-            if args.ranks is not None:
-                raise SystemExit(
-                    "fedrank flower run --ray: simulated nodes get only partition-id/num-partitions; "
-                    "drop --ranks and set the ranks in the config's [ranks] table"
-                )
             sim = run_ray_simulation(
                 app_dir, args.nodes, run_config, args.timeout, run_dir=run_dir, pythonpath=args.pythonpath, echo=True
             )
             result = sim.run
         else:
-            with LocalDeployment(
-                run_dir, node_configs(args.nodes, args.ranks), tls=args.tls, auth=args.auth, pythonpath=args.pythonpath
-            ) as dep:
+            with LocalDeployment(run_dir, configs, tls=args.tls, auth=args.auth, pythonpath=args.pythonpath) as dep:
                 result = dep.run(app_dir, run_config, args.timeout, echo=True)
     except KeyboardInterrupt:
         print("interrupted; everything stopped", file=sys.stderr)
         return 130
     print(f"run {result.run_id}: {result.status} in {result.seconds:.1f} s; logs: {run_dir / 'logs'}", file=sys.stderr)
+    out = Path(str(run_config["out-dir"]))
     summary = out / "summary.json"
     if result.exit_code == 0 and summary.is_file():  # the same end-of-run output as `fedrank run`
         from fedrank.cli import _print_outputs
@@ -192,7 +218,7 @@ def _run(args: argparse.Namespace, run_dir: Path, app_dir: Path) -> int:
     return result.exit_code
 
 
-__all__ = ["main_flower", "node_configs"]
+__all__ = ["main_flower", "node_configs", "private_dir"]
 
 if __name__ == "__main__":
     raise SystemExit(main_flower())

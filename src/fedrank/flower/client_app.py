@@ -25,7 +25,7 @@ import logging
 import tomllib
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, ConfigRecordValues, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedrank.config import ConfigError, RunConfig, dumps_config, from_dict
@@ -65,16 +65,23 @@ def _trainer(cfg: RunConfig) -> LocalTrainer:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Who this node is: its partition id and the rank it declares (0: none, the run's distribution decides)."""
-    memory = context.node_config.get("memory-mib") or 0
-    info = ConfigRecord(
-        {
-            "partition-id": partition_id(context),
-            "rank": node_config_int(context.node_config, "rank") or 0,
-            "memory-mib": float(memory),
-        }
-    )
-    return Message(RecordDict({"node": info}), reply_to=msg)
+    """Who this node is: its node config as given (the server checks it against the run before any
+    training), and what only the node can check: that its own data (``task``, ``data-path``) can be read
+    under the run's config, when the query carries it."""
+    conf: dict[str, ConfigRecordValues] = {
+        k: v for k, v in context.node_config.items() if isinstance(v, bool | int | float | str)
+    }
+    problems = []
+    config_toml = str(msg.content.config_records["run"]["config"]) if "run" in msg.content else ""
+    if config_toml and ("task" in conf or "data-path" in conf):
+        try:
+            cfg: RunConfig = from_dict(RunConfig, tomllib.loads(config_toml))
+            node_data(cfg.data, cfg.partition, context.node_config, cfg.seed)
+        except (OSError, ValueError) as e:  # ConfigError and TOMLDecodeError are ValueErrors
+            key = "data-path" if "data-path" in conf else "task"
+            problems.append(f"node-config {key}: {e}")
+    checks = ConfigRecord({"problems": "\n".join(problems)})
+    return Message(RecordDict({"node": ConfigRecord(conf), "checks": checks}), reply_to=msg)
 
 
 @app.train()

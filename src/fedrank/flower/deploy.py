@@ -36,7 +36,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import IO, TypeAlias
+from typing import IO, Any, TypeAlias
 
 import psutil
 import tomli_w
@@ -190,10 +190,23 @@ def _write_private(path: Path, data: bytes) -> None:
         f.write(data)
 
 
+def _open_private(path: Path, mode: str = "ab") -> IO[Any]:
+    """``path`` opened for appending, created owner-only (0600) when new."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    return os.fdopen(fd, mode)
+
+
+def _private_dirs(*paths: Path) -> None:
+    """Each of ``paths`` created (with its parents) and made owner-only (0700)."""
+    for path in paths:
+        path.mkdir(parents=True, exist_ok=True)
+        path.chmod(0o700)
+
+
 def make_tls(directory: Path | str, *, days: int = 30) -> TlsFiles:
     """Self-signed CA (ECDSA P-256) and a server certificate it signs, SAN IP:127.0.0.1, IP:::1, DNS:localhost."""
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    _private_dirs(out)
     now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedrank local CA")])
@@ -262,7 +275,7 @@ def make_tls(directory: Path | str, *, days: int = 30) -> TlsFiles:
 def make_node_key(directory: Path | str, name: str) -> NodeKey:
     """`<dir>/<name>` + `<dir>/<name>.pub`: ECDSA P-384, OpenSSH format, unencrypted (no ssh-keygen needed)."""
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    _private_dirs(out)
     key = ec.generate_private_key(ec.SECP384R1())
     node = NodeKey(name, out / name, out / f"{name}.pub")
     _write_private(
@@ -554,7 +567,7 @@ class LocalDeployment:
         cmd = [executable("flwr"), "run", str(app), self.connection, "--stream"]
         if overrides:
             cfg = self.run_dir / f"run-config-{n}.toml"
-            cfg.write_text(tomli_w.dumps(overrides), encoding="utf-8")
+            _write_private(cfg, tomli_w.dumps(overrides).encode())
             cmd += ["--run-config", str(cfg)]
         if federation_config:
             cmd += ["--federation-config", format_node_config(federation_config)]
@@ -601,6 +614,7 @@ class LocalDeployment:
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,
+            umask=0o077,  # the SuperLink's database, its logs, the apps it unpacks: owner-only
             cwd=self.run_dir,
         )
         try:
@@ -610,7 +624,7 @@ class LocalDeployment:
             p.communicate()
             raise
         res = subprocess.CompletedProcess(cmd, p.returncode, out, err)
-        with (self.log_dir / "flwr-cli.log").open("a") as f:
+        with _open_private(self.log_dir / "flwr-cli.log", "a") as f:
             f.write(f"$ {' '.join(cmd)}\n[rc={p.returncode}]\n{out}{err}\n")
         if check and p.returncode != 0:
             raise DeploymentError(f"`{' '.join(cmd)}` exited {p.returncode}: {(err or out).strip()[-2000:]}")
@@ -723,8 +737,7 @@ class LocalDeployment:
         return [*self.nodes, *([self.superlink] if self.superlink is not None else [])]
 
     def _start(self) -> None:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        _private_dirs(self.run_dir, self.log_dir, self.flwr_home)
         self.port = free_port()
         if self.tls:
             self.tls_files = make_tls(self.run_dir / "tls")
@@ -774,7 +787,7 @@ class LocalDeployment:
         else:
             conn["insecure"] = True
         doc = {"superlink": {"default": self.connection, self.connection: conn}}
-        (self.flwr_home / "config.toml").write_text(tomli_w.dumps(doc), encoding="utf-8")
+        _write_private(self.flwr_home / "config.toml", tomli_w.dumps(doc).encode())
 
     def node_threads(self) -> dict[str, str]:
         """A SuperNode's torch threads: the machine's cores shared among the nodes (``env`` can say otherwise).
@@ -788,7 +801,7 @@ class LocalDeployment:
         self, name: str, cmd: Sequence[str], log: Path, *, echo: bool = False, extra_env: Mapping[str, str] = {}
     ) -> _Proc:
         pump: threading.Thread | None = None
-        log_file = log.open("ab")
+        log_file = _open_private(log)
         log_file.write(f"$ {' '.join(cmd)}\n".encode())
         log_file.flush()
         if echo:
@@ -800,6 +813,7 @@ class LocalDeployment:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                umask=0o077,  # the SuperLink's database, its logs, the apps it unpacks: owner-only
             )
             pump = threading.Thread(target=_tee, args=(popen, log_file), daemon=True)
             pump.start()
@@ -812,6 +826,7 @@ class LocalDeployment:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                umask=0o077,  # the SuperLink's database, its logs, the apps it unpacks: owner-only
             )
         proc = _Proc(name, popen, log, log_file, pump)
         self._remember(popen.pid)
