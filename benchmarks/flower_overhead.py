@@ -2,7 +2,7 @@
 in one run: wall time per round, its ratio to in-process, and bytes on the wire against the simulator's own
 accounting.
 
-    python benchmarks/flower_overhead.py [--steps 1,300] [--rounds 3] [--skip-ray]
+    python benchmarks/flower_overhead.py [--steps 1,300] [--rounds 3] [--skip-ray] [--per-message [--smollm2]]
 
 The run: the tiny random Llama, 3 clients of ranks 4, 8, 16, all sampled every round, FlexLoRA. Each
 ``--steps`` value is one training load: 1 step per client shows Flower's fixed cost per round; a few hundred
@@ -16,6 +16,15 @@ Bytes: ``payload`` is what fedrank puts in the messages' ArrayRecords (client re
 ``accounted`` is the method's own count (fp32 parameters x 4 bytes, as the simulator reports);
 ``loopback`` is the whole traffic on the ``lo`` interface during the deployment run (HTTP, protobuf,
 heartbeats, polling; machine-wide, so anything else on loopback counts too), per round.
+
+``--per-message``: where a deployment round's fixed cost goes. Flower 1.42 runs every message in a fresh
+``flwr-clientapp`` process (``flwr.supercore.task_worker``'s prestarted workers serve only the Kubernetes
+executor's agent/model tasks, and module state never survives a message: checked), so each message pays
+fedrank's imports and the model build; measured here in fresh processes (median of 3), with the tiny model and
+(``--smollm2``) SmolLM2-135M from its converted safetensors copy, which is memory-mapped. The rest is Flower's
+polling: a SuperNode pulls every 3 s when idle (``flwr/supernode/start_client_internal.py``) and
+``Grid.send_and_receive`` polls for replies every 3 s (``flwr/superlink/grid/http_grid.py``), neither
+configurable.
 """
 
 from __future__ import annotations
@@ -23,7 +32,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +97,48 @@ def round_stats(out: Path) -> dict[str, Any]:
     }
 
 
+BUILD = """
+import time; t0 = time.perf_counter()
+import fedrank.flower.client_app
+from fedrank.config import load_config
+from fedrank.simulation import build_model
+t1 = time.perf_counter()
+import peft
+from transformers import LlamaForCausalLM
+t2 = time.perf_counter()
+build_model(load_config({path!r}))
+print(t1 - t0, t2 - t1, time.perf_counter() - t2)
+"""
+
+
+def per_message(tmp: Path, smollm2: bool) -> None:
+    """A fresh process's cost: fedrank's imports, transformers' and peft's, the model build (what each Flower
+    message pays)."""
+    cfg = tmp / "tiny.toml"
+    cfg.write_text(CONFIG.format(rounds=1, steps=1))
+    cases = [("tiny random Llama", cfg)]
+    if smollm2:
+        real = tmp / "smollm2.toml"
+        real.write_text('[model]\nname = "smollm2"\n')
+        cases.append(("SmolLM2-135M (converted copy)", real))
+    print("per message, in a fresh process (median of 3):")
+    for name, path in cases:
+        runs = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            out = subprocess.run(
+                [sys.executable, "-c", BUILD.format(path=str(path))], capture_output=True, text=True, check=True
+            )
+            runs.append((time.perf_counter() - t0, *(float(x) for x in out.stdout.split()[-3:])))
+        wall, ours, hf, build = (statistics.median(r[i] for r in runs) for i in range(4))
+        print(
+            f"  {name:<30} process {wall:5.2f} s: fedrank + torch + flwr imports {ours:5.2f} s, transformers + peft "
+            f"imports {hf:5.2f} s, model build {build:5.2f} s, interpreter start and exit "
+            f"{wall - ours - hf - build:5.2f} s"
+        )
+    print("  + Flower's polling: up to 3 s for the SuperNode to pull the message, up to 3 s for the reply to be seen")
+
+
 def lo_bytes() -> int:
     c = psutil.net_io_counters(pernic=True).get("lo")
     return 0 if c is None else int(c.bytes_sent)
@@ -95,8 +149,13 @@ def main() -> None:
     ap.add_argument("--steps", default="1,300", help="comma-separated local steps per client and round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-ray", action="store_true")
+    ap.add_argument("--per-message", action="store_true", help="only the per-message process cost")
+    ap.add_argument("--smollm2", action="store_true", help="with --per-message: also SmolLM2-135M")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="fedrank-flower-bench-"))
+    if args.per_message:
+        per_message(tmp, args.smollm2)
+        return
     app = write_app_dir(tmp / "app")
     print(f"{psutil.cpu_count()} CPU cores; {args.rounds} rounds of 3 clients (ranks 4, 8, 16); Flower on 127.0.0.1")
     print(

@@ -308,3 +308,13 @@ def test_run_config_errors_are_clear(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="must be the absolute path"):
         server_app.run_settings({"config": "relative.toml"})
+
+
+def test_a_resume_with_other_overrides_is_refused_in_one_line(cfg_path: Path, tmp_path: Path) -> None:
+    """A resume is a new `flwr run` with the same config, overrides and out-dir plus resume=true; other
+    overrides are refused with an error the ServerApp's log prints as one line (no traceback)."""
+    run = tmp_path / "run"
+    run_server(FakeGrid(nodes([4, 8, 16])), cfg_path, run, overrides="federation.rounds=1")
+    with pytest.raises(server_app.USER_ERRORS) as err:
+        run_server(FakeGrid(nodes([4, 8, 16])), cfg_path, run, overrides="federation.rounds=1;train.lr=0.5", resume=True)
+    assert "train.lr" in str(err.value)

@@ -14,8 +14,10 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -249,6 +251,42 @@ def test_arguments_are_checked_before_anything_starts(tmp_path: Path, app_dir: P
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_bad_cli_input_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every bad invocation of `fedrank flower run` is refused before a directory is made (each left a
+    /tmp/fedrank-flower-XXXX/app behind before)."""
+    from fedrank.config import ConfigError
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    config = tmp_path / "c.toml"
+    config.write_text("[federation]\nrounds = 1\n")
+    out = tmp_path / "out"
+    bad = [
+        (["run", str(config), "--nodes", "3", "--ranks", "4,x"], "expected integers"),
+        (["run", str(config), "--nodes", "3", "--ranks", "4,8"], "need 3 positive ranks"),
+        (["run", str(config), "--set", "train.lr"], "expected key=value"),
+        (["run", str(config), "--set", "train.lr=abc"], "train.lr"),
+        (["run", str(config), "--set", "nope.key=1"], "nope"),
+        (["run", str(tmp_path / "missing.toml")], "no config file"),
+        (["run", str(config), "--ray", "--ranks", "4"], "drop --ranks"),
+        (["run", str(config), "--resume", "--overwrite"], "exclude each other"),
+        (["run", str(config), "--auth"], "needs --tls"),
+    ]
+    for argv, message in bad:
+        with pytest.raises((SystemExit, ConfigError), match=message):
+            main_flower([*argv, "--out", str(out)])
+    assert list(temp.iterdir()) == [] and not out.exists()
+
+
+def test_flower_app_command_writes_the_app_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main_flower(["app", str(tmp_path / "app")]) == 0
+    doc = tomllib.loads((tmp_path / "app" / "pyproject.toml").read_text())
+    components = doc["tool"]["flwr"]["app"]["components"]
+    assert components == {"serverapp": "fedrank.flower.server_app:app", "clientapp": "fedrank.flower.client_app:app"}
+    assert "flwr run" in capsys.readouterr().out
+
+
 def test_listener_loopback_includes_ipv4_mapped() -> None:
     assert Listener(1, "raylet", "::ffff:127.0.0.1", 1).loopback
     assert Listener(1, "raylet", "127.0.0.1", 1).loopback and Listener(1, "x", "::1", 1).loopback
@@ -284,6 +322,7 @@ def test_insecure_deployment_three_ranks(no_leftovers: Path, app_dir: Path, tmp_
     assert not [p for p in pids if pid_alive(p)]
     assert scan_proc(dep.flwr_home) == []
     assert (dep.log_dir / "superlink.log").is_file() and (dep.log_dir / "supernode-0.log").is_file()
+    owner_only(no_leftovers)
 
 
 @pytest.mark.slow
@@ -328,6 +367,21 @@ def test_tls_auth_registered_nodes_work_unregistered_refused(no_leftovers: Path,
         doc = replies(out)
         assert sorted(r["rank"] for r in doc["replies"]) == list(RANKS)  # type: ignore[union-attr, index]
     assert scan_proc(dep.flwr_home) == []
+    written = owner_only(no_leftovers)
+    assert {"superlink.db", "superlink.log", "node0", "config.toml"} <= written  # the database, logs, keys
+
+
+def owner_only(root: Path) -> set[str]:
+    """The names of everything under ``root`` (itself included), each checked to be owner-only: the
+    deployment directory holds keys, the SuperLink's database and logs."""
+    names = set()
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode & 0o777
+        assert mode & 0o077 == 0, f"{path} is {oct(mode)}"
+        names.add(path.name)
+    return names
 
 
 @pytest.mark.slow

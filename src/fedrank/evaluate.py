@@ -3,6 +3,7 @@ accuracy from option log-likelihoods, and answer loss / perplexity; per task and
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -14,8 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from nltk.stem import porter
-from rouge_score import rouge_scorer
 from torch import Tensor, nn
 
 from fedrank.data.examples import Example
@@ -80,6 +79,8 @@ class UnicodeTokenizer:
     spaces (Chinese, Japanese, Thai, Lao, Khmer, Myanmar) are one token each."""
 
     def __init__(self) -> None:
+        from nltk.stem import porter
+
         self._stemmer = porter.PorterStemmer()
 
     def tokenize(self, text: str) -> list[str]:
@@ -99,12 +100,18 @@ class UnicodeTokenizer:
         return [self._stemmer.stem(w) if len(w) > 3 and w.isascii() and w.isalnum() else w for w in words]
 
 
-_SCORER = rouge_scorer.RougeScorer(["rougeL"], tokenizer=UnicodeTokenizer())
+@functools.cache
+def _scorer() -> Any:
+    """rouge-score's scorer, built on first use: importing it (nltk, scipy) costs about 1.5 s, which a
+    process that only trains (a Flower node's per-message ClientApp) need not pay."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=UnicodeTokenizer())
 
 
 def rouge_l(prediction: str, references: Sequence[str]) -> float:
     """Best Rouge-L F1 of ``prediction`` over ``references`` (rouge-score's LCS, :class:`UnicodeTokenizer`)."""
-    return max(float(_SCORER.score(ref, prediction)["rougeL"].fmeasure) for ref in references)
+    return max(float(_scorer().score(ref, prediction)["rougeL"].fmeasure) for ref in references)
 
 
 def _normalize(s: str) -> str:

@@ -263,8 +263,9 @@ def make_tls(directory: Path | str, *, days: int = 30) -> TlsFiles:
         .sign(ca_key, hashes.SHA256())
     )
     files = TlsFiles(out / "ca.crt", out / "server.pem", out / "server.key")
-    files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    files.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    # certificates are public, but everything in a deployment directory is owner-only
+    _write_private(files.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(files.server_cert, cert.public_bytes(serialization.Encoding.PEM))
     _write_private(
         files.server_key,
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
@@ -285,7 +286,7 @@ def make_node_key(directory: Path | str, name: str) -> NodeKey:
         ),
     )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    node.public_key.write_bytes(public + f" {name}\n".encode())
+    _write_private(node.public_key, public + f" {name}\n".encode())
     return node
 
 
