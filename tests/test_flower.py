@@ -316,5 +316,7 @@ def test_a_resume_with_other_overrides_is_refused_in_one_line(cfg_path: Path, tm
     run = tmp_path / "run"
     run_server(FakeGrid(nodes([4, 8, 16])), cfg_path, run, overrides="federation.rounds=1")
     with pytest.raises(server_app.USER_ERRORS) as err:
-        run_server(FakeGrid(nodes([4, 8, 16])), cfg_path, run, overrides="federation.rounds=1;train.lr=0.5", resume=True)
+        run_server(
+            FakeGrid(nodes([4, 8, 16])), cfg_path, run, overrides="federation.rounds=1;train.lr=0.5", resume=True
+        )
     assert "train.lr" in str(err.value)
