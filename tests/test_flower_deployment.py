@@ -96,8 +96,8 @@ def test_tls_and_node_authentication(setup: tuple[Path, Path], tmp_path: Path) -
 
 
 def test_a_supernode_killed_mid_round(setup: tuple[Path, Path], tmp_path: Path) -> None:
-    """SIGKILL one SuperNode while round 1 trains: both rounds complete with the two survivors, and its
-    partition is recorded as failed in each."""
+    """SIGKILL one SuperNode while round 1 trains: both rounds complete with the two survivors; its partition
+    is recorded as failed in round 1 and not sampled in round 2; the time split counts the wait as training."""
     cfg_path, app = setup
     out = tmp_path / "flower"
     with LocalDeployment(tmp_path / "dep", node_configs(), env=ONE_THREAD) as dep:
@@ -119,9 +119,34 @@ def test_a_supernode_killed_mid_round(setup: tuple[Path, Path], tmp_path: Path) 
     recs = records(out)
     assert [r["clients"] for r in recs if r["type"] == "round"] == [2, 2]
     failed = [r for r in recs if r["type"] == "client_failed"]
-    assert [(r["round"], r["client"]) for r in failed] == [(1, 2), (2, 2)]
+    assert [(r["round"], r["client"]) for r in failed] == [(1, 2)]
     assert all(r["reason"].startswith(f"node {dep.node_ids[2]}: ") for r in failed)
-    assert (out / "summary.json").is_file()
+    assert sorted(r["client"] for r in recs if r["type"] == "client" and r["round"] == 2) == [0, 1]
+    split = json.loads((out / "summary.json").read_text())["time_split"]
+    rounds = [r for r in recs if r["type"] == "round"]
+    assert split["train"] == pytest.approx(sum(r["train_seconds"] for r in rounds), abs=0.01)
+    assert split["clients"] < split["train"]  # the nodes' own seconds are a part of the wait
+    assert scan_proc(dep.flwr_home) == []
+
+
+def test_bad_node_configs_are_refused_before_training(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    """A deployment whose nodes are misconfigured fails at the query round, one line per problem, no
+    traceback, no training message sent."""
+    cfg_path, app = setup
+    bad = [{"partition-id": 0, "rank": 16.5}, {"partition-id": 1}, {"partition-id": 1, "num-partitions": 5}]
+    with LocalDeployment(tmp_path / "dep", bad, env=ONE_THREAD) as dep:
+        result = dep.run(app, run_config(cfg_path, tmp_path / "flower"), timeout=300)
+    text = result.output()
+    assert result.status == "finished:failed" and result.exit_code == 1, text[-3000:]
+    assert "fedrank: error: the deployment's node configs are refused (3 problem(s)):" in text
+    ids = dep.node_ids
+    assert f"node {ids[0]}: node-config rank = 16.5: must be an integer >= 1" in text
+    assert f"node {ids[2]}: node-config num-partitions = 5, but the run registers partition.num_clients = 3" in text
+    assert f"nodes {ids[1]} and {ids[2]} both declare node-config partition-id 1" in text or (
+        f"nodes {ids[2]} and {ids[1]} both declare node-config partition-id 1" in text
+    )
+    assert "Traceback" not in text
+    assert not (tmp_path / "flower" / "metrics.jsonl").exists()
     assert scan_proc(dep.flwr_home) == []
 
 

@@ -16,6 +16,11 @@ from types import FrameType
 
 from fedrank.flower.deploy import ConfigValue, LocalDeployment, NodeConfig, run_ray_simulation, write_app_dir
 
+ENROLMENT_GAP = (
+    "note: node authentication admits only registered keys, but registering one needs no credential: anyone who "
+    "can reach the SuperLink's port (here 127.0.0.1 only) can run `flwr supernode register` and join; flwr 1.42 "
+    "offers no open-source way to restrict its Control API (docs/flower.md#security)"
+)
 SERVERAPP = "fedrank.flower.server_app:app"
 CLIENTAPP = "fedrank.flower.client_app:app"
 
@@ -144,6 +149,8 @@ def _up(args: argparse.Namespace, run_dir: Path, app_dir: Path, configs: list[No
             )
             example = shlex.quote('config="/abs/path/CONFIG.toml" overrides="federation.rounds=1"')
             print(f"  flwr run {shlex.quote(str(app_dir))} {dep.connection} --stream --run-config {example}")
+            if args.auth:
+                print(ENROLMENT_GAP)
             print("Ctrl-C stops everything.", flush=True)
             assert dep.superlink is not None
             while dep.superlink.popen.poll() is None:
