@@ -280,6 +280,52 @@ class OutputConfig:
             )
 
 
+PRIVATE_METHODS = ("fedit", "ffa", "fslora")
+"""Methods with a client-level DP mechanism (:mod:`fedrank.privacy`); the others refuse ``[privacy]`` for now."""
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Client-level differential privacy, DP-FedAvg style (the server clips and adds the noise;
+    :mod:`fedrank.privacy`). Off unless ``clip`` > 0."""
+
+    clip: float = 0.0
+    """C: each client's uploaded delta (its factors minus what it was sent, over all layers) is scaled to
+    Frobenius norm at most C (``inf``: never clipped; 0: privacy off)."""
+    noise_multiplier: float = 0.0
+    """σ: Gaussian noise N(0, σ²C²) on the sum of the clipped deltas (0 with ``epsilon``: calibrated to it)."""
+    epsilon: float = 0.0
+    """The ε budget at ``delta`` (0: none). Without ``noise_multiplier`` σ is the smallest that keeps
+    ``federation.rounds`` rounds within it; with it, the run stops before a round that would exceed it."""
+    delta: float = 0.0
+    """δ (0: 1/N^1.1 for N registered clients)."""
+    accountant: str = "rdp"
+    """"rdp" or "pld" (Google's dp-accounting)."""
+    sampling: str = "fixed"
+    """"fixed": federation.clients_per_round of the registered clients without replacement, accounted under
+    replace-one adjacency (today's sampler); "poisson": each client independently with rate
+    q = clients_per_round / N, accounted under add/remove adjacency."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.clip > 0
+
+    def __post_init__(self) -> None:
+        if not (self.clip >= 0 and self.noise_multiplier >= 0 and self.epsilon >= 0 and 0 <= self.delta < 1):
+            raise ConfigError("privacy.clip, noise_multiplier and epsilon must be >= 0 and privacy.delta in [0, 1)")
+        if self.accountant not in ("rdp", "pld"):
+            raise ConfigError(f"privacy.accountant {self.accountant!r} is unknown; choices: rdp, pld")
+        if self.sampling not in ("fixed", "poisson"):
+            raise ConfigError(f"privacy.sampling {self.sampling!r} is unknown; choices: fixed, poisson")
+        if self.accountant == "pld" and self.sampling == "fixed":
+            raise ConfigError(
+                'privacy.accountant = "pld" has no bound for fixed-size sampling (dp-accounting 0.6): use "rdp", or '
+                'privacy.sampling = "poisson"'
+            )
+        if self.enabled and self.noise_multiplier == 0 and self.epsilon == 0 and self.clip != math.inf:
+            raise ConfigError("privacy: give privacy.noise_multiplier or a target privacy.epsilon (clip > 0 is on)")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     seed: int = 0
@@ -292,6 +338,28 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalScheduleConfig = field(default_factory=EvalScheduleConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    def __post_init__(self) -> None:
+        p = self.privacy
+        if not p.enabled:
+            return
+        if self.method.name not in PRIVATE_METHODS:
+            raise ConfigError(
+                f"privacy: method {self.method.name!r} has no DP mechanism yet; methods with one: "
+                + ", ".join(PRIVATE_METHODS)
+            )
+        if self.federation.weighting != "uniform":
+            raise ConfigError(
+                'privacy needs federation.weighting = "uniform": a weight that follows a client\'s data (its '
+                "example count) would let one client move the aggregate by more than the clip"
+            )
+        if self.federation.dropout > 0 or self.method.prune or self.method.scale != "global":
+            raise ConfigError(
+                'privacy: federation.dropout, HetLoRA pruning and method.scale = "fold" are not supported'
+            )
+        if self.method.name == "fslora" and self.method.options.get("normalize", "weights") != "weights":
+            raise ConfigError('privacy with fslora needs method.options.normalize = "weights" (the paper\'s rule)')
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:

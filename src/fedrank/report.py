@@ -366,6 +366,20 @@ def clean_records(records: Sequence[Any], source: object = "metrics.jsonl") -> l
     return out
 
 
+_PRIVACY_NUMBERS = ("epsilon", "delta", "noise_multiplier", "clip", "rounds")
+
+
+def _privacy(x: Any, at: str, problems: list[str]) -> dict[str, Any]:
+    """summary.json's privacy block: its numbers (None where JSON holds null, e.g. ε = ∞ or C = ∞) and the
+    accountant's and sampler's names."""
+    if not isinstance(x, dict):
+        raise Invalid(f"not an object ({type(x).__name__})")
+    out: dict[str, Any] = {k: _optional(_num())(x.get(k), _where(at, k), problems) for k in _PRIVACY_NUMBERS}
+    out["accountant"] = _choice("rdp", "pld")(x.get("accountant"), _where(at, "accountant"), problems)
+    out["sampling"] = _choice("fixed", "poisson")(x.get("sampling"), _where(at, "sampling"), problems)
+    return out
+
+
 SUMMARY: dict[str, Check] = {
     "method": _name,
     "rounds": _int(0, MAX_ROUND),
@@ -405,6 +419,7 @@ SUMMARY: dict[str, Check] = {
         _choice("data", "load", "train", "clients", "aggregate", "evaluate", "other", "total"), _num(0.0, _BIG)
     ),
     "peak_rss_bytes": _int(),
+    "privacy": _privacy,
 }
 """What the reports read of summary.json; other keys (the data's provenance ...) are not read."""
 
@@ -882,6 +897,15 @@ def end_of_run_table(summary: dict[str, Any]) -> str:
         lines.append(
             f"wall time {fmt(split.get('total'), '.0f')} s: {by_part}"
             + (f"; peak RSS {fmt(rss / 2**30, '.2f')} GiB" if rss else "")
+        )
+    dp = summary.get("privacy")
+    if dp:
+        eps = "∞" if dp["epsilon"] is None else fmt(dp["epsilon"], ".3g")
+        clip = "∞" if dp["clip"] is None else fmt(dp["clip"], ".3g")
+        lines.append(
+            f"privacy: ε = {eps} at δ = {fmt(dp['delta'], '.2g')} after {fmt_count(dp['rounds'])} round(s) "
+            f"({dp['accountant'].upper()} accountant, {dp['sampling']} sampling; clip C = {clip}, noise "
+            f"multiplier σ = {fmt(dp['noise_multiplier'], '.3g')})"
         )
     left = summary.get("clients_left_out", {})
     if summary.get("skipped_rounds") or left:

@@ -8,11 +8,12 @@ global state, one model, and the round's updates; persistent per-client state (F
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 
 from fedrank import checkpoint, eval_cache, faults, run_dir
 from fedrank.aggregation import HOMOGENEOUS, AggregationMethod, make_method
+from fedrank.aggregation.base import derive_generator
 from fedrank.aggregation.scale import FOLDABLE, FoldedScale
 from fedrank.checkpoint import CheckpointError
 from fedrank.config import ConfigError, RunConfig, override, to_dict
@@ -44,6 +46,10 @@ from fedrank.models import (
     use_onednn,
     uses_onednn,
 )
+from fedrank.privacy import privatize
+
+if TYPE_CHECKING:
+    from fedrank.accounting import Accountant
 from fedrank.ranks import ModelFootprint, assign_ranks, budget_ranks
 from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
 from fedrank.validation import RunFailed, validate_update
@@ -151,6 +157,68 @@ class RunResult:
     summary: dict[str, Any]
 
 
+@dataclass
+class PrivateRounds:
+    """The run's DP mechanism (:mod:`fedrank.privacy`) and its accountant (:mod:`fedrank.accounting`)."""
+
+    cfg: RunConfig
+    noise_multiplier: float
+    delta: float
+    accountant: Accountant  # fedrank.accounting's, imported when a run is private (dp-accounting's import)
+
+    @classmethod
+    def build(cls, cfg: RunConfig, num_clients: int, per_round: int) -> PrivateRounds:
+        from fedrank.accounting import Accountant, RoundEvent, default_delta, noise_for_epsilon
+
+        p = cfg.privacy
+        delta = p.delta or default_delta(num_clients)
+        q = per_round / num_clients if p.sampling == "poisson" else None
+        sigma = p.noise_multiplier
+        if sigma == 0 and p.epsilon > 0:
+            rounds = cfg.federation.rounds
+            sigma = noise_for_epsilon(p.epsilon, delta, rounds, p.accountant, p.sampling, q, num_clients, per_round)
+            log.info("privacy: noise multiplier %.4g keeps %d rounds within ε = %g", sigma, rounds, p.epsilon)
+        event = RoundEvent(sigma, p.sampling, num_clients, per_round, q)
+        return cls(cfg, sigma, delta, Accountant(p.accountant, event, delta))
+
+    def check_budget(self, round_index: int) -> None:
+        budget = self.cfg.privacy.epsilon
+        if budget > 0:
+            after = self.accountant.epsilon_after(1)
+            if after > budget:
+                raise RunFailed(
+                    f"privacy budget: round {round_index + 1} would bring ε to {after:.4g} > privacy.epsilon = "
+                    f"{budget:g} (δ = {self.delta:.3g}); the run stops here with ε = {self.accountant.epsilon():.4g}"
+                )
+
+    def apply(
+        self, updates: list[ClientUpdate], sent: list[ClientAssignment], round_index: int
+    ) -> tuple[list[ClientUpdate], dict[str, float]]:
+        """The round's updates clipped and noised; the accountant steps; what the round record gets."""
+        p = self.cfg.privacy
+        gen = derive_generator(self.cfg.seed, 0xD9, round_index)
+        noisy, clipped = privatize(updates, sent, p.clip, self.noise_multiplier, gen)
+        self.accountant.step()
+        norms = [c.norm for c in clipped]
+        return noisy, {
+            "epsilon": self.accountant.epsilon(),
+            "dp_clipped": sum(c.factor < 1 for c in clipped) / max(len(clipped), 1),
+            "dp_median_norm": float(np.median(norms)) if norms else math.nan,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        p = self.cfg.privacy
+        return {
+            "epsilon": self.accountant.epsilon(),
+            "delta": self.delta,
+            "noise_multiplier": self.noise_multiplier,
+            "clip": p.clip,
+            "accountant": p.accountant,
+            "sampling": p.sampling,
+            "rounds": self.accountant.rounds,
+        }
+
+
 class Simulation:
     """One federated run writing to ``out_dir`` (see the README for the files)."""
 
@@ -189,9 +257,11 @@ class Simulation:
         self.rank_overrides: dict[int, int] = {}
         self.skipped_rounds = 0
         self.train_seconds = 0.0
+        self.sent: list[ClientAssignment] = []
         self.max_rank = global_rank(cfg)
         self.state = self.method.init_state(self.host.shapes, self.max_rank)
         self.eval_clients = self.fixed_eval_clients()
+        self.dp = PrivateRounds.build(cfg, self.fed.num_clients, self.per_round) if cfg.privacy.enabled else None
         self._weights_digest: str | None = None
         run_dir.check_writable(self.out, run_dir.checkpoint_bytes(self.state))
         if resume:
@@ -215,6 +285,8 @@ class Simulation:
         self.rank_overrides = {int(k): int(v) for k, v in ck["rank_overrides"].items()}
         self.metrics_lines = int(ck["metrics_lines"])
         self.skipped_rounds = int(ck.get("skipped_rounds", 0))
+        if self.dp is not None:
+            self.dp.accountant.step(int(ck.get("private_rounds", 0)))
         torch.set_rng_state(ck["torch_rng"])
 
     def _checkpoint(self, round_done: int) -> None:
@@ -225,6 +297,7 @@ class Simulation:
             "rank_overrides": self.rank_overrides,
             "metrics_lines": self.metrics_lines,
             "skipped_rounds": self.skipped_rounds,
+            **({"private_rounds": self.dp.accountant.rounds} if self.dp is not None else {}),
             "config": to_dict(self.cfg),
             "torch_rng": torch.get_rng_state(),
         }
@@ -266,6 +339,10 @@ class Simulation:
         """The round's clients: ``per_round`` of the registered clients, or of ``available`` (those an
         executor can reach; seeded per round either way, so the same pool gives the same sample)."""
         rng = np.random.default_rng([self.cfg.seed, 17, round_index])
+        if self.cfg.privacy.enabled and self.cfg.privacy.sampling == "poisson":
+            q = self.per_round / self.fed.num_clients  # each client independently: what the accountant assumes
+            chosen = np.flatnonzero(rng.random(self.fed.num_clients) < q)
+            return [int(c) for c in chosen if available is None or int(c) in available]
         if available is None or len(available) >= self.fed.num_clients:
             return [int(c) for c in rng.choice(self.fed.num_clients, self.per_round, replace=False)]
         pool = sorted(available)
@@ -337,17 +414,22 @@ class Simulation:
     def train_round(self, round_index: int) -> tuple[list[ClientUpdate], list[dict[str, Any]]]:
         """Sample, dispatch, train (through the executor), validate: the round's accepted updates and records."""
         updates, recs = [], []
+        self.sent = []  # what each accepted update was dispatched (the privacy mechanism clips the difference)
         specs = self.specs(round_index)
         for out in self.executor.run(round_index, specs, lambda spec: self.dispatch(spec, round_index)):
             result = self.accept(out, round_index)
             if result is not None:
                 updates.append(result[0])
                 recs.append(result[1])
+                self.sent.append(out.sent)
         return updates, recs
 
     def aggregate_round(self, t: int, updates: list[ClientUpdate], recs: list[dict[str, Any]], t0: float) -> str:
         """Aggregate round ``t``'s valid updates into the global state; returns the round's log line."""
         t_agg = time.perf_counter()
+        private: dict[str, float] = {}
+        if self.dp is not None:
+            updates, private = self.dp.apply(updates, self.sent, t)
         self.state = self.method.aggregate(self.state, updates, self.weights(recs))
         agg_s = time.perf_counter() - t_agg
         faults.hit("aggregate", t + 1)
@@ -366,12 +448,14 @@ class Simulation:
             "aggregate_seconds": agg_s,
             "train_seconds": self.train_seconds,  # the round's training as the server waited for it
             "spectrum": self.spectrum(),
+            **private,
             "seconds": time.perf_counter() - t0,
         }
         self._record(rnd)
+        eps = f"  ε {private['epsilon']:.3g}" if "epsilon" in private else ""
         return (
             f"round {t + 1}/{self.cfg.federation.rounds}: train loss {rnd['train_loss']:.4f}  "
-            f"up {_mb(rnd['up_bytes'])}  down {_mb(rnd['down_bytes'])}  {rnd['seconds']:.1f}s"
+            f"up {_mb(rnd['up_bytes'])}  down {_mb(rnd['down_bytes'])}  {rnd['seconds']:.1f}s{eps}"
         )
 
     def skip_round(self, round_index: int, valid: int) -> str:
@@ -557,6 +641,8 @@ class Simulation:
             total=rounds,
         )
         for t in bar:
+            if self.dp is not None:
+                self.dp.check_budget(t)  # before any training: a round that would exceed ε is not run
             t0 = time.perf_counter()
             updates, recs = self.train_round(t)
             self.train_seconds = time.perf_counter() - t0
@@ -611,6 +697,7 @@ class Simulation:
                 "registered_clients": self.fed.num_clients,
                 "rank_counts": rank_counts(self.ranks),
                 "global_state": str(self.out / run_dir.GLOBAL_STATE),
+                **({"privacy": self.dp.summary()} if self.dp is not None else {}),
                 "report": str(self.out / run_dir.REPORT),
             }
         )

@@ -394,6 +394,9 @@ def check_checkpoint(ck: Any, config: Mapping[str, Any], expected: Any = None) -
     skipped = ck.get("skipped_rounds", 0)
     if not _count(skipped) or not 0 <= skipped <= rnd:
         raise DataError(f"skipped_rounds = {short(skipped)} is outside 0..{rnd} (the rounds done)")
+    private = ck.get("private_rounds", 0)  # rounds the DP accountant composed (aggregated rounds)
+    if not _count(private) or not 0 <= private <= rnd:
+        raise DataError(f"private_rounds = {short(private)} is outside 0..{rnd} (the rounds done)")
     overrides = ck["rank_overrides"]
     if not isinstance(overrides, dict):
         raise DataError(f"rank_overrides is a {type(overrides).__name__}, not a table")

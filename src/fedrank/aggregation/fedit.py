@@ -6,6 +6,11 @@ Federated GPT: Federated Instruction Tuning", ICASSP 2024).
 Note Σ p_k B_k · Σ p_k A_k ≠ Σ p_k B_k A_k: the well-known aggregation noise that FLoRA, FlexLoRA and
 LoRA-FAIR address. Mixed ranks are rejected: FedIT's "bucket effect" is to run every client at the
 smallest rank of the pool.
+
+Privacy (``[privacy]``, :mod:`fedrank.privacy`): clipped is client k's (ΔB_k, ΔA_k), its factors minus the
+global ones it was sent, over all layers, to norm C; the noise N(0, σ²C²) goes on Σ_k (B_k, A_k) before the
+mean over the K clients (uniform weights). Replacing one client's update moves the mean by at most 2C/K
+(:meth:`FedIT.dp_sensitivity`).
 """
 
 from __future__ import annotations
@@ -56,6 +61,12 @@ class FedIT(MethodOptions):
         require_rank(self.name, state.rank, [u.spec for u in updates])
         check_layers(state.factors, updates)
         return LoraState({name: fedavg_factors([u.factors[name] for u in updates], p) for name in state.factors})
+
+    def dp_sensitivity(
+        self, specs: Sequence[ClientSpec], indices: Sequence[Tensor | None], which: int, clip: float
+    ) -> float:
+        """Replace-one sensitivity of the uniform mean: 2C over the K clients."""
+        return 2 * clip / len(specs)
 
     def global_model(self, state: LoraState, rank: int | None = None) -> ClientAssignment:
         require_rank(self.name, state.rank, [ClientSpec(-1, rank or state.rank, 0)])

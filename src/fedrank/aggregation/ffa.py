@@ -9,6 +9,12 @@ of B is averaged over the clients that held it:
 
 One LoRA scale across ranks: every client trains at the global rank's scale s(R), not its own s(r_k), so a
 rank index means the same update at every client and in the global model (:meth:`MethodOptions.assign`).
+
+Privacy (``[privacy]``, :mod:`fedrank.privacy`): clipped is client k's ΔB_k alone (A is frozen and never
+sent), over all layers, to norm C; the noise N(0, σ²C²) goes on each column's sum Σ_{k holds i} B_k[:, i],
+which is then divided by its holders h_i: frozen A is why FFA-LoRA's authors propose it for DP (the noise
+enters B only, not the product of two noised factors). Replacing one client's update moves the aggregate by
+at most 2C / min h_i over the columns it holds (:meth:`FFALoRA.dp_sensitivity`).
 """
 
 from __future__ import annotations
@@ -61,6 +67,14 @@ class FFALoRA(MethodOptions):
 
     def upload_params(self, update: ClientUpdate) -> int:
         return sum(f.B.numel() for f in update.factors.values())
+
+    def dp_sensitivity(
+        self, specs: Sequence[ClientSpec], indices: Sequence[Tensor | None], which: int, clip: float
+    ) -> float:
+        """Replace-one sensitivity of the holder means: 2C over the fewest holders of a column client
+        ``which`` holds (its first r_k)."""
+        fewest = min(sum(s.rank > i for s in specs) for i in range(specs[which].rank))
+        return 2 * clip / fewest
 
     def global_model(self, state: LoraState, rank: int | None = None) -> ClientAssignment:
         return self.dispatch(state, ClientSpec(-1, rank or state.rank, 0), 0)

@@ -21,6 +21,13 @@ kept across rounds in :class:`FSLoRAServerState`). Two more differences from tha
 not copy: its defaults are ``lora_alpha = 1`` and client lr 3e-4, and it never applies its own sketch (it
 selects parameters with ``'lora_B' == n``, never true under peft's parameter names, so its clients train
 the full rank, unscaled, and the mask is all ones). fedrank applies the paper's sketch.
+
+Privacy (``[privacy]``, :mod:`fedrank.privacy`): clipped is client i's upload (ΔB_i, ΔA_i) on its k_i
+indices, over all layers, to norm C (zero-padded to r it has the same norm); the noise N(0, σ²C²) goes on
+every coordinate of Σ_i ΔB_i, ΔA_i that some client holds, before the weights p_i = 1/K and the server's
+step (η_s, or AdamW, whose output is post-processing of the noised sum). Replacing one client's update moves
+the noised sum Σ_i p_i ΔB_i by at most 2C/K, and with the SGD server step the state by η_s·2C/K
+(:meth:`FSLoRA.dp_sensitivity`). Only ``normalize="weights"`` (the paper's rule) is offered under DP.
 """
 
 from __future__ import annotations
@@ -173,6 +180,14 @@ class FSLoRA(MethodOptions):
         if isinstance(state, FSLoRAServerState):
             return FSLoRAServerState(out, m, v, state.step + 1)
         return LoraState(out)
+
+    def dp_sensitivity(
+        self, specs: Sequence[ClientSpec], indices: Sequence[Tensor | None], which: int, clip: float
+    ) -> float:
+        """Replace-one sensitivity: 2C/K on the weighted sum Σ_i p_i ΔB_i, ΔA_i, times η_s for the SGD step's
+        state (AdamW's step is post-processing: the bound is the sum's)."""
+        scale = self.step_size if self.server_optimizer == "sgd" else 1.0
+        return scale * 2 * clip / len(specs)
 
     def global_model(self, state: LoraState, rank: int | None = None) -> ClientAssignment:
         """The global LoRA (S = I) at rank r."""

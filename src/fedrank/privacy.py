@@ -1,0 +1,144 @@
+"""Client-level differential privacy, DP-FedAvg style (McMahan et al., "Learning Differentially Private
+Recurrent Language Models", ICLR 2018), in the central model: the server clips and adds the noise.
+
+For the factor-averaging methods (:data:`fedrank.config.PRIVATE_METHODS`: fedit, ffa, fslora), each round:
+
+1. **Clip.** Client k's contribution is what it uploads, as a change: Δ_k = its trained factors minus the
+   factors it was sent, over every layer and every factor it trains and uploads (FedIT: B and A; FFA-LoRA:
+   B, its A is frozen; FSLoRA: the columns of B and rows of A of its k_i sketch indices). Zero-padding to the
+   global rank R does not change a norm, so ‖Δ_k‖ is also the norm of its padded contribution. The client's
+   update becomes sent + γ_k Δ_k with γ_k = min(1, C / ‖Δ_k‖); an update already within C is left exactly as
+   it is (no rounding), so C = ∞ and σ = 0 reproduce a run without privacy bit for bit.
+2. **Noise on the sum.** Every method here aggregates, per global rank index i, a sum over the clients that
+   hold i, then divides it by a count the server knows (FedIT, FSLoRA: the round's K clients; FFA-LoRA: the
+   holders of i). The Gaussian mechanism adds N(0, σ²C²) to every coordinate of that sum: the noise of index
+   i is carried by the first client holding it (added to its clipped update), so the method's own rule, left
+   unchanged, sums it once and divides it like the rest. Indices no client holds get no contribution and no
+   noise. Sensitivity of the sum: one client's clipped delta, norm <= C (add/remove; 2C when one client's
+   data is replaced), whatever its rank.
+3. **Weights are uniform** (``federation.weighting = "uniform"``, checked): an example-count weight would let
+   one client's data move the aggregate by more than the clip. The counts the rule divides by (K, or the
+   holders of an index) are treated as public: under fixed-size sampling with replace-one adjacency they are
+   (a client's data changes, not whether it takes part, nor its rank); under Poisson sampling the number of
+   participants is itself random, and the fixed-denominator estimator of McMahan et al., which hides it, is
+   not implemented: the guarantee then assumes the count is public.
+
+The accountant (:mod:`fedrank.accounting`, Google's dp-accounting) composes one sampled Gaussian mechanism
+per aggregated round.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
+
+__all__ = ["Clipped", "add_noise_to_sum", "clip_update", "delta_norm", "privatize", "sensitivity"]
+
+
+@dataclass(frozen=True)
+class Clipped:
+    """A client's update after clipping: the update itself, the norm of its delta before, and its factor γ."""
+
+    update: ClientUpdate
+    norm: float
+    factor: float
+
+
+def _uploaded(u: ClientUpdate) -> tuple[bool, bool]:
+    """Which factors the client trained and uploads: (B, A)."""
+    return u.train_B, u.train_A
+
+
+def delta_norm(u: ClientUpdate, sent: ClientAssignment) -> float:
+    """‖Δ_k‖: the Frobenius norm, over every layer, of the uploaded factors minus those sent."""
+    use_b, use_a = _uploaded(u)
+    total = torch.zeros((), dtype=torch.float64)
+    for name, f in u.factors.items():
+        s = sent.factors[name]
+        if use_b:
+            total += (f.B.double() - s.B.double()).square().sum()
+        if use_a:
+            total += (f.A.double() - s.A.double()).square().sum()
+    return float(total.sqrt())
+
+
+def clip_update(u: ClientUpdate, sent: ClientAssignment, clip: float) -> Clipped:
+    """``u`` with its delta scaled to norm <= ``clip`` (unchanged, bit for bit, when it already is)."""
+    norm = delta_norm(u, sent)
+    if norm <= clip:
+        return Clipped(u, norm, 1.0)
+    gamma = clip / norm
+    use_b, use_a = _uploaded(u)
+    factors = {}
+    for name, f in u.factors.items():
+        s = sent.factors[name]
+        B = s.B + gamma * (f.B - s.B) if use_b else f.B
+        A = s.A + gamma * (f.A - s.A) if use_a else f.A
+        factors[name] = LoraFactors(B, A)
+    return Clipped(replace(u, factors=factors), norm, gamma)
+
+
+def _global_indices(u: ClientUpdate) -> Tensor:
+    """The global rank index of each of the client's columns of B / rows of A (its sketch indices, or its
+    first r_k)."""
+    return u.indices if u.indices is not None else torch.arange(u.rank)
+
+
+def add_noise_to_sum(updates: Sequence[ClientUpdate], std: float, generator: torch.Generator) -> list[ClientUpdate]:
+    """Gaussian noise N(0, std²) on every coordinate of the per-index sum of ``updates``' factors: for each
+    layer and each global rank index some client holds, one noise column of B (and row of A, where trained)
+    is added to the first client holding that index, so that the method's per-index sum carries it once.
+    Draws are in a fixed order (layer name, factor, index), so a seeded generator gives the same noise."""
+    if std == 0 or not updates:
+        return list(updates)
+    carriers: dict[int, tuple[int, int]] = {}  # global index -> (update, its column)
+    for k, u in enumerate(updates):
+        for j, i in enumerate(_global_indices(u).tolist()):
+            carriers.setdefault(int(i), (k, j))
+    new = [{name: [f.B.clone(), f.A.clone()] for name, f in u.factors.items()} for u in updates]
+    for name in sorted(updates[0].factors):
+        for which in (0, 1):  # B's columns, then A's rows
+            for i in sorted(carriers):
+                k, j = carriers[i]
+                u = updates[k]
+                if not (u.train_B if which == 0 else u.train_A):
+                    continue
+                t = new[k][name][which]
+                size = t.shape[0] if which == 0 else t.shape[1]
+                noise = torch.randn(size, generator=generator, dtype=torch.float64).mul_(std).to(t.dtype)
+                if which == 0:
+                    t[:, j] += noise
+                else:
+                    t[j, :] += noise
+    return [replace(u, factors={name: LoraFactors(*new[k][name]) for name in u.factors}) for k, u in enumerate(updates)]
+
+
+def privatize(
+    updates: Sequence[ClientUpdate],
+    sents: Sequence[ClientAssignment],
+    clip: float,
+    noise_multiplier: float,
+    generator: torch.Generator,
+) -> tuple[list[ClientUpdate], list[Clipped]]:
+    """The round's updates clipped to ``clip`` and carrying N(0, (σ·C)²) on their per-index sum; with the
+    clipping record of each. C = ∞ adds no noise (σ·∞ has no meaning: the mechanism is off)."""
+    clipped = [clip_update(u, s, clip) for u, s in zip(updates, sents, strict=True)]
+    std = noise_multiplier * clip if math.isfinite(clip) else 0.0
+    return add_noise_to_sum([c.update for c in clipped], std, generator), clipped
+
+
+def sensitivity(
+    method: Any, specs: Sequence[ClientSpec], indices: Sequence[Tensor | None], which: int, clip: float
+) -> float:
+    """How far client ``which``'s clipped update, replaced by any other, can move the method's pre-noise
+    aggregate (the Frobenius norm over the state's factors): each method states its bound
+    (``dp_sensitivity``, in its own file)."""
+    bound: float = method.dp_sensitivity(specs, indices, which, clip)
+    return bound

@@ -1,0 +1,301 @@
+"""Client-level DP (fedrank.privacy): clipping, noise on the per-index sum, the sensitivity bound of every
+method with a mechanism, and the engine (bit-identical at C = ∞, σ = 0; the accountant's ε; the budget)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedrank.aggregation import make_method
+from fedrank.aggregation.base import derive_generator
+from fedrank.config import ConfigError, PrivacyConfig, load_config
+from fedrank.privacy import add_noise_to_sum, clip_update, delta_norm, privatize
+from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
+
+SHAPES = {"a": (6, 5), "b": (4, 7)}
+R = 4
+
+
+def method(name: str) -> Any:
+    options: dict[str, Any] = {"rank": R} if name == "fslora" else {}
+    return make_method(name, alpha=8.0, seed=3, **options)
+
+
+def round_of(name: str, ranks: list[int], seed: int) -> tuple[Any, Any, list[ClientAssignment], list[ClientUpdate]]:
+    """A global state after one plain round (so B is nonzero), the next round's dispatches, and trained
+    updates: each trained factor moved by a random amount."""
+    m = method(name)
+    state = m.init_state(SHAPES, R)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(2):
+        sent = [m.dispatch(state, ClientSpec(k, r, 10), step) for k, r in enumerate(ranks)]
+        updates = []
+        for a in sent:
+            factors = {}
+            for layer, f in a.factors.items():
+                B = f.B + torch.randn(f.B.shape, generator=g) * 0.3 if a.train_B else f.B
+                A = f.A + torch.randn(f.A.shape, generator=g) * 0.3 if a.train_A else f.A
+                factors[layer] = LoraFactors(B, A)
+            updates.append(
+                ClientUpdate(a.client_id, a.rank, 10, factors, indices=a.indices, train_A=a.train_A, train_B=a.train_B)
+            )
+        if step == 0:
+            state = m.aggregate(state, updates, [1.0] * len(updates))
+    return m, state, sent, updates
+
+
+def flat(state: Any) -> torch.Tensor:
+    return torch.cat([torch.cat([f.B.flatten(), f.A.flatten()]) for _, f in sorted(state.factors.items())])
+
+
+RANKS = {"fedit": [4, 4, 4], "ffa": [2, 4, 3], "fslora": [2, 4, 3]}
+
+
+def test_clipping_scales_the_delta_to_the_clip_and_leaves_small_updates_untouched() -> None:
+    _, _, sent, updates = round_of("fedit", [4, 4], 0)
+    norm = delta_norm(updates[0], sent[0])
+    small = clip_update(updates[0], sent[0], norm * 1.01)
+    assert small.factor == 1.0 and small.update is updates[0]  # bit for bit: no s + (u - s) rounding
+    c = clip_update(updates[0], sent[0], norm / 4)
+    assert c.factor == pytest.approx(0.25) and delta_norm(c.update, sent[0]) == pytest.approx(norm / 4, rel=1e-5)
+    for layer, f in c.update.factors.items():  # the same direction, a quarter of the length
+        s, u = sent[0].factors[layer], updates[0].factors[layer]
+        torch.testing.assert_close(f.B - s.B, (u.B - s.B) / 4)
+
+
+def test_ffa_clips_only_b_its_a_is_frozen() -> None:
+    _, _, sent, updates = round_of("ffa", [2, 4], 1)
+    c = clip_update(updates[1], sent[1], 1e-3)
+    assert delta_norm(c.update, sent[1]) == pytest.approx(1e-3, rel=1e-4)
+    for layer, f in c.update.factors.items():
+        assert torch.equal(f.A, sent[1].factors[layer].A)
+
+
+@pytest.mark.parametrize("name", ["fedit", "ffa", "fslora"])
+def test_noise_rides_once_on_each_index_sum(name: str) -> None:
+    """Zero deltas and noise std 1: the aggregate minus the noiseless one is, per index, N(0, 1) divided by the
+    count the method divides that index's sum by (K, or its holders), and each draw appears once."""
+    m, state, sent, _ = round_of(name, RANKS[name], 2)
+    still = [
+        ClientUpdate(a.client_id, a.rank, 10, dict(a.factors), indices=a.indices, train_A=a.train_A, train_B=a.train_B)
+        for a in sent
+    ]
+    noisy = add_noise_to_sum(still, 1.0, derive_generator(5))
+    noised = 0
+    for u, s in zip(noisy, still, strict=True):
+        for layer, f in u.factors.items():
+            noised += int((f.B != s.factors[layer].B).sum() + (f.A != s.factors[layer].A).sum())
+    held = {i for u in still for i in (u.indices.tolist() if u.indices is not None else range(u.rank))}
+    per_index = sum(rows + (cols if name != "ffa" else 0) for rows, cols in SHAPES.values())  # B's m (+ A's n)
+    assert noised == len(held) * per_index  # every held index's column of B (and row of A) once
+    diff = flat(m.aggregate(state, noisy, [1.0] * len(still))) - flat(m.aggregate(state, still, [1.0] * len(still)))
+    assert diff.abs().max() > 0
+
+
+def test_the_noise_has_standard_deviation_sigma_c_over_k() -> None:
+    """FedIT over K = 4 clients, σ = 0.5, C = 2: the aggregate's noise has std σC/K = 0.25 (on the sum: σC)."""
+    big = {"w": (400, 300)}
+    m = make_method("fedit", alpha=8.0, seed=0)
+    state = m.init_state(big, 8)
+    sent = [m.dispatch(state, ClientSpec(k, 8, 1), 0) for k in range(4)]
+    updates = [ClientUpdate(a.client_id, 8, 1, dict(a.factors)) for a in sent]
+    noisy, _ = privatize(updates, sent, 2.0, 0.5, derive_generator(9))
+    diff = flat(m.aggregate(state, noisy, [1.0] * 4)) - flat(m.aggregate(state, updates, [1.0] * 4))
+    assert diff.numel() == 8 * 700 and diff.std().item() == pytest.approx(0.25, rel=0.03)
+    assert diff.mean().item() == pytest.approx(0.0, abs=0.01)
+
+
+@pytest.mark.parametrize("name", ["fedit", "ffa", "fslora"])
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), which=st.integers(0, 2), scale=st.floats(1e-3, 1e3), clip=st.floats(0.01, 10))
+def test_one_client_moves_the_aggregate_by_at_most_the_stated_sensitivity(
+    name: str, seed: int, which: int, scale: float, clip: float
+) -> None:
+    """Replace one client's update by an arbitrary one: after clipping, the pre-noise aggregate moves by at most
+    the method's stated replace-one sensitivity (fedrank.privacy.sensitivity)."""
+    from fedrank.privacy import sensitivity
+
+    m, state, sent, updates = round_of(name, RANKS[name], seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    other = updates[which]
+    wild = {
+        layer: LoraFactors(
+            f.B + scale * torch.randn(f.B.shape, generator=g) if other.train_B else f.B,
+            f.A + scale * torch.randn(f.A.shape, generator=g) if other.train_A else f.A,
+        )
+        for layer, f in other.factors.items()
+    }
+    changed = [*updates[:which], ClientUpdate(**{**other.__dict__, "factors": wild}), *updates[which + 1 :]]
+    a, _ = privatize(updates, sent, clip, 0.0, derive_generator(0))
+    b, _ = privatize(changed, sent, clip, 0.0, derive_generator(0))
+    ones = [1.0] * len(updates)
+    moved = (flat(m.aggregate(state, a, ones)) - flat(m.aggregate(state, b, ones))).norm().item()
+    bound = sensitivity(m, [u.spec for u in updates], [s.indices for s in sent], which, clip)
+    assert moved <= bound * (1 + 1e-5) + 1e-6
+
+
+def test_privacy_config_refuses_what_it_cannot_protect(tmp_path: Path) -> None:
+    from helpers import tiny_toml
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(tiny_toml())
+    on = ["privacy.clip=1.0", "privacy.noise_multiplier=1.0"]
+    with pytest.raises(ConfigError, match='weighting = "uniform"'):
+        load_config(cfg, [*on, "method.name=fedit"])
+    with pytest.raises(ConfigError, match="method 'flexlora' has no DP mechanism yet"):
+        load_config(cfg, [*on, "method.name=flexlora", "federation.weighting=uniform"])
+    with pytest.raises(ConfigError, match="give privacy.noise_multiplier or a target privacy.epsilon"):
+        PrivacyConfig(clip=1.0)
+    with pytest.raises(ConfigError, match="privacy.sampling 'random' is unknown"):
+        PrivacyConfig(clip=1.0, noise_multiplier=1.0, sampling="random")
+    assert not PrivacyConfig().enabled and PrivacyConfig(clip=math.inf).enabled
+
+
+@pytest.mark.parametrize("name", ["fedit", "ffa", "fslora"])
+def test_the_stated_sensitivity_is_reached(name: str) -> None:
+    """The bound is tight: a client whose clipped delta flips to the opposite direction moves the aggregate by
+    exactly the stated sensitivity (so a smaller stated bound would be wrong)."""
+    from fedrank.privacy import sensitivity
+
+    m, state, sent, updates = round_of(name, RANKS[name], 4)
+    which, s, u = 0, sent[0], updates[0]  # (ffa: client 0 holds columns every client holds)
+    flipped = {
+        layer: LoraFactors(
+            s.factors[layer].B - 100 * (f.B - s.factors[layer].B),
+            s.factors[layer].A - 100 * (f.A - s.factors[layer].A) if u.train_A else f.A,
+        )
+        for layer, f in u.factors.items()
+    }
+    changed = [*updates[:which], ClientUpdate(**{**u.__dict__, "factors": flipped}), *updates[which + 1 :]]
+    a, _ = privatize(updates, sent, 0.05, 0.0, derive_generator(0))
+    b, _ = privatize(changed, sent, 0.05, 0.0, derive_generator(0))
+    ones = [1.0] * len(updates)
+    moved = (flat(m.aggregate(state, a, ones)) - flat(m.aggregate(state, b, ones))).norm().item()
+    bound = sensitivity(m, [x.spec for x in updates], [x.indices for x in sent], which, 0.05)
+    assert moved == pytest.approx(bound, rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ the engine
+
+
+def engine_config(tmp_path: Path, method_name: str, *overrides: str) -> Any:
+    from helpers import tiny_toml
+
+    path = tmp_path / "tiny.toml"
+    path.write_text(tiny_toml())
+    base = [f"method.name={method_name}", "federation.weighting=uniform", "federation.clients_per_round=3"]
+    if method_name == "fslora":
+        base.append("method.options={rank = 4}")
+    if method_name == "fedit":
+        base.append("ranks.distribution=fixed")
+    return load_config(path, [*base, *overrides])
+
+
+def run(cfg: Any, out: Path) -> dict[str, Any]:
+    import json
+
+    from fedrank.simulation import Simulation
+
+    Simulation(cfg, out, progress=False).run()
+    return dict(json.loads((out / "summary.json").read_text()))
+
+
+@pytest.mark.parametrize("name", ["fedit", "ffa", "fslora"])
+def test_infinite_clip_and_no_noise_is_bit_identical_to_no_privacy(name: str, tmp_path: Path) -> None:
+    from test_flower import records, same_state, untimed
+
+    plain = engine_config(tmp_path, name)
+    private = engine_config(tmp_path, name, "privacy.clip=inf")
+    run(plain, tmp_path / "plain")
+    summary = run(private, tmp_path / "private")
+    assert same_state(tmp_path / "plain", tmp_path / "private")
+    drop = ("epsilon", "dp_clipped", "dp_median_norm")
+    theirs = [{k: v for k, v in r.items() if k not in drop} for r in untimed(records(tmp_path / "private"))]
+    assert untimed(records(tmp_path / "plain")) == theirs
+    assert summary["privacy"]["epsilon"] is None  # ∞, written as null: σ = 0 protects nothing
+
+
+def test_a_private_run_reports_the_accountants_epsilon(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """FedIT, C = 0.05, σ = 1.2, fixed sampling of 3 of 4 clients, 2 rounds: ε in the round records, the
+    summary and the end-of-run table is what dp-accounting gives for that mechanism (computed here
+    independently); every update was clipped."""
+    import dp_accounting
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    from fedrank.cli import _print_outputs
+    from test_flower import records
+
+    cfg = engine_config(tmp_path, "fedit", "privacy.clip=0.05", "privacy.noise_multiplier=1.2")
+    summary = run(cfg, tmp_path / "run")
+    delta = 1 / 4**1.1
+    expect = []
+    for t in (1, 2):
+        acc = rdp_privacy_accountant.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+        event = dp_accounting.SampledWithoutReplacementDpEvent(4, 3, dp_accounting.GaussianDpEvent(0.6))
+        acc.compose(event, t)
+        expect.append(acc.get_epsilon(delta))
+    rounds = [r for r in records(tmp_path / "run") if r["type"] == "round"]
+    assert [r["epsilon"] for r in rounds] == pytest.approx(expect, rel=1e-9)
+    assert all(r["dp_clipped"] == 1.0 and r["dp_median_norm"] > 0.05 for r in rounds)
+    dp = summary["privacy"]
+    assert dp["epsilon"] == pytest.approx(expect[-1], rel=1e-9) and dp["delta"] == pytest.approx(delta)
+    assert (dp["noise_multiplier"], dp["clip"], dp["rounds"], dp["sampling"]) == (1.2, 0.05, 2, "fixed")
+    _print_outputs(summary, tmp_path / "run")
+    out = capsys.readouterr().out
+    assert f"privacy: ε = {expect[-1]:.3g} at δ = {delta:.2g} after 2 round(s) (RDP accountant, fixed sampling" in out
+
+
+def test_resume_keeps_the_accountant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run stopped after round 1 and resumed ends with the uninterrupted run's state and ε, bit for bit."""
+    import json
+
+    from fedrank.simulation import Simulation
+    from test_flower import same_state
+
+    cfg = engine_config(tmp_path, "fedit", "privacy.clip=0.05", "privacy.noise_multiplier=1.2")
+    whole = run(cfg, tmp_path / "whole")
+    real = Simulation.aggregate_round
+
+    def crash(self: Simulation, t: int, *args: Any) -> str:
+        if t == 1:
+            raise KeyboardInterrupt
+        return real(self, t, *args)
+
+    monkeypatch.setattr(Simulation, "aggregate_round", crash)
+    with pytest.raises(KeyboardInterrupt):
+        Simulation(cfg, tmp_path / "cut", progress=False).run()
+    monkeypatch.setattr(Simulation, "aggregate_round", real)
+    Simulation(cfg, tmp_path / "cut", resume=True, progress=False).run()
+    resumed = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert resumed["privacy"] == whole["privacy"]
+    assert same_state(tmp_path / "whole", tmp_path / "cut")
+
+
+def test_a_run_stops_before_exceeding_its_budget(tmp_path: Path) -> None:
+    from fedrank.simulation import Simulation
+    from fedrank.validation import RunFailed
+
+    probe = engine_config(tmp_path, "fedit", "privacy.clip=0.05", "privacy.noise_multiplier=1.2")
+    one = run(probe, tmp_path / "probe")["privacy"]["epsilon"]  # ε after 2 rounds
+    cfg = engine_config(
+        tmp_path, "fedit", "privacy.clip=0.05", "privacy.noise_multiplier=1.2", f"privacy.epsilon={one * 0.999}"
+    )
+    with pytest.raises(RunFailed, match=r"privacy budget: round 2 would bring ε to .* > privacy.epsilon"):
+        Simulation(cfg, tmp_path / "run", progress=False).run()
+
+
+def test_a_target_epsilon_calibrates_the_noise_and_poisson_sampling_draws_independently(tmp_path: Path) -> None:
+    cfg = engine_config(tmp_path, "ffa", "privacy.clip=0.1", "privacy.epsilon=8", "privacy.sampling=poisson")
+    dp = run(cfg, tmp_path / "run")["privacy"]
+    assert dp["epsilon"] <= 8 and dp["epsilon"] > 7.9 and dp["noise_multiplier"] > 0
+    from fedrank.simulation import Simulation
+
+    sim = Simulation(cfg, tmp_path / "other", progress=False)
+    sizes = {len(sim.sample(t)) for t in range(40)}
+    assert len(sizes) > 1 and max(sizes) <= 4  # the cohort's size varies: each client with rate q = 3/4
