@@ -280,7 +280,7 @@ class OutputConfig:
             )
 
 
-PRIVATE_METHODS = ("fedit", "ffa", "fslora")
+PRIVATE_METHODS = ("fedit", "ffa", "fslora", "flexlora")
 """Methods with a client-level DP mechanism (:mod:`fedrank.privacy`); the others refuse ``[privacy]`` for now."""
 
 

@@ -1,7 +1,7 @@
 """Client-level differential privacy, DP-FedAvg style (McMahan et al., "Learning Differentially Private
 Recurrent Language Models", ICLR 2018), in the central model: the server clips and adds the noise.
 
-For the factor-averaging methods (:data:`fedrank.config.PRIVATE_METHODS`: fedit, ffa, fslora), each round:
+For the factor-averaging methods (fedit, ffa, fslora), each round:
 
 1. **Clip.** Client k's contribution is what it uploads, as a change: Δ_k = its trained factors minus the
    factors it was sent, over every layer and every factor it trains and uploads (FedIT: B and A; FFA-LoRA:
@@ -23,6 +23,11 @@ For the factor-averaging methods (:data:`fedrank.config.PRIVATE_METHODS`: fedit,
    participants is itself random, and the fixed-denominator estimator of McMahan et al., which hides it, is
    not implemented: the guarantee then assumes the count is public.
 
+For FlexLoRA (:data:`PRODUCT_SPACE`) the contribution is the client's whole update ΔW_k = s(r_k)·B_k A_k: its
+Frobenius norm over all layers comes from the factors (‖BA‖²_F = tr((BᵀB)(AAᵀ)), no m×n matrix), B_k is
+scaled by γ_k, and the noise is dense, N(0, σ²C²) on every entry of Σ_k ΔW_k (:func:`dense_noise`, added by
+the method before its mean), which makes ΔW full rank.
+
 The accountant (:mod:`fedrank.accounting`, Google's dp-accounting) composes one sampled Gaussian mechanism
 per aggregated round.
 """
@@ -39,7 +44,22 @@ from torch import Tensor
 
 from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
 
-__all__ = ["Clipped", "add_noise_to_sum", "clip_update", "delta_norm", "privatize", "sensitivity"]
+__all__ = [
+    "PRODUCT_SPACE",
+    "Clipped",
+    "add_noise_to_sum",
+    "clip_product",
+    "clip_update",
+    "delta_norm",
+    "dense_noise",
+    "privatize",
+    "product_norm",
+    "sensitivity",
+]
+
+PRODUCT_SPACE = ("flexlora",)
+"""Methods that aggregate each client's whole update ΔW_k = s(r_k)·B_k A_k rather than its factors: clipped
+in that space (:func:`clip_product`), with dense noise on the sum (:func:`dense_noise`)."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +103,33 @@ def clip_update(u: ClientUpdate, sent: ClientAssignment, clip: float) -> Clipped
         A = s.A + gamma * (f.A - s.A) if use_a else f.A
         factors[name] = LoraFactors(B, A)
     return Clipped(replace(u, factors=factors), norm, gamma)
+
+
+def product_norm(u: ClientUpdate, scaling: float) -> float:
+    """‖ΔW_k‖_F over every layer, ΔW_k = scaling·B A, from the factors: Σ tr((BᵀB)(AAᵀ)), never m×n."""
+    total = torch.zeros((), dtype=torch.float64)
+    for f in u.factors.values():
+        B, A = f.B.double(), f.A.double()
+        total += torch.trace((B.T @ B) @ (A @ A.T))
+    return float(total.clamp_min(0).sqrt()) * abs(scaling)
+
+
+def clip_product(u: ClientUpdate, scaling: float, clip: float) -> Clipped:
+    """``u`` with B scaled so that ‖scaling·B A‖_F <= ``clip`` over all layers (unchanged when it is)."""
+    norm = product_norm(u, scaling)
+    if norm <= clip:
+        return Clipped(u, norm, 1.0)
+    gamma = clip / norm
+    return Clipped(replace(u, factors={k: LoraFactors(gamma * f.B, f.A) for k, f in u.factors.items()}), norm, gamma)
+
+
+def dense_noise(shapes: dict[str, tuple[int, int]], std: float, generator: torch.Generator) -> dict[str, Tensor]:
+    """N(0, std²) for every entry of each layer's m×n ΔW (layers in name order: a seeded generator gives the
+    same noise)."""
+    return {
+        name: torch.randn(shapes[name], generator=generator, dtype=torch.float64).mul_(std).float()
+        for name in sorted(shapes)
+    }
 
 
 def _global_indices(u: ClientUpdate) -> Tensor:

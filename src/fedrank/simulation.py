@@ -46,7 +46,7 @@ from fedrank.models import (
     use_onednn,
     uses_onednn,
 )
-from fedrank.privacy import privatize
+from fedrank.privacy import PRODUCT_SPACE, clip_product, dense_noise, privatize
 
 if TYPE_CHECKING:
     from fedrank.accounting import Accountant
@@ -192,19 +192,36 @@ class PrivateRounds:
                 )
 
     def apply(
-        self, updates: list[ClientUpdate], sent: list[ClientAssignment], round_index: int
-    ) -> tuple[list[ClientUpdate], dict[str, float]]:
-        """The round's updates clipped and noised; the accountant steps; what the round record gets."""
+        self,
+        method: AggregationMethod[Any],
+        updates: list[ClientUpdate],
+        sent: list[ClientAssignment],
+        round_index: int,
+    ) -> tuple[list[ClientUpdate], dict[str, Any], dict[str, float]]:
+        """The round's updates clipped (and noised, or the noise the method adds to its sum); the accountant
+        steps; what the round record gets."""
         p = self.cfg.privacy
         gen = derive_generator(self.cfg.seed, 0xD9, round_index)
-        noisy, clipped = privatize(updates, sent, p.clip, self.noise_multiplier, gen)
+        extra: dict[str, Any] = {}
+        if self.cfg.method.name in PRODUCT_SPACE:
+            clipped = [clip_product(u, method.scaling(u.rank), p.clip) for u in updates]  # type: ignore[attr-defined]
+            noisy = [c.update for c in clipped]
+            if math.isfinite(p.clip) and self.noise_multiplier > 0:
+                shapes = {k: (f.B.shape[0], f.A.shape[1]) for k, f in updates[0].factors.items()}
+                extra["noise"] = dense_noise(shapes, self.noise_multiplier * p.clip, gen)
+        else:
+            noisy, clipped = privatize(updates, sent, p.clip, self.noise_multiplier, gen)
         self.accountant.step()
         norms = [c.norm for c in clipped]
-        return noisy, {
-            "epsilon": self.accountant.epsilon(),
-            "dp_clipped": sum(c.factor < 1 for c in clipped) / max(len(clipped), 1),
-            "dp_median_norm": float(np.median(norms)) if norms else math.nan,
-        }
+        return (
+            noisy,
+            extra,
+            {
+                "epsilon": self.accountant.epsilon(),
+                "dp_clipped": sum(c.factor < 1 for c in clipped) / max(len(clipped), 1),
+                "dp_median_norm": float(np.median(norms)) if norms else math.nan,
+            },
+        )
 
     def summary(self) -> dict[str, Any]:
         p = self.cfg.privacy
@@ -428,9 +445,10 @@ class Simulation:
         """Aggregate round ``t``'s valid updates into the global state; returns the round's log line."""
         t_agg = time.perf_counter()
         private: dict[str, float] = {}
+        noise: dict[str, Any] = {}
         if self.dp is not None:
-            updates, private = self.dp.apply(updates, self.sent, t)
-        self.state = self.method.aggregate(self.state, updates, self.weights(recs))
+            updates, noise, private = self.dp.apply(self.method, updates, self.sent, t)
+        self.state = self.method.aggregate(self.state, updates, self.weights(recs), **noise)
         agg_s = time.perf_counter() - t_agg
         faults.hit("aggregate", t + 1)
         for u in updates:

@@ -8,6 +8,12 @@ Client k trains LoRA at its own rank r_k. The server synthesises the full-size u
 and sends client k the best rank-r_k approximation of ΔW (Eckart–Young, via the SVD), with the singular
 values folded into B and the client's scaling undone (B ← U_r diag(S_r) · r_k/α, A ← V_rᵀ).
 
+Privacy (``[privacy]``, :mod:`fedrank.privacy`): clipped is client k's whole update ΔW_k = s(r_k)·B_k A_k
+(FlexLoRA's per-client full-size update), over all layers, to norm C, from the factors without forming m×n
+(‖BA‖²_F = tr((BᵀB)(AAᵀ))); the noise N(0, σ²C²) is dense, m×n per layer, on Σ_k ΔW_k before the mean over
+the K clients. Replacing one client's update moves ΔW by at most 2C/K (:meth:`FlexLoRA.dp_sensitivity`). The
+dense noise makes ΔW full rank: its SVD is then a dense layer's (``benchmarks/dp_aggregate.py`` measures it).
+
 ΔW is kept exactly as the weighted stacked factors, ΔW = [p_1 s_1 B_1 … p_K s_K B_K]·[A_1; …; A_K] (memory
 O((m+n)·R) with R = Σ r_k, s_k = α/r_k), for evaluation and export; dispatch needs only the top max(r_k) SVD
 triplets, which ``fedrank.lowrank.svd_of_sums_batched`` computes for all layers of one shape at once (eigh of
@@ -19,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -150,10 +156,18 @@ class FlexLoRA(MethodOptions):
         return self.assign(client, factors, download)
 
     def aggregate(
-        self, state: FlexLoRAState, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None
+        self,
+        state: FlexLoRAState,
+        updates: Sequence[ClientUpdate],
+        weights: Sequence[float] | None = None,
+        noise: Mapping[str, Tensor] | None = None,
     ) -> FlexLoRAState:
         """ΔW = Σ_k p_k·s(r_k)·B_k A_k per layer, kept as its stacked factors, and its top SVD triplets: the
-        layers of one shape (the 30 q_proj of a model, ...) stacked and factorised as one batch."""
+        layers of one shape (the 30 q_proj of a model, ...) stacked and factorised as one batch.
+
+        ``noise`` (privacy): a dense m×n tensor per layer added to the unnormalised sum Σ_k w_k s(r_k) B_k A_k
+        before the division by Σ_k w_k, kept in the stack as one more factor pair (N, I_n), or (I_m, N)
+        when m < n: exact, but the SVD then works on rank Σ r_k + min(m, n), a dense layer's cost."""
         p = normalized_weights(updates, weights)
         check_layers(state.init, updates, finite=False)  # finiteness: on the stack, below
         w = [float(pk) * self.scaling(u.rank) for pk, u in zip(p, updates, strict=True)]
@@ -166,7 +180,10 @@ class FlexLoRA(MethodOptions):
         for names in by_shape.values():
             Bs = [[u.factors[k].B for u in updates] for k in names]
             As = [[u.factors[k].A for u in updates] for k in names]
-            stacks.append((names, *stack_factors_batched(Bs, As, w, total=total)))
+            B, A = stack_factors_batched(Bs, As, w, total=total)
+            if noise is not None:
+                B, A = _with_noise(B, A, [noise[k] for k in names], _weight_sum(weights, len(updates)))
+            stacks.append((names, B, A))
         if not bool(torch.isfinite(total)):
             check_finite(updates)  # names the client and layer; if all are finite, the sum overflowed
         delta, svd = {}, {}
@@ -182,6 +199,12 @@ class FlexLoRA(MethodOptions):
             {k: delta[k] for k in order} if self.components is None else None,
         )
 
+    def dp_sensitivity(
+        self, specs: Sequence[ClientSpec], indices: Sequence[Tensor | None], which: int, clip: float
+    ) -> float:
+        """Replace-one sensitivity of ΔW = (1/K) Σ_k ΔW_k with every ‖ΔW_k‖_F <= C: 2C/K."""
+        return 2 * clip / len(specs)
+
     def global_model(self, state: FlexLoRAState, rank: int | None = None) -> ClientAssignment:
         """At ``rank`` (default: ΔW exactly, the stacked factors at rank Σ r_k, or every component kept)."""
         if rank is None and state.delta is not None:
@@ -191,3 +214,24 @@ class FlexLoRA(MethodOptions):
             return ClientAssignment(-1, r, s, factors, 0)
         r = rank or state.max_rank
         return ClientAssignment(-1, r, self.scaling(r), self._factors(state, r), 0)
+
+
+def _weight_sum(weights: Sequence[float] | None, count: int) -> float:
+    """Σ_k w_k, what :func:`normalized_weights` divides by (the example counts when ``weights`` is None is
+    not offered: privacy needs uniform weights, which the caller passes)."""
+    if weights is None:
+        raise AggregationError("flexlora: noise needs the round's weights (uniform under privacy)")
+    return float(sum(weights)) if count else 1.0
+
+
+def _with_noise(B: Tensor, A: Tensor, noise: Sequence[Tensor], total: float) -> tuple[Tensor, Tensor]:
+    """Stacked factors (batch, m, R), (batch, R, n) with each layer's noise / ``total`` appended as one more
+    factor pair: (N, I_n), or (I_m, N) when m < n (the smaller identity)."""
+    batch, m, _ = B.shape
+    n = A.shape[-1]
+    N = torch.stack([x.to(B.dtype) for x in noise]) / total
+    if m < n:
+        eye = torch.eye(m, dtype=B.dtype, device=B.device).expand(batch, m, m)
+        return torch.cat([B, eye], dim=-1), torch.cat([A, N], dim=-2)
+    eye = torch.eye(n, dtype=A.dtype, device=A.device).expand(batch, n, n)
+    return torch.cat([B, N], dim=-1), torch.cat([A, eye], dim=-2)

@@ -30,14 +30,14 @@ Communication is FlexLoRA's: r_k·(m + n) down and up per layer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from fedrank.aggregation.base import check_layers, normalized_weights
+from fedrank.aggregation.base import AggregationError, check_layers, normalized_weights
 from fedrank.aggregation.flexlora import FlexLoRA, FlexLoRAState
 from fedrank.lowrank import LowRankSVD, svd_of_sum
 from fedrank.types import ClientUpdate
@@ -60,8 +60,14 @@ class RaFLoRA(FlexLoRA):
     name: ClassVar[str] = "raflora"
 
     def aggregate(
-        self, state: FlexLoRAState, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None
+        self,
+        state: FlexLoRAState,
+        updates: Sequence[ClientUpdate],
+        weights: Sequence[float] | None = None,
+        noise: Mapping[str, Tensor] | None = None,
     ) -> FlexLoRAState:
+        if noise is not None:
+            raise AggregationError("raflora has no DP mechanism yet (privacy is refused for it at config load)")
         p = normalized_weights(updates, weights)
         check_layers(state.init, updates)
         per_index = partition_weights([u.rank for u in updates], p)
