@@ -339,3 +339,18 @@ def test_flexlora_clips_the_whole_update_from_its_factors_and_adds_dense_noise()
         svd = noisy.svd[name]  # the top components dispatch reads: the best rank-4 approximation of the noisy ΔW
         best = torch.linalg.svdvals((f.B @ f.A).double())[:4]
         torch.testing.assert_close(svd.S[:4].double(), best, rtol=1e-4, atol=1e-5)
+
+
+def test_a_run_from_before_privacy_existed_still_resumes(tmp_path: Path) -> None:
+    """A checkpoint written before [privacy] existed has no such section: a resume takes it as privacy off (the
+    default, what that version did), and a resume that turns privacy on is still refused."""
+    from fedrank import run_dir
+    from fedrank.config import to_dict
+
+    cfg = engine_config(tmp_path, "fedit")
+    old = to_dict(cfg)
+    del old["privacy"]
+    run_dir.check_resume_config(old, to_dict(cfg), tmp_path / "round-0001.safetensors")
+    private = engine_config(tmp_path, "fedit", "privacy.clip=1.0", "privacy.noise_multiplier=1.0")
+    with pytest.raises(ConfigError, match=r"privacy.clip \(0.0 -> 1.0\)"):
+        run_dir.check_resume_config(old, to_dict(private), tmp_path / "round-0001.safetensors")

@@ -235,7 +235,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     d, out = Path(args.run_dir), Path(args.out)
     cfg = load_config(d / run_dir.CONFIG)
     state, saved, source = run_dir.load_global_state(d)
-    differ = [k for k in run_dir.config_diff(saved, to_dict(cfg)) if not run_dir.resumable(k)]
+    now = to_dict(cfg)
+    differ = [k for k in run_dir.config_diff(run_dir.with_added_defaults(saved), now) if not run_dir.resumable(k)]
     if differ:
         raise ConfigError(
             f"{source} was written under another config than {d / run_dir.CONFIG} (differs in {', '.join(differ)}); "

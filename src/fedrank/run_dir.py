@@ -365,6 +365,26 @@ def repair_metrics(path: Path, count: int, where: str) -> None:
 _MISSING = object()
 
 
+def with_added_defaults(saved: Any) -> Any:
+    """``saved`` (a config dict an earlier fedrank wrote) with the settings it lacks at their defaults: a
+    setting added since (``[privacy]``, say) was not there to change how that run trained, and its default is
+    what that version did. A saved value is never replaced."""
+    if not isinstance(saved, dict):
+        return saved
+    from fedrank.config import RunConfig, to_dict
+
+    def fill(have: dict[str, Any], default: dict[str, Any]) -> dict[str, Any]:
+        out = dict(have)
+        for k, v in default.items():
+            if k not in out:
+                out[k] = v
+            elif isinstance(v, dict) and isinstance(out[k], dict):
+                out[k] = fill(out[k], v)
+        return out
+
+    return fill(saved, to_dict(RunConfig()))
+
+
 def config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two config dicts."""
     if isinstance(a, dict) and isinstance(b, dict):
@@ -391,6 +411,7 @@ def _at(data: Any, key: str) -> str:
 
 def check_resume_config(saved: dict[str, Any], now: dict[str, Any], where: Path) -> None:
     """--resume may change only :data:`RESUMABLE` settings; any other difference is an error naming its keys."""
+    saved = with_added_defaults(saved)
     keys = [k for k in config_diff(saved, now) if not resumable(k)]
     if keys:
         diffs = ", ".join(f"{k} ({_at(saved, k)} -> {_at(now, k)})" for k in keys)
