@@ -133,6 +133,19 @@ def test_flower_run_equals_the_simulator_bit_for_bit(method: str, cfg_path: Path
     assert json.loads((tmp_path / "flower" / "summary.json").read_text())["rounds"] == 2
 
 
+@pytest.mark.parametrize("method", ["flexlora", "fslora"])
+def test_a_private_flower_run_equals_the_private_simulator(method: str, cfg_path: Path, tmp_path: Path) -> None:
+    """Client-level DP is the engine's: on Flower the same clipping, the same seeded noise and the same ε."""
+    private = "federation.weighting=uniform;privacy.clip=0.5;privacy.noise_multiplier=0.8"
+    overrides = f"method.name={method};{private}"
+    cfg = with_method(load_config(cfg_path, overrides.split(";")), method, 0, presets=False)
+    Simulation(cfg, tmp_path / "sim", progress=False).run()
+    run_server(FakeGrid(nodes([4, 8, 16])), cfg_path, tmp_path / "flower", overrides=overrides)
+    assert same_state(tmp_path / "sim", tmp_path / "flower")
+    theirs, ours = (json.loads((tmp_path / d / "summary.json").read_text())["privacy"] for d in ("sim", "flower"))
+    assert ours == theirs and ours["epsilon"] > 0 and ours["rounds"] == 2
+
+
 def test_declared_node_ranks_override_the_config(cfg_path: Path, tmp_path: Path) -> None:
     grid = FakeGrid(nodes([8, 4, 4]))
     run_server(grid, cfg_path, tmp_path / "run")
