@@ -136,7 +136,7 @@ def test_flower_run_equals_the_simulator_bit_for_bit(method: str, cfg_path: Path
 @pytest.mark.parametrize("method", ["flexlora", "fslora"])
 def test_a_private_flower_run_equals_the_private_simulator(method: str, cfg_path: Path, tmp_path: Path) -> None:
     """Client-level DP is the engine's: on Flower the same clipping, the same seeded noise and the same ε."""
-    private = "federation.weighting=uniform;privacy.clip=0.5;privacy.noise_multiplier=0.8"
+    private = "federation.weighting=uniform;privacy.clip=0.5;privacy.noise_multiplier=0.8;privacy.seeded=true"
     overrides = f"method.name={method};{private}"
     cfg = with_method(load_config(cfg_path, overrides.split(";")), method, 0, presets=False)
     Simulation(cfg, tmp_path / "sim", progress=False).run()

@@ -169,6 +169,12 @@ def test_privacy_config_refuses_what_it_cannot_protect(tmp_path: Path) -> None:
         load_config(cfg, [*on, "method.name=flora", "federation.weighting=uniform"])
     with pytest.raises(ConfigError, match="give privacy.noise_multiplier or a target privacy.epsilon"):
         PrivacyConfig(clip=1.0)
+    with pytest.raises(ConfigError, match="privacy.clip = inf bounds nothing"):
+        PrivacyConfig(clip=math.inf, noise_multiplier=1.0)
+    with pytest.raises(ConfigError, match="privacy.clip = inf bounds nothing"):
+        PrivacyConfig(clip=math.inf, epsilon=8.0)
+    with pytest.raises(ConfigError, match="drop federation.max_update_norm"):
+        load_config(cfg, [*on, "method.name=ffa", "federation.weighting=uniform", "federation.max_update_norm=1"])
     with pytest.raises(ConfigError, match="privacy.sampling 'random' is unknown"):
         PrivacyConfig(clip=1.0, noise_multiplier=1.0, sampling="random")
     assert not PrivacyConfig().enabled and PrivacyConfig(clip=math.inf).enabled
@@ -276,7 +282,7 @@ def test_resume_keeps_the_accountant(tmp_path: Path, monkeypatch: pytest.MonkeyP
     from fedrank.simulation import Simulation
     from test_flower import same_state
 
-    cfg = engine_config(tmp_path, "fedit", "privacy.clip=0.05", "privacy.noise_multiplier=1.2")
+    cfg = engine_config(tmp_path, "fedit", "privacy.clip=0.05", "privacy.noise_multiplier=1.2", "privacy.seeded=true")
     whole = run(cfg, tmp_path / "whole")
     real = Simulation.aggregate_round
 
@@ -354,3 +360,71 @@ def test_a_run_from_before_privacy_existed_still_resumes(tmp_path: Path) -> None
     private = engine_config(tmp_path, "fedit", "privacy.clip=1.0", "privacy.noise_multiplier=1.0")
     with pytest.raises(ConfigError, match=r"privacy.clip \(0.0 -> 1.0\)"):
         run_dir.check_resume_config(old, to_dict(private), tmp_path / "round-0001.safetensors")
+
+
+def test_the_noise_is_secret_unless_seeded(tmp_path: Path) -> None:
+    """By default the noise (and the sample) come from the OS's entropy: two runs of one config differ and
+    the run's seed does not regenerate them; privacy.seeded = true makes them reproducible (tests only)."""
+    from test_flower import same_state
+
+    private = ["privacy.clip=0.05", "privacy.noise_multiplier=1.2"]
+    secret = engine_config(tmp_path, "fedit", *private)
+    run(secret, tmp_path / "a")
+    summary = run(secret, tmp_path / "b")
+    assert not same_state(tmp_path / "a", tmp_path / "b") and summary["privacy"]["seeded"] is False
+    seeded = engine_config(tmp_path, "fedit", *private, "privacy.seeded=true")
+    run(seeded, tmp_path / "c")
+    assert run(seeded, tmp_path / "d")["privacy"]["seeded"] is True
+    assert same_state(tmp_path / "c", tmp_path / "d")
+
+
+def test_a_failed_client_counts_as_no_change_under_dp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under DP a client whose training fails still counts, with its update equal to what it was sent: the
+    count the noise is divided by does not depend on any client's data, and the round is never skipped."""
+    from fedrank.local import LocalTrainer
+    from fedrank.train import ClientFailure
+    from test_flower import records, same_state
+
+    real = LocalTrainer.train
+
+    def fail_client_1(self: LocalTrainer, a: ClientAssignment, data: Any, round_index: int) -> Any:
+        if a.client_id == 1:
+            raise ClientFailure("diverged")
+        return real(self, a, data, round_index)
+
+    private = ["federation.clients_per_round=4", "privacy.clip=0.05", "privacy.noise_multiplier=0.5"]
+    monkeypatch.setattr(LocalTrainer, "train", fail_client_1)
+    cfg = engine_config(tmp_path, "fedit", *private, "privacy.seeded=true")
+    run(cfg, tmp_path / "run")
+    recs = records(tmp_path / "run")
+    assert [r["clients"] for r in recs if r["type"] == "round"] == [3, 3]  # the real updates
+    assert {r["client"] for r in recs if r["type"] == "client_failed"} == {1}
+    # the same as a run in which client 1 trained and sent back exactly what it was given
+    monkeypatch.setattr(LocalTrainer, "train", real)
+
+    def unchanged_1(self: LocalTrainer, a: ClientAssignment, data: Any, round_index: int) -> Any:
+        update, stats = real(self, a, data, round_index)
+        if a.client_id == 1:
+            update = ClientUpdate(a.client_id, a.rank, update.num_examples, dict(a.factors))
+        return update, stats
+
+    monkeypatch.setattr(LocalTrainer, "train", unchanged_1)
+    run(cfg, tmp_path / "same")
+    assert same_state(tmp_path / "run", tmp_path / "same")
+
+
+def test_ffa_with_mixed_ranks_is_accounted_without_amplification(tmp_path: Path) -> None:
+    """FFA-LoRA's update shows which columns the round's clients held (their ranks): ε is then the Gaussian
+    mechanism's over every round, without the subsampling's amplification (computed here independently)."""
+    import dp_accounting
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    cfg = engine_config(tmp_path, "ffa", "privacy.clip=0.1", "privacy.noise_multiplier=2.0", "privacy.sampling=poisson")
+    dp = run(cfg, tmp_path / "run")["privacy"]
+    acc = rdp_privacy_accountant.RdpAccountant()
+    acc.compose(dp_accounting.GaussianDpEvent(2.0), 2)
+    assert dp["amplified"] is False and dp["epsilon"] == pytest.approx(acc.get_epsilon(1 / 4**1.1), rel=1e-9)
+    same = engine_config(
+        tmp_path, "ffa", "privacy.clip=0.1", "privacy.noise_multiplier=2.0", "ranks.distribution=fixed"
+    )
+    assert run(same, tmp_path / "equal")["privacy"]["amplified"] is True  # every client holds every column

@@ -301,6 +301,10 @@ class PrivacyConfig:
     """δ (0: 1/N^1.1 for N registered clients)."""
     accountant: str = "rdp"
     """"rdp" or "pld" (Google's dp-accounting)."""
+    seeded: bool = False
+    """Draw the noise and the private rounds' client samples from the run's seed (reproducible runs and
+    tests only: anyone with config.toml can regenerate the noise and subtract it). Default: from the OS's
+    entropy, never stored. With σ = 0 there is nothing to hide and the run's seed is used either way."""
     sampling: str = "fixed"
     """"fixed": federation.clients_per_round of the registered clients without replacement, accounted under
     replace-one adjacency (today's sampler); "poisson": each client independently with rate
@@ -321,6 +325,11 @@ class PrivacyConfig:
             raise ConfigError(
                 'privacy.accountant = "pld" has no bound for fixed-size sampling (dp-accounting 0.6): use "rdp", or '
                 'privacy.sampling = "poisson"'
+            )
+        if self.clip == math.inf and (self.noise_multiplier > 0 or self.epsilon > 0):
+            raise ConfigError(
+                "privacy.clip = inf bounds nothing: noise σ·C is then meaningless and ε would be reported for a run "
+                "without privacy; give a finite clip (or drop noise_multiplier and epsilon for a non-private run)"
             )
         if self.enabled and self.noise_multiplier == 0 and self.epsilon == 0 and self.clip != math.inf:
             raise ConfigError("privacy: give privacy.noise_multiplier or a target privacy.epsilon (clip > 0 is on)")
@@ -357,6 +366,11 @@ class RunConfig:
         if self.federation.dropout > 0 or self.method.prune or self.method.scale != "global":
             raise ConfigError(
                 'privacy: federation.dropout, HetLoRA pruning and method.scale = "fold" are not supported'
+            )
+        if self.federation.max_update_norm > 0:
+            raise ConfigError(
+                "privacy: drop federation.max_update_norm (the clip bounds every update; a rejection would depend "
+                "on a client's data and change the count the noise is divided by)"
             )
         if self.method.name == "fslora" and self.method.options.get("normalize", "weights") != "weights":
             raise ConfigError('privacy with fslora needs method.options.normalize = "weights" (the paper\'s rule)')

@@ -377,6 +377,8 @@ def _privacy(x: Any, at: str, problems: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {k: _optional(_num())(x.get(k), _where(at, k), problems) for k in _PRIVACY_NUMBERS}
     out["accountant"] = _choice("rdp", "pld")(x.get("accountant"), _where(at, "accountant"), problems)
     out["sampling"] = _choice("fixed", "poisson")(x.get("sampling"), _where(at, "sampling"), problems)
+    for flag in ("amplified", "seeded"):
+        out[flag] = _bool(x.get(flag, False), _where(at, flag), problems)
     return out
 
 
@@ -905,7 +907,10 @@ def end_of_run_table(summary: dict[str, Any]) -> str:
         lines.append(
             f"privacy: ε = {eps} at δ = {fmt(dp['delta'], '.2g')} after {fmt_count(dp['rounds'])} round(s) "
             f"({dp['accountant'].upper()} accountant, {dp['sampling']} sampling; clip C = {clip}, noise "
-            f"multiplier σ = {fmt(dp['noise_multiplier'], '.3g')})"
+            f"multiplier σ = {fmt(dp['noise_multiplier'], '.3g')}"
+            + ("" if dp["amplified"] else "; no amplification: the update shows who took part")
+            + ("; SEEDED noise: not private, for tests" if dp["seeded"] and dp["noise_multiplier"] else "")
+            + ")"
         )
     left = summary.get("clients_left_out", {})
     if summary.get("skipped_rounds") or left:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -166,20 +167,58 @@ class PrivateRounds:
     delta: float
     accountant: Accountant  # fedrank.accounting's, imported when a run is private (dp-accounting's import)
 
+    top: int = 0
+    amplified: bool = True
+    """Whether ε counts the subsampling's amplification: only where the released state hides which clients
+    took part (:meth:`build`)."""
+
+    @property
+    def secret(self) -> bool:
+        """Noise and samples from OS entropy (not the run's seed), unless ``privacy.seeded`` or σ = 0."""
+        return not self.cfg.privacy.seeded and self.noise_multiplier > 0
+
+    def generator(self, round_index: int) -> torch.Generator:
+        if self.secret:
+            return torch.Generator().manual_seed(secrets.randbits(63))
+        return derive_generator(self.cfg.seed, 0xD9, round_index)
+
     @classmethod
-    def build(cls, cfg: RunConfig, num_clients: int, per_round: int) -> PrivateRounds:
+    def build(cls, cfg: RunConfig, num_clients: int, per_round: int, ranks: list[int], top: int) -> PrivateRounds:
+        """The mechanism for a run of ``num_clients`` clients of ``ranks`` (global rank ``top``).
+
+        Amplification by subsampling assumes the round's sample stays hidden. FFA-LoRA's released B leaves
+        the columns beyond the sample's largest rank unchanged and noises each column at σC/h_i (its holders),
+        and FSLoRA's changes only the indices in the participants' sketches: unless every client holds every
+        index (equal ranks at the global rank), both reveal part of the sample, and ε is then accounted
+        without amplification (every round a Gaussian mechanism on the whole population: a bound that needs
+        no hidden sample)."""
         from fedrank.accounting import Accountant, RoundEvent, default_delta, noise_for_epsilon
 
         p = cfg.privacy
         delta = p.delta or default_delta(num_clients)
-        q = per_round / num_clients if p.sampling == "poisson" else None
+        if delta > 1e-3:
+            log.warning(
+                "privacy: δ = %.3g is large (1/N^1.1 for N = %d clients): a mechanism may fail with that probability; "
+                "set privacy.delta (e.g. 1e-5)",
+                delta,
+                num_clients,
+            )
+        reveals = cfg.method.name in ("ffa", "fslora") and any(r < top for r in ranks)
+        if reveals:
+            log.warning(
+                "privacy: %s's update shows which rank indices the round's clients held, so part of the sample: "
+                "ε is accounted without subsampling amplification",
+                cfg.method.name,
+            )
+            per_round = num_clients if p.sampling == "fixed" else per_round
+        q = (1.0 if reveals else per_round / num_clients) if p.sampling == "poisson" else None
         sigma = p.noise_multiplier
         if sigma == 0 and p.epsilon > 0:
             rounds = cfg.federation.rounds
             sigma = noise_for_epsilon(p.epsilon, delta, rounds, p.accountant, p.sampling, q, num_clients, per_round)
             log.info("privacy: noise multiplier %.4g keeps %d rounds within ε = %g", sigma, rounds, p.epsilon)
         event = RoundEvent(sigma, p.sampling, num_clients, per_round, q)
-        return cls(cfg, sigma, delta, Accountant(p.accountant, event, delta))
+        return cls(cfg, sigma, delta, Accountant(p.accountant, event, delta), top, amplified=not reveals)
 
     def check_budget(self, round_index: int) -> None:
         budget = self.cfg.privacy.epsilon
@@ -201,7 +240,12 @@ class PrivateRounds:
         """The round's updates clipped (and noised, or the noise the method adds to its sum); the accountant
         steps; what the round record gets."""
         p = self.cfg.privacy
-        gen = derive_generator(self.cfg.seed, 0xD9, round_index)
+        if self.amplified and self.cfg.method.name in ("ffa", "fslora") and any(u.rank < self.top for u in updates):
+            raise RunFailed(  # a Flower node declared a smaller rank than the config's: the sample would show
+                f"privacy: a client of rank below {self.top} took part in round {round_index + 1}, but ε was being "
+                f"accounted with amplification, which {self.cfg.method.name} then does not allow"
+            )
+        gen = self.generator(round_index)
         extra: dict[str, Any] = {}
         if self.cfg.method.name in PRODUCT_SPACE:
             clipped = [clip_product(u, method.scaling(u.rank), p.clip) for u in updates]  # type: ignore[attr-defined]
@@ -233,6 +277,8 @@ class PrivateRounds:
             "accountant": p.accountant,
             "sampling": p.sampling,
             "rounds": self.accountant.rounds,
+            "amplified": self.amplified,
+            "seeded": not self.secret,
         }
 
 
@@ -277,8 +323,10 @@ class Simulation:
         self.sent: list[ClientAssignment] = []
         self.max_rank = global_rank(cfg)
         self.state = self.method.init_state(self.host.shapes, self.max_rank)
+        self.dp: PrivateRounds | None = None  # the evaluated participants come from the run's seed, as without DP
         self.eval_clients = self.fixed_eval_clients()
-        self.dp = PrivateRounds.build(cfg, self.fed.num_clients, self.per_round) if cfg.privacy.enabled else None
+        if cfg.privacy.enabled:
+            self.dp = PrivateRounds.build(cfg, self.fed.num_clients, self.per_round, self.ranks, self.max_rank)
         self._weights_digest: str | None = None
         run_dir.check_writable(self.out, run_dir.checkpoint_bytes(self.state))
         if resume:
@@ -356,6 +404,8 @@ class Simulation:
         """The round's clients: ``per_round`` of the registered clients, or of ``available`` (those an
         executor can reach; seeded per round either way, so the same pool gives the same sample)."""
         rng = np.random.default_rng([self.cfg.seed, 17, round_index])
+        if self.dp is not None and self.dp.secret:  # a sample the run's seed does not give away
+            rng = np.random.default_rng(secrets.randbits(128))
         if self.cfg.privacy.enabled and self.cfg.privacy.sampling == "poisson":
             q = self.per_round / self.fed.num_clients  # each client independently: what the accountant assumes
             chosen = np.flatnonzero(rng.random(self.fed.num_clients) < q)
@@ -439,6 +489,10 @@ class Simulation:
                 updates.append(result[0])
                 recs.append(result[1])
                 self.sent.append(out.sent)
+            elif self.dp is not None:  # under DP a failed or rejected client counts, with no change
+                s = out.sent
+                updates.append(ClientUpdate(s.client_id, s.rank, 0, dict(s.factors), s.indices, s.train_A, s.train_B))
+                self.sent.append(s)
         return updates, recs
 
     def aggregate_round(self, t: int, updates: list[ClientUpdate], recs: list[dict[str, Any]], t0: float) -> str:
@@ -448,7 +502,8 @@ class Simulation:
         noise: dict[str, Any] = {}
         if self.dp is not None:
             updates, noise, private = self.dp.apply(self.method, updates, self.sent, t)
-        self.state = self.method.aggregate(self.state, updates, self.weights(recs), **noise)
+        weights = [1.0] * len(updates) if self.dp is not None else self.weights(recs)  # DP: every sampled client
+        self.state = self.method.aggregate(self.state, updates, weights, **noise)
         agg_s = time.perf_counter() - t_agg
         faults.hit("aggregate", t + 1)
         for u in updates:
