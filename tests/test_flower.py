@@ -333,3 +333,16 @@ def test_a_resume_with_other_overrides_is_refused_in_one_line(cfg_path: Path, tm
             FakeGrid(nodes([4, 8, 16])), cfg_path, run, overrides="federation.rounds=1;train.lr=0.5", resume=True
         )
     assert "train.lr" in str(err.value)
+
+
+def test_a_private_run_stops_when_a_node_is_lost(cfg_path: Path, tmp_path: Path) -> None:
+    """Under DP the sample must be the accounted one (K of all N): once a node failed and fewer clients can be
+    reached the run stops with one line, to be resumed when the node is back."""
+    from fedrank.validation import RunFailed
+
+    private = "method.name=flexlora;federation.weighting=uniform;privacy.clip=0.5;privacy.noise_multiplier=1.0"
+    grid = FakeGrid(nodes([4, 8, 16]), drop=[101])
+    with pytest.raises(RunFailed, match=r"privacy: only 2 of the 3 registered clients can be reached in round 2"):
+        run_server(grid, cfg_path, tmp_path / "run", overrides=private, **{"round-timeout": 5})
+    rounds = [r["round"] for r in records(tmp_path / "run") if r["type"] == "round"]
+    assert rounds == [1]  # round 1 aggregated, node 101 counted as no change

@@ -421,6 +421,12 @@ class Simulation:
         fed = self.cfg.federation
         out = []
         available = self.executor.available(round_index)
+        if self.dp is not None and available is not None and len(available) < self.fed.num_clients:
+            raise RunFailed(
+                f"privacy: only {len(available)} of the {self.fed.num_clients} registered clients can be reached in "
+                f"round {round_index + 1}; sampling among them is not the sampling ε is accounted for. Resume "
+                "(resume=true) once every node is back"
+            )
         if available is not None and len(available) < self.fed.num_clients:
             log.info(
                 "round %d: sampling among the %d of %d registered clients that can be reached",
