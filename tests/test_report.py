@@ -162,7 +162,7 @@ def test_run_report_has_the_sections_and_the_numbers_of_summary_json(run_dir: Pa
     parts = {r[0]: float(r[1]) for r in page.body("wall-time-table")}
     assert parts["model load"] == pytest.approx(summary["load_seconds"], abs=5e-3)
     assert parts["total"] == pytest.approx(summary["load_seconds"] + summary["seconds"], abs=2e-2)
-    assert parts["client training"] == pytest.approx(sum(r["seconds"] for r in recs if r["type"] == "client"), abs=5e-3)
+    assert parts["client training"] == pytest.approx(sum(r["train_seconds"] for r in rounds), abs=5e-3)
     assert page.pre == [(run_dir / "config.toml").read_text()]
 
     # the plots are inline SVG, with the metric and split on their axes and the base model as a reference

@@ -295,11 +295,20 @@ class FlowerClients:
                 yield out
 
 
+class _Stdout(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stdout`` is when a line is logged (not the one at setup, which a test
+    harness, say, may have closed since)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout
+        super().emit(record)
+
+
 def _log_to_stdout() -> None:
     """fedrank's log lines in the ServerApp's output (what ``flwr run --stream`` shows)."""
     root = logging.getLogger("fedrank")
     if not root.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _Stdout(sys.stdout)
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
         root.addHandler(handler)
         root.setLevel(logging.INFO)
