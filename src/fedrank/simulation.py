@@ -494,7 +494,8 @@ class Simulation:
             if result is not None:
                 updates.append(result[0])
                 recs.append(result[1])
-                self.sent.append(out.sent)
+                if self.dp is not None:  # kept only for the mechanism: it holds each client's factors
+                    self.sent.append(out.sent)
             elif self.dp is not None:  # under DP a failed or rejected client counts, with no change
                 s = out.sent
                 updates.append(ClientUpdate(s.client_id, s.rank, 0, dict(s.factors), s.indices, s.train_A, s.train_B))
@@ -508,6 +509,7 @@ class Simulation:
         noise: dict[str, Any] = {}
         if self.dp is not None:
             updates, noise, private = self.dp.apply(self.method, updates, self.sent, t)
+            self.sent = []
         weights = [1.0] * len(updates) if self.dp is not None else self.weights(recs)  # DP: every sampled client
         self.state = self.method.aggregate(self.state, updates, weights, **noise)
         agg_s = time.perf_counter() - t_agg
