@@ -315,7 +315,7 @@ def test_a_run_stops_before_exceeding_its_budget(tmp_path: Path) -> None:
 
 
 def test_a_target_epsilon_calibrates_the_noise_and_poisson_sampling_draws_independently(tmp_path: Path) -> None:
-    cfg = engine_config(tmp_path, "ffa", "privacy.clip=0.1", "privacy.epsilon=8", "privacy.sampling=poisson")
+    cfg = engine_config(tmp_path, "fedit", "privacy.clip=0.1", "privacy.epsilon=8", "privacy.sampling=poisson")
     dp = run(cfg, tmp_path / "run")["privacy"]
     assert dp["epsilon"] <= 8 and dp["epsilon"] > 7.9 and dp["noise_multiplier"] > 0
     from fedrank.simulation import Simulation
@@ -419,12 +419,57 @@ def test_ffa_with_mixed_ranks_is_accounted_without_amplification(tmp_path: Path)
     import dp_accounting
     from dp_accounting.rdp import rdp_privacy_accountant
 
-    cfg = engine_config(tmp_path, "ffa", "privacy.clip=0.1", "privacy.noise_multiplier=2.0", "privacy.sampling=poisson")
+    cfg = engine_config(tmp_path, "ffa", "privacy.clip=0.1", "privacy.noise_multiplier=2.0")
     dp = run(cfg, tmp_path / "run")["privacy"]
-    acc = rdp_privacy_accountant.RdpAccountant()
-    acc.compose(dp_accounting.GaussianDpEvent(2.0), 2)
+    acc = rdp_privacy_accountant.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    acc.compose(dp_accounting.SampledWithoutReplacementDpEvent(4, 4, dp_accounting.GaussianDpEvent(1.0)), 2)
     assert dp["amplified"] is False and dp["epsilon"] == pytest.approx(acc.get_epsilon(1 / 4**1.1), rel=1e-9)
     same = engine_config(
         tmp_path, "ffa", "privacy.clip=0.1", "privacy.noise_multiplier=2.0", "ranks.distribution=fixed"
     )
     assert run(same, tmp_path / "equal")["privacy"]["amplified"] is True  # every client holds every column
+
+
+def test_poisson_sampling_divides_by_the_expected_count() -> None:
+    """McMahan et al.'s fixed-denominator estimator: under Poisson sampling a round of K = 2 clients moves the
+    FedIT mean by Σ Δ_k / (qN) = Σ Δ_k / 3, not / 2, so the realised count does not show; FlexLoRA's ΔW too."""
+    from fedrank.config import RunConfig, override
+    from fedrank.privacy import rescale
+    from fedrank.simulation import PrivateRounds
+
+    for name in ("fedit", "flexlora"):
+        cfg = override(
+            RunConfig(),
+            {
+                "method.name": name,
+                "federation.weighting": "uniform",
+                "privacy.clip": 1e9,
+                "privacy.noise_multiplier": 1e-30,
+                "privacy.sampling": "poisson",
+                "privacy.seeded": True,
+            },
+        )
+        dp = PrivateRounds.build(cfg, 4, 3, [4, 4, 4, 4], 4)
+        m, state, sent, updates = round_of(name, [4, 4], 11)
+        noisy, _, record = dp.apply(m, updates, sent, 0)
+        if name == "flexlora":  # its ΔW is the mean of the whole products: all of it is ÷3 instead of ÷2
+            got, want = flat(m.aggregate(state, noisy, [1.0, 1.0])), flat(m.aggregate(state, updates, [1.0, 1.0]))
+        else:  # FedIT's mean moves from what was sent by Σ Δ_k / 3
+            base = flat(m.aggregate(state, sent_as_updates(sent), [1.0, 1.0]))
+            got = flat(m.aggregate(state, noisy, [1.0, 1.0])) - base
+            want = flat(m.aggregate(state, updates, [1.0, 1.0])) - base
+        torch.testing.assert_close(got, want * 2 / 3, rtol=1e-4, atol=1e-6)
+        assert record["epsilon"] > 0
+    assert rescale(updates, sent, 1.0) == list(updates)
+
+
+def sent_as_updates(sent: list[ClientAssignment]) -> list[ClientUpdate]:
+    return [ClientUpdate(a.client_id, a.rank, 10, dict(a.factors), a.indices, a.train_A, a.train_B) for a in sent]
+
+
+def test_poisson_is_refused_where_the_counts_would_show(tmp_path: Path) -> None:
+    from fedrank.simulation import Simulation
+
+    cfg = engine_config(tmp_path, "ffa", "privacy.clip=0.1", "privacy.noise_multiplier=1.0", "privacy.sampling=poisson")
+    with pytest.raises(ConfigError, match='sampling = "poisson" with ffa whose clients hold different rank indices'):
+        Simulation(cfg, tmp_path / "run", progress=False)

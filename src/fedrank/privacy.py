@@ -54,6 +54,7 @@ __all__ = [
     "dense_noise",
     "privatize",
     "product_norm",
+    "rescale",
     "sensitivity",
 ]
 
@@ -103,6 +104,24 @@ def clip_update(u: ClientUpdate, sent: ClientAssignment, clip: float) -> Clipped
         A = s.A + gamma * (f.A - s.A) if use_a else f.A
         factors[name] = LoraFactors(B, A)
     return Clipped(replace(u, factors=factors), norm, gamma)
+
+
+def rescale(updates: Sequence[ClientUpdate], sents: Sequence[ClientAssignment], factor: float) -> list[ClientUpdate]:
+    """Each update's change from what it was sent times ``factor`` (the trained factors only): under Poisson
+    sampling K/(qN), so that a rule dividing by the realised K divides by the expected qN instead (McMahan
+    et al.'s fixed-denominator estimator: the count no longer shows). ``factor`` 1 changes nothing."""
+    if factor == 1.0:
+        return list(updates)
+    out = []
+    for u, s in zip(updates, sents, strict=True):
+        factors = {}
+        for name, f in u.factors.items():
+            g = s.factors[name]
+            B = g.B + factor * (f.B - g.B) if u.train_B else f.B
+            A = g.A + factor * (f.A - g.A) if u.train_A else f.A
+            factors[name] = LoraFactors(B, A)
+        out.append(replace(u, factors=factors))
+    return out
 
 
 def product_norm(u: ClientUpdate, scaling: float) -> float:

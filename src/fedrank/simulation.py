@@ -47,7 +47,7 @@ from fedrank.models import (
     use_onednn,
     uses_onednn,
 )
-from fedrank.privacy import PRODUCT_SPACE, clip_product, dense_noise, privatize
+from fedrank.privacy import PRODUCT_SPACE, clip_product, dense_noise, privatize, rescale
 
 if TYPE_CHECKING:
     from fedrank.accounting import Accountant
@@ -204,6 +204,11 @@ class PrivateRounds:
                 num_clients,
             )
         reveals = cfg.method.name in ("ffa", "fslora") and any(r < top for r in ranks)
+        if reveals and p.sampling == "poisson":
+            raise ConfigError(
+                f'privacy: sampling = "poisson" with {cfg.method.name} whose clients hold different rank indices has '
+                'no fixed-denominator mechanism yet (its per-index counts would show who took part); use "fixed"'
+            )
         if reveals:
             log.warning(
                 "privacy: %s's update shows which rank indices the round's clients held, so part of the sample: "
@@ -247,14 +252,22 @@ class PrivateRounds:
             )
         gen = self.generator(round_index)
         extra: dict[str, Any] = {}
+        # Poisson sampling: the rule divides by the realised K; K/(qN) makes it the expected qN instead
+        factor = len(updates) / self.accountant.event.per_round if p.sampling == "poisson" else 1.0
         if self.cfg.method.name in PRODUCT_SPACE:
             clipped = [clip_product(u, method.scaling(u.rank), p.clip) for u in updates]  # type: ignore[attr-defined]
             noisy = [c.update for c in clipped]
+            if factor != 1.0:
+                noisy = [
+                    replace(u, factors={k: LoraFactors(factor * f.B, f.A) for k, f in u.factors.items()}) for u in noisy
+                ]
             if math.isfinite(p.clip) and self.noise_multiplier > 0:
                 shapes = {k: (f.B.shape[0], f.A.shape[1]) for k, f in updates[0].factors.items()}
-                extra["noise"] = dense_noise(shapes, self.noise_multiplier * p.clip, gen)
+                noise = dense_noise(shapes, self.noise_multiplier * p.clip, gen)
+                extra["noise"] = {k: factor * v for k, v in noise.items()}
         else:
             noisy, clipped = privatize(updates, sent, p.clip, self.noise_multiplier, gen)
+            noisy = rescale(noisy, sent, factor)
         self.accountant.step()
         norms = [c.norm for c in clipped]
         return (
