@@ -45,6 +45,7 @@ from torch import Tensor
 from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
 
 __all__ = [
+    "INDEX_REVEALING",
     "PRODUCT_SPACE",
     "Clipped",
     "add_noise_to_sum",
@@ -57,6 +58,10 @@ __all__ = [
     "rescale",
     "sensitivity",
 ]
+
+INDEX_REVEALING = ("ffa", "fslora")
+"""Methods whose released state shows which rank indices the round's clients held, unless every client holds
+every index: their ε is then accounted without the sampling's amplification."""
 
 PRODUCT_SPACE = ("flexlora",)
 """Methods that aggregate each client's whole update ΔW_k = s(r_k)·B_k A_k rather than its factors: clipped

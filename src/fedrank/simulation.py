@@ -47,13 +47,13 @@ from fedrank.models import (
     use_onednn,
     uses_onednn,
 )
-from fedrank.privacy import PRODUCT_SPACE, clip_product, dense_noise, privatize, rescale
-
-if TYPE_CHECKING:
-    from fedrank.accounting import Accountant
+from fedrank.privacy import INDEX_REVEALING, PRODUCT_SPACE, clip_product, dense_noise, privatize, rescale
 from fedrank.ranks import ModelFootprint, assign_ranks, budget_ranks
 from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
 from fedrank.validation import RunFailed, validate_update
+
+if TYPE_CHECKING:
+    from fedrank.accounting import Accountant
 
 __all__ = ["RunResult", "Simulation", "collapsed", "export_global", "with_method"]
 
@@ -203,7 +203,7 @@ class PrivateRounds:
                 delta,
                 num_clients,
             )
-        reveals = cfg.method.name in ("ffa", "fslora") and any(r < top for r in ranks)
+        reveals = cfg.method.name in INDEX_REVEALING and any(r < top for r in ranks)
         if reveals and p.sampling == "poisson":
             raise ConfigError(
                 f'privacy: sampling = "poisson" with {cfg.method.name} whose clients hold different rank indices has '
@@ -245,7 +245,7 @@ class PrivateRounds:
         """The round's updates clipped (and noised, or the noise the method adds to its sum); the accountant
         steps; what the round record gets."""
         p = self.cfg.privacy
-        if self.amplified and self.cfg.method.name in ("ffa", "fslora") and any(u.rank < self.top for u in updates):
+        if self.amplified and self.cfg.method.name in INDEX_REVEALING and any(u.rank < self.top for u in updates):
             raise RunFailed(  # a Flower node declared a smaller rank than the config's: the sample would show
                 f"privacy: a client of rank below {self.top} took part in round {round_index + 1}, but ε was being "
                 f"accounted with amplification, which {self.cfg.method.name} then does not allow"
