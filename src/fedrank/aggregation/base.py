@@ -133,6 +133,14 @@ class MethodOptions:
     def upload_params(self, update: ClientUpdate) -> int:
         return sum(f.A.numel() + f.B.numel() for f in update.factors.values())
 
+    secure_refused: ClassVar[str] = "its server rule needs each client's update, not only their weighted sum"
+
+    def secure_mean(self) -> str | None:
+        """How the method reads the round's securely summed, zero-padded changes (:mod:`fedrank.secure`):
+        "weights" (their weighted mean is the rule's sum) or "holders" (each rank index's mean over the clients
+        that held it); None: it cannot run under secure aggregation (:attr:`secure_refused` says why)."""
+        return None
+
 
 @dataclass(frozen=True)
 class LoraState:

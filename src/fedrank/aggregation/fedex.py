@@ -85,6 +85,7 @@ class FedExState:
 @dataclass(frozen=True)
 class FedExLoRA(MethodOptions):
     name: ClassVar[str] = "fedex"
+    secure_refused: ClassVar[str] = "its residual needs Σ_k p_k B_k A_k, a sum of dense m×n products"
 
     def init_state(self, shapes: Shapes, max_rank: int) -> FedExState:
         factors = init_state_factors(shapes, max_rank, self.seed)

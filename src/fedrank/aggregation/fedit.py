@@ -47,6 +47,9 @@ def require_rank(method: str, rank: int, clients: Sequence[ClientSpec]) -> None:
 class FedIT(MethodOptions):
     name: ClassVar[str] = "fedit"
 
+    def secure_mean(self) -> str | None:
+        return "weights"
+
     def dispatch(
         self, state: LoraState, client: ClientSpec, round_index: int, local: dict[str, Tensor] | None = None
     ) -> ClientAssignment:

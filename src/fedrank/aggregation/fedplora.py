@@ -60,6 +60,9 @@ class FedPLoRA(MethodOptions):
 
     name: ClassVar[str] = "fedplora"
 
+    def secure_mean(self) -> str | None:
+        return "holders"
+
     def select(self, client: ClientSpec, round_index: int, R: int) -> Tensor:
         """K_i: min(r_i, R) module indices drawn uniformly without replacement, seeded by (seed, round, client)."""
         k = min(client.rank, R)

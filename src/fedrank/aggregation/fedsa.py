@@ -37,6 +37,10 @@ from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactor
 @dataclass(frozen=True)
 class FedSALoRA(MethodOptions):
     name: ClassVar[str] = "fedsa"
+    secure_refused: ClassVar[str] = (
+        "each client keeps its own B between rounds, which fedrank's server stores for it: the server "
+        "would still see every B_k"
+    )
 
     def dispatch(
         self, state: LoraState, client: ClientSpec, round_index: int, local: dict[str, Tensor] | None = None

@@ -43,6 +43,9 @@ from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactor
 class FFALoRA(MethodOptions):
     name: ClassVar[str] = "ffa"
 
+    def secure_mean(self) -> str | None:
+        return "holders"
+
     def dispatch(
         self, state: LoraState, client: ClientSpec, round_index: int, local: dict[str, Tensor] | None = None
     ) -> ClientAssignment:

@@ -108,6 +108,10 @@ class FlexLoRA(MethodOptions):
 
     components: int | None = None
     name: ClassVar[str] = "flexlora"
+    secure_refused: ClassVar[str] = (
+        "its SVD needs Σ_k p_k s_k B_k A_k, a sum of dense m×n products: each client would upload its dense "
+        "ΔW_k (docs/privacy.md states that cost)"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -57,6 +57,7 @@ class FLoRAState:
 @dataclass(frozen=True)
 class FLoRA(MethodOptions):
     name: ClassVar[str] = "flora"
+    secure_refused: ClassVar[str] = "stacking needs every client's factors"
 
     def init_state(self, shapes: Shapes, max_rank: int) -> FLoRAState:
         return FLoRAState({name: torch.zeros(m, n) for name, (m, n) in sorted(shapes.items())})

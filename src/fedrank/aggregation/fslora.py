@@ -93,6 +93,10 @@ class FSLoRA(MethodOptions):
     server_weight_decay: float = 0.01
     name: ClassVar[str] = "fslora"
 
+    def secure_mean(self) -> str | None:
+        """The paper's rule adds the weighted sum of the zero-padded changes; "holders" divides per index."""
+        return "weights" if self.normalize == "weights" else "holders"
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.rank <= 0:

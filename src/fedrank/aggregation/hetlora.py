@@ -82,6 +82,7 @@ class HetLoRAPruning:
 @dataclass(frozen=True)
 class HetLoRA(MethodOptions):
     name: ClassVar[str] = "hetlora"
+    secure_refused: ClassVar[str] = "its Frobenius weights need each client's ‖B_k A_k‖_F"
 
     def dispatch(
         self, state: LoraState, client: ClientSpec, round_index: int, local: dict[str, Tensor] | None = None

@@ -45,11 +45,15 @@ class LoRAFAIR(FedIT):
 
     lam: float = 1e-3
     name: ClassVar[str] = "lorafair"
+    secure_refused: ClassVar[str] = "its correction needs Σ_k p_k B_k (A_k Āᵀ), products of each client's factors"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.lam < 0:
             raise ValueError(f"lorafair: lam must be >= 0, got {self.lam}")
+
+    def secure_mean(self) -> str | None:
+        return None
 
     def aggregate(
         self, state: LoraState, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None

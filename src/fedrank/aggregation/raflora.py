@@ -58,6 +58,7 @@ class RaFLoRA(FlexLoRA):
     """FlexLoRA's state and SVD dispatch with raFLoRA's rank-partitioned aggregate."""
 
     name: ClassVar[str] = "raflora"
+    secure_refused: ClassVar[str] = "its SVD needs Σ_k p_k s_k B_k A_k, a sum of dense m×n products (as FlexLoRA's)"
 
     def aggregate(
         self,

@@ -35,6 +35,9 @@ from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate
 class Replication(MethodOptions):
     name: ClassVar[str] = "replication"
 
+    def secure_mean(self) -> str | None:
+        return "holders"
+
     def dispatch(
         self, state: LoraState, client: ClientSpec, round_index: int, local: dict[str, Tensor] | None = None
     ) -> ClientAssignment:

@@ -77,6 +77,9 @@ class RoLoRAState:
 class RoLoRA(MethodOptions):
     name: ClassVar[str] = "rolora"
 
+    def secure_mean(self) -> str | None:
+        return "holders"
+
     def init_state(self, shapes: Shapes, max_rank: int) -> RoLoRAState:
         return RoLoRAState(init_state_factors(shapes, max_rank, self.seed))
 

@@ -1,0 +1,115 @@
+"""Secure aggregation's arithmetic: what a client adds to the masked sum, and the update the server reads
+back from it. Torch only; the protocol itself is Flower's SecAgg+ (``fedrank.flower``).
+
+Under secure aggregation the server learns only the weighted mean of the round's contributions,
+
+    x̄ = Σ_k w_k x_k / Σ_k w_k        (w_k: n_k, or 1 with ``federation.weighting = "uniform"``),
+
+never one client's x_k, so the method's rule must be a function of that mean. It is for the methods whose
+rule is a weighted mean of rank-indexed factors (:meth:`fedrank.aggregation.base.MethodOptions.secure_mean`):
+client k's contribution x_k is, for every layer (sorted by name) and every factor it trained, its change
+zero-padded to the global rank R (ΔB_k into the columns it held, ΔA_k into the rows), and last its holder
+indicator 1[i ∈ I_k] (R entries). Every client sends the same shapes, which SecAgg+'s masks need. From the
+mean the server reads, per rank index i, the change
+
+    "weights":  Δ_i = x̄_i                        (Σ_k p_k pad(ΔF_k): FedIT, FSLoRA's unbiased rule),
+    "holders":  Δ_i = x̄_i / h̄_i, h̄_i = Σ_{k∋i} w_k / Σ_k w_k   (the mean over the clients that held i:
+                 FFA-LoRA, replication, RoLoRA, Fed-PLoRA; indices nobody held do not change),
+
+and hands the method one rank-R update, the global factors plus Δ, that held every index, at weight 1:
+its own ``aggregate`` on that update gives what it gives on the individual updates (up to float rounding
+and SecAgg+'s quantisation; ``tests/test_secure.py`` checks every qualifying method).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fedrank.types import ClientAssignment, ClientUpdate, LoraFactors
+
+__all__ = ["contribution", "contribution_numel", "held_indices", "mean_update", "secure_mean_of"]
+
+
+def secure_mean_of(method: Any) -> str | None:
+    """ "weights" or "holders" (how ``method`` reads the mean), or None when it cannot run under secure
+    aggregation (``method.secure_refused`` says why)."""
+    fn = getattr(method, "secure_mean", None)
+    return fn() if fn is not None else None
+
+
+def held_indices(update: ClientUpdate, sent: ClientAssignment) -> Tensor:
+    """The global rank indices the client trained: its sketch or module indices, else its first r_k."""
+    if update.indices is not None:
+        return update.indices
+    return sent.indices if sent.indices is not None else torch.arange(update.rank)
+
+
+def contribution(update: ClientUpdate, sent: ClientAssignment, rank: int) -> list[Tensor]:
+    """Client k's x_k (see the module docstring): float32 tensors of fixed shapes for the round."""
+    idx = held_indices(update, sent)
+    out: list[Tensor] = []
+    for name in sorted(sent.factors):
+        s, u = sent.factors[name], update.factors[name]
+        (m, _), n = s.B.shape, s.A.shape[1]
+        if update.train_B:
+            dB = torch.zeros(m, rank, dtype=torch.float32)
+            dB[:, idx] = (u.B - s.B).float()
+            out.append(dB)
+        if update.train_A:
+            dA = torch.zeros(rank, n, dtype=torch.float32)
+            dA[idx] = (u.A - s.A).float()
+            out.append(dA)
+    held = torch.zeros(rank, dtype=torch.float32)
+    held[idx] = 1.0
+    out.append(held)
+    return out
+
+
+def contribution_numel(shapes: dict[str, tuple[int, int]], rank: int, train_A: bool, train_B: bool) -> int:
+    """Elements of x_k: what each client uploads (SecAgg+ sends them as int64, 8 bytes each)."""
+    per_layer = sum(m * rank * train_B + rank * n * train_A for m, n in shapes.values())
+    return per_layer + rank
+
+
+def mean_update(
+    method: Any, state: Any, mean: Sequence[Tensor], train_A: bool, train_B: bool, clients: int
+) -> ClientUpdate:
+    """The one rank-R update the method aggregates in place of the round's ``clients`` updates, from the
+    unmasked mean x̄ (a list in :func:`contribution`'s order)."""
+    how = secure_mean_of(method)
+    if how is None:
+        raise ValueError(f"{method.name}: no secure aggregation ({method.secure_refused})")
+    factors: dict[str, LoraFactors] = state.factors
+    rank = next(iter(factors.values())).rank
+    expect = sum(train_A + train_B for _ in factors) + 1
+    if len(mean) != expect or tuple(mean[-1].shape) != (rank,):
+        raise ValueError(f"secure aggregation: the sum has {len(mean)} arrays, expected {expect} for rank {rank}")
+    held = mean[-1].double()
+    scale = torch.zeros(rank, dtype=torch.float64)
+    if how == "weights":
+        scale[:] = 1.0
+    else:
+        scale[held > 0] = 1.0 / held[held > 0]
+    parts = iter(mean[:-1])
+    out = {}
+    for name in sorted(factors):
+        g = factors[name]
+        B, A = g.B, g.A
+        if train_B:
+            B = g.B + (_shaped(next(parts), g.B.shape, name).double() * scale).to(g.B.dtype)
+        if train_A:
+            A = g.A + (_shaped(next(parts), g.A.shape, name).double() * scale.unsqueeze(1)).to(g.A.dtype)
+        out[name] = LoraFactors(B, A)
+    return ClientUpdate(-1, rank, clients, out, torch.arange(rank), train_A, train_B)
+
+
+def _shaped(t: Tensor, shape: torch.Size, name: str) -> Tensor:
+    if t.shape != shape:
+        raise ValueError(
+            f"secure aggregation: layer {name}'s summed change has shape {tuple(t.shape)}, not {tuple(shape)}"
+        )
+    return t
