@@ -4,6 +4,7 @@ deployment with real processes is in tests/test_flower_deploy.py."""
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -346,3 +347,104 @@ def test_a_private_run_stops_when_a_node_is_lost(cfg_path: Path, tmp_path: Path)
         run_server(grid, cfg_path, tmp_path / "run", overrides=private, **{"round-timeout": 5})
     rounds = [r["round"] for r in records(tmp_path / "run") if r["type"] == "round"]
     assert rounds == [1]  # round 1 aggregated, node 101 counted as no change
+
+
+# ------------------------------------------------------------------ secure aggregation (SecAgg+)
+SECURE = "secure.enabled=true"
+
+
+class MaskedGrid(FakeGrid):
+    """A FakeGrid that keeps the masked vectors the server receives and can drop one node's masked-vector
+    message (a node that dies after the key sharing)."""
+
+    def __init__(self, node_configs: dict[int, dict[str, Any]], drop_masked: int | None = None):
+        super().__init__(node_configs)
+        self.drop_masked = drop_masked
+        self.masked: list[list[Any]] = []
+        self.reply_arrays = 0
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterator[Message]:
+        msgs = list(messages)
+        for m in msgs:  # a real Grid serialises each message: SecAgg+ sends one content object to every node
+            m.content = copy.deepcopy(m.content)
+        stage = lambda m: (
+            m.content.config_records[client_app.SECAGG].get("stage")
+            if client_app.SECAGG in m.content.config_records
+            else None
+        )  # noqa: E731
+        kept = [
+            m for m in msgs if not (stage(m) == "collect_masked_vectors" and m.metadata.dst_node_id == self.drop_masked)
+        ]
+        replies = list(super().send_and_receive(kept, timeout=timeout))
+        for r in replies:
+            if not r.has_error() and client_app.SECAGG in r.content.config_records:
+                rec = r.content.config_records[client_app.SECAGG]
+                if "masked_params" in rec:
+                    from flwr.common import bytes_to_ndarray
+
+                    self.masked.append([bytes_to_ndarray(b) for b in rec["masked_params"]])
+                self.reply_arrays += sum(len(a) for a in r.content.array_records.values())
+        return iter(replies)
+
+
+def state_diff(a: Path, b: Path) -> float:
+    sa, sb = (_flat(load(d / "global_state.safetensors")["state"]) for d in (a, b))
+    assert sa.keys() == sb.keys()
+    return max(float((sa[k].double() - sb[k].double()).abs().max()) for k in sa)
+
+
+@pytest.mark.parametrize("method", ["ffa", "fslora"])
+def test_a_secure_run_equals_the_plain_run_within_the_quantisation_error(
+    method: str, cfg_path: Path, tmp_path: Path
+) -> None:
+    """The server unmasks only the weighted sum, and the method reads from it what it reads from the
+    updates: the global state matches the plain run's within SecAgg+'s quantisation (stochastic rounding in
+    steps of 2c/Q per client: at most K steps on a holder mean, K = 3 clients). One round: the next round's
+    training would amplify that difference."""
+    overrides = f"method.name={method};federation.weighting=uniform;federation.rounds=1"
+    run_server(FakeGrid(nodes([4, 8, 16])), cfg_path, tmp_path / "plain", overrides=overrides)
+    grid = MaskedGrid(nodes([4, 8, 16]))
+    run_server(grid, cfg_path, tmp_path / "secure", overrides=f"{overrides};{SECURE}")
+    step = 2 * 1.0 / 2**22
+    diff = state_diff(tmp_path / "plain", tmp_path / "secure")
+    assert 0 < diff <= 3 * step * 1.01  # quantised (not the plain sum), and within the bound
+    plain, secure = records(tmp_path / "plain"), records(tmp_path / "secure")
+    clients = [r for r in secure if r["type"] == "client"]
+    assert len(clients) == 3 and all(r["secure"] for r in clients)
+    theirs = [r for r in plain if r["type"] == "client"]
+    assert [(r["client"], r["rank"], r["n"], r["loss"]) for r in clients] == [
+        (r["client"], r["rank"], r["n"], r["loss"]) for r in theirs
+    ]  # the clients train from the same state
+    # what reached the server: no client's arrays in the clear, masked vectors spread over the modulus
+    assert grid.reply_arrays == 0 and len(grid.masked) == 3
+    values = torch.cat([torch.from_numpy(a.astype("float64")).flatten() for v in grid.masked for a in v])
+    assert float((values > 2**22 * 3).double().mean()) > 0.99  # unmasked quantised values would all be below
+
+
+def test_a_node_that_drops_after_the_key_sharing_does_not_stop_the_round(cfg_path: Path, tmp_path: Path) -> None:
+    """SecAgg+'s threshold: with 3 clients and secure.threshold = 0.5 two neighbours rebuild a lost node's
+    masks; the round aggregates the other two, and the lost node is recorded as failed."""
+    overrides = f"method.name=ffa;federation.weighting=uniform;federation.rounds=1;{SECURE}"
+    run_server(MaskedGrid(nodes([4, 8, 16]), drop_masked=101), cfg_path, tmp_path / "run", overrides=overrides)
+    recs = records(tmp_path / "run")
+    (rnd,) = [r for r in recs if r["type"] == "round"]
+    assert rnd["clients"] == 2
+    (failed,) = [r for r in recs if r["type"] == "client_failed"]
+    assert failed["client"] == 1 and "no reply" in failed["reason"]
+
+
+def test_secure_aggregation_is_refused_where_it_cannot_hold(cfg_path: Path, tmp_path: Path) -> None:
+    from fedrank.config import ConfigError
+
+    with pytest.raises(ConfigError, match="flexlora is refused: its SVD needs"):
+        load_config(cfg_path, [SECURE])
+    with pytest.raises(ConfigError, match="with \\[privacy\\] is not built yet"):
+        load_config(
+            cfg_path,
+            [SECURE, "method.name=ffa", "federation.weighting=uniform", "privacy.clip=1", "privacy.noise_multiplier=1"],
+        )
+    with pytest.raises(ConfigError, match="clip_range must be a number >= 1"):
+        load_config(cfg_path, [SECURE, "method.name=ffa", "secure.clip_range=0.5"])
+    with pytest.raises(ConfigError, match="runs on Flower"):
+        Simulation(load_config(cfg_path, [SECURE, "method.name=ffa"]), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

@@ -336,6 +336,34 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class SecureConfig:
+    """Secure aggregation on Flower: Flower's SecAgg+ (``SecAggPlusWorkflow`` / ``secaggplus_mod``) masks
+    every client's contribution so that the ServerApp learns only the round's weighted sum
+    (:mod:`fedrank.secure`). Deployments and Ray simulations only (``fedrank flower ...``)."""
+
+    enabled: bool = False
+    shares: float = 1.0
+    """Each client's key shares go to this fraction of the round's clients (SecAgg+'s ``num_shares``; 1: all)."""
+    threshold: float = 0.5
+    """The fraction of a client's shares needed to rebuild its keys (``reconstruction_threshold``, at least 2):
+    a round survives clients dropping after key sharing as long as this many of each one's neighbours answer."""
+    clip_range: float = 1.0
+    """c (>= 1): every contributed value must lie in [-c, c] (a client whose change exceeds it fails the round;
+    SecAgg+ would clip it silently). Values are quantised in steps of 2c/quantization_range."""
+    quantization_range: int = 2**22
+    modulus_range: int = 2**32
+
+    def __post_init__(self) -> None:
+        if not (0 < self.shares <= 1 and 0 < self.threshold <= 1):
+            raise ConfigError("secure.shares and secure.threshold are fractions in (0, 1]")
+        if not (self.clip_range >= 1 and math.isfinite(self.clip_range)):
+            raise ConfigError(f"secure.clip_range must be a number >= 1 (a holder flag is 1), got {self.clip_range}")
+        q, mod = self.quantization_range, self.modulus_range
+        if not (0 < q < mod) or mod & (mod - 1):
+            raise ConfigError("secure.modulus_range must be a power of 2 above secure.quantization_range > 0")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -348,8 +376,11 @@ class RunConfig:
     eval: EvalScheduleConfig = field(default_factory=EvalScheduleConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secure: SecureConfig = field(default_factory=SecureConfig)
 
     def __post_init__(self) -> None:
+        if self.secure.enabled:
+            self._check_secure()
         p = self.privacy
         if not p.enabled:
             return
@@ -374,6 +405,31 @@ class RunConfig:
             )
         if self.method.name == "fslora" and self.method.options.get("normalize", "weights") != "weights":
             raise ConfigError('privacy with fslora needs method.options.normalize = "weights" (the paper\'s rule)')
+
+    def _check_secure(self) -> None:
+        cls = METHODS[self.method.name]
+        try:
+            how = cls(**self.method.options).secure_mean()
+        except (TypeError, ValueError):  # bad options are named where the method is built
+            how = cls().secure_mean()
+        if how is None:
+            why = getattr(cls, "secure_refused", "")
+            raise ConfigError(f"secure aggregation: {self.method.name} is refused: {why}")
+        if self.privacy.enabled:
+            raise ConfigError(
+                "secure aggregation with [privacy] is not built yet (distributed DP: each client would add its "
+                "share of the noise before masking); run one or the other"
+            )
+        if self.method.scale != "global" or self.federation.weighting == "seen" or self.federation.dropout > 0:
+            raise ConfigError(
+                'secure aggregation: method.scale = "fold", federation.weighting = "seen" and federation.dropout '
+                "are not supported"
+            )
+        if self.federation.max_update_norm > 0:
+            raise ConfigError(
+                "secure aggregation: drop federation.max_update_norm (the server never sees one client's update, "
+                "so it cannot check its norm)"
+            )
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:

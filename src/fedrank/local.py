@@ -86,6 +86,9 @@ class Outcome:
     update: ClientUpdate | None
     stats: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    summed: bool = False
+    """Under secure aggregation: the client's update went into the round's masked sum
+    (:meth:`ClientExecutor.secure_mean`); ``update`` is None, the server never sees it."""
 
 
 class ClientExecutor(Protocol):
@@ -100,6 +103,11 @@ class ClientExecutor(Protocol):
     def available(self, round_index: int) -> frozenset[int] | None:
         """The registered clients that can be sampled in round ``round_index`` (those with a live node), or
         None when every one can (the in-process executor: always)."""
+        ...
+
+    def secure_mean(self, round_index: int) -> list[Tensor] | None:
+        """After :meth:`run`: the unmasked weighted mean of the contributions (:func:`fedrank.secure.contribution`)
+        of the round's ``summed`` outcomes, or None when the round has none (no secure aggregation)."""
         ...
 
 
@@ -220,3 +228,6 @@ class InProcessClients:
 
     def available(self, round_index: int) -> frozenset[int] | None:
         return None  # every registered client is in this process
+
+    def secure_mean(self, round_index: int) -> list[Tensor] | None:
+        return None  # the simulator sees every update: secure aggregation is Flower's (fedrank.flower)

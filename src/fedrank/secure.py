@@ -31,7 +31,18 @@ from torch import Tensor
 
 from fedrank.types import ClientAssignment, ClientUpdate, LoraFactors
 
-__all__ = ["contribution", "contribution_numel", "held_indices", "mean_update", "secure_mean_of"]
+__all__ = [
+    "WIRE_BYTES",
+    "contribution",
+    "contribution_numel",
+    "held_indices",
+    "mean_update",
+    "secure_mean_of",
+    "state_rank",
+]
+
+WIRE_BYTES = 8
+"""Bytes per contributed value on the wire: SecAgg+ uploads the masked, quantised values as int64."""
 
 
 def secure_mean_of(method: Any) -> str | None:
@@ -39,6 +50,11 @@ def secure_mean_of(method: Any) -> str | None:
     aggregation (``method.secure_refused`` says why)."""
     fn = getattr(method, "secure_mean", None)
     return fn() if fn is not None else None
+
+
+def state_rank(state: Any) -> int:
+    """R: the rank of the global factors of a qualifying method's state (what contributions are padded to)."""
+    return int(next(iter(state.factors.values())).rank)
 
 
 def held_indices(update: ClientUpdate, sent: ClientAssignment) -> Tensor:
@@ -84,7 +100,7 @@ def mean_update(
     if how is None:
         raise ValueError(f"{method.name}: no secure aggregation ({method.secure_refused})")
     factors: dict[str, LoraFactors] = state.factors
-    rank = next(iter(factors.values())).rank
+    rank = state_rank(state)
     expect = sum(train_A + train_B for _ in factors) + 1
     if len(mean) != expect or tuple(mean[-1].shape) != (rank,):
         raise ValueError(f"secure aggregation: the sum has {len(mean)} arrays, expected {expect} for rank {rank}")

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fedrank import checkpoint, eval_cache, faults, run_dir
+from fedrank import checkpoint, eval_cache, faults, run_dir, secure
 from fedrank.aggregation import HOMOGENEOUS, AggregationMethod, make_method
 from fedrank.aggregation.base import derive_generator
 from fedrank.aggregation.scale import FOLDABLE, FoldedScale
@@ -309,6 +309,11 @@ class Simulation:
         """``executor`` builds how sampled clients are trained from the engine (default: in this process,
         :class:`fedrank.local.InProcessClients`; Flower's ServerApp passes its own)."""
         self.cfg, self.out, self.progress = cfg, out_dir, progress
+        if cfg.secure.enabled and executor is None:
+            raise ConfigError(
+                "secure aggregation ([secure] enabled) runs on Flower, where the clients mask their updates: "
+                "fedrank flower sim|up CONFIG (the in-process simulator sees every update)"
+            )
         if resume:
             run_dir.open_existing(self.out)
         else:  # an earlier run's files are removed (the CLI asks for --overwrite first), other files refused
@@ -497,12 +502,39 @@ class Simulation:
         self._record(rec)
         return update, rec
 
+    def accept_summed(self, out: Outcome, round_index: int) -> dict[str, Any]:
+        """The record of a client whose update went into the round's secure sum: its own statistics, and what it
+        sent (its contribution, as SecAgg+'s int64 values); no update to validate."""
+        a = out.sent
+        up = secure.contribution_numel(self.host.shapes, secure.state_rank(self.state), a.train_A, a.train_B)
+        rec = {
+            "type": "client",
+            "round": round_index + 1,
+            "client": out.client_id,
+            "rank": a.rank,
+            "n": int(out.stats.pop("n")),
+            **out.stats,
+            "secure": True,
+            "up_params": up,
+            "down_params": a.download_params,
+            "up_bytes": up * secure.WIRE_BYTES,
+            "down_bytes": a.download_params * BYTES_PER_PARAM,
+        }
+        self._record(rec)
+        return rec
+
     def train_round(self, round_index: int) -> tuple[list[ClientUpdate], list[dict[str, Any]]]:
-        """Sample, dispatch, train (through the executor), validate: the round's accepted updates and records."""
+        """Sample, dispatch, train (through the executor), validate: the round's accepted updates and records.
+        Under secure aggregation the updates are one: what the method reads from the clients' masked sum."""
         updates, recs = [], []
         self.sent = []  # what each accepted update was dispatched (the privacy mechanism clips the difference)
         specs = self.specs(round_index)
+        summed: ClientAssignment | None = None
         for out in self.executor.run(round_index, specs, lambda spec: self.dispatch(spec, round_index)):
+            if out.summed:
+                recs.append(self.accept_summed(out, round_index))
+                summed = out.sent
+                continue
             result = self.accept(out, round_index)
             if result is not None:
                 updates.append(result[0])
@@ -513,6 +545,10 @@ class Simulation:
                 s = out.sent
                 updates.append(ClientUpdate(s.client_id, s.rank, 0, dict(s.factors), s.indices, s.train_A, s.train_B))
                 self.sent.append(s)
+        mean = self.executor.secure_mean(round_index)
+        if summed is not None and mean is not None:
+            one = secure.mean_update(self.method, self.state, mean, summed.train_A, summed.train_B, len(recs))
+            updates = [one] * len(recs)  # one update, counted once per client it sums (min_clients, skips)
         return updates, recs
 
     def aggregate_round(self, t: int, updates: list[ClientUpdate], recs: list[dict[str, Any]], t0: float) -> str:
@@ -524,6 +560,8 @@ class Simulation:
             updates, noise, private = self.dp.apply(self.method, updates, self.sent, t)
             self.sent = []
         weights = [1.0] * len(updates) if self.dp is not None else self.weights(recs)  # DP: every sampled client
+        if self.cfg.secure.enabled:  # the round's one update, read from the clients' weighted sum
+            updates, weights = updates[:1], [1.0]
         self.state = self.method.aggregate(self.state, updates, weights, **noise)
         agg_s = time.perf_counter() - t_agg
         faults.hit("aggregate", t + 1)

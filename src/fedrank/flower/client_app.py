@@ -25,12 +25,14 @@ import logging
 import tomllib
 from typing import Any
 
-from flwr.app import ConfigRecord, ConfigRecordValues, Context, Message, RecordDict
+from flwr.app import ConfigRecord, ConfigRecordValues, Context, Message, MessageType, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
 
 from fedrank.config import ConfigError, RunConfig, dumps_config, from_dict
 from fedrank.data.node import node_config_int, node_data
-from fedrank.flower.records import decode_assignment, encode_failure, encode_update
+from fedrank.flower.records import decode_assignment, encode_contribution, encode_failure, encode_update
 from fedrank.local import LocalTrainer
 from fedrank.models import LoraHost
 from fedrank.simulation import build_model
@@ -38,7 +40,19 @@ from fedrank.train import ClientFailure
 
 log = logging.getLogger(__name__)
 
-app = ClientApp()
+SECAGG = "secaggplus_configs"
+"""The record SecAgg+'s messages carry (flwr's ``RECORD_KEY_CONFIGS``)."""
+
+
+def secure_only(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """SecAgg+'s client side (``secaggplus_mod``) for the messages of a secure round only: the mod takes every
+    TRAIN message as one of its stages, and a plain run's TRAIN messages are not."""
+    if msg.metadata.message_type == MessageType.TRAIN and SECAGG in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[secure_only])
 
 _CACHE: dict[str, Any] = {}
 
@@ -101,9 +115,14 @@ def train(msg: Message, context: Context) -> Message:
     except (tomllib.TOMLDecodeError, ConfigError) as e:
         raise ValueError(f"the run's config could not be read: {e}") from e
     data = node_data(cfg.data, cfg.partition, context.node_config, cfg.seed)
+    secure = msg.content.config_records.get("secure")
     try:
         update, stats = _trainer(cfg).train(a, data, round_index)
     except ClientFailure as e:
         log.warning("round %d: client %d failed: %s", round_index + 1, a.client_id, e)
+        if secure is not None:  # SecAgg+ has no failure record: an error reply drops the node from the sum
+            raise ValueError(f"client {a.client_id} failed: {e}") from e
         return Message(encode_failure(a.client_id, str(e)), reply_to=msg)
+    if secure is not None:  # SecAgg+'s masked-vector stage: the mod masks what this returns
+        return Message(encode_contribution(update, a, stats, secure), reply_to=msg)
     return Message(encode_update(update, stats), reply_to=msg)

@@ -16,12 +16,23 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common import Code, FitRes, Scalar, Status, ndarrays_to_parameters
+from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 from torch import Tensor
 
 from fedrank.local import Outcome
+from fedrank.secure import contribution
 from fedrank.types import ClientAssignment, ClientUpdate, LoraFactors
 
-__all__ = ["decode_assignment", "decode_outcome", "encode_assignment", "encode_failure", "encode_update"]
+__all__ = [
+    "decode_assignment",
+    "decode_outcome",
+    "encode_assignment",
+    "encode_contribution",
+    "encode_failure",
+    "encode_update",
+    "secure_stats",
+]
 
 _STATS_KEYS = ("loss", "first_loss", "last_loss", "examples", "seen", "tokens", "truncated", "seconds")
 
@@ -148,3 +159,38 @@ def decode_outcome(content: RecordDict, sent: ClientAssignment) -> Outcome:
     stats: dict[str, Any] = dict(content.metric_records["stats"])
     stats["tasks"] = list(meta["tasks"])  # type: ignore[arg-type]
     return Outcome(sent.client_id, sent, update, stats)
+
+
+def encode_contribution(
+    update: ClientUpdate, sent: ClientAssignment, stats: dict[str, Any], secure: ConfigRecord
+) -> RecordDict:
+    """Under secure aggregation: the client's contribution (:func:`fedrank.secure.contribution`) as the legacy
+    FitRes that ``secaggplus_mod`` masks, its weight as the FitRes's example count, its statistics as metrics
+    (in the clear, as SecAgg+ leaves them). Raises ValueError when a value lies outside the protocol's range
+    (SecAgg+ would clip it without a word) or the weight above the server's ``max_weight``."""
+    parts = contribution(update, sent, int(secure["rank"]))  # type: ignore[arg-type]
+    c = float(secure["clip-range"])  # type: ignore[arg-type]
+    peak = max(float(t.abs().max()) for t in parts)
+    if not peak <= c:
+        raise ValueError(
+            f"client {update.client_id}: a value of its update's change ({peak:.4g}) lies outside secure.clip_range "
+            f"= ±{c:g}, which SecAgg+ would clip; raise secure.clip_range or lower train.lr"
+        )
+    weight = 1 if secure["weighting"] == "uniform" else update.num_examples
+    max_weight = float(secure["max-weight"])  # type: ignore[arg-type]
+    if weight > max_weight:
+        raise ValueError(
+            f"client {update.client_id}: its weight {weight} (examples) exceeds the server's max_weight "
+            f"{max_weight:g} (the node's data is larger than the run's partition says)"
+        )
+    metrics: dict[str, Scalar] = {k: stats[k] for k in _STATS_KEYS if k in stats}
+    metrics.update(n=update.num_examples, tasks="\n".join(stats["tasks"]))
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([t.numpy() for t in parts]), weight, metrics)
+    return fitres_to_recorddict(fitres, keep_input=False)
+
+
+def secure_stats(metrics: dict[str, Scalar]) -> dict[str, Any]:
+    """A summed client's statistics from its FitRes metrics (``n`` and ``tasks`` included)."""
+    stats: dict[str, Any] = {k: metrics[k] for k in (*_STATS_KEYS, "n") if k in metrics}
+    stats["tasks"] = [t for t in str(metrics.get("tasks", "")).split("\n") if t]
+    return stats

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from torch import Tensor
 
 from fedrank.checkpoint import CheckpointError
 from fedrank.config import ConfigError, RunConfig, dumps_config, load_config
@@ -231,6 +232,9 @@ class FlowerClients:
         self.connected = set(grid.get_node_ids())
         self.on_new = on_new
 
+    def secure_mean(self, round_index: int) -> list[Tensor] | None:
+        return None  # plain rounds: every update in the clear (secure ones: fedrank.flower.secagg)
+
     def available(self, round_index: int) -> frozenset[int] | None:
         self._query_new_nodes(round_index)
         reachable = frozenset(pid for pid in self.nodes if pid not in self.unavailable)
@@ -344,8 +348,16 @@ def main(grid: Grid, context: Context) -> None:
 
     def executor(engine: Simulation) -> FlowerClients:
         apply_declared_ranks(engine, found)
-        return FlowerClients(
-            grid, found, dumps_config(cfg), timeout, want, on_new=lambda new: apply_declared_ranks(engine, new)
+        args = (grid, found, dumps_config(cfg), timeout, want)
+        on_new = lambda new: apply_declared_ranks(engine, new)  # noqa: E731
+        if not cfg.secure.enabled:
+            return FlowerClients(*args, on_new=on_new)
+        from fedrank.flower.secagg import SecureFlowerClients  # it builds on this module's FlowerClients
+        from fedrank.secure import state_rank
+
+        rank = lambda: state_rank(engine.state)  # noqa: E731
+        return SecureFlowerClients(
+            *args, on_new=on_new, secure=cfg.secure, rank=rank, weighting=cfg.federation.weighting
         )
 
     res = Simulation(cfg, out, resume=resume, progress=False, executor=executor).run()
