@@ -353,6 +353,12 @@ def test_a_private_run_stops_when_a_node_is_lost(cfg_path: Path, tmp_path: Path)
 SECURE = "secure.enabled=true"
 
 
+def secagg_stage(m: Message) -> Any:
+    """The SecAgg+ stage a message is for (None: not a SecAgg+ message)."""
+    rec = m.content.config_records.get(client_app.SECAGG)
+    return rec.get("stage") if rec is not None else None
+
+
 class MaskedGrid(FakeGrid):
     """A FakeGrid that keeps the masked vectors the server receives and can drop one node's masked-vector
     message (a node that dies after the key sharing)."""
@@ -367,13 +373,10 @@ class MaskedGrid(FakeGrid):
         msgs = list(messages)
         for m in msgs:  # a real Grid serialises each message: SecAgg+ sends one content object to every node
             m.content = copy.deepcopy(m.content)
-        stage = lambda m: (
-            m.content.config_records[client_app.SECAGG].get("stage")
-            if client_app.SECAGG in m.content.config_records
-            else None
-        )  # noqa: E731
         kept = [
-            m for m in msgs if not (stage(m) == "collect_masked_vectors" and m.metadata.dst_node_id == self.drop_masked)
+            m
+            for m in msgs
+            if not (secagg_stage(m) == "collect_masked_vectors" and m.metadata.dst_node_id == self.drop_masked)
         ]
         replies = list(super().send_and_receive(kept, timeout=timeout))
         for r in replies:
