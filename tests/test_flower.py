@@ -360,12 +360,12 @@ def secagg_stage(m: Message) -> Any:
 
 
 class MaskedGrid(FakeGrid):
-    """A FakeGrid that keeps the masked vectors the server receives and can drop one node's masked-vector
-    message (a node that dies after the key sharing)."""
+    """A FakeGrid that keeps the masked vectors the server receives and can drop one node's message of one
+    SecAgg+ stage (``drop``: node id, stage), as if it died there."""
 
-    def __init__(self, node_configs: dict[int, dict[str, Any]], drop_masked: int | None = None):
+    def __init__(self, node_configs: dict[int, dict[str, Any]], drop: tuple[int, str] | None = None):
         super().__init__(node_configs)
-        self.drop_masked = drop_masked
+        self.drop_at = drop
         self.masked: list[list[Any]] = []
         self.reply_arrays = 0
 
@@ -373,11 +373,7 @@ class MaskedGrid(FakeGrid):
         msgs = list(messages)
         for m in msgs:  # a real Grid serialises each message: SecAgg+ sends one content object to every node
             m.content = copy.deepcopy(m.content)
-        kept = [
-            m
-            for m in msgs
-            if not (secagg_stage(m) == "collect_masked_vectors" and m.metadata.dst_node_id == self.drop_masked)
-        ]
+        kept = [m for m in msgs if (m.metadata.dst_node_id, secagg_stage(m)) != self.drop_at]
         replies = list(super().send_and_receive(kept, timeout=timeout))
         for r in replies:
             if not r.has_error() and client_app.SECAGG in r.content.config_records:
@@ -428,7 +424,12 @@ def test_a_node_that_drops_after_the_key_sharing_does_not_stop_the_round(cfg_pat
     """SecAgg+'s threshold: with 3 clients and secure.threshold = 0.5 two neighbours rebuild a lost node's
     masks; the round aggregates the other two, and the lost node is recorded as failed."""
     overrides = f"method.name=ffa;federation.weighting=uniform;federation.rounds=1;{SECURE}"
-    run_server(MaskedGrid(nodes([4, 8, 16]), drop_masked=101), cfg_path, tmp_path / "run", overrides=overrides)
+    run_server(
+        MaskedGrid(nodes([4, 8, 16]), drop=(101, "collect_masked_vectors")),
+        cfg_path,
+        tmp_path / "run",
+        overrides=overrides,
+    )
     recs = records(tmp_path / "run")
     (rnd,) = [r for r in recs if r["type"] == "round"]
     assert rnd["clients"] == 2
@@ -451,3 +452,17 @@ def test_secure_aggregation_is_refused_where_it_cannot_hold(cfg_path: Path, tmp_
     with pytest.raises(ConfigError, match="runs on Flower"):
         Simulation(load_config(cfg_path, [SECURE, "method.name=ffa"]), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("stage", ["setup", "share_keys"])
+def test_a_node_lost_before_the_key_sharing_costs_one_restart(stage: str, cfg_path: Path, tmp_path: Path) -> None:
+    """flwr's SecAgg+ loses the whole round when a node is lost before the key sharing (the others fail on its
+    missing key); fedrank runs the protocol once more without the node, and the round aggregates the others."""
+    overrides = f"method.name=ffa;federation.weighting=uniform;federation.rounds=1;{SECURE}"
+    grid = MaskedGrid(nodes([4, 8, 16]), drop=(101, stage))
+    run_server(grid, cfg_path, tmp_path / "run", overrides=overrides, **{"round-timeout": 5})
+    recs = records(tmp_path / "run")
+    assert [r["clients"] for r in recs if r["type"] == "round"] == [2]
+    (failed,) = [r for r in recs if r["type"] == "client_failed"]
+    assert failed["client"] == 1 and "no reply within 5 s" in failed["reason"]
+    assert len(grid.masked) == 2  # the clients trained once: in the restart's masked-vector stage

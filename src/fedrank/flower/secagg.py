@@ -17,6 +17,7 @@ failed, the global state unchanged, as a round with too few updates).
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -82,6 +83,18 @@ class _Workflow(SecAggPlusWorkflow):
     """SecAgg+ whose masked-vector stage sends each node fedrank's own assignment record (not a FitIns)."""
 
     contents: dict[int, RecordDict]
+
+    def setup_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
+        return bool(super().setup_stage(grid, context, state)) and self._everyone(state)
+
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
+        return bool(super().share_keys_stage(grid, context, state)) and self._everyone(state)
+
+    @staticmethod
+    def _everyone(state: Any) -> bool:
+        """Halt before anyone trains when a node was lost in the key stages: flwr's unmask stage cannot
+        finish such a round (it fails on the lost node's missing shares), and the caller restarts without it."""
+        return len(state.active_node_ids) == len(state.sampled_node_ids)
 
     def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
         for node in state.nid_to_fitins:
@@ -153,6 +166,42 @@ class SecureFlowerClients(FlowerClients):
             for a, _ in sent.values():
                 yield Outcome(a.client_id, a, None, error="secure aggregation needs at least 2 clients in a round")
             return
+        lost: dict[int, str] = {}  # nodes that did not answer (dead or cut off), dropped before a restart
+        results, problems = self._protocol(round_index, contents, max_weight)
+        silent = {n: why for n, why in problems.items() if why.startswith("no reply")}
+        if not results and silent and len(contents) - len(silent) >= 2:
+            # flwr's SecAgg+ cannot finish a round in which a node was lost in the key stages (:class:`_Workflow`
+            # halts such a round before anyone trains): once more, without the nodes that did not answer
+            log.warning(
+                "round %d: secure aggregation lost (node(s) %s did not answer); once more without them",
+                round_index + 1,
+                ", ".join(map(str, sorted(silent))),
+            )
+            lost = silent
+            results, problems = self._protocol(
+                round_index, {n: c for n, c in contents.items() if n not in lost}, max_weight
+            )
+        problems = {**problems, **lost}
+        contributed = {proxy.node_id: fitres for proxy, fitres in results}
+        if results:
+            self._mean = [torch.from_numpy(x.copy()).float() for x in parameters_to_ndarrays(results[0][1].parameters)]
+        halted = "" if results else "secure aggregation halted (too few nodes answered to unmask the sum)"
+        for node, (a, down) in sent.items():
+            why = problems.get(node, "")
+            if node in contributed:
+                stats = secure_stats(contributed[node].metrics)
+                stats.update(wire_down_bytes=down)
+                yield Outcome(a.client_id, a, None, stats, summed=True)
+            elif why and (results or why.startswith("no reply")):  # this node failed: not sampled again
+                yield Outcome(a.client_id, a, None, error=self._fail(a.client_id, node, why))
+            else:  # a lost round's errors are the protocol's, not necessarily this node's
+                yield Outcome(a.client_id, a, None, error=f"node {node}: {halted or 'not in the unmasked sum'}: {why}")
+
+    def _protocol(
+        self, round_index: int, contents: dict[int, RecordDict], max_weight: int
+    ) -> tuple[list[tuple[ClientProxy, FitRes]], dict[int, str]]:
+        """One run of SecAgg+ over ``contents``' nodes: the legacy results (empty when it halted) and each
+        node's problem (an error reply, or no reply)."""
         s = self.secure
         workflow = _Workflow(
             num_shares=s.shares,
@@ -163,24 +212,11 @@ class SecureFlowerClients(FlowerClients):
             modulus_range=s.modulus_range,
             timeout=self.timeout,
         )
-        workflow.contents = contents
+        workflow.contents = {n: copy.deepcopy(c) for n, c in contents.items()}  # the workflow adds to them
         strategy = _Sampled(self.grid, list(contents))
         ctx = LegacyContext(Context(0, 0, {}, RecordDict(), {}), ServerConfig(num_rounds=1), strategy)
         ctx.state.config_records["config"] = ConfigRecord({"current_round": round_index + 1})
         ctx.state.array_records["parameters"] = ArrayRecord()
         watched = _Watched(self.grid)
         workflow(watched, ctx)  # type: ignore[arg-type]
-        results = strategy.results or []
-        contributed = {proxy.node_id: fitres for proxy, fitres in results}
-        if results:
-            self._mean = [torch.from_numpy(x.copy()).float() for x in parameters_to_ndarrays(results[0][1].parameters)]
-        halted = "" if results else "secure aggregation halted (too few nodes answered to unmask the sum)"
-        for node, (a, down) in sent.items():
-            if node in contributed:
-                stats = secure_stats(contributed[node].metrics)
-                stats.update(wire_down_bytes=down)
-                yield Outcome(a.client_id, a, None, stats, summed=True)
-            elif node in watched.problems:  # this node failed: not sampled again until it answers a query
-                yield Outcome(a.client_id, a, None, error=self._fail(a.client_id, node, watched.problems[node]))
-            else:  # it did its part; others' failures lost the round
-                yield Outcome(a.client_id, a, None, error=f"node {node}: {halted or 'not in the unmasked sum'}")
+        return strategy.results or [], watched.problems
