@@ -466,3 +466,21 @@ def test_a_node_lost_before_the_key_sharing_costs_one_restart(stage: str, cfg_pa
     (failed,) = [r for r in recs if r["type"] == "client_failed"]
     assert failed["client"] == 1 and "no reply within 5 s" in failed["reason"]
     assert len(grid.masked) == 2  # the clients trained once: in the restart's masked-vector stage
+
+
+def test_distributed_dp_under_secure_aggregation(cfg_path: Path, tmp_path: Path) -> None:
+    """[privacy] with [secure]: each client clips its change to C and adds N(0, σ²C²/t) under the masks (t = 2
+    of the 3 clients must answer). With σ large the noise dominates: the global B moves from the noiseless
+    secure run's by the stated std (column 0, held by all K = 3: √(K/t)·σC/K); ε is the central mechanism's."""
+    base = "method.name=ffa;federation.weighting=uniform;federation.rounds=1;privacy.seeded=true"
+    private = "privacy.clip=0.5;privacy.noise_multiplier=50;privacy.delta=1e-5"
+    run_server(MaskedGrid(nodes([4, 8, 16])), cfg_path, tmp_path / "secure", overrides=f"{base};{SECURE}")
+    run_server(MaskedGrid(nodes([4, 8, 16])), cfg_path, tmp_path / "dp", overrides=f"{base};{SECURE};{private}")
+    run_server(FakeGrid(nodes([4, 8, 16])), cfg_path, tmp_path / "central", overrides=f"{base};{private}")
+    a, b = (load(tmp_path / d / "global_state.safetensors")["state"] for d in ("secure", "dp"))
+    moved = torch.cat([(b.factors[k].B[:, 0] - a.factors[k].B[:, 0]).flatten() for k in a.factors])
+    want = (3 / 2) ** 0.5 * 50 * 0.5 / 3
+    assert float(moved.std()) == pytest.approx(want, rel=0.1)
+    ours, central = (json.loads((tmp_path / d / "summary.json").read_text())["privacy"] for d in ("dp", "central"))
+    assert ours["epsilon"] == central["epsilon"] > 0
+    assert ours["noise_added_by"].startswith("clients") and central["noise_added_by"] == "server"

@@ -11,7 +11,15 @@ import torch
 
 from fedrank.aggregation import METHODS, make_method
 from fedrank.aggregation.base import MethodOptions
-from fedrank.secure import contribution, contribution_numel, mean_update, secure_mean_of
+from fedrank.secure import (
+    add_client_noise,
+    contribution,
+    contribution_numel,
+    fixed_denominators,
+    mean_update,
+    min_contributors,
+    secure_mean_of,
+)
 from fedrank.types import ClientSpec
 from helpers import trained_update
 
@@ -86,3 +94,32 @@ def test_a_mean_of_the_wrong_shapes_is_refused() -> None:
         mean_update(method, state, bad, True, True, 2)
     with pytest.raises(ValueError, match="no secure aggregation"):
         mean_update(make_method("hetlora"), state, bad, True, True, 2)
+
+
+# ------------------------------------------------------------------ distributed DP
+@pytest.mark.parametrize(
+    ("n", "shares", "threshold", "t"), [(3, 1.0, 0.5, 2), (5, 1.0, 0.5, 2), (4, 1.0, 0.75, 3), (10, 0.5, 0.6, 3)]
+)
+def test_the_fewest_contributors_follow_flwrs_arithmetic(n: int, shares: float, threshold: float, t: int) -> None:
+    """flwr 1.42: num_shares = round(shares·n), made odd below n, n when <= 2; threshold = max(2, round(·))."""
+    assert min_contributors(n, shares, threshold) == t
+
+
+def test_client_noise_has_the_stated_std_and_spares_the_holder_flags() -> None:
+    parts = [torch.zeros(300, 200), torch.zeros(8)]
+    parts[1][:3] = 1.0
+    noisy = add_client_noise(parts, 0.25, torch.Generator().manual_seed(0))
+    assert float(noisy[0].std()) == pytest.approx(0.25, rel=0.02) and abs(float(noisy[0].mean())) < 0.005
+    assert torch.equal(noisy[1], parts[1])
+
+
+def test_fixed_denominators_count_every_dispatched_client() -> None:
+    """Two of three dispatched clients in the sum: the changes are re-read over K = 3 and the holder shares
+    come from the dispatch, so a failed client counts with no change, as in the central mechanism."""
+    method = make_method("replication")
+    state = method.init_state(SHAPES, 8)
+    dispatched = [method.dispatch(state, ClientSpec(k, r, 1), 0) for k, r in enumerate([2, 4, 8])]
+    mean = [torch.full((12, 8), 3.0), torch.full((8,), 0.5)]
+    out = fixed_denominators(mean, 2, dispatched)
+    assert torch.equal(out[0], torch.full((12, 8), 2.0))
+    assert out[1].tolist() == pytest.approx([1, 1, 2 / 3, 2 / 3, 1 / 3, 1 / 3, 1 / 3, 1 / 3])

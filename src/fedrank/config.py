@@ -415,10 +415,10 @@ class RunConfig:
         if how is None:
             why = getattr(cls, "secure_refused", "")
             raise ConfigError(f"secure aggregation: {self.method.name} is refused: {why}")
-        if self.privacy.enabled:
+        if self.privacy.enabled and self.privacy.sampling != "fixed":
             raise ConfigError(
-                "secure aggregation with [privacy] is not built yet (distributed DP: each client would add its "
-                "share of the noise before masking); run one or the other"
+                'secure aggregation with [privacy] needs privacy.sampling = "fixed" (the clients add the noise for '
+                "the round's fixed number of clients)"
             )
         if self.method.scale != "global" or self.federation.weighting == "seen" or self.federation.dropout > 0:
             raise ConfigError(

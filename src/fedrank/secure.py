@@ -33,10 +33,13 @@ from fedrank.types import ClientAssignment, ClientUpdate, LoraFactors
 
 __all__ = [
     "WIRE_BYTES",
+    "add_client_noise",
     "contribution",
     "contribution_numel",
+    "fixed_denominators",
     "held_indices",
     "mean_update",
+    "min_contributors",
     "secure_mean_of",
     "state_rank",
 ]
@@ -129,3 +132,34 @@ def _shaped(t: Tensor, shape: torch.Size, name: str) -> Tensor:
             f"secure aggregation: layer {name}'s summed change has shape {tuple(t.shape)}, not {tuple(shape)}"
         )
     return t
+
+
+# ------------------------------------------------------------------ distributed DP (with [privacy])
+def min_contributors(n: int, shares: float, threshold: float) -> int:
+    """t: the fewest clients whose sum SecAgg+ unmasks when ``n`` start (flwr 1.42's arithmetic: every node
+    needs ``reconstruction_threshold`` answering neighbours, itself included, so at least t contribute)."""
+    num_shares = round(shares * n)
+    if num_shares < n and num_shares % 2 == 0:
+        num_shares += 1
+    if num_shares <= 2:
+        num_shares = n
+    return min(n, max(round(threshold * num_shares), 2))
+
+
+def add_client_noise(parts: Sequence[Tensor], std: float, generator: torch.Generator) -> list[Tensor]:
+    """Distributed DP: the client adds N(0, std²) to every value it contributes but the holder flags (which
+    the server knows: it dispatched the indices). With std = σC/√t and at least t clients in the sum, the sum
+    carries at least the central mechanism's N(0, σ²C²) on every coordinate."""
+    noisy = [p + std * torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in parts[:-1]]
+    return [*noisy, parts[-1]]
+
+
+def fixed_denominators(mean: Sequence[Tensor], present: int, dispatched: Sequence[ClientAssignment]) -> list[Tensor]:
+    """The mean of ``present`` contributions re-read over all K clients the round dispatched (the central
+    mechanism's rule: a client that failed counts, with no change): changes scaled by present/K, holder
+    shares from the dispatched indices (public), so neither count depends on who failed."""
+    K, rank = len(dispatched), mean[-1].numel()
+    held = torch.zeros(rank, dtype=mean[-1].dtype)
+    for a in dispatched:
+        held[a.indices if a.indices is not None else torch.arange(a.rank)] += 1.0
+    return [m * (present / K) for m in mean[:-1]] + [held / K]

@@ -280,9 +280,18 @@ class PrivateRounds:
             },
         )
 
+    def released(self) -> dict[str, float]:
+        """A round whose noisy sum the clients made under secure aggregation (distributed DP, each adding
+        N(0, σ²C²/t)): the accountant steps; the server saw no norm to report."""
+        self.accountant.step()
+        return {"epsilon": self.accountant.epsilon()}
+
     def summary(self) -> dict[str, Any]:
         p = self.cfg.privacy
         return {
+            "noise_added_by": "clients (distributed, under secure aggregation)"
+            if self.cfg.secure.enabled
+            else "server",
             "epsilon": self.accountant.epsilon(),
             "delta": self.delta,
             "noise_multiplier": self.noise_multiplier,
@@ -530,7 +539,9 @@ class Simulation:
         self.sent = []  # what each accepted update was dispatched (the privacy mechanism clips the difference)
         specs = self.specs(round_index)
         summed: ClientAssignment | None = None
+        dispatched = []
         for out in self.executor.run(round_index, specs, lambda spec: self.dispatch(spec, round_index)):
+            dispatched.append(out.sent)
             if out.summed:
                 recs.append(self.accept_summed(out, round_index))
                 summed = out.sent
@@ -547,6 +558,8 @@ class Simulation:
                 self.sent.append(s)
         mean = self.executor.secure_mean(round_index)
         if summed is not None and mean is not None:
+            if self.dp is not None:  # the clients added the noise; the rule divides by the round's K, as central DP's
+                mean = secure.fixed_denominators(mean, len(recs), dispatched)
             one = secure.mean_update(self.method, self.state, mean, summed.train_A, summed.train_B, len(recs))
             updates = [one] * len(recs)  # one update, counted once per client it sums (min_clients, skips)
         return updates, recs
@@ -556,7 +569,10 @@ class Simulation:
         t_agg = time.perf_counter()
         private: dict[str, float] = {}
         noise: dict[str, Any] = {}
-        if self.dp is not None:
+        if self.dp is not None and self.cfg.secure.enabled:  # noise added by the clients, under the masks
+            private = self.dp.released()
+            self.sent = []
+        elif self.dp is not None:
             updates, noise, private = self.dp.apply(self.method, updates, self.sent, t)
             self.sent = []
         weights = [1.0] * len(updates) if self.dp is not None else self.weights(recs)  # DP: every sampled client

@@ -124,5 +124,5 @@ def train(msg: Message, context: Context) -> Message:
             raise ValueError(f"client {a.client_id} failed: {e}") from e
         return Message(encode_failure(a.client_id, str(e)), reply_to=msg)
     if secure is not None:  # SecAgg+'s masked-vector stage: the mod masks what this returns
-        return Message(encode_contribution(update, a, stats, secure), reply_to=msg)
+        return Message(encode_contribution(update, a, stats, secure, round_index), reply_to=msg)
     return Message(encode_update(update, stats), reply_to=msg)

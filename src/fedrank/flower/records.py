@@ -12,6 +12,7 @@ or a ``ConfigRecord`` with the reason it failed. Tensors keep their dtype and bi
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 import torch
@@ -20,8 +21,10 @@ from flwr.common import Code, FitRes, Scalar, Status, ndarrays_to_parameters
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 from torch import Tensor
 
+from fedrank.aggregation.base import derive_generator
 from fedrank.local import Outcome
-from fedrank.secure import contribution
+from fedrank.privacy import clip_update
+from fedrank.secure import add_client_noise, contribution
 from fedrank.types import ClientAssignment, ClientUpdate, LoraFactors
 
 __all__ = [
@@ -162,13 +165,23 @@ def decode_outcome(content: RecordDict, sent: ClientAssignment) -> Outcome:
 
 
 def encode_contribution(
-    update: ClientUpdate, sent: ClientAssignment, stats: dict[str, Any], secure: ConfigRecord
+    update: ClientUpdate, sent: ClientAssignment, stats: dict[str, Any], secure: ConfigRecord, round_index: int
 ) -> RecordDict:
     """Under secure aggregation: the client's contribution (:func:`fedrank.secure.contribution`) as the legacy
     FitRes that ``secaggplus_mod`` masks, its weight as the FitRes's example count, its statistics as metrics
-    (in the clear, as SecAgg+ leaves them). Raises ValueError when a value lies outside the protocol's range
-    (SecAgg+ would clip it without a word) or the weight above the server's ``max_weight``."""
+    (in the clear, as SecAgg+ leaves them); under [privacy] clipped to C and noised first (``dp-clip``,
+    ``noise-std``; the noise from OS entropy unless the run is seeded). Raises ValueError when a value lies
+    outside the protocol's range (SecAgg+ would clip it without a word) or the weight above the server's
+    ``max_weight``."""
+    clip = float(secure.get("dp-clip", 0.0))  # type: ignore[arg-type]
+    if clip > 0:  # distributed DP: clipped and noised by the client, before the masks
+        update = clip_update(update, sent, clip).update
     parts = contribution(update, sent, int(secure["rank"]))  # type: ignore[arg-type]
+    std = float(secure.get("noise-std", 0.0))  # type: ignore[arg-type]
+    if std > 0:
+        seed = secure.get("noise-seed")
+        keys = (int(seed), round_index, update.client_id, 0xD15) if seed is not None else (secrets.randbits(63),)  # type: ignore[arg-type]
+        parts = add_client_noise(parts, std, derive_generator(*keys))
     c = float(secure["clip-range"])  # type: ignore[arg-type]
     peak = max(float(t.abs().max()) for t in parts)
     if not peak <= c:

@@ -39,6 +39,7 @@ from fedrank.config import SecureConfig
 from fedrank.flower.records import encode_assignment, secure_stats
 from fedrank.flower.server_app import FlowerClients
 from fedrank.local import Outcome
+from fedrank.secure import min_contributors
 from fedrank.types import ClientAssignment, ClientSpec
 
 log = logging.getLogger(__name__)
@@ -130,9 +131,20 @@ class SecureFlowerClients(FlowerClients):
     """:class:`FlowerClients` whose sampled nodes upload through SecAgg+: each trained client comes back as a
     ``summed`` outcome with its statistics, and :meth:`secure_mean` gives the unmasked weighted mean."""
 
-    def __init__(self, *args: Any, secure: SecureConfig, rank: Callable[[], int], weighting: str, **kw: Any):
+    def __init__(
+        self,
+        *args: Any,
+        secure: SecureConfig,
+        rank: Callable[[], int],
+        weighting: str,
+        noise: tuple[float, float, int | None] | None = None,
+        **kw: Any,
+    ):
+        """``noise``: under [privacy], (C, σ, the seed of the clients' noise or None for OS entropy): each
+        client clips its change to C and adds N(0, σ²C²/t), t the fewest clients SecAgg+ can unmask
+        (:func:`fedrank.secure.min_contributors`)."""
         super().__init__(*args, **kw)
-        self.secure, self.rank, self.weighting = secure, rank, weighting
+        self.secure, self.rank, self.weighting, self.noise = secure, rank, weighting, noise
         self._mean: list[Tensor] | None = None
 
     def secure_mean(self, round_index: int) -> list[Tensor] | None:
@@ -203,16 +215,27 @@ class SecureFlowerClients(FlowerClients):
         """One run of SecAgg+ over ``contents``' nodes: the legacy results (empty when it halted) and each
         node's problem (an error reply, or no reply)."""
         s = self.secure
+        contents = {n: copy.deepcopy(c) for n, c in contents.items()}  # the workflow adds to them
+        c_range = s.clip_range
+        if self.noise is not None:  # distributed DP for the t of this attempt's n nodes that must answer
+            clip, sigma, seed = self.noise
+            std = sigma * clip / min_contributors(len(contents), s.shares, s.threshold) ** 0.5
+            c_range = max(c_range, clip + 7 * std)  # a clipped, noised value lies beyond it with p < 1e-11
+            for c in contents.values():
+                rec = c.config_records["secure"]
+                rec.update({"dp-clip": clip, "noise-std": std, "clip-range": c_range})
+                if seed is not None:
+                    rec["noise-seed"] = seed
         workflow = _Workflow(
             num_shares=s.shares,
             reconstruction_threshold=s.threshold,
             max_weight=float(max_weight),
-            clipping_range=s.clip_range,
+            clipping_range=c_range,
             quantization_range=s.quantization_range,
             modulus_range=s.modulus_range,
             timeout=self.timeout,
         )
-        workflow.contents = {n: copy.deepcopy(c) for n, c in contents.items()}  # the workflow adds to them
+        workflow.contents = contents
         strategy = _Sampled(self.grid, list(contents))
         ctx = LegacyContext(Context(0, 0, {}, RecordDict(), {}), ServerConfig(num_rounds=1), strategy)
         ctx.state.config_records["config"] = ConfigRecord({"current_round": round_index + 1})

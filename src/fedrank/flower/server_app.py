@@ -356,8 +356,10 @@ def main(grid: Grid, context: Context) -> None:
         from fedrank.secure import state_rank
 
         rank = lambda: state_rank(engine.state)  # noqa: E731
+        dp = engine.dp
+        noise = None if dp is None else (cfg.privacy.clip, dp.noise_multiplier, None if dp.secret else cfg.seed)
         return SecureFlowerClients(
-            *args, on_new=on_new, secure=cfg.secure, rank=rank, weighting=cfg.federation.weighting
+            *args, on_new=on_new, secure=cfg.secure, rank=rank, weighting=cfg.federation.weighting, noise=noise
         )
 
     res = Simulation(cfg, out, resume=resume, progress=False, executor=executor).run()
