@@ -442,11 +442,17 @@ def test_secure_aggregation_is_refused_where_it_cannot_hold(cfg_path: Path, tmp_
 
     with pytest.raises(ConfigError, match="flexlora is refused: its SVD needs"):
         load_config(cfg_path, [SECURE])
-    with pytest.raises(ConfigError, match="with \\[privacy\\] is not built yet"):
-        load_config(
-            cfg_path,
-            [SECURE, "method.name=ffa", "federation.weighting=uniform", "privacy.clip=1", "privacy.noise_multiplier=1"],
-        )
+    private = [
+        SECURE,
+        "method.name=ffa",
+        "federation.weighting=uniform",
+        "privacy.clip=1",
+        "privacy.noise_multiplier=1",
+    ]
+    with pytest.raises(ConfigError, match='needs privacy.sampling = "fixed"'):
+        load_config(cfg_path, [*private, "privacy.sampling=poisson", "privacy.accountant=pld"])
+    with pytest.raises(ConfigError, match="secure aggregation: drop federation.max_update_norm"):
+        load_config(cfg_path, [SECURE, "method.name=ffa", "federation.max_update_norm=1"])
     with pytest.raises(ConfigError, match="clip_range must be a number >= 1"):
         load_config(cfg_path, [SECURE, "method.name=ffa", "secure.clip_range=0.5"])
     with pytest.raises(ConfigError, match="runs on Flower"):

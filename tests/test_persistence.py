@@ -560,7 +560,7 @@ def test_resolved_config_round_trips_through_tomli_w_for_every_field(tmp_path: P
     same = [k for k, v in leaves(to_dict(cfg)).items() if leaves(default)[k] == v]
     # method.scale = "fold" excludes HetLoRA's pruning (set above), and [privacy] excludes pruning and
     # max_update_norm: they round-trip in configs of their own (below)
-    same = [k for k in same if not k.startswith("privacy.")]
+    same = [k for k in same if not k.startswith(("privacy.", "secure."))]
     assert same == ["method.scale"], f"give these config fields a non-default value in this test: {same}"
     p = tmp_path / "config.toml"
     p.write_text(dumps_config(cfg))
@@ -586,6 +586,22 @@ def test_resolved_config_round_trips_through_tomli_w_for_every_field(tmp_path: P
     assert left == [], f"give these privacy fields a non-default value in this test: {left}"
     p.write_text(dumps_config(private))
     assert load_config(p) == private
+    secure = override(
+        RunConfig(),
+        {
+            "method.name": "ffa",
+            "secure.enabled": True,
+            "secure.shares": 0.6,
+            "secure.threshold": 0.8,
+            "secure.clip_range": 2.5,
+            "secure.quantization_range": 2**20,
+            "secure.modulus_range": 2**30,
+        },
+    )
+    left = [k for k, v in leaves(to_dict(secure)).items() if k.startswith("secure.") and leaves(default)[k] == v]
+    assert left == [], f"give these secure fields a non-default value in this test: {left}"
+    p.write_text(dumps_config(secure))
+    assert load_config(p) == secure
     folded = from_dict(RunConfig, {"method": {"name": "fedsa", "scale": "fold"}})
     p.write_text(dumps_config(folded))
     assert load_config(p) == folded and folded.method.scale == "fold"
