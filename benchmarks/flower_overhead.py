@@ -2,7 +2,8 @@
 in one run: wall time per round, its ratio to in-process, and bytes on the wire against the simulator's own
 accounting.
 
-    python benchmarks/flower_overhead.py [--steps 1,300] [--rounds 3] [--skip-ray] [--per-message [--smollm2]]
+    python benchmarks/flower_overhead.py [--steps 1,300] [--rounds 3] [--skip-ray] [--method M] [--secure]
+    python benchmarks/flower_overhead.py --per-message [--smollm2]
 
 The run: the tiny random Llama, 3 clients of ranks 4, 8, 16, all sampled every round, FlexLoRA. Each
 ``--steps`` value is one training load: 1 step per client shows Flower's fixed cost per round; a few hundred
@@ -16,6 +17,9 @@ Bytes: ``payload`` is what fedrank puts in the messages' ArrayRecords (client re
 ``accounted`` is the method's own count (fp32 parameters x 4 bytes, as the simulator reports);
 ``loopback`` is the whole traffic on the ``lo`` interface during the deployment run (HTTP, protobuf,
 heartbeats, polling; machine-wide, so anything else on loopback counts too), per round.
+
+``--secure``: one more deployment run with ``[secure]`` (SecAgg+: four round trips a round; weights uniform
+in both deployment runs; a method that qualifies, e.g. ``--method ffa``).
 
 ``--per-message``: where a deployment round's fixed cost goes. Flower 1.42 runs every message in a fresh
 ``flwr-clientapp`` process (``flwr.supercore.task_worker``'s prestarted workers serve only the Kubernetes
@@ -62,7 +66,7 @@ min_examples = 8
 choices = [4, 8, 16]
 per_client = [4, 8, 16]
 [method]
-name = "flexlora"
+name = "{method}"
 [federation]
 rounds = {rounds}
 clients_per_round = 3
@@ -115,7 +119,7 @@ def per_message(tmp: Path, smollm2: bool) -> None:
     """A fresh process's cost: fedrank's imports, transformers' and peft's, the model build (what each Flower
     message pays)."""
     cfg = tmp / "tiny.toml"
-    cfg.write_text(CONFIG.format(rounds=1, steps=1))
+    cfg.write_text(CONFIG.format(rounds=1, steps=1, method="flexlora"))
     cases = [("tiny random Llama", cfg)]
     if smollm2:
         real = tmp / "smollm2.toml"
@@ -150,6 +154,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-ray", action="store_true")
     ap.add_argument("--per-message", action="store_true", help="only the per-message process cost")
+    ap.add_argument("--method", default="flexlora")
+    ap.add_argument("--secure", action="store_true", help="also a deployment run with SecAgg+ ([secure])")
     ap.add_argument("--smollm2", action="store_true", help="with --per-message: also SmolLM2-135M")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="fedrank-flower-bench-"))
@@ -164,11 +170,13 @@ def main() -> None:
     )
     for steps in (int(s) for s in args.steps.split(",")):
         cfg_path = tmp / f"steps{steps}.toml"
-        cfg_path.write_text(CONFIG.format(rounds=args.rounds, steps=steps))
+        cfg_path.write_text(CONFIG.format(rounds=args.rounds, steps=steps, method=args.method))
         res: dict[str, dict[str, Any]] = {}
-        Simulation(load_config(cfg_path), tmp / f"inproc-{steps}", progress=False).run()
+        uniform = ["federation.weighting=uniform"] if args.secure else []
+        Simulation(load_config(cfg_path, uniform), tmp / f"inproc-{steps}", progress=False).run()
         res["in-process"] = round_stats(tmp / f"inproc-{steps}")
         rc = {"config": str(cfg_path), "out-dir": str(tmp / f"deploy-{steps}")}
+        rc["overrides"] = "federation.weighting=uniform" if args.secure else ""
         nodes = [{"partition-id": i, "num-partitions": 3, "rank": r} for i, r in enumerate((4, 8, 16))]
         with LocalDeployment(tmp / f"dep-{steps}", nodes) as dep:
             before = lo_bytes()
@@ -177,6 +185,15 @@ def main() -> None:
         if not result.ok:
             raise SystemExit(f"deployment run failed: {result.output()[-2000:]}")
         res["deployment"] = round_stats(tmp / f"deploy-{steps}") | {"loopback": lo / args.rounds}
+        if args.secure:
+            rc["out-dir"] = str(tmp / f"secure-{steps}")
+            with LocalDeployment(tmp / f"dep-secure-{steps}", nodes) as dep:
+                before = lo_bytes()
+                result = dep.run(app, rc | {"overrides": rc["overrides"] + ";secure.enabled=true"}, timeout=3600)
+                lo = lo_bytes() - before
+            if not result.ok:
+                raise SystemExit(f"secure deployment run failed: {result.output()[-2000:]}")
+            res["SecAgg+"] = round_stats(tmp / f"secure-{steps}") | {"loopback": lo / args.rounds}
         if not args.skip_ray:
             rc["out-dir"] = str(tmp / f"ray-{steps}")
             sim = run_ray_simulation(app, 3, rc, timeout=3600, run_dir=tmp / f"ray-run-{steps}")
