@@ -489,4 +489,8 @@ def test_distributed_dp_under_secure_aggregation(cfg_path: Path, tmp_path: Path)
     assert float(moved.std()) == pytest.approx(want, rel=0.1)
     ours, central = (json.loads((tmp_path / d / "summary.json").read_text())["privacy"] for d in ("dp", "central"))
     assert ours["epsilon"] == central["epsilon"] > 0
-    assert ours["noise_added_by"].startswith("clients") and central["noise_added_by"] == "server"
+    assert ours["noise_added_by"] == "clients" and central["noise_added_by"] == "server"
+    from fedrank.report import end_of_run_table
+
+    table = end_of_run_table(json.loads((tmp_path / "dp" / "summary.json").read_text()))
+    assert "noise added by the clients under SecAgg+" in table and "the server saw each round's sum only" in table

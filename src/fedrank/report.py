@@ -379,6 +379,8 @@ def _privacy(x: Any, at: str, problems: list[str]) -> dict[str, Any]:
     out["sampling"] = _choice("fixed", "poisson")(x.get("sampling"), _where(at, "sampling"), problems)
     for flag in ("amplified", "seeded"):
         out[flag] = _bool(x.get(flag, False), _where(at, flag), problems)
+    by = x.get("noise_added_by", "server")
+    out["noise_added_by"] = _choice("server", "clients")(by, _where(at, "noise_added_by"), problems)
     return out
 
 
@@ -422,6 +424,7 @@ SUMMARY: dict[str, Check] = {
     ),
     "peak_rss_bytes": _int(),
     "privacy": _privacy,
+    "secure_aggregation": _bool,
 }
 """What the reports read of summary.json; other keys (the data's provenance ...) are not read."""
 
@@ -900,6 +903,8 @@ def end_of_run_table(summary: dict[str, Any]) -> str:
             f"wall time {fmt(split.get('total'), '.0f')} s: {by_part}"
             + (f"; peak RSS {fmt(rss / 2**30, '.2f')} GiB" if rss else "")
         )
+    if summary.get("secure_aggregation"):
+        lines.append("secure aggregation: SecAgg+; the server saw each round's sum only, never a client's update")
     dp = summary.get("privacy")
     if dp:
         eps = "∞" if dp["epsilon"] is None else fmt(dp["epsilon"], ".3g")
@@ -908,6 +913,7 @@ def end_of_run_table(summary: dict[str, Any]) -> str:
             f"privacy: ε = {eps} at δ = {fmt(dp['delta'], '.2g')} after {fmt_count(dp['rounds'])} round(s) "
             f"({dp['accountant'].upper()} accountant, {dp['sampling']} sampling; clip C = {clip}, noise "
             f"multiplier σ = {fmt(dp['noise_multiplier'], '.3g')}"
+            + ("; noise added by the clients under SecAgg+" if dp["noise_added_by"] == "clients" else "")
             + ("" if dp["amplified"] else "; no amplification: the update shows who took part")
             + ("; SEEDED noise: not private, for tests" if dp["seeded"] and dp["noise_multiplier"] else "")
             + ")"

@@ -289,9 +289,7 @@ class PrivateRounds:
     def summary(self) -> dict[str, Any]:
         p = self.cfg.privacy
         return {
-            "noise_added_by": "clients (distributed, under secure aggregation)"
-            if self.cfg.secure.enabled
-            else "server",
+            "noise_added_by": "clients" if self.cfg.secure.enabled else "server",  # distributed, under SecAgg+
             "epsilon": self.accountant.epsilon(),
             "delta": self.delta,
             "noise_multiplier": self.noise_multiplier,
@@ -846,6 +844,7 @@ class Simulation:
                 "rank_counts": rank_counts(self.ranks),
                 "global_state": str(self.out / run_dir.GLOBAL_STATE),
                 **({"privacy": self.dp.summary()} if self.dp is not None else {}),
+                "secure_aggregation": self.cfg.secure.enabled,
                 "report": str(self.out / run_dir.REPORT),
             }
         )
