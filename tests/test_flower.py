@@ -410,6 +410,9 @@ def test_a_secure_run_equals_the_plain_run_within_the_quantisation_error(
     plain, secure = records(tmp_path / "plain"), records(tmp_path / "secure")
     clients = [r for r in secure if r["type"] == "client"]
     assert len(clients) == 3 and all(r["secure"] for r in clients)
+    assert all(
+        r["up_bytes"] <= r["wire_up_bytes"] <= r["up_bytes"] * 1.05 for r in clients
+    )  # as sent: int64 + npy headers
     theirs = [r for r in plain if r["type"] == "client"]
     assert [(r["client"], r["rank"], r["n"], r["loss"]) for r in clients] == [
         (r["client"], r["rank"], r["n"], r["loss"]) for r in theirs

@@ -110,6 +110,7 @@ class _Watched:
     def __init__(self, grid: Grid):
         self.grid = grid
         self.problems: dict[int, str] = {}
+        self.uploaded: dict[int, int] = {}  # node -> bytes of its masked vector as sent
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         msgs = list(messages)
@@ -118,6 +119,11 @@ class _Watched:
         for r in replies:
             if r.has_error():
                 self.problems.setdefault(r.metadata.src_node_id, r.error.reason or "an error")
+                continue
+            rec = r.content.config_records.get("secaggplus_configs")
+            masked = rec.get("masked_params") if rec is not None else None
+            if isinstance(masked, list):
+                self.uploaded[r.metadata.src_node_id] = sum(len(b) for b in masked if isinstance(b, bytes))
         for m in msgs:
             if m.metadata.dst_node_id not in answered:
                 self.problems.setdefault(m.metadata.dst_node_id, f"no reply within {timeout:g} s")
@@ -146,6 +152,7 @@ class SecureFlowerClients(FlowerClients):
         super().__init__(*args, **kw)
         self.secure, self.rank, self.weighting, self.noise = secure, rank, weighting, noise
         self._mean: list[Tensor] | None = None
+        self._uploaded: dict[int, int] = {}
 
     def secure_mean(self, round_index: int) -> list[Tensor] | None:
         return self._mean
@@ -202,7 +209,7 @@ class SecureFlowerClients(FlowerClients):
             why = problems.get(node, "")
             if node in contributed:
                 stats = secure_stats(contributed[node].metrics)
-                stats.update(wire_down_bytes=down)
+                stats.update(wire_down_bytes=down, wire_up_bytes=self._uploaded.get(node, 0))
                 yield Outcome(a.client_id, a, None, stats, summed=True)
             elif why and (results or why.startswith("no reply")):  # this node failed: not sampled again
                 yield Outcome(a.client_id, a, None, error=self._fail(a.client_id, node, why))
@@ -242,4 +249,5 @@ class SecureFlowerClients(FlowerClients):
         ctx.state.array_records["parameters"] = ArrayRecord()
         watched = _Watched(self.grid)
         workflow(watched, ctx)  # type: ignore[arg-type]
+        self._uploaded = watched.uploaded
         return strategy.results or [], watched.problems
