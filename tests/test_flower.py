@@ -363,9 +363,9 @@ class MaskedGrid(FakeGrid):
     """A FakeGrid that keeps the masked vectors the server receives and can drop one node's message of one
     SecAgg+ stage (``drop``: node id, stage), as if it died there."""
 
-    def __init__(self, node_configs: dict[int, dict[str, Any]], drop: tuple[int, str] | None = None):
+    def __init__(self, node_configs: dict[int, dict[str, Any]], *drop: tuple[int, str]):
         super().__init__(node_configs)
-        self.drop_at = drop
+        self.drop_at = set(drop)
         self.masked: list[list[Any]] = []
         self.reply_arrays = 0
 
@@ -373,7 +373,7 @@ class MaskedGrid(FakeGrid):
         msgs = list(messages)
         for m in msgs:  # a real Grid serialises each message: SecAgg+ sends one content object to every node
             m.content = copy.deepcopy(m.content)
-        kept = [m for m in msgs if (m.metadata.dst_node_id, secagg_stage(m)) != self.drop_at]
+        kept = [m for m in msgs if (m.metadata.dst_node_id, secagg_stage(m)) not in self.drop_at]
         replies = list(super().send_and_receive(kept, timeout=timeout))
         for r in replies:
             if not r.has_error() and client_app.SECAGG in r.content.config_records:
@@ -428,7 +428,7 @@ def test_a_node_that_drops_after_the_key_sharing_does_not_stop_the_round(cfg_pat
     masks; the round aggregates the other two, and the lost node is recorded as failed."""
     overrides = f"method.name=ffa;federation.weighting=uniform;federation.rounds=1;{SECURE}"
     run_server(
-        MaskedGrid(nodes([4, 8, 16]), drop=(101, "collect_masked_vectors")),
+        MaskedGrid(nodes([4, 8, 16]), (101, "collect_masked_vectors")),
         cfg_path,
         tmp_path / "run",
         overrides=overrides,
@@ -468,7 +468,7 @@ def test_a_node_lost_before_the_key_sharing_costs_one_restart(stage: str, cfg_pa
     """flwr's SecAgg+ loses the whole round when a node is lost before the key sharing (the others fail on its
     missing key); fedrank runs the protocol once more without the node, and the round aggregates the others."""
     overrides = f"method.name=ffa;federation.weighting=uniform;federation.rounds=1;{SECURE}"
-    grid = MaskedGrid(nodes([4, 8, 16]), drop=(101, stage))
+    grid = MaskedGrid(nodes([4, 8, 16]), (101, stage))
     run_server(grid, cfg_path, tmp_path / "run", overrides=overrides, **{"round-timeout": 5})
     recs = records(tmp_path / "run")
     assert [r["clients"] for r in recs if r["type"] == "round"] == [2]
@@ -497,3 +497,18 @@ def test_distributed_dp_under_secure_aggregation(cfg_path: Path, tmp_path: Path)
 
     table = end_of_run_table(json.loads((tmp_path / "dp" / "summary.json").read_text()))
     assert "noise added by the clients under SecAgg+" in table and "the server saw each round's sum only" in table
+
+
+def test_a_round_below_the_threshold_is_lost_and_not_accounted(cfg_path: Path, tmp_path: Path) -> None:
+    """Two of three nodes lost after the key sharing: SecAgg+ cannot unmask (threshold 2); the round is
+    skipped, nothing was released, so a private run composes no round for it."""
+    from fedrank.validation import RunFailed
+
+    overrides = f"method.name=ffa;federation.weighting=uniform;federation.rounds=1;{SECURE}"
+    private = "privacy.clip=0.5;privacy.noise_multiplier=1;privacy.delta=1e-5"
+    grid = MaskedGrid(nodes([4, 8, 16]), (101, "collect_masked_vectors"), (102, "collect_masked_vectors"))
+    with pytest.raises(RunFailed, match="all 1 rounds were skipped"):
+        run_server(grid, cfg_path, tmp_path / "run", overrides=f"{overrides};{private}", **{"round-timeout": 5})
+    recs = records(tmp_path / "run")
+    assert [r["type"] for r in recs if r["type"].startswith("round")] == ["round_skipped"]
+    assert "halted" in next(r["reason"] for r in recs if r["type"] == "client_failed" and r["client"] == 0)

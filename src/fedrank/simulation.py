@@ -560,6 +560,8 @@ class Simulation:
                 mean = secure.fixed_denominators(mean, len(recs), dispatched)
             one = secure.mean_update(self.method, self.state, mean, summed.train_A, summed.train_B, len(recs))
             updates = [one] * len(recs)  # one update, counted once per client it sums (min_clients, skips)
+        elif self.cfg.secure.enabled:  # nothing was unmasked (under DP: no null updates; nothing was released)
+            updates = []
         return updates, recs
 
     def aggregate_round(self, t: int, updates: list[ClientUpdate], recs: list[dict[str, Any]], t0: float) -> str:
