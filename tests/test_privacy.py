@@ -72,7 +72,17 @@ def private(m: Any, updates: list[ClientUpdate], sent: list[ClientAssignment], c
     return privatize(updates, sent, clip, 0.0, derive_generator(0))[0]
 
 
-RANKS = {"fedit": [4, 4, 4], "ffa": [2, 4, 3], "fslora": [2, 4, 3], "flexlora": [2, 4, 3]}
+RANKS = {
+    "fedit": [4, 4, 4],
+    "ffa": [2, 4, 3],
+    "fslora": [2, 4, 3],
+    "flexlora": [2, 4, 3],
+    "replication": [2, 4, 3],
+    "rolora": [2, 4, 3],
+    "fedplora": [2, 4, 3],
+}
+INDEXED = ["fedit", "ffa", "fslora", "replication", "rolora", "fedplora"]
+"""The methods whose mechanism is the per-index one (noise carried by each index's first holder)."""
 
 
 def test_clipping_scales_the_delta_to_the_clip_and_leaves_small_updates_untouched() -> None:
@@ -95,7 +105,7 @@ def test_ffa_clips_only_b_its_a_is_frozen() -> None:
         assert torch.equal(f.A, sent[1].factors[layer].A)
 
 
-@pytest.mark.parametrize("name", ["fedit", "ffa", "fslora"])
+@pytest.mark.parametrize("name", INDEXED)
 def test_noise_rides_once_on_each_index_sum(name: str) -> None:
     """Zero deltas and noise std 1: the aggregate minus the noiseless one is, per index, N(0, 1) divided by the
     count the method divides that index's sum by (K, or its holders), and each draw appears once."""
@@ -110,7 +120,8 @@ def test_noise_rides_once_on_each_index_sum(name: str) -> None:
         for layer, f in u.factors.items():
             noised += int((f.B != s.factors[layer].B).sum() + (f.A != s.factors[layer].A).sum())
     held = {i for u in still for i in (u.indices.tolist() if u.indices is not None else range(u.rank))}
-    per_index = sum(rows + (cols if name != "ffa" else 0) for rows, cols in SHAPES.values())  # B's m (+ A's n)
+    a = sent[0]
+    per_index = sum(rows * a.train_B + cols * a.train_A for rows, cols in SHAPES.values())  # B's m, A's n
     assert noised == len(held) * per_index  # every held index's column of B (and row of A) once
     diff = flat(m.aggregate(state, noisy, [1.0] * len(still))) - flat(m.aggregate(state, still, [1.0] * len(still)))
     assert diff.abs().max() > 0
@@ -129,7 +140,7 @@ def test_the_noise_has_standard_deviation_sigma_c_over_k() -> None:
     assert diff.mean().item() == pytest.approx(0.0, abs=0.01)
 
 
-@pytest.mark.parametrize("name", ["fedit", "ffa", "fslora", "flexlora"])
+@pytest.mark.parametrize("name", [*INDEXED, "flexlora"])
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), which=st.integers(0, 2), scale=st.floats(1e-3, 1e3), clip=st.floats(0.01, 10))
 def test_one_client_moves_the_aggregate_by_at_most_the_stated_sensitivity(
@@ -180,13 +191,14 @@ def test_privacy_config_refuses_what_it_cannot_protect(tmp_path: Path) -> None:
     assert not PrivacyConfig().enabled and PrivacyConfig(clip=math.inf).enabled
 
 
-@pytest.mark.parametrize("name", ["fedit", "ffa", "fslora", "flexlora"])
+@pytest.mark.parametrize("name", [*INDEXED, "flexlora"])
 def test_the_stated_sensitivity_is_reached(name: str) -> None:
     """The bound is tight: a client whose clipped delta flips to the opposite direction moves the aggregate by
-    exactly the stated sensitivity (so a smaller stated bound would be wrong)."""
+    exactly the stated sensitivity (so a smaller stated bound would be wrong). Client 0 holds indices every
+    client holds (Fed-PLoRA: every client at the global rank, so its random modules are all of them)."""
     from fedrank.privacy import sensitivity
 
-    m, state, sent, updates = round_of(name, RANKS[name], 4)
+    m, state, sent, updates = round_of(name, [4, 4, 4] if name == "fedplora" else RANKS[name], 4)
     which, s, u = 0, sent[0], updates[0]  # (ffa: client 0 holds columns every client holds)
     flipped = {
         layer: LoraFactors(
@@ -230,7 +242,7 @@ def run(cfg: Any, out: Path) -> dict[str, Any]:
     return dict(json.loads((out / "summary.json").read_text()))
 
 
-@pytest.mark.parametrize("name", ["fedit", "ffa", "fslora", "flexlora"])
+@pytest.mark.parametrize("name", [*INDEXED, "flexlora"])
 def test_infinite_clip_and_no_noise_is_bit_identical_to_no_privacy(name: str, tmp_path: Path) -> None:
     from test_flower import records, same_state, untimed
 

@@ -280,7 +280,7 @@ class OutputConfig:
             )
 
 
-PRIVATE_METHODS = ("fedit", "ffa", "fslora", "flexlora")
+PRIVATE_METHODS = ("fedit", "ffa", "fslora", "flexlora", "replication", "rolora", "fedplora")
 """Methods with a client-level DP mechanism (:mod:`fedrank.privacy`); the others refuse ``[privacy]`` for now."""
 
 

@@ -1,11 +1,12 @@
 """Client-level differential privacy, DP-FedAvg style (McMahan et al., "Learning Differentially Private
 Recurrent Language Models", ICLR 2018), in the central model: the server clips and adds the noise.
 
-For the factor-averaging methods (fedit, ffa, fslora), each round:
+For the factor-averaging methods (fedit, ffa, fslora, replication, rolora, fedplora), each round:
 
 1. **Clip.** Client k's contribution is what it uploads, as a change: Δ_k = its trained factors minus the
    factors it was sent, over every layer and every factor it trains and uploads (FedIT: B and A; FFA-LoRA:
-   B, its A is frozen; FSLoRA: the columns of B and rows of A of its k_i sketch indices). Zero-padding to the
+   B, its A is frozen; FSLoRA: the columns of B and rows of A of its k_i sketch indices; RoLoRA: the factor
+   it trains this round; Fed-PLoRA: its selected modules). Zero-padding to the
    global rank R does not change a norm, so ‖Δ_k‖ is also the norm of its padded contribution. The client's
    update becomes sent + γ_k Δ_k with γ_k = min(1, C / ‖Δ_k‖); an update already within C is left exactly as
    it is (no rounding), so C = ∞ and σ = 0 reproduce a run without privacy bit for bit.
@@ -59,7 +60,7 @@ __all__ = [
     "sensitivity",
 ]
 
-INDEX_REVEALING = ("ffa", "fslora")
+INDEX_REVEALING = ("ffa", "fslora", "replication", "rolora", "fedplora")
 """Methods whose released state shows which rank indices the round's clients held, unless every client holds
 every index: their ε is then accounted without the sampling's amplification."""
 

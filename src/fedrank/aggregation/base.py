@@ -263,6 +263,23 @@ def scatter_rank_indices(
     return total, held
 
 
+def holder_mean_sensitivity(
+    specs: Sequence[ClientSpec], indices: Sequence[Tensor | None], which: int, clip: float
+) -> float:
+    """Replace-one sensitivity of per-index holder means (FFA-LoRA, replication, RoLoRA, Fed-PLoRA under
+    ``[privacy]``): client ``which``'s clipped change (norm <= C) enters each index i it holds divided by that
+    index's holders h_i, so replacing it moves the state by at most 2C / min h_i over its indices (all of it
+    on the index with the fewest holders). Clients hold their ``indices``, or their first r_k."""
+
+    def held(k: int) -> set[int]:
+        idx = indices[k]
+        return set(idx.tolist()) if idx is not None else set(range(specs[k].rank))
+
+    sets = [held(k) for k in range(len(specs))]
+    fewest = min(sum(i in h for h in sets) for i in sets[which])
+    return 2 * clip / fewest
+
+
 def holder_mean(total: Tensor, held: Tensor, previous: Tensor) -> Tensor:
     """Per rank index: the sum divided by its holders' weight; indices nobody held keep ``previous``."""
     out = previous.clone()

@@ -30,6 +30,12 @@ Communication: a client must receive all R modules to fold the unselected ones, 
 (the paper's noted downlink overhead over HetLoRA): its r_i trainable modules and the R − r_i frozen ones
 (:attr:`ClientAssignment.frozen`), which it folds into its base itself (:mod:`fedrank.aggregation.fold`).
 It sends its r_i selected modules, r_i·(m + n). The module indices (r_i integers) are not counted.
+
+Privacy (``[privacy]``, :mod:`fedrank.privacy`): clipped is client i's upload (the change of its selected
+modules, B_(j) and A_(j) for j ∈ K_i), over all layers, to norm C; the noise N(0, σ²C²) goes on each module's
+sum over Q_j (carried by its first holder), which the rule divides by |Q_j| (uniform weights). Replacing one
+client's update moves the aggregate by at most 2C / min_{j ∈ K_i} |Q_j| (:meth:`FedPLoRA.dp_sensitivity`);
+the modules a round changed show part of its sample, so ε is accounted without amplification.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from fedrank.aggregation.base import (
     check_layers,
     combine_by_index,
     derive_generator,
+    holder_mean_sensitivity,
     normalized_weights,
 )
 from fedrank.aggregation.fold import complement, select_indices
@@ -101,6 +108,13 @@ class FedPLoRA(MethodOptions):
                 for name, prev in state.factors.items()
             }
         )
+
+    def dp_sensitivity(
+        self, specs: Sequence[ClientSpec], indices: Sequence[Tensor | None], which: int, clip: float
+    ) -> float:
+        """Replace-one sensitivity of the holder means: 2C over the fewest holders of an index client
+        ``which`` holds."""
+        return holder_mean_sensitivity(specs, indices, which, clip)
 
     def global_model(self, state: LoraState, rank: int | None = None) -> ClientAssignment:
         """All R modules at scaling s_R (export other ranks via SVD)."""

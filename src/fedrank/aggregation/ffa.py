@@ -33,6 +33,7 @@ from fedrank.aggregation.base import (
     check_layers,
     combine_by_index,
     first_indices,
+    holder_mean_sensitivity,
     normalized_weights,
     truncated_factors,
 )
@@ -76,8 +77,7 @@ class FFALoRA(MethodOptions):
     ) -> float:
         """Replace-one sensitivity of the holder means: 2C over the fewest holders of a column client
         ``which`` holds (its first r_k)."""
-        fewest = min(sum(s.rank > i for s in specs) for i in range(specs[which].rank))
-        return 2 * clip / fewest
+        return holder_mean_sensitivity(specs, indices, which, clip)
 
     def global_model(self, state: LoraState, rank: int | None = None) -> ClientAssignment:
         return self.dispatch(state, ClientSpec(-1, rank or state.rank, 0), 0)

@@ -11,6 +11,12 @@ An index no client of the round held keeps its previous global value.
 
 One LoRA scale across ranks: every client trains at the global rank's scale s(R), not its own s(r_k), so a
 rank index means the same update at every client and in the global model (:meth:`MethodOptions.assign`).
+
+Privacy (``[privacy]``, :mod:`fedrank.privacy`): clipped is client k's (ΔB_k, ΔA_k) on its first r_k indices,
+over all layers, to norm C; the noise N(0, σ²C²) goes on each index's sum over its holders (carried by the
+first holder), which the rule then divides by the holders h_i. Replacing one client's update moves the
+aggregate by at most 2C / min h_i over the indices it holds (:meth:`Replication.dp_sensitivity`). With mixed
+ranks the indices a round changed show part of its sample: ε is then accounted without amplification.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from fedrank.aggregation.base import (
     LoraState,
     MethodOptions,
     combine_layers,
+    holder_mean_sensitivity,
     normalized_weights,
     truncated_factors,
 )
@@ -48,6 +55,13 @@ class Replication(MethodOptions):
         self, state: LoraState, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None
     ) -> LoraState:
         return combine_layers(state, updates, normalized_weights(updates, weights), mean=True)
+
+    def dp_sensitivity(
+        self, specs: Sequence[ClientSpec], indices: Sequence[Tensor | None], which: int, clip: float
+    ) -> float:
+        """Replace-one sensitivity of the holder means: 2C over the fewest holders of an index client
+        ``which`` holds."""
+        return holder_mean_sensitivity(specs, indices, which, clip)
 
     def global_model(self, state: LoraState, rank: int | None = None) -> ClientAssignment:
         return self.dispatch(state, ClientSpec(-1, rank or state.rank, 0), 0)

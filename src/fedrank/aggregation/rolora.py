@@ -32,6 +32,12 @@ Communication: a client receives the R global indices (R·(m + n) per layer: the
 it holds frozen and folds into its base itself, :attr:`ClientAssignment.frozen`; a client sampled now may have
 missed the last round, so both factors are sent) and uploads only the factor it trained: r_k·m in even rounds,
 r_k·n in odd rounds (RoLoRA's halved uplink).
+
+Privacy (``[privacy]``, :mod:`fedrank.privacy`): clipped is the change of the factor client k trained this
+round (B in even aggregations, A in odd ones) on its first r_k indices, over all layers, to norm C; the noise
+N(0, σ²C²) goes on each index's sum over its holders (carried by the first holder), divided by the holders
+h_i as the rule does. Replacing one client's update moves the aggregate by at most 2C / min h_i
+(:meth:`RoLoRA.dp_sensitivity`); with mixed ranks ε is accounted without amplification.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from fedrank.aggregation.base import (
     check_layers,
     combine_by_index,
     first_indices,
+    holder_mean_sensitivity,
     init_state_factors,
     normalized_weights,
 )
@@ -133,6 +140,13 @@ class RoLoRA(MethodOptions):
             (f.A.numel() if update.train_A else 0) + (f.B.numel() if update.train_B else 0)
             for f in update.factors.values()
         )
+
+    def dp_sensitivity(
+        self, specs: Sequence[ClientSpec], indices: Sequence[Tensor | None], which: int, clip: float
+    ) -> float:
+        """Replace-one sensitivity of the holder means: 2C over the fewest holders of an index client
+        ``which`` holds."""
+        return holder_mean_sensitivity(specs, indices, which, clip)
 
     def global_model(self, state: RoLoRAState, rank: int | None = None) -> ClientAssignment:
         """The rank-R adapter at s_R (export other ranks via SVD)."""
