@@ -392,7 +392,7 @@ def state_diff(a: Path, b: Path) -> float:
     return max(float((sa[k].double() - sb[k].double()).abs().max()) for k in sa)
 
 
-@pytest.mark.parametrize("method", ["ffa", "fslora"])
+@pytest.mark.parametrize("method", ["ffa", "fslora", "fedplora"])
 def test_a_secure_run_equals_the_plain_run_within_the_quantisation_error(
     method: str, cfg_path: Path, tmp_path: Path
 ) -> None:
