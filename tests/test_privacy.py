@@ -16,6 +16,7 @@ from fedrank.aggregation import make_method
 from fedrank.aggregation.base import derive_generator
 from fedrank.config import ConfigError, PrivacyConfig, load_config
 from fedrank.privacy import (
+    PRODUCT_SPACE,
     add_noise_to_sum,
     clip_product,
     clip_update,
@@ -62,12 +63,14 @@ def flat(state: Any) -> torch.Tensor:
     """The state's factors, or FlexLoRA's ΔW itself (its stacked factors multiplied out), as one vector."""
     if hasattr(state, "delta"):
         return torch.cat([(f.B @ f.A).flatten() for _, f in sorted(state.delta.items())])
+    if hasattr(state, "merged"):  # FLoRA: the dense merged delta
+        return torch.cat([d.flatten() for _, d in sorted(state.merged.items())])
     return torch.cat([torch.cat([f.B.flatten(), f.A.flatten()]) for _, f in sorted(state.factors.items())])
 
 
 def private(m: Any, updates: list[ClientUpdate], sent: list[ClientAssignment], clip: float) -> list[ClientUpdate]:
     """The round's updates clipped in the method's space, without noise (as the engine does)."""
-    if m.name == "flexlora":
+    if m.name in PRODUCT_SPACE:
         return [clip_product(u, m.scaling(u.rank), clip).update for u in updates]
     return privatize(updates, sent, clip, 0.0, derive_generator(0))[0]
 
@@ -80,6 +83,7 @@ RANKS = {
     "replication": [2, 4, 3],
     "rolora": [2, 4, 3],
     "fedplora": [2, 4, 3],
+    "flora": [2, 4, 3],
 }
 INDEXED = ["fedit", "ffa", "fslora", "replication", "rolora", "fedplora"]
 """The methods whose mechanism is the per-index one (noise carried by each index's first holder)."""
@@ -140,7 +144,7 @@ def test_the_noise_has_standard_deviation_sigma_c_over_k() -> None:
     assert diff.mean().item() == pytest.approx(0.0, abs=0.01)
 
 
-@pytest.mark.parametrize("name", [*INDEXED, "flexlora"])
+@pytest.mark.parametrize("name", [*INDEXED, *PRODUCT_SPACE])
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), which=st.integers(0, 2), scale=st.floats(1e-3, 1e3), clip=st.floats(0.01, 10))
 def test_one_client_moves_the_aggregate_by_at_most_the_stated_sensitivity(
@@ -176,8 +180,8 @@ def test_privacy_config_refuses_what_it_cannot_protect(tmp_path: Path) -> None:
     on = ["privacy.clip=1.0", "privacy.noise_multiplier=1.0"]
     with pytest.raises(ConfigError, match='weighting = "uniform"'):
         load_config(cfg, [*on, "method.name=fedit"])
-    with pytest.raises(ConfigError, match="method 'flora' has no DP mechanism yet"):
-        load_config(cfg, [*on, "method.name=flora", "federation.weighting=uniform"])
+    with pytest.raises(ConfigError, match="method 'fedex' has no DP mechanism yet"):
+        load_config(cfg, [*on, "method.name=fedex", "federation.weighting=uniform"])
     with pytest.raises(ConfigError, match="give privacy.noise_multiplier or a target privacy.epsilon"):
         PrivacyConfig(clip=1.0)
     with pytest.raises(ConfigError, match="privacy.clip = inf bounds nothing"):
@@ -191,7 +195,7 @@ def test_privacy_config_refuses_what_it_cannot_protect(tmp_path: Path) -> None:
     assert not PrivacyConfig().enabled and PrivacyConfig(clip=math.inf).enabled
 
 
-@pytest.mark.parametrize("name", [*INDEXED, "flexlora"])
+@pytest.mark.parametrize("name", [*INDEXED, *PRODUCT_SPACE])
 def test_the_stated_sensitivity_is_reached(name: str) -> None:
     """The bound is tight: a client whose clipped delta flips to the opposite direction moves the aggregate by
     exactly the stated sensitivity (so a smaller stated bound would be wrong). Client 0 holds indices every
@@ -207,7 +211,7 @@ def test_the_stated_sensitivity_is_reached(name: str) -> None:
         )
         for layer, f in u.factors.items()
     }
-    if name == "flexlora":  # its contribution is the whole ΔW_k: the opposite one is -B_k A_k
+    if name in PRODUCT_SPACE:  # its contribution is the whole ΔW_k: the opposite one is -B_k A_k
         flipped = {layer: LoraFactors(-f.B, f.A) for layer, f in u.factors.items()}
     changed = [*updates[:which], ClientUpdate(**{**u.__dict__, "factors": flipped}), *updates[which + 1 :]]
     a, b = private(m, updates, sent, 0.05), private(m, changed, sent, 0.05)
@@ -242,7 +246,7 @@ def run(cfg: Any, out: Path) -> dict[str, Any]:
     return dict(json.loads((out / "summary.json").read_text()))
 
 
-@pytest.mark.parametrize("name", [*INDEXED, "flexlora"])
+@pytest.mark.parametrize("name", [*INDEXED, *PRODUCT_SPACE])
 def test_infinite_clip_and_no_noise_is_bit_identical_to_no_privacy(name: str, tmp_path: Path) -> None:
     from test_flower import records, same_state, untimed
 

@@ -280,7 +280,7 @@ class OutputConfig:
             )
 
 
-PRIVATE_METHODS = ("fedit", "ffa", "fslora", "flexlora", "replication", "rolora", "fedplora")
+PRIVATE_METHODS = ("fedit", "ffa", "fslora", "flexlora", "replication", "rolora", "fedplora", "flora")
 """Methods with a client-level DP mechanism (:mod:`fedrank.privacy`); the others refuse ``[privacy]`` for now."""
 
 

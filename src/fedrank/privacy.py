@@ -24,10 +24,11 @@ For the factor-averaging methods (fedit, ffa, fslora, replication, rolora, fedpl
    participants is itself random, and the fixed-denominator estimator of McMahan et al., which hides it, is
    not implemented: the guarantee then assumes the count is public.
 
-For FlexLoRA (:data:`PRODUCT_SPACE`) the contribution is the client's whole update ΔW_k = s(r_k)·B_k A_k: its
-Frobenius norm over all layers comes from the factors (‖BA‖²_F = tr((BᵀB)(AAᵀ)), no m×n matrix), B_k is
-scaled by γ_k, and the noise is dense, N(0, σ²C²) on every entry of Σ_k ΔW_k (:func:`dense_noise`, added by
-the method before its mean), which makes ΔW full rank.
+For FlexLoRA and FLoRA (:data:`PRODUCT_SPACE`) the contribution is the client's whole update
+ΔW_k = s(r_k)·B_k A_k: its Frobenius norm over all layers comes from the factors (‖BA‖²_F = tr((BᵀB)(AAᵀ)),
+no m×n matrix), B_k is scaled by γ_k, and the noise is dense, N(0, σ²C²) on every entry of Σ_k ΔW_k
+(:func:`dense_noise`, added by the method before its mean), which makes FlexLoRA's ΔW full rank (FLoRA's
+state is dense already).
 
 The accountant (:mod:`fedrank.accounting`, Google's dp-accounting) composes one sampled Gaussian mechanism
 per aggregated round.
@@ -64,7 +65,7 @@ INDEX_REVEALING = ("ffa", "fslora", "replication", "rolora", "fedplora")
 """Methods whose released state shows which rank indices the round's clients held, unless every client holds
 every index: their ε is then accounted without the sampling's amplification."""
 
-PRODUCT_SPACE = ("flexlora",)
+PRODUCT_SPACE = ("flexlora", "flora")
 """Methods that aggregate each client's whole update ΔW_k = s(r_k)·B_k A_k rather than its factors: clipped
 in that space (:func:`clip_product`), with dense noise on the sum (:func:`dense_noise`)."""
 

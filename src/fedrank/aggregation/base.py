@@ -263,6 +263,21 @@ def scatter_rank_indices(
     return total, held
 
 
+def weight_sum_for_noise(method: str, weights: Sequence[float] | None, count: int) -> float:
+    """Σ_k w_k, what :func:`normalized_weights` divides by, for a method that adds DP noise to its unnormalised
+    sum (the example counts, when ``weights`` is None, are not offered: privacy needs uniform weights, which
+    the caller passes)."""
+    if weights is None:
+        raise AggregationError(f"{method}: noise needs the round's weights (uniform under privacy)")
+    return float(sum(weights)) if count else 1.0
+
+
+def product_sensitivity(specs: Sequence[ClientSpec], clip: float) -> float:
+    """Replace-one sensitivity of (1/K) Σ_k ΔW_k with every ‖ΔW_k‖_F <= C (FlexLoRA, FLoRA under
+    ``[privacy]``): 2C/K."""
+    return 2 * clip / len(specs)
+
+
 def holder_mean_sensitivity(
     specs: Sequence[ClientSpec], indices: Sequence[Tensor | None], which: int, clip: float
 ) -> float:

@@ -40,6 +40,8 @@ from fedrank.aggregation.base import (
     check_layers,
     init_state_factors,
     normalized_weights,
+    product_sensitivity,
+    weight_sum_for_noise,
 )
 from fedrank.lowrank import (
     LowRankSVD,
@@ -186,7 +188,9 @@ class FlexLoRA(MethodOptions):
             As = [[u.factors[k].A for u in updates] for k in names]
             B, A = stack_factors_batched(Bs, As, w, total=total)
             if noise is not None:
-                B, A = _with_noise(B, A, [noise[k] for k in names], _weight_sum(weights, len(updates)))
+                B, A = _with_noise(
+                    B, A, [noise[k] for k in names], weight_sum_for_noise(self.name, weights, len(updates))
+                )
             stacks.append((names, B, A))
         if not bool(torch.isfinite(total)):
             check_finite(updates)  # names the client and layer; if all are finite, the sum overflowed
@@ -207,7 +211,7 @@ class FlexLoRA(MethodOptions):
         self, specs: Sequence[ClientSpec], indices: Sequence[Tensor | None], which: int, clip: float
     ) -> float:
         """Replace-one sensitivity of ΔW = (1/K) Σ_k ΔW_k with every ‖ΔW_k‖_F <= C: 2C/K."""
-        return 2 * clip / len(specs)
+        return product_sensitivity(specs, clip)
 
     def global_model(self, state: FlexLoRAState, rank: int | None = None) -> ClientAssignment:
         """At ``rank`` (default: ΔW exactly, the stacked factors at rank Σ r_k, or every component kept)."""
@@ -218,14 +222,6 @@ class FlexLoRA(MethodOptions):
             return ClientAssignment(-1, r, s, factors, 0)
         r = rank or state.max_rank
         return ClientAssignment(-1, r, self.scaling(r), self._factors(state, r), 0)
-
-
-def _weight_sum(weights: Sequence[float] | None, count: int) -> float:
-    """Σ_k w_k, what :func:`normalized_weights` divides by (the example counts when ``weights`` is None is
-    not offered: privacy needs uniform weights, which the caller passes)."""
-    if weights is None:
-        raise AggregationError("flexlora: noise needs the round's weights (uniform under privacy)")
-    return float(sum(weights)) if count else 1.0
 
 
 def _with_noise(B: Tensor, A: Tensor, noise: Sequence[Tensor], total: float) -> tuple[Tensor, Tensor]:

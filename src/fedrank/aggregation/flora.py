@@ -14,11 +14,17 @@ once it is nonzero: round 0's is zero and is not sent), so that is what is count
 rank-r_k LoRA the server draws for the client (r_k·(m + n) per layer; a client could draw it from the seed
 itself, but fedrank sends it). ``FLoRAState.stacked_params`` keeps the stacked factors' running size for
 comparison.
+
+Privacy (``[privacy]``, :mod:`fedrank.privacy`): clipped is client k's whole update ΔW_k = s(r_k)·B_k A_k
+(its norm from the factors, ‖BA‖²_F = tr((BᵀB)(AAᵀ))), which for FLoRA is exactly its change, since every
+client starts from a fresh LoRA on the merged base; the noise N(0, σ²C²) is dense, on every entry of
+Σ_k ΔW_k before the mean over K, and costs little here: the state is dense already. Replacing one client's
+update moves the merged delta by at most 2C/K (:meth:`FLoRA.dp_sensitivity`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -31,6 +37,8 @@ from fedrank.aggregation.base import (
     check_layers,
     derive_generator,
     normalized_weights,
+    product_sensitivity,
+    weight_sum_for_noise,
 )
 from fedrank.lowrank import init_lora_factors, stack_factors
 from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors, payload_numel
@@ -74,18 +82,33 @@ class FLoRA(MethodOptions):
         return self.assign(client, factors, payload_numel(factors, base_delta=merged), base_delta=merged)
 
     def aggregate(
-        self, state: FLoRAState, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None
+        self,
+        state: FLoRAState,
+        updates: Sequence[ClientUpdate],
+        weights: Sequence[float] | None = None,
+        noise: Mapping[str, Tensor] | None = None,
     ) -> FLoRAState:
+        """``noise`` (privacy): a dense m×n tensor per layer added to the unnormalised sum Σ_k w_k s(r_k) B_k A_k
+        before the division by Σ_k w_k."""
         p = normalized_weights(updates, weights)
         check_layers(state.merged, updates)
         w = [float(pk) * self.scaling(u.rank) for pk, u in zip(p, updates, strict=True)]
+        total = weight_sum_for_noise(self.name, weights, len(updates)) if noise is not None else 1.0
         merged = {}
         stacked = 0
         for name, delta in state.merged.items():
             B, A = stack_factors([u.factors[name].B for u in updates], [u.factors[name].A for u in updates], w)
             merged[name] = delta + (B @ A).to(delta.dtype)
+            if noise is not None:
+                merged[name] += (noise[name] / total).to(delta.dtype)
             stacked += B.numel() + A.numel()
         return FLoRAState(merged, state.stacked_params + stacked)
+
+    def dp_sensitivity(
+        self, specs: Sequence[ClientSpec], indices: Sequence[Tensor | None], which: int, clip: float
+    ) -> float:
+        """Replace-one sensitivity of the merged delta's round update (1/K) Σ_k ΔW_k, ‖ΔW_k‖_F <= C: 2C/K."""
+        return product_sensitivity(specs, clip)
 
     def global_model(self, state: FLoRAState, rank: int | None = None) -> ClientAssignment:
         """The merged base delta with an empty adapter (FLoRA's global model has no LoRA of its own)."""
