@@ -489,3 +489,13 @@ def test_poisson_is_refused_where_the_counts_would_show(tmp_path: Path) -> None:
     cfg = engine_config(tmp_path, "ffa", "privacy.clip=0.1", "privacy.noise_multiplier=1.0", "privacy.sampling=poisson")
     with pytest.raises(ConfigError, match='sampling = "poisson" with ffa whose clients hold different rank indices'):
         Simulation(cfg, tmp_path / "run", progress=False)
+
+
+def test_every_method_without_a_mechanism_says_why() -> None:
+    from fedrank.aggregation import METHODS
+    from fedrank.config import PRIVATE_METHODS
+
+    refused = sorted(set(METHODS) - set(PRIVATE_METHODS))
+    assert refused == ["fedex", "fedsa", "hetlora", "lorafair", "raflora"]
+    reasons = {name: METHODS[name].dp_refused for name in refused}
+    assert len(set(reasons.values())) == len(refused) and all(len(r) > 40 for r in reasons.values())

@@ -385,8 +385,9 @@ class RunConfig:
         if not p.enabled:
             return
         if self.method.name not in PRIVATE_METHODS:
+            why = getattr(METHODS[self.method.name], "dp_refused", "")
             raise ConfigError(
-                f"privacy: method {self.method.name!r} has no DP mechanism yet; methods with one: "
+                f"privacy: method {self.method.name!r} has no DP mechanism yet ({why}); methods with one: "
                 + ", ".join(PRIVATE_METHODS)
             )
         if self.federation.weighting != "uniform":

@@ -87,6 +87,11 @@ class FedExLoRA(MethodOptions):
     name: ClassVar[str] = "fedex"
     secure_refused: ClassVar[str] = "its residual needs Σ_k p_k B_k A_k, a sum of dense m×n products"
 
+    dp_refused: ClassVar[str] = (
+        "its state releases the factor means and a residual of products; a bound needs both the factors and "
+        "the products clipped"
+    )
+
     def init_state(self, shapes: Shapes, max_rank: int) -> FedExState:
         factors = init_state_factors(shapes, max_rank, self.seed)
         return FedExState(factors, {name: torch.zeros(f.shape, dtype=f.A.dtype) for name, f in factors.items()})

@@ -41,6 +41,10 @@ class FedSALoRA(MethodOptions):
         "each client keeps its own B between rounds, which fedrank's server stores for it: the server "
         "would still see every B_k"
     )
+    dp_refused: ClassVar[str] = (
+        "the state's B is the mean of the clients' own, unclipped B_k (kept for evaluation and export), which"
+        " a mechanism on the shared A alone would release unprotected"
+    )
 
     def dispatch(
         self, state: LoraState, client: ClientSpec, round_index: int, local: dict[str, Tensor] | None = None

@@ -84,6 +84,11 @@ class HetLoRA(MethodOptions):
     name: ClassVar[str] = "hetlora"
     secure_refused: ClassVar[str] = "its Frobenius weights need each client's ‖B_k A_k‖_F"
 
+    dp_refused: ClassVar[str] = (
+        "its weights are each client's ‖B_k A_k‖_F, so one client's data moves every weight: no bound on its "
+        "influence without changing the method"
+    )
+
     def dispatch(
         self, state: LoraState, client: ClientSpec, round_index: int, local: dict[str, Tensor] | None = None
     ) -> ClientAssignment:

@@ -47,6 +47,11 @@ class LoRAFAIR(FedIT):
     name: ClassVar[str] = "lorafair"
     secure_refused: ClassVar[str] = "its correction needs Σ_k p_k B_k (A_k Āᵀ), products of each client's factors"
 
+    dp_refused: ClassVar[str] = (
+        "its correction mixes products of each client's factors with the factor means; no per-client bound is"
+        " stated for it"
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.lam < 0:

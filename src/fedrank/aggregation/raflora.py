@@ -60,6 +60,11 @@ class RaFLoRA(FlexLoRA):
     name: ClassVar[str] = "raflora"
     secure_refused: ClassVar[str] = "its SVD needs Σ_k p_k s_k B_k A_k, a sum of dense m×n products (as FlexLoRA's)"
 
+    dp_refused: ClassVar[str] = (
+        "each rank partition is divided by its covering clients, and the partition pieces of one ΔW_k are not"
+        " bounded by ‖ΔW_k‖: it needs per-partition clipping"
+    )
+
     def aggregate(
         self,
         state: FlexLoRAState,
