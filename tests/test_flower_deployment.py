@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,25 @@ def check_run(out: Path, sim: Path) -> None:
     assert json.loads((out / "summary.json").read_text())["rounds"] == 2
 
 
+def run_killing_node_2(
+    dep: LocalDeployment, app: Path, rc: dict[str, Any], ready: Callable[[], bool], delay: float
+) -> None:
+    """Run ``rc`` on ``dep`` and SIGKILL SuperNode 2 ``delay`` seconds after ``ready()`` holds; the run must
+    still succeed."""
+    done: dict[str, Any] = {}
+    runner = threading.Thread(target=lambda: done.update(result=dep.run(app, rc, timeout=400)))
+    runner.start()
+    deadline = time.monotonic() + 240
+    while not ready() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ready(), "the moment to kill the node never came"
+    time.sleep(delay)
+    dep.kill_node(2)
+    runner.join(timeout=420)
+    assert not runner.is_alive()
+    assert done["result"].ok, done["result"].output()[-3000:]
+
+
 def test_loopback_deployment_equals_the_simulator(setup: tuple[Path, Path], tmp_path: Path) -> None:
     """3 SuperNodes of ranks 4, 8, 16; two rounds of flexlora and of fslora, each node at its own rank."""
     cfg_path, app = setup
@@ -101,21 +121,11 @@ def test_a_supernode_killed_mid_round(setup: tuple[Path, Path], tmp_path: Path) 
     cfg_path, app = setup
     out = tmp_path / "flower"
     with LocalDeployment(tmp_path / "dep", node_configs(), env=ONE_THREAD) as dep:
-        done: dict[str, Any] = {}
         cfg = run_config(cfg_path, out, **{"round-timeout": 40.0})
         cfg["overrides"] += ";train.steps=20"
-        runner = threading.Thread(target=lambda: done.update(result=dep.run(app, cfg, timeout=400)))
-        runner.start()
         metrics = out / "metrics.jsonl"
-        deadline = time.monotonic() + 180
-        while not (metrics.is_file() and metrics.read_text().strip()) and time.monotonic() < deadline:
-            time.sleep(0.2)  # the evaluation before training is written; round 1's messages go out next
-        assert metrics.is_file(), "the run never started"
-        time.sleep(3.0)
-        dep.kill_node(2)
-        runner.join(timeout=420)
-        assert not runner.is_alive()
-        assert done["result"].ok, done["result"].output()[-3000:]
+        # the evaluation before training is written; round 1's messages go out next
+        run_killing_node_2(dep, app, cfg, lambda: metrics.is_file() and bool(metrics.read_text().strip()), 3.0)
     recs = records(out)
     assert [r["clients"] for r in recs if r["type"] == "round"] == [2, 2]
     failed = [r for r in recs if r["type"] == "client_failed"]
@@ -191,19 +201,10 @@ def test_secure_aggregation_on_a_loopback_deployment(setup: tuple[Path, Path], t
             "overrides": f"{secure};train.steps=30;federation.rounds=1",
             "round-timeout": 60.0,
         }
-        done: dict[str, Any] = {}
-        runner = threading.Thread(target=lambda: done.update(result=dep.run(app, rc, timeout=400)))
-        runner.start()
         log = dep.nodes[2].log
         start = log.read_text().count("Receiving: train message")
-        deadline = time.monotonic() + 240
-        while log.read_text().count("Receiving: train message") < start + 3 and time.monotonic() < deadline:
-            time.sleep(0.2)  # stages 0 and 1 (keys), then the masked-vector stage, in which the node trains
-        time.sleep(2.0)
-        dep.kill_node(2)
-        runner.join(timeout=420)
-        assert not runner.is_alive()
-        assert done["result"].ok, done["result"].output()[-3000:]
+        # stages 0 and 1 (keys), then the masked-vector stage, in which the node trains
+        run_killing_node_2(dep, app, rc, lambda: log.read_text().count("Receiving: train message") >= start + 3, 2.0)
     recs = records(out)
     assert [r["clients"] for r in recs if r["type"] == "round"] == [2]
     failed = [r for r in recs if r["type"] == "client_failed"]

@@ -36,7 +36,7 @@ from flwr.serverapp import Grid
 from torch import Tensor
 
 from fedrank.config import SecureConfig
-from fedrank.flower.records import encode_assignment, secure_stats
+from fedrank.flower.records import secure_stats
 from fedrank.flower.server_app import FlowerClients
 from fedrank.local import Outcome
 from fedrank.secure import min_contributors
@@ -164,13 +164,11 @@ class SecureFlowerClients(FlowerClients):
         max_weight = max((c.num_examples for c in clients), default=1) if self.weighting == "examples" else 1
         sent: dict[int, tuple[ClientAssignment, int]] = {}
         contents: dict[int, RecordDict] = {}
-        for spec in clients:
-            a = dispatch(spec)
-            node = self.nodes.get(spec.client_id)
-            if node is None:
-                yield Outcome(spec.client_id, a, None, error=f"no SuperNode holds partition {spec.client_id}")
+        for item in self.addressed(round_index, clients, dispatch):
+            if isinstance(item, Outcome):
+                yield item
                 continue
-            content = encode_assignment(a, round_index, self.config_toml)
+            node, a, content = item
             content.config_records["secure"] = ConfigRecord(
                 {
                     "rank": self.rank(),

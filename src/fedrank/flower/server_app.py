@@ -260,17 +260,28 @@ class FlowerClients:
         log.warning("node %d (partition %d) is not sampled again until a node answers for it: %s", node, pid, reason)
         return f"node {node}: {reason}"
 
-    def run(
+    def addressed(
         self, round_index: int, clients: Sequence[ClientSpec], dispatch: Callable[[ClientSpec], ClientAssignment]
-    ) -> Iterator[Outcome]:
-        sent: list[tuple[Message, ClientAssignment, int]] = []
+    ) -> Iterator[tuple[int, ClientAssignment, RecordDict] | Outcome]:
+        """Each sampled client's assignment as its node's message content (node, assignment, content), or the
+        failed outcome of a client whose partition no node holds."""
         for spec in clients:
             a = dispatch(spec)
             node = self.nodes.get(spec.client_id)
             if node is None:
                 yield Outcome(spec.client_id, a, None, error=f"no SuperNode holds partition {spec.client_id}")
                 continue
-            content = encode_assignment(a, round_index, self.config_toml)
+            yield node, a, encode_assignment(a, round_index, self.config_toml)
+
+    def run(
+        self, round_index: int, clients: Sequence[ClientSpec], dispatch: Callable[[ClientSpec], ClientAssignment]
+    ) -> Iterator[Outcome]:
+        sent: list[tuple[Message, ClientAssignment, int]] = []
+        for item in self.addressed(round_index, clients, dispatch):
+            if isinstance(item, Outcome):
+                yield item
+                continue
+            node, a, content = item
             down = content.array_records["assignment"].count_bytes()
             msg = Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(round_index + 1))
             sent.append((msg, a, down))
