@@ -454,6 +454,8 @@ def test_secure_aggregation_is_refused_where_it_cannot_hold(cfg_path: Path, tmp_
     ]
     with pytest.raises(ConfigError, match='needs privacy.sampling = "fixed"'):
         load_config(cfg_path, [*private, "privacy.sampling=poisson", "privacy.accountant=pld"])
+    with pytest.raises(ConfigError, match="at least 2 clients per round"):
+        load_config(cfg_path, [SECURE, "method.name=ffa", "federation.clients_per_round=1"])
     with pytest.raises(ConfigError, match="secure aggregation: drop federation.max_update_norm"):
         load_config(cfg_path, [SECURE, "method.name=ffa", "federation.max_update_norm=1"])
     with pytest.raises(ConfigError, match="clip_range must be a number >= 1"):

@@ -426,6 +426,8 @@ class RunConfig:
                 'secure aggregation: method.scale = "fold", federation.weighting = "seen" and federation.dropout '
                 "are not supported"
             )
+        if self.federation.clients_per_round == 1:
+            raise ConfigError("secure aggregation needs at least 2 clients per round (federation.clients_per_round)")
         if self.federation.max_update_norm > 0:
             raise ConfigError(
                 "secure aggregation: drop federation.max_update_norm (the server never sees one client's update, "
