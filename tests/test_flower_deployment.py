@@ -176,7 +176,8 @@ def test_ray_simulation_equals_the_simulator(
 
 
 def test_secure_aggregation_on_a_loopback_deployment(setup: tuple[Path, Path], tmp_path: Path) -> None:
-    """SecAgg+ between real processes: one round matches the simulator within the quantisation bound; then a
+    """SecAgg+ between real processes: one round matches the simulator within the quantisation bound; with
+    [privacy] the clients add the noise (ε as the central mechanism's, the state moved by it); then a
     SuperNode killed while it trains (SecAgg+'s masked-vector stage, after the key sharing) does not stop the
     round: its neighbours' shares rebuild its masks and the other two are aggregated. (About a minute per
     round on the tiny model: four round trips, each a fresh flwr-clientapp process per node.)"""
@@ -193,6 +194,21 @@ def test_secure_aggregation_on_a_loopback_deployment(setup: tuple[Path, Path], t
 
         assert 0 < state_diff(one, sim) <= 3 * 2 / 2**22 * 1.01
         assert all(r["secure"] for r in records(one) if r["type"] == "client")
+
+        private = "privacy.clip=0.5;privacy.noise_multiplier=1.0;privacy.delta=1e-5"  # distributed DP
+        dp = tmp_path / "dp"
+        rc = {"config": str(cfg_path), "out-dir": str(dp), "overrides": f"{secure};federation.rounds=1;{private}"}
+        result = dep.run(app, rc, timeout=300)
+        assert result.ok, result.output()[-3000:]
+        central = simulate(
+            cfg_path,
+            tmp_path / "central",
+            "ffa",
+            ("federation.weighting=uniform", "federation.rounds=1", *private.split(";")),
+        )
+        ours, theirs = (json.loads((d / "summary.json").read_text())["privacy"] for d in (dp, central))
+        assert ours["noise_added_by"] == "clients" and ours["epsilon"] == theirs["epsilon"] > 0
+        assert state_diff(dp, one) > 0.05  # the clients' noise (std √(3/2)·σC/3 ≈ 0.2 on a column all hold)
 
         out = tmp_path / "killed"
         rc = {
