@@ -721,3 +721,15 @@ def test_free_space_is_checked_before_training(
         run_dir.check_writable(out, run_dir.checkpoint_bytes({"t": torch.zeros(10)}))
     with pytest.raises(ConfigError, match="keep_checkpoints must be >= 1"):
         load_config(cfg_path, ["output.keep_checkpoints=0"])
+
+
+def test_the_simulator_refuses_secure_aggregation_before_making_a_directory(
+    cfg_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """[secure] runs on Flower only: run and compare refuse it in one line, leaving nothing behind."""
+    secure = ["--set", "secure.enabled=true", "--set", "method.name=ffa"]
+    assert main(["run", str(cfg_path), "--out", str(tmp_path / "run"), "--no-progress", *secure]) == 2
+    assert main(["compare", str(cfg_path), "--methods", "ffa", "--out", str(tmp_path / "cmp"), *secure]) == 2
+    err = capsys.readouterr().err
+    assert err.count("fedrank: error: secure aggregation ([secure] enabled) runs on Flower") == 2
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cmp").exists()

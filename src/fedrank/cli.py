@@ -65,7 +65,7 @@ def _print_outputs(summary: dict[str, Any], out: Path) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fedrank import run_dir
-    from fedrank.simulation import Simulation, check_ranks
+    from fedrank.simulation import Simulation, check_in_process, check_ranks
 
     if args.resume:
         out = Path(args.resume)
@@ -76,10 +76,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         if (out / run_dir.CONFIG).is_symlink():
             raise RunDirError(f"cannot resume {out}: its {run_dir.CONFIG} is a symbolic link")
         cfg = load_config(out / run_dir.CONFIG, args.set or [])
+        check_in_process(cfg)
     else:
         cfg = _load(args)
         out = Path(args.out or cfg.output.dir)
         check_ranks(cfg)  # settings are checked before --overwrite removes anything
+        check_in_process(cfg)
     with run_dir.exclusive(out):  # one writer per run directory, for the run's whole life
         if not args.resume:
             run_dir.prepare_output(out, "run", args.overwrite)
@@ -93,9 +95,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from fedrank.aggregation import METHODS
     from fedrank.html_report import write_comparison_report
     from fedrank.report import comparison
-    from fedrank.simulation import with_method
+    from fedrank.simulation import check_in_process, with_method
 
     cfg = _load(args)
+    check_in_process(cfg)
     out = Path(args.out or cfg.output.dir + "-compare")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]

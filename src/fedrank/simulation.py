@@ -94,6 +94,16 @@ def build_method(cfg: RunConfig) -> AggregationMethod[Any]:
     return method
 
 
+def check_in_process(cfg: RunConfig) -> None:
+    """What the in-process simulator cannot run: secure aggregation, whose point is that the server never sees
+    an update (it runs on Flower)."""
+    if cfg.secure.enabled:
+        raise ConfigError(
+            "secure aggregation ([secure] enabled) runs on Flower, where the clients mask their updates: "
+            "fedrank flower run CONFIG [--ray], or fedrank flower up (the in-process simulator sees every update)"
+        )
+
+
 def check_ranks(cfg: RunConfig) -> None:
     """Homogeneous methods need the ``fixed`` distribution (checked before anything is loaded)."""
     if cfg.method.name in HOMOGENEOUS and cfg.ranks.distribution != "fixed":
@@ -316,11 +326,8 @@ class Simulation:
         """``executor`` builds how sampled clients are trained from the engine (default: in this process,
         :class:`fedrank.local.InProcessClients`; Flower's ServerApp passes its own)."""
         self.cfg, self.out, self.progress = cfg, out_dir, progress
-        if cfg.secure.enabled and executor is None:
-            raise ConfigError(
-                "secure aggregation ([secure] enabled) runs on Flower, where the clients mask their updates: "
-                "fedrank flower sim|up CONFIG (the in-process simulator sees every update)"
-            )
+        if executor is None:
+            check_in_process(cfg)
         if resume:
             run_dir.open_existing(self.out)
         else:  # an earlier run's files are removed (the CLI asks for --overwrite first), other files refused

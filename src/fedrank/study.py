@@ -130,6 +130,9 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> tuple[StudyCo
     cfg = config_from_dict({k: v for k, v in data.items() if k != "study"}, list(overrides))
     for d in study.distributions:
         replace(cfg.ranks, distribution=d)  # validated by RanksConfig
+    from fedrank.simulation import check_in_process
+
+    check_in_process(cfg)
     return study, cfg
 
 
