@@ -12,7 +12,7 @@ import pytest
 
 from fedrank.cli import main
 from fedrank.config import ConfigError, load_config
-from fedrank.local import collapsed_predictions
+from fedrank.local import beyond_uniform, collapsed_predictions
 from fedrank.simulation import Simulation, collapsed
 from fedrank.validation import RunFailed
 from test_simulation import TINY, records
@@ -94,6 +94,19 @@ def test_collapse_is_seen_in_the_predictions_at_any_number_of_steps() -> None:
     assert not collapsed_predictions(u - 0.04 * u, u, V)  # dispatched already near-uniform (a random SmolLM2: 0.011)
     assert collapsed_predictions(u - 0.051 * u, u, V)
     assert not collapsed_predictions(math.nan, u, V) and not collapsed_predictions(4.591, math.nan, V)
+
+
+def test_a_loss_driven_beyond_uniform_predictions_is_divergence() -> None:
+    """Measured in S1 (SmolLM2, V = 49152, ln V = 10.80): FSLoRA at rate 3e-2, two SGD steps, blew clients up
+    from 1.93 to 48.92 and from 8.25 to 17.02; no entropy or two-step-mean rule saw it (the models were
+    confidently wrong, and two steps make the first two and last two the same)."""
+    V = 49152
+    assert beyond_uniform(1.93, 48.92, V) and beyond_uniform(8.25, 17.02, V) and beyond_uniform(2.0, math.nan, V)
+    assert not beyond_uniform(6.21, 11.74, V)  # above uniform, but less than doubled: left to the run's others
+    assert not beyond_uniform(12.68, 17.21, V)  # dispatched already beyond 90% of ln V: not this client's doing
+    assert not beyond_uniform(3.96, 10.7, V)  # high, but not worse than uniform
+    assert not beyond_uniform(5.14, 7.10, 316)  # the tiny random Llama's noise around ln V = 5.76 (measured)
+    assert not beyond_uniform(math.nan, 20.0, V)
 
 
 @pytest.mark.parametrize("lr", ["0.01", "0.1"])  # the suite's tiny runs (helpers.TINY_TOML, the Flower deployment)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fedrank.cli import main
-from fedrank.study import Ledger, load_study, mean_interval, paired_interval, plan_seeds, plan_tuning
+from fedrank.study import Ledger, load_study, mean_interval, paired_interval, plan_seeds, plan_tuning, recheck
 from helpers import TINY_TOML
 
 
@@ -115,3 +115,28 @@ def test_study_tunes_skips_resumes_and_aggregates(tmp_path: Path, capsys: pytest
         return [line for line in text.splitlines() if not line.startswith("- compute:")]
 
     assert tables((results / "results.md").read_text()) == tables(md)
+
+
+def test_a_finished_run_with_a_client_beyond_uniform_becomes_diverged(tmp_path: Path) -> None:
+    """Runs an earlier fedrank finished, with a client whose loss went beyond ln V kept in: the study marks them
+    diverged when it starts or aggregates (never a result); V from the summary, else from the model, once."""
+    runs = {}
+    for name, vocab in (("recorded", {"vocab_size": 49152}), ("old", {})):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "summary.json").write_text(json.dumps(vocab))
+        client = {"type": "client", "round": 2, "client": 24, "first_loss": 1.93, "last_loss": 48.92}
+        healthy = {**client, "client": 7, "last_loss": 1.2}
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (healthy, client)))
+        runs[str(run)] = {"status": "done", "variant": "fslora"}
+    (tmp_path / "study.json").write_text(json.dumps({"runs": runs}))
+    ledger = Ledger(tmp_path / "study.json")
+    asked: list[int] = []
+    recheck(ledger, lambda: asked.append(1) or 49152)
+    saved = Ledger(tmp_path / "study.json").runs
+    assert {k: v["status"] for k, v in saved.items()} == dict.fromkeys(runs, "diverged")
+    assert all(
+        "client 24 (round 2): diverged: loss 1.930 -> 48.920, above ln(vocab) = 10.803" in v["reason"]
+        for v in saved.values()
+    )
+    assert asked == [1]  # only the run without a recorded V asked, once

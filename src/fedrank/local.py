@@ -29,7 +29,15 @@ from fedrank.models import LoadedModel, LoraHost
 from fedrank.train import ClientFailure, answer_entropy, passes, train_local
 from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
 
-__all__ = ["ClientExecutor", "InProcessClients", "LocalTrainer", "Outcome", "collapsed", "collapsed_predictions"]
+__all__ = [
+    "ClientExecutor",
+    "InProcessClients",
+    "LocalTrainer",
+    "Outcome",
+    "beyond_uniform",
+    "collapsed",
+    "collapsed_predictions",
+]
 
 
 def collapsed(losses: list[float], vocab_size: int) -> bool:
@@ -42,6 +50,19 @@ def collapsed(losses: list[float], vocab_size: int) -> bool:
     stuck = all(abs(x - uniform) < 1e-3 * uniform for x in losses[-2:])
     first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
     return stuck or (last >= 0.9 * uniform and first < 0.8 * uniform)
+
+
+def beyond_uniform(first: float, last: float, vocab_size: int) -> bool:
+    """A client's training blew its model up: its last step's loss is above ln(V), worse than predicting every
+    token uniformly, and more than twice its first step's, which was below 90% of ln(V) (a model that knew
+    something). One step at each end suffices: S1's FSLoRA at rate 3e-2 went from 1.93 to 48.9 in two steps
+    (ln V = 10.8), confidently wrong, which neither :func:`collapsed` (two-step means) nor the entropy rule
+    sees. The doubling keeps a random-weight model's noisy losses around ln V (the tiny test Llama: 5.1 to
+    7.1, ln V = 5.76) out of it."""
+    uniform = math.log(vocab_size)
+    if not (math.isfinite(first) and first < 0.9 * uniform):
+        return False
+    return not math.isfinite(last) or (last > uniform and last > 2 * first)
 
 
 UNIFORM_MARGIN = 0.02
@@ -160,6 +181,11 @@ class LocalTrainer:
                 f"held batch after training, {before:.4f} as dispatched, against ln(vocab) = {math.log(vocab):.4f} "
                 f"(loss {res.losses[0]:.3f} -> {res.losses[-1]:.3f} over {len(res.losses)} step(s); is "
                 f"train.lr = {cfg.train.lr:g} too high?)"
+            )
+        if beyond_uniform(res.losses[0], res.losses[-1], vocab):
+            raise ClientFailure(
+                f"diverged: loss went from {res.losses[0]:.3f} to {res.losses[-1]:.3f}, above ln(vocab) = "
+                f"{math.log(vocab):.3f}: worse than uniform predictions (is train.lr = {cfg.train.lr:g} too high?)"
             )
         if collapsed(res.losses, vocab):
             raise ClientFailure(

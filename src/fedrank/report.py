@@ -414,6 +414,7 @@ SUMMARY: dict[str, Check] = {
     "held_out": _list(_name),
     "training_tasks": _int(),
     "registered_clients": _int(),
+    "vocab_size": _int(),
     "rank_counts": _rank_counts,
     "global_state": _text(),
     "report": _text(),

@@ -850,6 +850,7 @@ class Simulation:
                 "held_out": self.fed.held_out,
                 "training_tasks": len(self.fed.train_tasks),
                 "registered_clients": self.fed.num_clients,
+                "vocab_size": int(self.lm.model.config.vocab_size),
                 "rank_counts": rank_counts(self.ranks),
                 "global_state": str(self.out / run_dir.GLOBAL_STATE),
                 **({"privacy": self.dp.summary()} if self.dp is not None else {}),

@@ -32,7 +32,7 @@ import math
 import os
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -251,19 +251,61 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
-def _collapsed_clients(run: Path) -> list[str]:
-    """Reasons of the run's clients that diverged or collapsed (metrics.jsonl)."""
+def _collapsed_clients(run: Path, vocab: Callable[[], int]) -> list[str]:
+    """Reasons of the run's clients that diverged or collapsed (metrics.jsonl): those the run dropped, and
+    those whose recorded losses went beyond uniform predictions (:func:`fedrank.local.beyond_uniform`; a run
+    of an earlier fedrank kept them). ``vocab``: V, when the run's summary does not record it."""
+    from fedrank.local import beyond_uniform
     from fedrank.report import read_metrics
 
     path = run / "metrics.jsonl"
     if not path.is_file():
         return []
+    summary = _read_json(run / "summary.json") if (run / "summary.json").is_file() else None
+    recorded = summary.get("vocab_size") if isinstance(summary, dict) else None
+    size: int | None = recorded if isinstance(recorded, int) else None
     out = []
     for r in read_metrics(path):
         reason = str(r.get("reason", ""))
         if r.get("type") == "client_failed" and ("diverged" in reason or "collapsed" in reason):
             out.append(f"client {r.get('client')}: {reason}")
+        first, last = r.get("first_loss"), r.get("last_loss")
+        if r.get("type") == "client" and isinstance(first, float) and isinstance(last, float):
+            size = size or vocab()
+            if beyond_uniform(first, last, size):
+                out.append(
+                    f"client {r.get('client')} (round {r.get('round')}): diverged: loss {first:.3f} -> {last:.3f}, "
+                    f"above ln(vocab) = {math.log(size):.3f}"
+                )
     return out
+
+
+def recheck(ledger: Ledger, vocab: Callable[[], int]) -> None:
+    """Every run the ledger has as done, checked again by today's divergence rules (a run that finished under
+    an earlier fedrank may hold a client that diverged without being dropped): such runs become "diverged",
+    never results."""
+    for key, entry in list(ledger.runs.items()):
+        if entry.get("status") != "done":
+            continue
+        bad = _collapsed_clients(Path(key), vocab)
+        if bad:
+            log.warning("study: %s is diverged by today's rules: %s", key, "; ".join(bad[:2]))
+            ledger.runs[key] = {**entry, "status": "diverged", "reason": "; ".join(bad[:3])}
+            _write_json(ledger.path, {"runs": ledger.runs})
+
+
+def vocab_of(cfg: RunConfig) -> Callable[[], int]:
+    """V of ``cfg``'s model, built once on first use (runs of an earlier fedrank do not record it)."""
+    memo: list[int] = []
+
+    def get() -> int:
+        if not memo:
+            from fedrank.simulation import build_model
+
+            memo.append(int(build_model(cfg).model.config.vocab_size))
+        return memo[0]
+
+    return get
 
 
 class Ledger:
@@ -302,7 +344,7 @@ def execute(jobs: Sequence[Job], ledger: Ledger, *, progress: bool, retry_failed
             log.warning("study %d/%d: %s %s: %s", i, len(jobs), job.key, kind, e)
             ledger.put(job, status=kind, reason=str(e), seconds=time.perf_counter() - t0)
             continue
-        bad = _collapsed_clients(job.path)
+        bad = _collapsed_clients(job.path, vocab_of(job.cfg))
         summary = _read_json(job.path / "summary.json")
         seconds = float(summary.get("seconds", time.perf_counter() - t0)) if isinstance(summary, dict) else 0.0
         status = "diverged" if bad else "done"
@@ -353,6 +395,7 @@ def _run_study(
     study: StudyConfig, cfg: RunConfig, out: Path, results: Path, *, progress: bool, retry_failed: bool
 ) -> Path:
     ledger = Ledger(out / LEDGER)
+    recheck(ledger, vocab_of(cfg))
     tune = plan_tuning(study, cfg, out)
     log.info("study: %d tuning runs (%d variants, each over its grid of rates)", len(tune), len(study.variants))
     execute(tune, ledger, progress=progress, retry_failed=retry_failed)
@@ -427,6 +470,7 @@ def aggregate(study: StudyConfig, cfg: RunConfig, out: Path, results: Path) -> P
     """``results.md`` / ``.csv`` / ``.json``, figures and ``report.html`` in ``results`` from the finished runs."""
     results.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(out / LEDGER)
+    recheck(ledger, vocab_of(cfg))
     tune = plan_tuning(study, cfg, out)
     rates, grid = choose_rates(tune, ledger)
     jobs = plan_seeds(study, cfg, out, rates)
