@@ -499,6 +499,8 @@ def test_distributed_dp_under_secure_aggregation(cfg_path: Path, tmp_path: Path)
 
     table = end_of_run_table(json.loads((tmp_path / "dp" / "summary.json").read_text()))
     assert "noise added by the clients under SecAgg+" in table and "the server saw each round's sum only" in table
+    page = (tmp_path / "dp" / "report.html").read_text()
+    assert "noise added by the clients under SecAgg+" in page and "the server saw each round" in page
 
 
 def test_a_round_below_the_threshold_is_lost_and_not_accounted(cfg_path: Path, tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ from fedrank.report import (
     mean_std,
     method_table,
     ordered_metrics,
+    protection_lines,
     tidy,
     time_split,
 )
@@ -434,6 +435,7 @@ def _run_intro(run: Run) -> Html:
         ("held-out task families", ", ".join(s.get("held_out", [])) or "–"),
         ("final train loss", num(s.get("final_train_loss"))),
         ("adapter", adapter),
+        *(tuple(line.split(": ", 1)) for line in protection_lines(s)),  # secure aggregation, privacy
     ]
     items = join(el("li", el("b", k), ": ", v) for k, v in facts)
     return el("ul", items, cls="meta") + "\n"

@@ -843,6 +843,27 @@ def share_noise(before: float, after: float, n: int) -> float:
     return 2.0 * math.sqrt(sum(v * (1.0 - v) for v in clip) / max(n, 1))
 
 
+def protection_lines(summary: dict[str, Any]) -> list[str]:
+    """What protected the clients' updates: secure aggregation and the DP guarantee (a validated summary)."""
+    lines = []
+    if summary.get("secure_aggregation"):
+        lines.append("secure aggregation: SecAgg+; the server saw each round's sum only, never a client's update")
+    dp = summary.get("privacy")
+    if dp:
+        eps = "∞" if dp["epsilon"] is None else fmt(dp["epsilon"], ".3g")
+        clip = "∞" if dp["clip"] is None else fmt(dp["clip"], ".3g")
+        lines.append(
+            f"privacy: ε = {eps} at δ = {fmt(dp['delta'], '.2g')} after {fmt_count(dp['rounds'])} round(s) "
+            f"({dp['accountant'].upper()} accountant, {dp['sampling']} sampling; clip C = {clip}, noise "
+            f"multiplier σ = {fmt(dp['noise_multiplier'], '.3g')}"
+            + ("; noise added by the clients under SecAgg+" if dp["noise_added_by"] == "clients" else "")
+            + ("" if dp["amplified"] else "; no amplification: the update shows who took part")
+            + ("; SEEDED noise: not private, for tests" if dp["seeded"] and dp["noise_multiplier"] else "")
+            + ")"
+        )
+    return lines
+
+
 def end_of_run_table(summary: dict[str, Any]) -> str:
     """An aligned before -> after table of the evaluated groups (macro averages over tasks / clients), for a
     terminal: ``summary`` is checked first (:func:`clean_summary`), names are :func:`safe_name`'s."""
@@ -904,21 +925,7 @@ def end_of_run_table(summary: dict[str, Any]) -> str:
             f"wall time {fmt(split.get('total'), '.0f')} s: {by_part}"
             + (f"; peak RSS {fmt(rss / 2**30, '.2f')} GiB" if rss else "")
         )
-    if summary.get("secure_aggregation"):
-        lines.append("secure aggregation: SecAgg+; the server saw each round's sum only, never a client's update")
-    dp = summary.get("privacy")
-    if dp:
-        eps = "∞" if dp["epsilon"] is None else fmt(dp["epsilon"], ".3g")
-        clip = "∞" if dp["clip"] is None else fmt(dp["clip"], ".3g")
-        lines.append(
-            f"privacy: ε = {eps} at δ = {fmt(dp['delta'], '.2g')} after {fmt_count(dp['rounds'])} round(s) "
-            f"({dp['accountant'].upper()} accountant, {dp['sampling']} sampling; clip C = {clip}, noise "
-            f"multiplier σ = {fmt(dp['noise_multiplier'], '.3g')}"
-            + ("; noise added by the clients under SecAgg+" if dp["noise_added_by"] == "clients" else "")
-            + ("" if dp["amplified"] else "; no amplification: the update shows who took part")
-            + ("; SEEDED noise: not private, for tests" if dp["seeded"] and dp["noise_multiplier"] else "")
-            + ")"
-        )
+    lines += protection_lines(summary)
     left = summary.get("clients_left_out", {})
     if summary.get("skipped_rounds") or left:
         parts = [f"{n} {safe_name(kind.replace('client_', ''), 40)}" for kind, n in left.items()]
