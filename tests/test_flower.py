@@ -423,6 +423,19 @@ def test_a_secure_run_equals_the_plain_run_within_the_quantisation_error(
     assert float((values > 2**22 * 3).double().mean()) > 0.99  # unmasked quantised values would all be below
 
 
+def test_example_count_weights_go_through_secagg(cfg_path: Path, tmp_path: Path) -> None:
+    """federation.weighting = "examples": each client's weight is its example count (SecAgg+'s FitRes count, in
+    the clear), scaled by the round's largest before quantising; the state matches the plain run's within the
+    quantisation error divided by the weights' share (Σ n_k / max n_k)."""
+    overrides = "method.name=ffa;federation.weighting=examples;federation.rounds=1;partition.kind=dirichlet"
+    run_server(FakeGrid(nodes([4, 8, 16])), cfg_path, tmp_path / "plain", overrides=overrides)
+    run_server(MaskedGrid(nodes([4, 8, 16])), cfg_path, tmp_path / "secure", overrides=f"{overrides};{SECURE}")
+    n = [r["n"] for r in records(tmp_path / "secure") if r["type"] == "client"]
+    assert len(set(n)) > 1  # the clients' weights differ
+    bound = 3 * (2 / 2**22) / (sum(n) / max(n)) * 3  # K steps over the weights' share, per holder mean (h >= 1/3)
+    assert 0 < state_diff(tmp_path / "plain", tmp_path / "secure") <= bound
+
+
 def test_a_node_that_drops_after_the_key_sharing_does_not_stop_the_round(cfg_path: Path, tmp_path: Path) -> None:
     """SecAgg+'s threshold: with 3 clients and secure.threshold = 0.5 two neighbours rebuild a lost node's
     masks; the round aggregates the other two, and the lost node is recorded as failed."""
