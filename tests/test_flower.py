@@ -430,9 +430,10 @@ def test_example_count_weights_go_through_secagg(cfg_path: Path, tmp_path: Path)
     overrides = "method.name=ffa;federation.weighting=examples;federation.rounds=1;partition.kind=dirichlet"
     run_server(FakeGrid(nodes([4, 8, 16])), cfg_path, tmp_path / "plain", overrides=overrides)
     run_server(MaskedGrid(nodes([4, 8, 16])), cfg_path, tmp_path / "secure", overrides=f"{overrides};{SECURE}")
-    n = [r["n"] for r in records(tmp_path / "secure") if r["type"] == "client"]
-    assert len(set(n)) > 1  # the clients' weights differ
-    bound = 3 * (2 / 2**22) / (sum(n) / max(n)) * 3  # K steps over the weights' share, per holder mean (h >= 1/3)
+    n = {r["client"]: r["n"] for r in records(tmp_path / "secure") if r["type"] == "client"}
+    assert len(set(n.values())) > 1  # the clients' weights differ
+    # K steps times max n over the holders' weight; indices 8-15 are held by client 2 (rank 16) alone
+    bound = 3 * (2 / 2**22) * max(n.values()) / n[2]
     assert 0 < state_diff(tmp_path / "plain", tmp_path / "secure") <= bound
 
 
@@ -529,3 +530,44 @@ def test_a_round_below_the_threshold_is_lost_and_not_accounted(cfg_path: Path, t
     recs = records(tmp_path / "run")
     assert [r["type"] for r in recs if r["type"].startswith("round")] == ["round_skipped"]
     assert "halted" in next(r["reason"] for r in recs if r["type"] == "client_failed" and r["client"] == 0)
+
+
+def test_a_non_dyadic_clip_range_leaves_unheld_indices_alone(cfg_path: Path, tmp_path: Path) -> None:
+    """c = 1.3: the summed holder flags carry a quantisation remainder, and so do an unheld index's changes;
+    the server's shares come from its dispatch, so an index nobody held does not move (it moved by 1.0 when
+    the flags were divided)."""
+    overrides = "method.name=ffa;federation.weighting=uniform;federation.rounds=1;federation.clients_per_round=2"
+    run_server(FakeGrid(nodes([4, 8, 16])), cfg_path, tmp_path / "plain", overrides=overrides)
+    grid = MaskedGrid(nodes([4, 8, 16]))
+    run_server(grid, cfg_path, tmp_path / "secure", overrides=f"{overrides};{SECURE};secure.clip_range=1.3")
+    assert state_diff(tmp_path / "plain", tmp_path / "secure") <= 2 * (2 * 1.3 / 2**22) * 2
+
+
+def test_a_client_that_fails_under_secure_aggregation_keeps_its_node(
+    cfg_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client's own failure (here: diverged in round 1) can only be an error reply under SecAgg+; it is
+    recorded with the client's reason, and its node stays in the sampling, as in a plain run. Under DP the
+    run goes on (the failed client counts, with no change)."""
+    from fedrank import local
+    from fedrank.train import ClientFailure
+
+    real = local.LocalTrainer.train
+
+    def train(self: Any, a: Any, data: Any, round_index: int) -> Any:
+        if a.client_id == 1 and round_index == 0:
+            raise ClientFailure("diverged: loss went from 1.9 to 48.9 (simulated)")
+        return real(self, a, data, round_index)
+
+    monkeypatch.setattr(local.LocalTrainer, "train", train)
+    base = f"method.name=ffa;federation.weighting=uniform;federation.rounds=2;{SECURE}"
+    private = "privacy.clip=0.5;privacy.noise_multiplier=1;privacy.delta=1e-5;privacy.seeded=true"
+    for name, overrides in (("secure", base), ("private", f"{base};{private}")):
+        run_server(MaskedGrid(nodes([4, 8, 16])), cfg_path, tmp_path / name, overrides=overrides)
+        recs = records(tmp_path / name)
+        (failed,) = [r for r in recs if r["type"] == "client_failed"]
+        assert failed["round"] == 1 and failed["client"] == 1
+        assert failed["reason"].endswith("diverged: loss went from 1.9 to 48.9 (simulated)")
+        assert sorted(r["client"] for r in recs if r["type"] == "client" and r["round"] == 2) == [0, 1, 2]
+    summary = json.loads((tmp_path / "private" / "summary.json").read_text())
+    assert summary["privacy"]["rounds"] == 2

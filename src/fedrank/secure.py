@@ -16,7 +16,10 @@ mean the server reads, per rank index i, the change
     "holders":  Δ_i = x̄_i / h̄_i, h̄_i = Σ_{k∋i} w_k / Σ_k w_k   (the mean over the clients that held i:
                  FFA-LoRA, replication, RoLoRA, Fed-PLoRA; indices nobody held do not change),
 
-and hands the method one rank-R update, the global factors plus Δ, that held every index, at weight 1:
+with h̄_i computed exactly from the server's own dispatch and the (public) weights of the clients in the sum
+(:func:`holder_shares`; the summed flags are quantised, and an unheld index's quantisation remainder divided
+by the flags' own remainder would move it by 1), and hands the method one rank-R update, the global factors
+plus Δ, that held every index, at weight 1:
 its own ``aggregate`` on that update gives what it gives on the individual updates (up to float rounding
 and SecAgg+'s quantisation; ``tests/test_secure.py`` checks every qualifying method).
 """
@@ -38,6 +41,7 @@ __all__ = [
     "contribution_numel",
     "fixed_denominators",
     "held_indices",
+    "holder_shares",
     "mean_update",
     "min_contributors",
     "secure_mean_of",
@@ -163,3 +167,12 @@ def fixed_denominators(mean: Sequence[Tensor], present: int, dispatched: Sequenc
     for a in dispatched:
         held[a.indices if a.indices is not None else torch.arange(a.rank)] += 1.0
     return [m * (present / K) for m in mean[:-1]] + [held / K]
+
+
+def holder_shares(contributors: Sequence[ClientAssignment], weights: Sequence[float], rank: int) -> Tensor:
+    """h̄_i = Σ_{k ∋ i} w_k / Σ_k w_k over the clients in the sum, from what the server dispatched them and the
+    weights SecAgg+ applied (both public): what the summed holder flags estimate, exactly."""
+    held = torch.zeros(rank, dtype=torch.float64)
+    for a, w in zip(contributors, weights, strict=True):
+        held[a.indices if a.indices is not None else torch.arange(a.rank)] += float(w)
+    return (held / max(sum(weights), 1e-300)).float()

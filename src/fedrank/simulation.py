@@ -290,6 +290,14 @@ class PrivateRounds:
             },
         )
 
+    def check_dispatched(self, dispatched: list[ClientAssignment], round_index: int) -> None:
+        """Under secure aggregation: what :meth:`apply` checks of the updates, of the round's dispatch."""
+        if self.amplified and self.cfg.method.name in INDEX_REVEALING and any(a.rank < self.top for a in dispatched):
+            raise RunFailed(
+                f"privacy: a client of rank below {self.top} took part in round {round_index + 1}, but ε was being "
+                f"accounted with amplification, which {self.cfg.method.name} then does not allow"
+            )
+
     def released(self) -> dict[str, float]:
         """A round whose noisy sum the clients made under secure aggregation (distributed DP, each adding
         N(0, σ²C²/t)): the accountant steps; the server saw no norm to report."""
@@ -543,13 +551,13 @@ class Simulation:
         updates, recs = [], []
         self.sent = []  # what each accepted update was dispatched (the privacy mechanism clips the difference)
         specs = self.specs(round_index)
-        summed: ClientAssignment | None = None
+        summed: list[ClientAssignment] = []  # what each client in the secure sum was dispatched
         dispatched = []
         for out in self.executor.run(round_index, specs, lambda spec: self.dispatch(spec, round_index)):
             dispatched.append(out.sent)
             if out.summed:
                 recs.append(self.accept_summed(out, round_index))
-                summed = out.sent
+                summed.append(out.sent)
                 continue
             result = self.accept(out, round_index)
             if result is not None:
@@ -562,11 +570,18 @@ class Simulation:
                 updates.append(ClientUpdate(s.client_id, s.rank, 0, dict(s.factors), s.indices, s.train_A, s.train_B))
                 self.sent.append(s)
         mean = self.executor.secure_mean(round_index)
-        if summed is not None and mean is not None:
+        if summed and mean is not None:
+            # holder shares from the server's own dispatch and the weights SecAgg+ used (public), not from the
+            # quantised flags, whose remainders would divide an unheld index's remainder by itself
+            mean = [*mean[:-1], secure.holder_shares(summed, self.weights(recs), mean[-1].numel())]
             if self.dp is not None:  # the clients added the noise; the rule divides by the round's K, as central DP's
+                self.dp.check_dispatched(dispatched, round_index)
                 mean = secure.fixed_denominators(mean, len(recs), dispatched)
-            one = secure.mean_update(self.method, self.state, mean, summed.train_A, summed.train_B, len(recs))
-            updates = [one] * len(recs)  # one update, counted once per client it sums (min_clients, skips)
+            a = summed[0]
+            one = secure.mean_update(self.method, self.state, mean, a.train_A, a.train_B, len(recs))
+            # one update, counted once per client it sums (min_clients, skips); under DP once per dispatched
+            # client, as the central mechanism counts a failed one: the unmasked sum is released and accounted
+            updates = [one] * (len(dispatched) if self.dp is not None else len(recs))
         elif self.cfg.secure.enabled:  # nothing was unmasked (under DP: no null updates; nothing was released)
             updates = []
         return updates, recs

@@ -280,10 +280,11 @@ def _collapsed_clients(run: Path, vocab: Callable[[], int]) -> list[str]:
     return out
 
 
-def recheck(ledger: Ledger, vocab: Callable[[], int]) -> None:
+def recheck(ledger: Ledger, vocab: Callable[[], int], *, write: bool = True) -> None:
     """Every run the ledger has as done, checked again by today's divergence rules (a run that finished under
     an earlier fedrank may hold a client that diverged without being dropped): such runs become "diverged",
-    never results."""
+    never results. ``write=False``: in memory only (``--aggregate-only`` runs without the study's lock, beside
+    a running study, which owns ``study.json``)."""
     for key, entry in list(ledger.runs.items()):
         if entry.get("status") != "done":
             continue
@@ -291,7 +292,8 @@ def recheck(ledger: Ledger, vocab: Callable[[], int]) -> None:
         if bad:
             log.warning("study: %s is diverged by today's rules: %s", key, "; ".join(bad[:2]))
             ledger.runs[key] = {**entry, "status": "diverged", "reason": "; ".join(bad[:3])}
-            _write_json(ledger.path, {"runs": ledger.runs})
+            if write:
+                _write_json(ledger.path, {"runs": ledger.runs})
 
 
 def vocab_of(cfg: RunConfig) -> Callable[[], int]:
@@ -470,7 +472,7 @@ def aggregate(study: StudyConfig, cfg: RunConfig, out: Path, results: Path) -> P
     """``results.md`` / ``.csv`` / ``.json``, figures and ``report.html`` in ``results`` from the finished runs."""
     results.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(out / LEDGER)
-    recheck(ledger, vocab_of(cfg))
+    recheck(ledger, vocab_of(cfg), write=False)  # the study (under its lock) writes its verdicts
     tune = plan_tuning(study, cfg, out)
     rates, grid = choose_rates(tune, ledger)
     jobs = plan_seeds(study, cfg, out, rates)

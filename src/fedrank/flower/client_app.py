@@ -32,7 +32,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from fedrank.config import ConfigError, RunConfig, dumps_config, from_dict
 from fedrank.data.node import node_config_int, node_data
-from fedrank.flower.records import decode_assignment, encode_contribution, encode_failure, encode_update
+from fedrank.flower.records import CLIENT_FAILED, decode_assignment, encode_contribution, encode_failure, encode_update
 from fedrank.local import LocalTrainer
 from fedrank.models import LoraHost
 from fedrank.simulation import build_model
@@ -121,7 +121,7 @@ def train(msg: Message, context: Context) -> Message:
     except ClientFailure as e:
         log.warning("round %d: client %d failed: %s", round_index + 1, a.client_id, e)
         if secure is not None:  # SecAgg+ has no failure record: an error reply drops the node from the sum
-            raise ValueError(f"client {a.client_id} failed: {e}") from e
+            raise ValueError(f"{CLIENT_FAILED}{e}") from e
         return Message(encode_failure(a.client_id, str(e)), reply_to=msg)
     if secure is not None:  # SecAgg+'s masked-vector stage: the mod masks what this returns
         return Message(encode_contribution(update, a, stats, secure, round_index), reply_to=msg)

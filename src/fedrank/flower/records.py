@@ -28,6 +28,7 @@ from fedrank.secure import add_client_noise, contribution
 from fedrank.types import ClientAssignment, ClientUpdate, LoraFactors
 
 __all__ = [
+    "CLIENT_FAILED",
     "decode_assignment",
     "decode_outcome",
     "encode_assignment",
@@ -36,6 +37,11 @@ __all__ = [
     "encode_update",
     "secure_stats",
 ]
+
+CLIENT_FAILED = "fedrank client failure: "
+"""Under secure aggregation a client that fails its own round (diverged, missed its deadline, a value out of
+range) can only answer with an error (SecAgg+ has no failure record); this prefix tells the server that the
+node itself is alive."""
 
 _STATS_KEYS = ("loss", "first_loss", "last_loss", "examples", "seen", "tokens", "truncated", "seconds")
 
@@ -184,16 +190,16 @@ def encode_contribution(
         parts = add_client_noise(parts, std, derive_generator(*keys))
     c = float(secure["clip-range"])  # type: ignore[arg-type]
     peak = max(float(t.abs().max()) for t in parts)
-    if not peak <= c:
+    if not peak <= c:  # the value itself stays on the client: this reason reaches the server in the clear
         raise ValueError(
-            f"client {update.client_id}: a value of its update's change ({peak:.4g}) lies outside secure.clip_range "
-            f"= ±{c:g}, which SecAgg+ would clip; raise secure.clip_range or lower train.lr"
+            f"{CLIENT_FAILED}client {update.client_id}: a value of its update's change lies outside "
+            f"secure.clip_range = ±{c:g}, which SecAgg+ would clip; raise secure.clip_range or lower train.lr"
         )
     weight = 1 if secure["weighting"] == "uniform" else update.num_examples
     max_weight = float(secure["max-weight"])  # type: ignore[arg-type]
     if weight > max_weight:
         raise ValueError(
-            f"client {update.client_id}: its weight {weight} (examples) exceeds the server's max_weight "
+            f"{CLIENT_FAILED}client {update.client_id}: its weight {weight} (examples) exceeds the server's max_weight "
             f"{max_weight:g} (the node's data is larger than the run's partition says)"
         )
     metrics: dict[str, Scalar] = {k: stats[k] for k in _STATS_KEYS if k in stats}

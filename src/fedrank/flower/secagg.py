@@ -35,8 +35,8 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid
 from torch import Tensor
 
-from fedrank.config import SecureConfig
-from fedrank.flower.records import secure_stats
+from fedrank.config import ConfigError, SecureConfig
+from fedrank.flower.records import CLIENT_FAILED, secure_stats
 from fedrank.flower.server_app import FlowerClients
 from fedrank.local import Outcome
 from fedrank.secure import min_contributors
@@ -133,6 +133,13 @@ class _Watched:
         return getattr(self.grid, name)
 
 
+def own_failure(reason: str) -> str:
+    """The client's reason from a flwr error reply carrying :data:`CLIENT_FAILED` (flwr wraps it as
+    ``<class 'ValueError'>:<'...'>``)."""
+    text = reason.split(CLIENT_FAILED, 1)[1]
+    return text[:-2] if text.endswith("'>") else text
+
+
 class SecureFlowerClients(FlowerClients):
     """:class:`FlowerClients` whose sampled nodes upload through SecAgg+: each trained client comes back as a
     ``summed`` outcome with its statistics, and :meth:`secure_mean` gives the unmasked weighted mean."""
@@ -179,6 +186,12 @@ class SecureFlowerClients(FlowerClients):
             )
             contents[node] = content
             sent[node] = (a, content.array_records["assignment"].count_bytes())
+        if len(contents) * self.secure.quantization_range >= self.secure.modulus_range:
+            raise ConfigError(
+                f"secure aggregation: {len(contents)} clients x secure.quantization_range "
+                f"{self.secure.quantization_range} reach secure.modulus_range {self.secure.modulus_range}: the masked "
+                "sum would wrap; raise modulus_range (a power of 2) or lower quantization_range"
+            )
         if len(contents) < 2:
             for a, _ in sent.values():
                 yield Outcome(a.client_id, a, None, error="secure aggregation needs at least 2 clients in a round")
@@ -209,6 +222,8 @@ class SecureFlowerClients(FlowerClients):
                 stats = secure_stats(contributed[node].metrics)
                 stats.update(wire_down_bytes=down, wire_up_bytes=self._uploaded.get(node, 0))
                 yield Outcome(a.client_id, a, None, stats, summed=True)
+            elif CLIENT_FAILED in why:  # the client's own failure; its node is alive and is sampled again
+                yield Outcome(a.client_id, a, None, error=f"node {node}: {own_failure(why)}")
             elif why and (results or why.startswith("no reply")):  # this node failed: not sampled again
                 yield Outcome(a.client_id, a, None, error=self._fail(a.client_id, node, why))
             else:  # a lost round's errors are the protocol's, not necessarily this node's
