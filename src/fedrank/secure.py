@@ -66,9 +66,12 @@ def state_rank(state: Any) -> int:
 
 def held_indices(update: ClientUpdate, sent: ClientAssignment) -> Tensor:
     """The global rank indices the client trained: its sketch or module indices, else its first r_k."""
-    if update.indices is not None:
-        return update.indices
-    return sent.indices if sent.indices is not None else torch.arange(update.rank)
+    return update.indices if update.indices is not None else _dispatched_indices(sent)
+
+
+def _dispatched_indices(a: ClientAssignment) -> Tensor:
+    """The global rank indices an assignment hands its client: its sketch or module indices, else its first r_k."""
+    return a.indices if a.indices is not None else torch.arange(a.rank)
 
 
 def contribution(update: ClientUpdate, sent: ClientAssignment, rank: int) -> list[Tensor]:
@@ -165,7 +168,7 @@ def fixed_denominators(mean: Sequence[Tensor], present: int, dispatched: Sequenc
     K, rank = len(dispatched), mean[-1].numel()
     held = torch.zeros(rank, dtype=mean[-1].dtype)
     for a in dispatched:
-        held[a.indices if a.indices is not None else torch.arange(a.rank)] += 1.0
+        held[_dispatched_indices(a)] += 1.0
     return [m * (present / K) for m in mean[:-1]] + [held / K]
 
 
@@ -174,5 +177,5 @@ def holder_shares(contributors: Sequence[ClientAssignment], weights: Sequence[fl
     weights SecAgg+ applied (both public): what the summed holder flags estimate, exactly."""
     held = torch.zeros(rank, dtype=torch.float64)
     for a, w in zip(contributors, weights, strict=True):
-        held[a.indices if a.indices is not None else torch.arange(a.rank)] += float(w)
+        held[_dispatched_indices(a)] += float(w)
     return (held / max(sum(weights), 1e-300)).float()

@@ -11,7 +11,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -255,11 +255,7 @@ class PrivateRounds:
         """The round's updates clipped (and noised, or the noise the method adds to its sum); the accountant
         steps; what the round record gets."""
         p = self.cfg.privacy
-        if self.amplified and self.cfg.method.name in INDEX_REVEALING and any(u.rank < self.top for u in updates):
-            raise RunFailed(  # a Flower node declared a smaller rank than the config's: the sample would show
-                f"privacy: a client of rank below {self.top} took part in round {round_index + 1}, but ε was being "
-                f"accounted with amplification, which {self.cfg.method.name} then does not allow"
-            )
+        self.check_dispatched(updates, round_index)  # a Flower node may declare a smaller rank than the config's
         gen = self.generator(round_index)
         extra: dict[str, Any] = {}
         # Poisson sampling: the rule divides by the realised K; K/(qN) makes it the expected qN instead
@@ -290,8 +286,9 @@ class PrivateRounds:
             },
         )
 
-    def check_dispatched(self, dispatched: list[ClientAssignment], round_index: int) -> None:
-        """Under secure aggregation: what :meth:`apply` checks of the updates, of the round's dispatch."""
+    def check_dispatched(self, dispatched: Sequence[ClientAssignment | ClientUpdate], round_index: int) -> None:
+        """ε accounted with amplification needs every client of an index-revealing method at the global rank
+        (the round's updates, or under secure aggregation its dispatch): else the sample would show."""
         if self.amplified and self.cfg.method.name in INDEX_REVEALING and any(a.rank < self.top for a in dispatched):
             raise RunFailed(
                 f"privacy: a client of rank below {self.top} took part in round {round_index + 1}, but ε was being "
