@@ -32,7 +32,7 @@ R = 4
 
 
 def method(name: str) -> Any:
-    options: dict[str, Any] = {"rank": R} if name == "fslora" else {}
+    options: dict[str, Any] = {"fslora": {"rank": R}, "hetlora": {"sparsity_weights": False}}.get(name, {})
     return make_method(name, alpha=8.0, seed=3, **options)
 
 
@@ -72,12 +72,14 @@ def private(m: Any, updates: list[ClientUpdate], sent: list[ClientAssignment], c
     """The round's updates clipped in the method's space, without noise (as the engine does)."""
     if m.name in PRODUCT_SPACE:
         return [clip_product(u, m.scaling(u.rank), clip).update for u in updates]
-    return privatize(updates, sent, clip, 0.0, derive_generator(0))[0]
+    return privatize(updates, [m.dp_reference(s) for s in sent], clip, 0.0, derive_generator(0))[0]
 
 
 RANKS = {
     "fedit": [4, 4, 4],
     "ffa": [2, 4, 3],
+    "fedsa": [2, 4, 3],
+    "hetlora": [2, 4, 3],
     "fslora": [2, 4, 3],
     "flexlora": [2, 4, 3],
     "replication": [2, 4, 3],
@@ -85,7 +87,7 @@ RANKS = {
     "fedplora": [2, 4, 3],
     "flora": [2, 4, 3],
 }
-INDEXED = ["fedit", "ffa", "fslora", "replication", "rolora", "fedplora"]
+INDEXED = ["fedit", "ffa", "fedsa", "hetlora", "fslora", "replication", "rolora", "fedplora"]
 """The methods whose mechanism is the per-index one (noise carried by each index's first holder)."""
 
 
@@ -182,6 +184,8 @@ def test_privacy_config_refuses_what_it_cannot_protect(tmp_path: Path) -> None:
         load_config(cfg, [*on, "method.name=fedit"])
     with pytest.raises(ConfigError, match="method 'fedex' has no DP mechanism yet"):
         load_config(cfg, [*on, "method.name=fedex", "federation.weighting=uniform"])
+    with pytest.raises(ConfigError, match=r"hetlora needs method.options = \{sparsity_weights = false\}"):
+        load_config(cfg, [*on, "method.name=hetlora", "federation.weighting=uniform"])
     with pytest.raises(ConfigError, match="give privacy.noise_multiplier or a target privacy.epsilon"):
         PrivacyConfig(clip=1.0)
     with pytest.raises(ConfigError, match="privacy.clip = inf bounds nothing"):
@@ -204,6 +208,7 @@ def test_the_stated_sensitivity_is_reached(name: str) -> None:
 
     m, state, sent, updates = round_of(name, [4, 4, 4] if name == "fedplora" else RANKS[name], 4)
     which, s, u = 0, sent[0], updates[0]  # (ffa: client 0 holds columns every client holds)
+    s = s if name in PRODUCT_SPACE else m.dp_reference(s)  # (fedsa: B measured from zero)
     flipped = {
         layer: LoraFactors(
             s.factors[layer].B - 100 * (f.B - s.factors[layer].B),
@@ -234,6 +239,8 @@ def engine_config(tmp_path: Path, method_name: str, *overrides: str) -> Any:
         base.append("method.options={rank = 4}")
     if method_name == "fedit":
         base.append("ranks.distribution=fixed")
+    if method_name == "hetlora":
+        base.append("method.options={sparsity_weights = false}")
     return load_config(path, [*base, *overrides])
 
 
@@ -496,6 +503,41 @@ def test_every_method_without_a_mechanism_says_why() -> None:
     from fedrank.config import PRIVATE_METHODS
 
     refused = sorted(set(METHODS) - set(PRIVATE_METHODS))
-    assert refused == ["fedex", "fedsa", "hetlora", "lorafair", "raflora"]
+    assert refused == ["fedex", "lorafair", "raflora"]
     reasons = {name: METHODS[name].dp_refused for name in refused}
     assert len(set(reasons.values())) == len(refused) and all(len(r) > 40 for r in reasons.values())
+
+
+def test_fedsa_clips_its_whole_b_and_the_client_keeps_its_own() -> None:
+    """FedSA-LoRA's state averages the clients' whole B_k (not their change), so under DP the contribution is
+    (ΔA_k, B_k): with a persisted B and an unchanged one, the clipped norm still counts all of B."""
+    m = method("fedsa")
+    state = m.init_state(SHAPES, R)
+    g = torch.Generator().manual_seed(8)
+    local = {name: torch.randn(f.B.shape[0], 3, generator=g) for name, f in state.factors.items()}
+    sent = m.dispatch(state, ClientSpec(0, 3, 10), 1, local)
+    moved_a = {n: LoraFactors(f.B, f.A + 0.1) for n, f in sent.factors.items()}
+    u = ClientUpdate(0, 3, 10, moved_a)
+    whole_b = sum(float(b.square().sum()) for b in local.values())
+    change_a = sum(0.01 * f.A.numel() for f in sent.factors.values())
+    assert delta_norm(u, sent) == pytest.approx(math.sqrt(change_a), rel=1e-5)
+    assert delta_norm(u, m.dp_reference(sent)) == pytest.approx(math.sqrt(change_a + whole_b), rel=1e-5)
+    c = clip_update(u, m.dp_reference(sent), 0.5)
+    for name, f in c.update.factors.items():  # B shrinks toward zero, A toward what was sent
+        torch.testing.assert_close(f.B, c.factor * local[name])
+        torch.testing.assert_close(f.A - sent.factors[name].A, c.factor * (moved_a[name].A - sent.factors[name].A))
+
+
+def test_a_private_fedsa_run_releases_clipped_bs_while_clients_keep_theirs(tmp_path: Path) -> None:
+    """Engine, a small clip: every update is clipped and noised, yet what each client persisted for its next
+    round is its own B_k, larger than the clip (the clip touches only the release)."""
+    from fedrank import checkpoint, run_dir
+    from test_flower import records
+
+    cfg = engine_config(tmp_path, "fedsa", "privacy.clip=0.01", "privacy.noise_multiplier=1e-6", "train.lr=0.05")
+    run(cfg, tmp_path / "run")
+    rounds = [r for r in records(tmp_path / "run") if r["type"] == "round"]
+    assert rounds and all(r["dp_clipped"] == 1.0 for r in rounds)
+    kept = [p for p in (tmp_path / "run" / run_dir.CLIENTS).rglob(f"*{run_dir.SUFFIX}") if p.is_file()]
+    norms = [math.sqrt(sum(float(b.square().sum()) for b in checkpoint.load(p).values())) for p in kept]
+    assert kept and min(norms) > 0.05  # each B_k as its client trained it, not clipped to 0.01

@@ -280,7 +280,18 @@ class OutputConfig:
             )
 
 
-PRIVATE_METHODS = ("fedit", "ffa", "fslora", "flexlora", "replication", "rolora", "fedplora", "flora")
+PRIVATE_METHODS = (
+    "fedit",
+    "ffa",
+    "fedsa",
+    "hetlora",
+    "fslora",
+    "flexlora",
+    "replication",
+    "rolora",
+    "fedplora",
+    "flora",
+)
 """Methods with a client-level DP mechanism (:mod:`fedrank.privacy`); the others refuse ``[privacy]`` for now."""
 
 
@@ -406,6 +417,12 @@ class RunConfig:
             )
         if self.method.name == "fslora" and self.method.options.get("normalize", "weights") != "weights":
             raise ConfigError('privacy with fslora needs method.options.normalize = "weights" (the paper\'s rule)')
+        if self.method.name == "hetlora" and self.method.options.get("sparsity_weights", True):
+            raise ConfigError(
+                "privacy with hetlora needs method.options = {sparsity_weights = false}: its weights ‖B_k A_k‖_F "
+                "follow each client's data, so one client would move every weight and no clip bounds that (the "
+                "uniform zero-padded mean is then a stated deviation from the paper)"
+            )
 
     def _check_secure(self) -> None:
         cls = METHODS[self.method.name]

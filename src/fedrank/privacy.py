@@ -1,28 +1,31 @@
 """Client-level differential privacy, DP-FedAvg style (McMahan et al., "Learning Differentially Private
 Recurrent Language Models", ICLR 2018), in the central model: the server clips and adds the noise.
 
-For the factor-averaging methods (fedit, ffa, fslora, replication, rolora, fedplora), each round:
+For the factor-averaging methods (fedit, ffa, fedsa, hetlora, fslora, replication, rolora, fedplora), each
+round:
 
 1. **Clip.** Client k's contribution is what it uploads, as a change: Δ_k = its trained factors minus the
    factors it was sent, over every layer and every factor it trains and uploads (FedIT: B and A; FFA-LoRA:
    B, its A is frozen; FSLoRA: the columns of B and rows of A of its k_i sketch indices; RoLoRA: the factor
-   it trains this round; Fed-PLoRA: its selected modules). Zero-padding to the
+   it trains this round; Fed-PLoRA: its selected modules; FedSA-LoRA: its ΔA_k and its whole B_k, which the
+   state's B averages, :meth:`~fedrank.aggregation.base.MethodOptions.dp_reference`). Zero-padding to the
    global rank R does not change a norm, so ‖Δ_k‖ is also the norm of its padded contribution. The client's
    update becomes sent + γ_k Δ_k with γ_k = min(1, C / ‖Δ_k‖); an update already within C is left exactly as
    it is (no rounding), so C = ∞ and σ = 0 reproduce a run without privacy bit for bit.
 2. **Noise on the sum.** Every method here aggregates, per global rank index i, a sum over the clients that
-   hold i, then divides it by a count the server knows (FedIT, FSLoRA: the round's K clients; FFA-LoRA: the
-   holders of i). The Gaussian mechanism adds N(0, σ²C²) to every coordinate of that sum: the noise of index
-   i is carried by the first client holding it (added to its clipped update), so the method's own rule, left
-   unchanged, sums it once and divides it like the rest. Indices no client holds get no contribution and no
-   noise. Sensitivity of the sum: one client's clipped delta, norm <= C (add/remove; 2C when one client's
-   data is replaced), whatever its rank.
+   hold i, then divides it by a count the server knows (FedIT, FSLoRA, HetLoRA: the round's K clients;
+   FFA-LoRA, FedSA-LoRA: the holders of i). The Gaussian mechanism adds N(0, σ²C²) to every coordinate of
+   that sum: the noise of index i is carried by the first client holding it (added to its clipped update),
+   so the method's own rule, left unchanged, sums it once and divides it like the rest. Indices no client
+   holds get no contribution and no noise. Sensitivity of the sum: one client's clipped delta, norm <= C
+   (add/remove; 2C when one client's data is replaced), whatever its rank.
 3. **Weights are uniform** (``federation.weighting = "uniform"``, checked): an example-count weight would let
    one client's data move the aggregate by more than the clip. The counts the rule divides by (K, or the
-   holders of an index) are treated as public: under fixed-size sampling with replace-one adjacency they are
-   (a client's data changes, not whether it takes part, nor its rank); under Poisson sampling the number of
-   participants is itself random, and the fixed-denominator estimator of McMahan et al., which hides it, is
-   not implemented: the guarantee then assumes the count is public.
+   holders of an index) are public under fixed-size sampling with replace-one adjacency (a client's data
+   changes, not whether it takes part, nor its rank). Under Poisson sampling the number of participants is
+   random: each change is scaled by K/(qN) (:func:`rescale`), so that a rule dividing by the realised K
+   divides by the expected qN instead (McMahan et al.'s fixed-denominator estimator); where clients hold
+   different indices the per-index counts would still show, and Poisson sampling is refused.
 
 For FlexLoRA and FLoRA (:data:`PRODUCT_SPACE`) the contribution is the client's whole update
 ΔW_k = s(r_k)·B_k A_k: its Frobenius norm over all layers comes from the factors (‖BA‖²_F = tr((BᵀB)(AAᵀ)),
@@ -61,7 +64,7 @@ __all__ = [
     "sensitivity",
 ]
 
-INDEX_REVEALING = ("ffa", "fslora", "replication", "rolora", "fedplora")
+INDEX_REVEALING = ("ffa", "fedsa", "hetlora", "fslora", "replication", "rolora", "fedplora")
 """Methods whose released state shows which rank indices the round's clients held, unless every client holds
 every index: their ε is then accounted without the sampling's amplification."""
 

@@ -272,6 +272,7 @@ class PrivateRounds:
                 noise = dense_noise(shapes, self.noise_multiplier * p.clip, gen)
                 extra["noise"] = {k: factor * v for k, v in noise.items()}
         else:
+            sent = [method.dp_reference(s) for s in sent]  # type: ignore[attr-defined]
             noisy, clipped = privatize(updates, sent, p.clip, self.noise_multiplier, gen)
             noisy = rescale(noisy, sent, factor)
         self.accountant.step()
@@ -588,6 +589,8 @@ class Simulation:
         t_agg = time.perf_counter()
         private: dict[str, float] = {}
         noise: dict[str, Any] = {}
+        # what a client keeps for its next round, from its own update (DP's clip and noise are for the release)
+        locals_ = [(u.client_id, self.method.local_state(u)) for u in updates]
         if self.dp is not None and self.cfg.secure.enabled:  # noise added by the clients, under the masks
             private = self.dp.released()
             self.sent = []
@@ -600,10 +603,9 @@ class Simulation:
         self.state = self.method.aggregate(self.state, updates, weights, **noise)
         agg_s = time.perf_counter() - t_agg
         faults.hit("aggregate", t + 1)
-        for u in updates:
-            local = self.method.local_state(u)
+        for client_id, local in locals_:
             if local is not None:
-                checkpoint.save(local, self._local_path(u.client_id, t + 1))
+                checkpoint.save(local, self._local_path(client_id, t + 1))
         n = sum(r["n"] for r in recs)
         rnd = {
             "type": "round",

@@ -133,6 +133,12 @@ class MethodOptions:
     def upload_params(self, update: ClientUpdate) -> int:
         return sum(f.A.numel() + f.B.numel() for f in update.factors.values())
 
+    def dp_reference(self, sent: ClientAssignment) -> ClientAssignment:
+        """What a client's contribution is measured from under ``[privacy]`` (clipped and noised as a change
+        from it): what the client was sent. A method that releases a client's whole factor, not its change
+        (FedSA-LoRA's B), returns it with that factor at zero."""
+        return sent
+
     secure_refused: ClassVar[str] = "its server rule needs each client's update, not only their weighted sum"
 
     def secure_mean(self) -> str | None:

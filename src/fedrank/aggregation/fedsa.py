@@ -13,14 +13,24 @@ single global model can be evaluated and exported (FedSA itself is personalised)
 
 One LoRA scale across ranks: every client trains at the global rank's scale s(R), not its own s(r_k), so a
 rank index means the same update at every client and in the global model (:meth:`MethodOptions.assign`).
+
+Privacy (``[privacy]``, :mod:`fedrank.privacy`). The state releases two per-index holder means: A's, of the
+clients' changes ΔA_k (what the paper shares), and B's, of the clients' *whole* B_k (fedrank's evaluation and
+export model; a client's B_k is its own, built over every round it took part in, so its change alone would
+not bound it). Clipped, to norm C over all layers, is the pair (ΔA_k, B_k) (:meth:`FedSALoRA.dp_reference`
+measures B from zero); the noise N(0, σ²C²) goes on each row's sum of A and each column's sum of B, which
+are then divided by their holders h_i. The client keeps its own, unclipped B_k for its next round (the noise
+and the clip only touch what the server releases). Replacing one client's update moves the state by at most
+2C / min h_i over the indices it holds (:meth:`FedSALoRA.dp_sensitivity`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from fedrank.aggregation.base import (
@@ -28,6 +38,7 @@ from fedrank.aggregation.base import (
     LoraState,
     MethodOptions,
     combine_layers,
+    holder_mean_sensitivity,
     normalized_weights,
     truncated_factors,
 )
@@ -40,10 +51,6 @@ class FedSALoRA(MethodOptions):
     secure_refused: ClassVar[str] = (
         "each client keeps its own B between rounds, which fedrank's server stores for it: the server "
         "would still see every B_k"
-    )
-    dp_refused: ClassVar[str] = (
-        "the state's B is the mean of the clients' own, unclipped B_k (kept for evaluation and export), which"
-        " a mechanism on the shared A alone would release unprotected"
     )
 
     def dispatch(
@@ -75,6 +82,19 @@ class FedSALoRA(MethodOptions):
 
     def local_state(self, update: ClientUpdate) -> dict[str, Tensor] | None:
         return {name: f.B.clone() for name, f in update.factors.items()}
+
+    def dp_reference(self, sent: ClientAssignment) -> ClientAssignment:
+        """The state's B is the holders' mean of the whole B_k: under DP, B_k is clipped from zero (A from what
+        was sent)."""
+        zero = {name: LoraFactors(torch.zeros_like(f.B), f.A) for name, f in sent.factors.items()}
+        return replace(sent, factors=zero)
+
+    def dp_sensitivity(
+        self, specs: Sequence[ClientSpec], indices: Sequence[Tensor | None], which: int, clip: float
+    ) -> float:
+        """Replace-one sensitivity of the holder means of A and B: 2C over the fewest holders of an index client
+        ``which`` holds (its first r_k)."""
+        return holder_mean_sensitivity(specs, indices, which, clip)
 
     def global_model(self, state: LoraState, rank: int | None = None) -> ClientAssignment:
         r = rank or state.rank

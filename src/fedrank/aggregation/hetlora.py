@@ -13,6 +13,14 @@ loss and drops the trailing r_k − r' indices when ‖B[:, r':]A[r':]‖_F / �
 
 One LoRA scale across ranks: every client trains at the global rank's scale s(R), not its own s(r_k), so a
 rank index means the same update at every client and in the global model (:meth:`MethodOptions.assign`).
+
+Privacy (``[privacy]``, :mod:`fedrank.privacy`) needs ``sparsity_weights = false``: the weights ‖B_k A_k‖_F
+follow each client's data, so one client could move every other client's weight, and no clip bounds that.
+Without them the rule is the zero-padded uniform mean B ← (1/K) Σ_k pad(B_k), A ← (1/K) Σ_k pad(A_k) (a
+stated deviation from the paper, and what DP-FedAvg needs). Clipped is client k's (ΔB_k, ΔA_k), its factors
+minus the first r_k indices it was sent, over all layers, to norm C; the noise N(0, σ²C²) goes on each
+index's padded sum before the division by K. Replacing one client's update moves the mean by at most 2C/K
+(:meth:`HetLoRA.dp_sensitivity`). Rank self-pruning is refused under DP (a client's pruned rank would show).
 """
 
 from __future__ import annotations
@@ -84,10 +92,8 @@ class HetLoRA(MethodOptions):
     name: ClassVar[str] = "hetlora"
     secure_refused: ClassVar[str] = "its Frobenius weights need each client's ‖B_k A_k‖_F"
 
-    dp_refused: ClassVar[str] = (
-        "its weights are each client's ‖B_k A_k‖_F, so one client's data moves every weight: no bound on its "
-        "influence without changing the method"
-    )
+    sparsity_weights: bool = True
+    """Weigh each update by ‖B_k A_k‖_F (the paper); False: by the data share p_k alone (needed under DP)."""
 
     def dispatch(
         self, state: LoraState, client: ClientSpec, round_index: int, local: dict[str, Tensor] | None = None
@@ -103,12 +109,20 @@ class HetLoRA(MethodOptions):
         out = {}
         for name, prev in state.factors.items():
             parts = [u.factors[name] for u in updates]
-            norms = torch.tensor([product_norm(f.B, f.A) for f in parts], dtype=torch.float64)
-            w = p * norms
-            # All-zero products (e.g. every B still 0) carry no sparsity signal: weigh by p alone.
-            w = w / w.sum() if float(w.sum()) > 0 else p
+            w = p
+            if self.sparsity_weights:
+                norms = torch.tensor([product_norm(f.B, f.A) for f in parts], dtype=torch.float64)
+                w = p * norms
+                # All-zero products (e.g. every B still 0) carry no sparsity signal: weigh by p alone.
+                w = w / w.sum() if float(w.sum()) > 0 else p
             out[name] = combine_by_index(prev, parts, [first_indices(f.rank) for f in parts], w, mean=False)
         return LoraState(out)
+
+    def dp_sensitivity(
+        self, specs: Sequence[ClientSpec], indices: Sequence[Tensor | None], which: int, clip: float
+    ) -> float:
+        """Replace-one sensitivity of the zero-padded uniform mean: 2C over the K clients."""
+        return 2 * clip / len(specs)
 
     def global_model(self, state: LoraState, rank: int | None = None) -> ClientAssignment:
         r = rank or state.rank
