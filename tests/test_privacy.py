@@ -61,6 +61,8 @@ def round_of(name: str, ranks: list[int], seed: int) -> tuple[Any, Any, list[Cli
 
 def flat(state: Any) -> torch.Tensor:
     """The state's factors, or FlexLoRA's ΔW itself (its stacked factors multiplied out), as one vector."""
+    if getattr(state, "svd", None) is not None and getattr(state, "delta", None) is None:  # raFLoRA: ΔW's SVD
+        return torch.cat([((f.U * f.S) @ f.Vh).flatten() for _, f in sorted(state.svd.items())])
     if hasattr(state, "delta"):
         return torch.cat([(f.B @ f.A).flatten() for _, f in sorted(state.delta.items())])
     if hasattr(state, "merged"):  # FLoRA: the dense merged delta
@@ -71,7 +73,8 @@ def flat(state: Any) -> torch.Tensor:
 def private(m: Any, updates: list[ClientUpdate], sent: list[ClientAssignment], clip: float) -> list[ClientUpdate]:
     """The round's updates clipped in the method's space, without noise (as the engine does)."""
     if m.name in PRODUCT_SPACE:
-        return [clip_product(u, m.scaling(u.rank), clip).update for u in updates]
+        ranks = [u.rank for u in updates]
+        return [clip_product(u, m.scaling(u.rank), clip, m.dp_pieces(u.rank, ranks)).update for u in updates]
     return privatize(updates, [m.dp_reference(s) for s in sent], clip, 0.0, derive_generator(0))[0]
 
 
@@ -86,6 +89,7 @@ RANKS = {
     "rolora": [2, 4, 3],
     "fedplora": [2, 4, 3],
     "flora": [2, 4, 3],
+    "raflora": [2, 4, 3],
 }
 INDEXED = ["fedit", "ffa", "fedsa", "hetlora", "fslora", "replication", "rolora", "fedplora"]
 """The methods whose mechanism is the per-index one (noise carried by each index's first holder)."""
@@ -206,7 +210,7 @@ def test_the_stated_sensitivity_is_reached(name: str) -> None:
     client holds (Fed-PLoRA: every client at the global rank, so its random modules are all of them)."""
     from fedrank.privacy import sensitivity
 
-    m, state, sent, updates = round_of(name, [4, 4, 4] if name == "fedplora" else RANKS[name], 4)
+    m, state, sent, updates = round_of(name, [4, 4, 4] if name in ("fedplora", "raflora") else RANKS[name], 4)
     which, s, u = 0, sent[0], updates[0]  # (ffa: client 0 holds columns every client holds)
     s = s if name in PRODUCT_SPACE else m.dp_reference(s)  # (fedsa: B measured from zero)
     flipped = {
@@ -503,7 +507,7 @@ def test_every_method_without_a_mechanism_says_why() -> None:
     from fedrank.config import PRIVATE_METHODS
 
     refused = sorted(set(METHODS) - set(PRIVATE_METHODS))
-    assert refused == ["fedex", "lorafair", "raflora"]
+    assert refused == ["fedex", "lorafair"]
     reasons = {name: METHODS[name].dp_refused for name in refused}
     assert len(set(reasons.values())) == len(refused) and all(len(r) > 40 for r in reasons.values())
 
@@ -541,3 +545,40 @@ def test_a_private_fedsa_run_releases_clipped_bs_while_clients_keep_theirs(tmp_p
     kept = [p for p in (tmp_path / "run" / run_dir.CLIENTS).rglob(f"*{run_dir.SUFFIX}") if p.is_file()]
     norms = [math.sqrt(sum(float(b.square().sum()) for b in checkpoint.load(p).values())) for p in kept]
     assert kept and min(norms) > 0.05  # each B_k as its client trained it, not clipped to 0.01
+
+
+def test_raflora_clips_its_partition_pieces_jointly_and_noises_each_partition_sum() -> None:
+    """raFLoRA over ranks [2, 4, 4, 8]: partitions [0, 2), [2, 4), [4, 8) with 4, 3 and 1 clients. A client's
+    clip bounds the norm of its pieces' concatenation; noise std 1 on each partition sum reaches ΔW with std
+    √(1/16 + 1/9 + 1)."""
+    m = make_method("raflora", alpha=8.0, seed=0)
+    state = m.init_state({"w": (400, 300)}, 8)
+    ranks = [2, 4, 4, 8]
+    sent = [m.dispatch(state, ClientSpec(k, r, 1), 0) for k, r in enumerate(ranks)]
+    g = torch.Generator().manual_seed(2)
+    updates = [
+        ClientUpdate(a.client_id, a.rank, 1, {k: LoraFactors(torch.randn(f.B.shape, generator=g), f.A)})
+        for a in sent
+        for k, f in a.factors.items()
+    ]
+    u, s = updates[3], m.scaling(8)
+    pieces = m.dp_pieces(8, ranks)
+    assert pieces == [(0, 2), (2, 4), (4, 8)] and m.dp_pieces(4, ranks) == [(0, 2), (2, 4)]
+    c = clip_product(u, s, 1e-3, pieces)
+    assert product_norm(c.update, s, pieces) == pytest.approx(1e-3, rel=1e-5)
+    whole = product_norm(u, s)
+    assert abs(product_norm(u, s, pieces) - whole) > 1e-4 * whole  # not ΔW_k's whole norm (cross terms)
+    ones = [1.0] * 4
+    noise = dense_noise({"w": (400, 300)}, 1.0, derive_generator(4))
+    diff = flat(m.aggregate(state, updates, ones, noise=noise)) - flat(m.aggregate(state, updates, ones))
+    assert diff.std().item() == pytest.approx(math.sqrt(1 / 16 + 1 / 9 + 1), rel=0.02)
+
+
+def test_raflora_refuses_poisson_with_mixed_ranks(tmp_path: Path) -> None:
+    from fedrank.simulation import Simulation
+
+    cfg = engine_config(
+        tmp_path, "raflora", "privacy.clip=0.1", "privacy.noise_multiplier=1.0", "privacy.sampling=poisson"
+    )
+    with pytest.raises(ConfigError, match='sampling = "poisson" with raflora and mixed ranks'):
+        Simulation(cfg, tmp_path / "run", progress=False)

@@ -291,6 +291,7 @@ PRIVATE_METHODS = (
     "rolora",
     "fedplora",
     "flora",
+    "raflora",
 )
 """Methods with a client-level DP mechanism (:mod:`fedrank.privacy`); the others refuse ``[privacy]`` for now."""
 

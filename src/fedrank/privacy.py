@@ -27,11 +27,13 @@ round:
    divides by the expected qN instead (McMahan et al.'s fixed-denominator estimator); where clients hold
    different indices the per-index counts would still show, and Poisson sampling is refused.
 
-For FlexLoRA and FLoRA (:data:`PRODUCT_SPACE`) the contribution is the client's whole update
+For FlexLoRA, FLoRA and raFLoRA (:data:`PRODUCT_SPACE`) the contribution is the client's whole update
 ΔW_k = s(r_k)·B_k A_k: its Frobenius norm over all layers comes from the factors (‖BA‖²_F = tr((BᵀB)(AAᵀ)),
 no m×n matrix), B_k is scaled by γ_k, and the noise is dense, N(0, σ²C²) on every entry of Σ_k ΔW_k
 (:func:`dense_noise`, added by the method before its mean), which makes FlexLoRA's ΔW full rank (FLoRA's
-state is dense already).
+state is dense already). raFLoRA averages each rank partition over its own clients, so its contribution is
+ΔW_k's partition pieces, clipped jointly (the norm of their concatenation) and each partition's sum noised
+(:mod:`fedrank.aggregation.raflora`).
 
 The accountant (:mod:`fedrank.accounting`, Google's dp-accounting) composes one sampled Gaussian mechanism
 per aggregated round.
@@ -68,7 +70,7 @@ INDEX_REVEALING = ("ffa", "fedsa", "hetlora", "fslora", "replication", "rolora",
 """Methods whose released state shows which rank indices the round's clients held, unless every client holds
 every index: their ε is then accounted without the sampling's amplification."""
 
-PRODUCT_SPACE = ("flexlora", "flora")
+PRODUCT_SPACE = ("flexlora", "flora", "raflora")
 """Methods that aggregate each client's whole update ΔW_k = s(r_k)·B_k A_k rather than its factors: clipped
 in that space (:func:`clip_product`), with dense noise on the sum (:func:`dense_noise`)."""
 
@@ -134,18 +136,24 @@ def rescale(updates: Sequence[ClientUpdate], sents: Sequence[ClientAssignment], 
     return out
 
 
-def product_norm(u: ClientUpdate, scaling: float) -> float:
-    """‖ΔW_k‖_F over every layer, ΔW_k = scaling·B A, from the factors: Σ tr((BᵀB)(AAᵀ)), never m×n."""
+def product_norm(u: ClientUpdate, scaling: float, pieces: Sequence[tuple[int, int]] | None = None) -> float:
+    """‖ΔW_k‖_F over every layer, ΔW_k = scaling·B A, from the factors: Σ tr((BᵀB)(AAᵀ)), never m×n.
+    ``pieces``: rank ranges [a, b) whose products scaling·B[:, a:b] A[a:b] are measured separately, the norm
+    of their concatenation (raFLoRA's rank partitions); None: ΔW_k whole."""
     total = torch.zeros((), dtype=torch.float64)
     for f in u.factors.values():
-        B, A = f.B.double(), f.A.double()
-        total += torch.trace((B.T @ B) @ (A @ A.T))
+        for a, b in pieces if pieces is not None else [(0, f.rank)]:
+            B, A = f.B[:, a:b].double(), f.A[a:b].double()
+            total += torch.trace((B.T @ B) @ (A @ A.T))
     return float(total.clamp_min(0).sqrt()) * abs(scaling)
 
 
-def clip_product(u: ClientUpdate, scaling: float, clip: float) -> Clipped:
-    """``u`` with B scaled so that ‖scaling·B A‖_F <= ``clip`` over all layers (unchanged when it is)."""
-    norm = product_norm(u, scaling)
+def clip_product(
+    u: ClientUpdate, scaling: float, clip: float, pieces: Sequence[tuple[int, int]] | None = None
+) -> Clipped:
+    """``u`` with B scaled so that ‖scaling·B A‖_F <= ``clip`` over all layers (unchanged when it is);
+    ``pieces`` as in :func:`product_norm`."""
+    norm = product_norm(u, scaling, pieces)
     if norm <= clip:
         return Clipped(u, norm, 1.0)
     gamma = clip / norm

@@ -219,6 +219,11 @@ class PrivateRounds:
                 f'privacy: sampling = "poisson" with {cfg.method.name} whose clients hold different rank indices has '
                 'no fixed-denominator mechanism yet (its per-index counts would show who took part); use "fixed"'
             )
+        if cfg.method.name == "raflora" and p.sampling == "poisson" and len(set(ranks)) > 1:
+            raise ConfigError(
+                'privacy: sampling = "poisson" with raflora and mixed ranks has no fixed-denominator mechanism '
+                '(each rank partition is divided by the count of its clients, which would show); use "fixed"'
+            )
         if reveals:
             log.warning(
                 "privacy: %s's update shows which rank indices the round's clients held, so part of the sample: "
@@ -261,7 +266,11 @@ class PrivateRounds:
         # Poisson sampling: the rule divides by the realised K; K/(qN) makes it the expected qN instead
         factor = len(updates) / self.accountant.event.per_round if p.sampling == "poisson" else 1.0
         if self.cfg.method.name in PRODUCT_SPACE:
-            clipped = [clip_product(u, method.scaling(u.rank), p.clip) for u in updates]  # type: ignore[attr-defined]
+            ranks = [u.rank for u in updates]
+            clipped = [
+                clip_product(u, method.scaling(u.rank), p.clip, method.dp_pieces(u.rank, ranks))  # type: ignore[attr-defined]
+                for u in updates
+            ]
             noisy = [c.update for c in clipped]
             if factor != 1.0:
                 noisy = [

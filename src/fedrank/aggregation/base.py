@@ -139,6 +139,11 @@ class MethodOptions:
         (FedSA-LoRA's B), returns it with that factor at zero."""
         return sent
 
+    def dp_pieces(self, rank: int, ranks: Sequence[int]) -> list[tuple[int, int]] | None:
+        """For a method that clips ΔW_k (``fedrank.privacy.PRODUCT_SPACE``): rank ranges whose products the clip
+        bounds jointly, for a client of ``rank`` in a round of ``ranks``; None: ΔW_k whole."""
+        return None
+
     secure_refused: ClassVar[str] = "its server rule needs each client's update, not only their weighted sum"
 
     def secure_mean(self) -> str | None:

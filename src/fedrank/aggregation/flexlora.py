@@ -226,12 +226,16 @@ class FlexLoRA(MethodOptions):
 
 def _with_noise(B: Tensor, A: Tensor, noise: Sequence[Tensor], total: float) -> tuple[Tensor, Tensor]:
     """Stacked factors (batch, m, R), (batch, R, n) with each layer's noise / ``total`` appended as one more
-    factor pair: (N, I_n), or (I_m, N) when m < n (the smaller identity)."""
-    batch, m, _ = B.shape
-    n = A.shape[-1]
-    N = torch.stack([x.to(B.dtype) for x in noise]) / total
+    factor pair (:func:`noise_pair`)."""
+    pairs = [noise_pair(x.to(B.dtype) / total) for x in noise]
+    nB, nA = torch.stack([b for b, _ in pairs]), torch.stack([a for _, a in pairs])
+    return torch.cat([B, nB], dim=-1), torch.cat([A, nA], dim=-2)
+
+
+def noise_pair(N: Tensor) -> tuple[Tensor, Tensor]:
+    """A dense m×n ``N`` as a factor pair whose product is N: (N, I_n), or (I_m, N) when m < n (the smaller
+    identity), to append to a stack of factors."""
+    m, n = N.shape
     if m < n:
-        eye = torch.eye(m, dtype=B.dtype, device=B.device).expand(batch, m, m)
-        return torch.cat([B, eye], dim=-1), torch.cat([A, N], dim=-2)
-    eye = torch.eye(n, dtype=A.dtype, device=A.device).expand(batch, n, n)
-    return torch.cat([B, N], dim=-1), torch.cat([A, eye], dim=-2)
+        return torch.eye(m, dtype=N.dtype, device=N.device), N
+    return N, torch.eye(n, dtype=N.dtype, device=N.device)

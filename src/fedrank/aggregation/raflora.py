@@ -26,10 +26,22 @@ partitions here come from the round's distinct ranks, which gives the same ΔW a
 levels (C_m is constant between consecutive ranks of the round). The
 state and dispatch are FlexLoRA's: every SVD component is kept unless ``components`` is set.
 Communication is FlexLoRA's: r_k·(m + n) down and up per layer.
+
+Privacy (``[privacy]``, :mod:`fedrank.privacy`, uniform weights, so p_k^(m) = 1/c_m with c_m = |C_m|). The
+release is the Gaussian mechanism on the M partition sums S_m = Σ_{k∈C_m} s_k B_k[:, P_m] A_k[P_m, :]:
+client k's contribution is the concatenation of its pieces (one per partition it covers), clipped jointly
+to norm C over every layer (:meth:`RaFLoRA.dp_pieces`: the norm from the factors, never m×n), and each S_m
+gets dense noise N_m ~ N(0, σ²C²). ΔW = Σ_m (S_m + N_m)/c_m, so the noise on ΔW is one dense Gaussian of
+standard deviation σC·√(Σ_m 1/c_m²) per entry, which is what the aggregate adds. Replacing one client's
+update moves ΔW by at most 2C·√(Σ_{m: k∈C_m} 1/c_m²) (Cauchy–Schwarz over its pieces;
+:meth:`RaFLoRA.dp_sensitivity`). The counts c_m come from the round's ranks, public under fixed-size
+sampling; Poisson sampling with mixed ranks is refused (the counts would show).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -38,9 +50,23 @@ import torch
 from torch import Tensor
 
 from fedrank.aggregation.base import AggregationError, check_layers, normalized_weights
-from fedrank.aggregation.flexlora import FlexLoRA, FlexLoRAState
+from fedrank.aggregation.flexlora import FlexLoRA, FlexLoRAState, noise_pair
 from fedrank.lowrank import LowRankSVD, svd_of_sum
-from fedrank.types import ClientUpdate
+from fedrank.types import ClientSpec, ClientUpdate
+
+
+def partitions(ranks: Sequence[int]) -> list[tuple[int, int]]:
+    """The round's rank partitions [r_(m-1), r_(m)) between consecutive distinct ranks, from r_(0) = 0."""
+    edges = [0, *sorted(set(ranks))]
+    return list(itertools.pairwise(edges))
+
+
+def noise_scale(ranks: Sequence[int], weights: Sequence[float]) -> float:
+    """√(Σ_m 1/c_m²), c_m the weight of the clients covering partition m: the standard deviation, per unit of
+    each partition sum's noise, of Σ_m N_m / c_m."""
+    return math.sqrt(
+        sum(1 / sum(w for r, w in zip(ranks, weights, strict=True) if r >= b) ** 2 for _, b in partitions(ranks))
+    )
 
 
 def partition_weights(ranks: Sequence[int], p: Tensor) -> list[Tensor]:
@@ -60,11 +86,6 @@ class RaFLoRA(FlexLoRA):
     name: ClassVar[str] = "raflora"
     secure_refused: ClassVar[str] = "its SVD needs Σ_k p_k s_k B_k A_k, a sum of dense m×n products (as FlexLoRA's)"
 
-    dp_refused: ClassVar[str] = (
-        "each rank partition is divided by its covering clients, and the partition pieces of one ΔW_k are not"
-        " bounded by ‖ΔW_k‖: it needs per-partition clipping"
-    )
-
     def aggregate(
         self,
         state: FlexLoRAState,
@@ -72,11 +93,15 @@ class RaFLoRA(FlexLoRA):
         weights: Sequence[float] | None = None,
         noise: Mapping[str, Tensor] | None = None,
     ) -> FlexLoRAState:
-        if noise is not None:
-            raise AggregationError("raflora has no DP mechanism yet (privacy is refused for it at config load)")
+        """ΔW = Σ_m Σ_{k∈C_m} p_k^(m) s_k B_k[:, P_m] A_k[P_m, :] and its SVD. ``noise`` (privacy): a dense
+        N(0, σ²C²) per layer, added times √(Σ_m 1/c_m²) (:func:`noise_scale`), as one more factor pair."""
         p = normalized_weights(updates, weights)
         check_layers(state.init, updates)
-        per_index = partition_weights([u.rank for u in updates], p)
+        ranks = [u.rank for u in updates]
+        per_index = partition_weights(ranks, p)
+        if noise is not None and weights is None:
+            raise AggregationError("raflora: noise needs the round's weights (uniform under privacy)")
+        scale = noise_scale(ranks, weights) if noise is not None and weights is not None else 0.0
         svd = {}
         for name in state.init:
             Bs = []
@@ -84,6 +109,23 @@ class RaFLoRA(FlexLoRA):
                 B = u.factors[name].B
                 Bs.append(B * (self.scaling(u.rank) * w).to(B.dtype))  # column i of B_k times s_k·p_k^(m)
             As = [u.factors[name].A for u in updates]
-            U, S, Vh = svd_of_sum(Bs, As, [1.0] * len(updates), rank=self.components)
+            if noise is not None:
+                nB, nA = noise_pair(noise[name] * scale)
+                Bs.append(nB.to(Bs[0].dtype))
+                As.append(nA.to(As[0].dtype))
+            U, S, Vh = svd_of_sum(Bs, As, [1.0] * len(Bs), rank=self.components)
             svd[name] = LowRankSVD(U, S, Vh)
         return FlexLoRAState(state.init, svd)
+
+    def dp_pieces(self, rank: int, ranks: Sequence[int]) -> list[tuple[int, int]] | None:
+        """The partitions of the round that a client of ``rank`` covers: clipped jointly."""
+        return [(a, b) for a, b in partitions(ranks) if b <= rank]
+
+    def dp_sensitivity(
+        self, specs: Sequence[ClientSpec], indices: Sequence[Tensor | None], which: int, clip: float
+    ) -> float:
+        """Replace-one sensitivity of ΔW: client ``which``'s pieces (jointly within C) each divided by their
+        partition's clients c_m, so at most 2C·√(Σ_{m it covers} 1/c_m²)."""
+        ranks = [s.rank for s in specs]
+        mine = specs[which].rank
+        return 2 * clip * math.sqrt(sum(1 / sum(r >= b for r in ranks) ** 2 for _, b in partitions(ranks) if b <= mine))
