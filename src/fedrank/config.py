@@ -280,22 +280,6 @@ class OutputConfig:
             )
 
 
-PRIVATE_METHODS = (
-    "fedit",
-    "ffa",
-    "fedsa",
-    "hetlora",
-    "fslora",
-    "flexlora",
-    "replication",
-    "rolora",
-    "fedplora",
-    "flora",
-    "raflora",
-)
-"""Methods with a client-level DP mechanism (:mod:`fedrank.privacy`); the others refuse ``[privacy]`` for now."""
-
-
 @dataclass(frozen=True)
 class PrivacyConfig:
     """Client-level differential privacy, DP-FedAvg style (the server clips and adds the noise;
@@ -396,12 +380,6 @@ class RunConfig:
         p = self.privacy
         if not p.enabled:
             return
-        if self.method.name not in PRIVATE_METHODS:
-            why = getattr(METHODS[self.method.name], "dp_refused", "")
-            raise ConfigError(
-                f"privacy: method {self.method.name!r} has no DP mechanism yet ({why}); methods with one: "
-                + ", ".join(PRIVATE_METHODS)
-            )
         if self.federation.weighting != "uniform":
             raise ConfigError(
                 'privacy needs federation.weighting = "uniform": a weight that follows a client\'s data (its '

@@ -35,6 +35,16 @@ state is dense already). raFLoRA averages each rank partition over its own clien
 ΔW_k's partition pieces, clipped jointly (the norm of their concatenation) and each partition's sum noised
 (:mod:`fedrank.aggregation.raflora`).
 
+FedEx-LoRA and LoRA-FAIR (:data:`JOINT`) build their state from the factor means *and* the mean of the
+clients' products: with every client starting from the global factors (B⁰, A⁰), Σ_k p_k B_k A_k − B̄Ā =
+mean(ΔB_k ΔA_k) − mean(ΔB_k)·mean(ΔA_k), so all they need of the clients is the sums of ΔB_k, ΔA_k and
+P_k = s·ΔB_k ΔA_k (s the scale the client trained at). Client k's contribution is the concatenation
+(ΔB_k, ΔA_k, P_k), clipped jointly to norm C by one factor γ on both factor changes (the product then scales
+by γ², :func:`clip_joint`), so a clipped contribution is still a client's update; the factor sums get the
+per-index noise above and Σ_k P_k dense noise N(0, σ²C²) on every entry (:func:`product_sum`, passed to the
+method as ``products``). The residual (FedEx-LoRA) and the correction (LoRA-FAIR) are computed from those
+released sums alone: post-processing.
+
 The accountant (:mod:`fedrank.accounting`, Google's dp-accounting) composes one sampled Gaussian mechanism
 per aggregated round.
 """
@@ -53,26 +63,33 @@ from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactor
 
 __all__ = [
     "INDEX_REVEALING",
+    "JOINT",
     "PRODUCT_SPACE",
     "Clipped",
     "add_noise_to_sum",
+    "clip_joint",
     "clip_product",
     "clip_update",
     "delta_norm",
     "dense_noise",
     "privatize",
     "product_norm",
+    "product_sum",
     "rescale",
     "sensitivity",
 ]
 
-INDEX_REVEALING = ("ffa", "fedsa", "hetlora", "fslora", "replication", "rolora", "fedplora")
+INDEX_REVEALING = ("ffa", "fedsa", "hetlora", "fedex", "fslora", "replication", "rolora", "fedplora")
 """Methods whose released state shows which rank indices the round's clients held, unless every client holds
 every index: their ε is then accounted without the sampling's amplification."""
 
 PRODUCT_SPACE = ("flexlora", "flora", "raflora")
 """Methods that aggregate each client's whole update ΔW_k = s(r_k)·B_k A_k rather than its factors: clipped
 in that space (:func:`clip_product`), with dense noise on the sum (:func:`dense_noise`)."""
+
+JOINT = ("fedex", "lorafair")
+"""Methods whose state is post-processing of the factor means and the mean of the clients' products
+s·ΔB_k ΔA_k: clipped jointly (:func:`clip_joint`), noised on both sums (:func:`product_sum`)."""
 
 
 @dataclass(frozen=True)
@@ -108,14 +125,18 @@ def clip_update(u: ClientUpdate, sent: ClientAssignment, clip: float) -> Clipped
     if norm <= clip:
         return Clipped(u, norm, 1.0)
     gamma = clip / norm
-    use_b, use_a = _uploaded(u)
+    return Clipped(_scaled(u, sent, gamma), norm, gamma)
+
+
+def _scaled(u: ClientUpdate, sent: ClientAssignment, factor: float) -> ClientUpdate:
+    """``u`` with the change of each factor it trained, from what it was sent, times ``factor``."""
     factors = {}
     for name, f in u.factors.items():
         s = sent.factors[name]
-        B = s.B + gamma * (f.B - s.B) if use_b else f.B
-        A = s.A + gamma * (f.A - s.A) if use_a else f.A
+        B = s.B + factor * (f.B - s.B) if u.train_B else f.B
+        A = s.A + factor * (f.A - s.A) if u.train_A else f.A
         factors[name] = LoraFactors(B, A)
-    return Clipped(replace(u, factors=factors), norm, gamma)
+    return replace(u, factors=factors)
 
 
 def rescale(updates: Sequence[ClientUpdate], sents: Sequence[ClientAssignment], factor: float) -> list[ClientUpdate]:
@@ -124,16 +145,7 @@ def rescale(updates: Sequence[ClientUpdate], sents: Sequence[ClientAssignment], 
     et al.'s fixed-denominator estimator: the count no longer shows). ``factor`` 1 changes nothing."""
     if factor == 1.0:
         return list(updates)
-    out = []
-    for u, s in zip(updates, sents, strict=True):
-        factors = {}
-        for name, f in u.factors.items():
-            g = s.factors[name]
-            B = g.B + factor * (f.B - g.B) if u.train_B else f.B
-            A = g.A + factor * (f.A - g.A) if u.train_A else f.A
-            factors[name] = LoraFactors(B, A)
-        out.append(replace(u, factors=factors))
-    return out
+    return [_scaled(u, s, factor) for u, s in zip(updates, sents, strict=True)]
 
 
 def product_norm(u: ClientUpdate, scaling: float, pieces: Sequence[tuple[int, int]] | None = None) -> float:
@@ -158,6 +170,47 @@ def clip_product(
         return Clipped(u, norm, 1.0)
     gamma = clip / norm
     return Clipped(replace(u, factors={k: LoraFactors(gamma * f.B, f.A) for k, f in u.factors.items()}), norm, gamma)
+
+
+def _changes(u: ClientUpdate, sent: ClientAssignment) -> dict[str, tuple[Tensor, Tensor]]:
+    """(ΔB_k, ΔA_k) per layer, in float64."""
+    return {
+        name: (f.B.double() - sent.factors[name].B.double(), f.A.double() - sent.factors[name].A.double())
+        for name, f in u.factors.items()
+    }
+
+
+def joint_norms(u: ClientUpdate, sent: ClientAssignment) -> tuple[float, float]:
+    """(‖(ΔB_k, ΔA_k)‖, ‖s·ΔB_k ΔA_k‖_F) over every layer, s = ``sent.scaling``; the product's norm from
+    the factors (tr((ΔBᵀΔB)(ΔAΔAᵀ))), never m×n."""
+    factors = torch.zeros((), dtype=torch.float64)
+    product = torch.zeros((), dtype=torch.float64)
+    for dB, dA in _changes(u, sent).values():
+        factors += dB.square().sum() + dA.square().sum()
+        product += torch.trace((dB.T @ dB) @ (dA @ dA.T))
+    return float(factors.sqrt()), float(product.clamp_min(0).sqrt()) * abs(sent.scaling)
+
+
+def clip_joint(u: ClientUpdate, sent: ClientAssignment, clip: float) -> Clipped:
+    """``u`` with both factor changes scaled by γ so that ‖(γΔB, γΔA, γ²·s·ΔB ΔA)‖ <= ``clip`` (unchanged,
+    bit for bit, when it already is). With F, P the two norms of :func:`joint_norms`, x = γ² solves
+    P²x² + F²x = C²: x = 2C² / (F² + √(F⁴ + 4P²C²))."""
+    fn, pn = joint_norms(u, sent)
+    norm = math.hypot(fn, pn)
+    if norm <= clip:
+        return Clipped(u, norm, 1.0)
+    gamma = math.sqrt(2 * clip**2 / (fn**2 + math.sqrt(fn**4 + 4 * pn**2 * clip**2)))
+    return Clipped(_scaled(u, sent, gamma), norm, gamma)
+
+
+def product_sum(updates: Sequence[ClientUpdate], sents: Sequence[ClientAssignment]) -> dict[str, Tensor]:
+    """Σ_k s_k·ΔB_k ΔA_k per layer (dense m×n, float64): the products :data:`JOINT` methods need."""
+    out: dict[str, Tensor] = {}
+    for u, sent in zip(updates, sents, strict=True):
+        for name, (dB, dA) in _changes(u, sent).items():
+            term = sent.scaling * (dB @ dA)
+            out[name] = out[name] + term if name in out else term
+    return out
 
 
 def dense_noise(shapes: dict[str, tuple[int, int]], std: float, generator: torch.Generator) -> dict[str, Tensor]:

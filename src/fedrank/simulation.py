@@ -47,7 +47,18 @@ from fedrank.models import (
     use_onednn,
     uses_onednn,
 )
-from fedrank.privacy import INDEX_REVEALING, PRODUCT_SPACE, clip_product, dense_noise, privatize, rescale
+from fedrank.privacy import (
+    INDEX_REVEALING,
+    JOINT,
+    PRODUCT_SPACE,
+    add_noise_to_sum,
+    clip_joint,
+    clip_product,
+    dense_noise,
+    privatize,
+    product_sum,
+    rescale,
+)
 from fedrank.ranks import ModelFootprint, assign_ranks, budget_ranks
 from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
 from fedrank.validation import RunFailed, validate_update
@@ -280,6 +291,15 @@ class PrivateRounds:
                 shapes = {k: (f.B.shape[0], f.A.shape[1]) for k, f in updates[0].factors.items()}
                 noise = dense_noise(shapes, self.noise_multiplier * p.clip, gen)
                 extra["noise"] = {k: factor * v for k, v in noise.items()}
+        elif self.cfg.method.name in JOINT:  # the factor sums and the product sum, clipped jointly
+            clipped = [clip_joint(u, s, p.clip) for u, s in zip(updates, sent, strict=True)]
+            std = self.noise_multiplier * p.clip if math.isfinite(p.clip) else 0.0
+            noisy = rescale(add_noise_to_sum([c.update for c in clipped], std, gen), sent, factor)
+            if math.isfinite(p.clip):  # (C = ∞: the method's own exact rule, bit for bit)
+                products = product_sum([c.update for c in clipped], sent)
+                shapes = {k: (v.shape[0], v.shape[1]) for k, v in products.items()}
+                noise = dense_noise(shapes, std, gen)
+                extra["products"] = {k: factor * (v + noise[k].double()) for k, v in products.items()}
         else:
             sent = [method.dp_reference(s) for s in sent]  # type: ignore[attr-defined]
             noisy, clipped = privatize(updates, sent, p.clip, self.noise_multiplier, gen)

@@ -36,11 +36,20 @@ form, [p_1 s_R B̂_1 … p_K s_R B̂_K, −s_R B̄]·[Â_1; …; Â_K; Ā],
 (K + 1)·R·(m + n) per layer and round, whose running size ``FedExState.stacked_params`` keeps for
 comparison; fedrank sends the dense residual, so that is what is counted. A client sends its factors,
 r_k·(m + n).
+
+Privacy (``[privacy]``, :mod:`fedrank.privacy`, uniform weights 1/K). With B̂_k = B̄_old + pad(ΔB_k) and
+Â_k = Ā_old + pad(ΔA_k), the round's residual is s_R·(mean_k ΔB_k ΔA_k − mean_k ΔB_k · mean_k ΔA_k): the
+state needs only the sums of the factor changes and of the products P_k = s_R·ΔB_k ΔA_k. Clipped, jointly to
+norm C over all layers, is (ΔB_k, ΔA_k, P_k) (:func:`fedrank.privacy.clip_joint`); the factor sums get
+N(0, σ²C²) on every held index and Σ_k P_k dense N(0, σ²C²) on every entry (``products``), and the new
+factors and the residual are computed from those noisy sums alone. Replacing one client's update moves the
+released means by at most 2C/K (:meth:`FedExLoRA.dp_sensitivity`). The residual is dense already, so the
+dense noise costs little more.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -54,6 +63,8 @@ from fedrank.aggregation.base import (
     check_layers,
     init_state_factors,
     normalized_weights,
+    product_sensitivity,
+    weight_sum_for_noise,
 )
 from fedrank.aggregation.fold import complement, select_indices
 from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors, payload_numel
@@ -87,11 +98,6 @@ class FedExLoRA(MethodOptions):
     name: ClassVar[str] = "fedex"
     secure_refused: ClassVar[str] = "its residual needs Σ_k p_k B_k A_k, a sum of dense m×n products"
 
-    dp_refused: ClassVar[str] = (
-        "its state releases the factor means and a residual of products; a bound needs both the factors and "
-        "the products clipped"
-    )
-
     def init_state(self, shapes: Shapes, max_rank: int) -> FedExState:
         factors = init_state_factors(shapes, max_rank, self.seed)
         return FedExState(factors, {name: torch.zeros(f.shape, dtype=f.A.dtype) for name, f in factors.items()})
@@ -110,9 +116,16 @@ class FedExLoRA(MethodOptions):
         return ClientAssignment(client.client_id, r, s_R, factors, download, base_delta=residual, frozen=frozen)
 
     def aggregate(
-        self, state: FedExState, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None
+        self,
+        state: FedExState,
+        updates: Sequence[ClientUpdate],
+        weights: Sequence[float] | None = None,
+        products: Mapping[str, Tensor] | None = None,
     ) -> FedExState:
+        """``products`` (privacy): per layer the noisy Σ_k s_R·ΔB_k ΔA_k; the residual is then computed from it
+        and the factor means alone (see the module's privacy note)."""
         p = normalized_weights(updates, weights)
+        total = weight_sum_for_noise(self.name, weights, len(updates)) if products is not None else 1.0
         check_layers(state.factors, updates)
         R = state.rank
         s_R = self.scaling(R)
@@ -130,14 +143,25 @@ class FedExLoRA(MethodOptions):
             w = p.tolist()
             B_bar = sum((wk * B for wk, B in zip(w, B_hats, strict=True)), torch.zeros_like(B_hats[0]))
             A_bar = sum((wk * A for wk, A in zip(w, A_hats, strict=True)), torch.zeros_like(A_hats[0]))
-            # The round's residual in its factored form [p_1 B̂_1 … p_K B̂_K, −B̄]·[Â_1; …; Â_K; Ā], one product.
-            left = torch.cat([wk * B for wk, B in zip(w, B_hats, strict=True)] + [-B_bar], dim=1)
-            right = torch.cat([*A_hats, A_bar], dim=0)
             res = state.residual[name]
-            residual[name] = res + (s_R * (left @ right)).to(res.dtype)
+            if products is None:
+                # The round's residual in its factored form [p_1 B̂_1 … p_K B̂_K, −B̄]·[Â_1; …; Â_K; Ā].
+                left = torch.cat([wk * B for wk, B in zip(w, B_hats, strict=True)] + [-B_bar], dim=1)
+                right = torch.cat([*A_hats, A_bar], dim=0)
+                residual[name] = res + (s_R * (left @ right)).to(res.dtype)
+            else:  # mean P_k − s_R·mean ΔB_k·mean ΔA_k, from the released sums
+                dB, dA = B_bar - prev.B.double(), A_bar - prev.A.double()
+                residual[name] = res + (products[name].double() / total - s_R * (dB @ dA)).to(res.dtype)
             factors[name] = LoraFactors(B_bar.to(prev.B.dtype), A_bar.to(prev.A.dtype))
-            stacked += left.shape[1] * sum(prev.shape)
+            stacked += (len(updates) + 1) * R * sum(prev.shape)
         return FedExState(factors, residual, state.stacked_params + stacked)
+
+    def dp_sensitivity(
+        self, specs: Sequence[ClientSpec], indices: Sequence[Tensor | None], which: int, clip: float
+    ) -> float:
+        """Replace-one sensitivity of the released means (1/K)(Σ ΔB_k, Σ ΔA_k, Σ P_k), each client's
+        concatenation within C: 2C/K."""
+        return product_sensitivity(specs, clip)
 
     def global_model(self, state: FedExState, rank: int | None = None) -> ClientAssignment:
         """The rank-R adapter at s_R on the base W0 + W_res."""
