@@ -16,6 +16,7 @@ from fedrank.aggregation import make_method
 from fedrank.aggregation.base import derive_generator
 from fedrank.config import ConfigError, PrivacyConfig, load_config
 from fedrank.privacy import (
+    EVERY_INDEX,
     JOINT,
     PRODUCT_SPACE,
     add_noise_to_sum,
@@ -24,6 +25,7 @@ from fedrank.privacy import (
     clip_update,
     delta_norm,
     dense_noise,
+    index_noise,
     joint_norms,
     privatize,
     product_norm,
@@ -123,7 +125,7 @@ def test_ffa_clips_only_b_its_a_is_frozen() -> None:
         assert torch.equal(f.A, sent[1].factors[layer].A)
 
 
-@pytest.mark.parametrize("name", INDEXED)
+@pytest.mark.parametrize("name", [n for n in INDEXED if n not in EVERY_INDEX])
 def test_noise_rides_once_on_each_index_sum(name: str) -> None:
     """Zero deltas and noise std 1: the aggregate minus the noiseless one is, per index, N(0, 1) divided by the
     count the method divides that index's sum by (K, or its holders), and each draw appears once."""
@@ -499,7 +501,7 @@ def test_poisson_sampling_divides_by_the_expected_count() -> None:
         )
         dp = PrivateRounds.build(cfg, 4, 3, [4, 4, 4, 4], 4)
         m, state, sent, updates = round_of(name, [4, 4], 11)
-        noisy, _, record = dp.apply(m, updates, sent, 0)
+        noisy, _, record = dp.apply(m, state, updates, sent, 0)
         if name == "flexlora":  # its ΔW is the mean of the whole products: all of it is ÷3 instead of ÷2
             got, want = flat(m.aggregate(state, noisy, [1.0, 1.0])), flat(m.aggregate(state, updates, [1.0, 1.0]))
         else:  # FedIT's mean moves from what was sent by Σ Δ_k / 3
@@ -676,3 +678,44 @@ def test_a_private_joint_run_goes_through_the_released_sums(name: str, tmp_path:
     assert rounds and all(r["dp_clipped"] == 1.0 for r in rounds) and summary["privacy"]["epsilon"] > 0
     far = state(tmp_path / "noisy")
     assert any(not torch.allclose(far[k], plain[k], atol=1e-3) for k in plain)
+
+
+@pytest.mark.parametrize("name", EVERY_INDEX)
+def test_every_index_gets_noise_held_or_not(name: str) -> None:
+    """FSLoRA (sketches of 1 of r = 4 indices) and FedEx-LoRA (ranks 1 of R = 4), three clients: the noise
+    moves every one of the global factors' entries by N/K, the indices no client held included, so the
+    released state shows no sample."""
+    m, state, sent, updates = round_of(name, [1, 1, 1], 9)
+    held = {i for a in sent for i in (a.indices.tolist() if a.indices is not None else range(a.rank))}
+    assert held != set(range(R))  # an index nobody held
+    noise = index_noise(state.factors, 1.0, derive_generator(3))
+    ones = [1.0] * 3
+    extra: dict[str, Any] = {"products": product_sum(updates, sent)} if name in JOINT else {}
+    plain = m.aggregate(state, updates, ones, **extra)
+    noisy = m.aggregate(state, updates, ones, index_noise=noise, **extra)
+    for layer, f in noisy.factors.items():
+        step = m.step_size if name == "fslora" else 1.0
+        torch.testing.assert_close(f.B - plain.factors[layer].B, step * noise[layer].B / 3, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(f.A - plain.factors[layer].A, step * noise[layer].A / 3, rtol=1e-4, atol=1e-6)
+
+
+def test_fslora_with_sketches_keeps_amplification_and_accepts_poisson(tmp_path: Path) -> None:
+    """FSLoRA noises every index, so its sketches (ranks below the global rank) hide the sample: ε is the
+    subsampled mechanism's (as FedIT's, computed here independently), and Poisson sampling is accepted."""
+    import dp_accounting
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    cfg = engine_config(tmp_path, "fslora", "privacy.clip=0.1", "privacy.noise_multiplier=2.0")
+    dp = run(cfg, tmp_path / "run")["privacy"]
+    acc = rdp_privacy_accountant.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    acc.compose(dp_accounting.SampledWithoutReplacementDpEvent(4, 3, dp_accounting.GaussianDpEvent(1.0)), 2)
+    assert dp["amplified"] is True and dp["epsilon"] == pytest.approx(acc.get_epsilon(1 / 4**1.1), rel=1e-9)
+    poisson = engine_config(
+        tmp_path,
+        "fslora",
+        "privacy.clip=0.1",
+        "privacy.noise_multiplier=2.0",
+        "privacy.sampling=poisson",
+        "privacy.accountant=pld",
+    )
+    assert run(poisson, tmp_path / "poisson")["privacy"]["amplified"] is True

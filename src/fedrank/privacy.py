@@ -62,6 +62,7 @@ from torch import Tensor
 from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
 
 __all__ = [
+    "EVERY_INDEX",
     "INDEX_REVEALING",
     "JOINT",
     "PRODUCT_SPACE",
@@ -72,20 +73,27 @@ __all__ = [
     "clip_update",
     "delta_norm",
     "dense_noise",
+    "index_noise",
     "privatize",
     "product_norm",
     "product_sum",
     "rescale",
+    "scaled_noise",
     "sensitivity",
 ]
 
-INDEX_REVEALING = ("ffa", "fedsa", "hetlora", "fedex", "fslora", "replication", "rolora", "fedplora")
+INDEX_REVEALING = ("ffa", "fedsa", "hetlora", "replication", "rolora", "fedplora")
 """Methods whose released state shows which rank indices the round's clients held, unless every client holds
 every index: their ε is then accounted without the sampling's amplification."""
 
 PRODUCT_SPACE = ("flexlora", "flora", "raflora")
 """Methods that aggregate each client's whole update ΔW_k = s(r_k)·B_k A_k rather than its factors: clipped
 in that space (:func:`clip_product`), with dense noise on the sum (:func:`dense_noise`)."""
+
+EVERY_INDEX = ("fslora", "fedex")
+"""Methods whose rule adds Σ_k (padded change)/K to the global factors, so that an index no client held would
+stay unchanged and show part of the sample: their noise goes on every index of the global rank, held or not
+(:func:`index_noise`, added by the method to its sum), and ε keeps the sampling's amplification."""
 
 JOINT = ("fedex", "lorafair")
 """Methods whose state is post-processing of the factor means and the mean of the clients' products
@@ -220,6 +228,25 @@ def dense_noise(shapes: dict[str, tuple[int, int]], std: float, generator: torch
         name: torch.randn(shapes[name], generator=generator, dtype=torch.float64).mul_(std).float()
         for name in sorted(shapes)
     }
+
+
+def index_noise(factors: dict[str, LoraFactors], std: float, generator: torch.Generator) -> dict[str, LoraFactors]:
+    """N(0, std²) shaped like every layer's global factors (B: m×R, A: R×n), layers in name order, B before A:
+    the noise of :data:`EVERY_INDEX` methods, on every index whether a client held it or not."""
+    return {
+        name: LoraFactors(
+            torch.randn(factors[name].B.shape, generator=generator, dtype=torch.float64).mul_(std).float(),
+            torch.randn(factors[name].A.shape, generator=generator, dtype=torch.float64).mul_(std).float(),
+        )
+        for name in sorted(factors)
+    }
+
+
+def scaled_noise(noise: dict[str, LoraFactors], factor: float) -> dict[str, LoraFactors]:
+    """:func:`index_noise` times ``factor`` (Poisson sampling's K/(qN); 1 changes nothing)."""
+    if factor == 1.0:
+        return noise
+    return {name: LoraFactors(factor * f.B, factor * f.A) for name, f in noise.items()}
 
 
 def _global_indices(u: ClientUpdate) -> Tensor:

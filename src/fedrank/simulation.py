@@ -48,6 +48,7 @@ from fedrank.models import (
     uses_onednn,
 )
 from fedrank.privacy import (
+    EVERY_INDEX,
     INDEX_REVEALING,
     JOINT,
     PRODUCT_SPACE,
@@ -55,9 +56,11 @@ from fedrank.privacy import (
     clip_joint,
     clip_product,
     dense_noise,
+    index_noise,
     privatize,
     product_sum,
     rescale,
+    scaled_noise,
 )
 from fedrank.ranks import ModelFootprint, assign_ranks, budget_ranks
 from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
@@ -209,10 +212,11 @@ class PrivateRounds:
 
         Amplification by subsampling assumes the round's sample stays hidden. FFA-LoRA's released B leaves
         the columns beyond the sample's largest rank unchanged and noises each column at σC/h_i (its holders),
-        and FSLoRA's changes only the indices in the participants' sketches: unless every client holds every
-        index (equal ranks at the global rank), both reveal part of the sample, and ε is then accounted
-        without amplification (every round a Gaussian mechanism on the whole population: a bound that needs
-        no hidden sample)."""
+        and so do the other :data:`~fedrank.privacy.INDEX_REVEALING` methods in their way: unless every client
+        holds every index (equal ranks at the global rank), they reveal part of the sample, and ε is then
+        accounted without amplification (every round a Gaussian mechanism on the whole population: a bound
+        that needs no hidden sample). FSLoRA and FedEx-LoRA (:data:`~fedrank.privacy.EVERY_INDEX`) noise every
+        index, held or not, and keep it."""
         from fedrank.accounting import Accountant, RoundEvent, default_delta, noise_for_epsilon
 
         p = cfg.privacy
@@ -264,12 +268,14 @@ class PrivateRounds:
     def apply(
         self,
         method: AggregationMethod[Any],
+        state: Any,
         updates: list[ClientUpdate],
         sent: list[ClientAssignment],
         round_index: int,
     ) -> tuple[list[ClientUpdate], dict[str, Any], dict[str, float]]:
-        """The round's updates clipped (and noised, or the noise the method adds to its sum); the accountant
-        steps; what the round record gets."""
+        """The round's updates clipped (and noised, or the noise the method adds to its sum: ``noise``, dense
+        on ΔW; ``index_noise``, on every index of ``state``'s factors; ``products``); the accountant steps; what
+        the round record gets."""
         p = self.cfg.privacy
         self.check_dispatched(updates, round_index)  # a Flower node may declare a smaller rank than the config's
         gen = self.generator(round_index)
@@ -294,12 +300,25 @@ class PrivateRounds:
         elif self.cfg.method.name in JOINT:  # the factor sums and the product sum, clipped jointly
             clipped = [clip_joint(u, s, p.clip) for u, s in zip(updates, sent, strict=True)]
             std = self.noise_multiplier * p.clip if math.isfinite(p.clip) else 0.0
-            noisy = rescale(add_noise_to_sum([c.update for c in clipped], std, gen), sent, factor)
+            noisy = [c.update for c in clipped]
+            if self.cfg.method.name in EVERY_INDEX:
+                if std > 0:
+                    extra["index_noise"] = scaled_noise(index_noise(state.factors, std, gen), factor)
+            else:
+                noisy = add_noise_to_sum(noisy, std, gen)
+            noisy = rescale(noisy, sent, factor)
             if math.isfinite(p.clip):  # (C = ∞: the method's own exact rule, bit for bit)
                 products = product_sum([c.update for c in clipped], sent)
                 shapes = {k: (v.shape[0], v.shape[1]) for k, v in products.items()}
                 noise = dense_noise(shapes, std, gen)
                 extra["products"] = {k: factor * (v + noise[k].double()) for k, v in products.items()}
+        elif self.cfg.method.name in EVERY_INDEX:  # clipped; the noise on every index of the global factors
+            noisy, clipped = privatize(updates, sent, p.clip, 0.0, gen)
+            noisy = rescale(noisy, sent, factor)
+            if math.isfinite(p.clip) and self.noise_multiplier > 0:
+                extra["index_noise"] = scaled_noise(
+                    index_noise(state.factors, self.noise_multiplier * p.clip, gen), factor
+                )
         else:
             sent = [method.dp_reference(s) for s in sent]  # type: ignore[attr-defined]
             noisy, clipped = privatize(updates, sent, p.clip, self.noise_multiplier, gen)
@@ -624,7 +643,7 @@ class Simulation:
             private = self.dp.released()
             self.sent = []
         elif self.dp is not None:
-            updates, noise, private = self.dp.apply(self.method, updates, self.sent, t)
+            updates, noise, private = self.dp.apply(self.method, self.state, updates, self.sent, t)
             self.sent = []
         weights = [1.0] * len(updates) if self.dp is not None else self.weights(recs)  # DP: every sampled client
         if self.cfg.secure.enabled:  # the round's one update, read from the clients' weighted sum

@@ -41,7 +41,8 @@ Privacy (``[privacy]``, :mod:`fedrank.privacy`, uniform weights 1/K). With B̂_k
 Â_k = Ā_old + pad(ΔA_k), the round's residual is s_R·(mean_k ΔB_k ΔA_k − mean_k ΔB_k · mean_k ΔA_k): the
 state needs only the sums of the factor changes and of the products P_k = s_R·ΔB_k ΔA_k. Clipped, jointly to
 norm C over all layers, is (ΔB_k, ΔA_k, P_k) (:func:`fedrank.privacy.clip_joint`); the factor sums get
-N(0, σ²C²) on every held index and Σ_k P_k dense N(0, σ²C²) on every entry (``products``), and the new
+N(0, σ²C²) on every index of the global rank, held or not (``index_noise``: an index nobody held would stay
+unchanged and show part of the sample), and Σ_k P_k dense N(0, σ²C²) on every entry (``products``); the new
 factors and the residual are computed from those noisy sums alone. Replacing one client's update moves the
 released means by at most 2C/K (:meth:`FedExLoRA.dp_sensitivity`). The residual is dense already, so the
 dense noise costs little more.
@@ -121,11 +122,16 @@ class FedExLoRA(MethodOptions):
         updates: Sequence[ClientUpdate],
         weights: Sequence[float] | None = None,
         products: Mapping[str, Tensor] | None = None,
+        index_noise: Mapping[str, LoraFactors] | None = None,
     ) -> FedExState:
         """``products`` (privacy): per layer the noisy Σ_k s_R·ΔB_k ΔA_k; the residual is then computed from it
-        and the factor means alone (see the module's privacy note)."""
+        and the factor means alone (see the module's privacy note). ``index_noise``: noise shaped like (B, A)
+        added to Σ_k w_k (B̂_k, Â_k) before the division by Σ_k w_k."""
         p = normalized_weights(updates, weights)
-        total = weight_sum_for_noise(self.name, weights, len(updates)) if products is not None else 1.0
+        if index_noise is not None and products is None:
+            raise AggregationError("fedex: index_noise comes with the noisy products (privacy's joint release)")
+        noised = products is not None or index_noise is not None
+        total = weight_sum_for_noise(self.name, weights, len(updates)) if noised else 1.0
         check_layers(state.factors, updates)
         R = state.rank
         s_R = self.scaling(R)
@@ -143,6 +149,9 @@ class FedExLoRA(MethodOptions):
             w = p.tolist()
             B_bar = sum((wk * B for wk, B in zip(w, B_hats, strict=True)), torch.zeros_like(B_hats[0]))
             A_bar = sum((wk * A for wk, A in zip(w, A_hats, strict=True)), torch.zeros_like(A_hats[0]))
+            if index_noise is not None:
+                B_bar = B_bar + index_noise[name].B.double() / total
+                A_bar = A_bar + index_noise[name].A.double() / total
             res = state.residual[name]
             if products is None:
                 # The round's residual in its factored form [p_1 B̂_1 … p_K B̂_K, −B̄]·[Â_1; …; Â_K; Ā].

@@ -24,15 +24,17 @@ the full rank, unscaled, and the mask is all ones). fedrank applies the paper's 
 
 Privacy (``[privacy]``, :mod:`fedrank.privacy`): clipped is client i's upload (ΔB_i, ΔA_i) on its k_i
 indices, over all layers, to norm C (zero-padded to r it has the same norm); the noise N(0, σ²C²) goes on
-every coordinate of Σ_i ΔB_i, ΔA_i that some client holds, before the weights p_i = 1/K and the server's
-step (η_s, or AdamW, whose output is post-processing of the noised sum). Replacing one client's update moves
+every coordinate of the zero-padded sums Σ_i ΔB_i, ΔA_i, at every one of the r indices whether a client held
+it or not (``index_noise``: an index nobody held would otherwise stay unchanged and show part of the sample,
+so ε keeps the sampling's amplification), before the weights p_i = 1/K and the server's step (η_s, or
+AdamW, whose output is post-processing of the noised sum). Replacing one client's update moves
 the noised sum Σ_i p_i ΔB_i by at most 2C/K, and with the SGD server step the state by η_s·2C/K
 (:meth:`FSLoRA.dp_sensitivity`). Only ``normalize="weights"`` (the paper's rule) is offered under DP.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -50,6 +52,7 @@ from fedrank.aggregation.base import (
     init_state_factors,
     normalized_weights,
     scatter_rank_indices,
+    weight_sum_for_noise,
 )
 from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
 
@@ -147,10 +150,17 @@ class FSLoRA(MethodOptions):
         return ClientAssignment(client.client_id, k, scaling, factors, download, indices=idx)
 
     def aggregate(
-        self, state: LoraState, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None
+        self,
+        state: LoraState,
+        updates: Sequence[ClientUpdate],
+        weights: Sequence[float] | None = None,
+        index_noise: Mapping[str, LoraFactors] | None = None,
     ) -> LoraState:
+        """``index_noise`` (privacy): per layer noise shaped like (B, A), added to the zero-padded sums
+        Σ_i w_i ΔB_i, ΔA_i at every index before the division by Σ_i w_i."""
         p = normalized_weights(updates, weights)
         check_layers(state.factors, updates, self.rank)
+        total = weight_sum_for_noise(self.name, weights, len(updates)) if index_noise is not None else 1.0
         idx = []
         for u in updates:
             if u.indices is None or u.indices.numel() != u.rank:
@@ -170,6 +180,9 @@ class FSLoRA(MethodOptions):
             dB = [u.factors[name].B.T - g.B.T[i] for u, i in zip(updates, idx, strict=True)]
             tA, held = scatter_rank_indices(dA, idx, p, self.rank, g.A.dtype)
             tB, _ = scatter_rank_indices(dB, idx, p, self.rank, g.B.dtype)
+            if index_noise is not None:
+                tA = tA + index_noise[name].A.to(tA.dtype) / total
+                tB = tB + index_noise[name].B.T.to(tB.dtype) / total
             if self.normalize == "holders":
                 zero = torch.zeros_like(tA), torch.zeros_like(tB)
                 tA, tB = holder_mean(tA, held, zero[0]), holder_mean(tB, held, zero[1])
