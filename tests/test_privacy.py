@@ -595,13 +595,21 @@ def test_raflora_clips_its_partition_pieces_jointly_and_noises_each_partition_su
     assert diff.std().item() == pytest.approx(math.sqrt(1 / 16 + 1 / 9 + 1), rel=0.02)
 
 
-def test_raflora_refuses_poisson_with_mixed_ranks(tmp_path: Path) -> None:
+def test_raflora_with_mixed_ranks_refuses_poisson_and_amplification(tmp_path: Path) -> None:
+    """raFLoRA's noise scale √(Σ_m 1/c_m²) and its divisors follow how many of the round's clients cover each
+    partition, so mixed ranks show part of the sample: Poisson is refused, and ε is accounted without
+    amplification (equal ranks keep it)."""
     from fedrank.simulation import Simulation
+
+    on = ("privacy.clip=0.1", "privacy.noise_multiplier=2.0")
+    assert run(engine_config(tmp_path, "raflora", *on), tmp_path / "mixed")["privacy"]["amplified"] is False
+    equal = engine_config(tmp_path, "raflora", *on, "ranks.distribution=fixed")
+    assert run(equal, tmp_path / "equal")["privacy"]["amplified"] is True
 
     cfg = engine_config(
         tmp_path, "raflora", "privacy.clip=0.1", "privacy.noise_multiplier=1.0", "privacy.sampling=poisson"
     )
-    with pytest.raises(ConfigError, match='sampling = "poisson" with raflora and mixed ranks'):
+    with pytest.raises(ConfigError, match='sampling = "poisson" with raflora whose clients hold different rank'):
         Simulation(cfg, tmp_path / "run", progress=False)
 
 

@@ -2,7 +2,7 @@
 Recurrent Language Models", ICLR 2018), in the central model: the server clips and adds the noise.
 
 For the factor-averaging methods (fedit, ffa, fedsa, hetlora, fslora, replication, rolora, fedplora), each
-round:
+round (FSLoRA's noise differs in step 2: :data:`EVERY_INDEX`):
 
 1. **Clip.** Client k's contribution is what it uploads, as a change: Δ_k = its trained factors minus the
    factors it was sent, over every layer and every factor it trains and uploads (FedIT: B and A; FFA-LoRA:
@@ -24,8 +24,9 @@ round:
    holders of an index) are public under fixed-size sampling with replace-one adjacency (a client's data
    changes, not whether it takes part, nor its rank). Under Poisson sampling the number of participants is
    random: each change is scaled by K/(qN) (:func:`rescale`), so that a rule dividing by the realised K
-   divides by the expected qN instead (McMahan et al.'s fixed-denominator estimator); where clients hold
-   different indices the per-index counts would still show, and Poisson sampling is refused.
+   divides by the expected qN instead (McMahan et al.'s fixed-denominator estimator); for the
+   :data:`INDEX_REVEALING` methods with clients holding different indices the per-index counts would still
+   show, and Poisson sampling is refused.
 
 For FlexLoRA, FLoRA and raFLoRA (:data:`PRODUCT_SPACE`) the contribution is the client's whole update
 ΔW_k = s(r_k)·B_k A_k: its Frobenius norm over all layers comes from the factors (‖BA‖²_F = tr((BᵀB)(AAᵀ)),
@@ -82,9 +83,10 @@ __all__ = [
     "sensitivity",
 ]
 
-INDEX_REVEALING = ("ffa", "fedsa", "hetlora", "replication", "rolora", "fedplora")
+INDEX_REVEALING = ("ffa", "fedsa", "hetlora", "replication", "rolora", "fedplora", "raflora")
 """Methods whose released state shows which rank indices the round's clients held, unless every client holds
-every index: their ε is then accounted without the sampling's amplification."""
+every index: their ε is then accounted without the sampling's amplification (raFLoRA: its noise's scale and
+its partition divisors follow the count of the round's clients covering each partition)."""
 
 PRODUCT_SPACE = ("flexlora", "flora", "raflora")
 """Methods that aggregate each client's whole update ΔW_k = s(r_k)·B_k A_k rather than its factors: clipped

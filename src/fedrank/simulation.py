@@ -234,11 +234,6 @@ class PrivateRounds:
                 f'privacy: sampling = "poisson" with {cfg.method.name} whose clients hold different rank indices has '
                 'no fixed-denominator mechanism yet (its per-index counts would show who took part); use "fixed"'
             )
-        if cfg.method.name == "raflora" and p.sampling == "poisson" and len(set(ranks)) > 1:
-            raise ConfigError(
-                'privacy: sampling = "poisson" with raflora and mixed ranks has no fixed-denominator mechanism '
-                '(each rank partition is divided by the count of its clients, which would show); use "fixed"'
-            )
         if reveals:
             log.warning(
                 "privacy: %s's update shows which rank indices the round's clients held, so part of the sample: "

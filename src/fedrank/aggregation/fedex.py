@@ -162,7 +162,8 @@ class FedExLoRA(MethodOptions):
                 dB, dA = B_bar - prev.B.double(), A_bar - prev.A.double()
                 residual[name] = res + (products[name].double() / total - s_R * (dB @ dA)).to(res.dtype)
             factors[name] = LoraFactors(B_bar.to(prev.B.dtype), A_bar.to(prev.A.dtype))
-            stacked += (len(updates) + 1) * R * sum(prev.shape)
+            if not noised:  # (under DP the counter would record the round's count of clients: not kept)
+                stacked += (len(updates) + 1) * R * sum(prev.shape)
         return FedExState(factors, residual, state.stacked_params + stacked)
 
     def dp_sensitivity(

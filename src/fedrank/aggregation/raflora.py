@@ -34,8 +34,9 @@ to norm C over every layer (:meth:`RaFLoRA.dp_pieces`: the norm from the factors
 gets dense noise N_m ~ N(0, σ²C²). ΔW = Σ_m (S_m + N_m)/c_m, so the noise on ΔW is one dense Gaussian of
 standard deviation σC·√(Σ_m 1/c_m²) per entry, which is what the aggregate adds. Replacing one client's
 update moves ΔW by at most 2C·√(Σ_{m: k∈C_m} 1/c_m²) (Cauchy–Schwarz over its pieces;
-:meth:`RaFLoRA.dp_sensitivity`). The counts c_m come from the round's ranks, public under fixed-size
-sampling; Poisson sampling with mixed ranks is refused (the counts would show).
+:meth:`RaFLoRA.dp_sensitivity`). The counts c_m come from the round's ranks: with mixed ranks the noise's
+scale and the divisors show how many of the round's clients cover each partition, so part of the sample, and
+ε is accounted without amplification (``fedrank.privacy.INDEX_REVEALING``); Poisson sampling is refused.
 """
 
 from __future__ import annotations
