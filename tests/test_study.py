@@ -60,6 +60,13 @@ def test_study_config_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[s
     seeds = plan_seeds(study, cfg, tmp_path, {"fedit": 0.01, "fslora": 0.01})
     assert {(j.variant, j.seed) for j in seeds} == {(v, s) for v in ("fedit", "fslora") for s in (1, 2)}
     assert {j.cfg.partition.seed for j in seeds} == {1, 2}  # each seed redraws the data
+    # under two rank distributions a homogeneous variant's run is the same run: planned once, shown under both
+    study, cfg = load_study(_study(tmp_path, methods='["fedit", "fslora"]', distributions='["uniform", "normal"]'))
+    seeds = plan_seeds(study, cfg, tmp_path, {"fedit": 0.01, "fslora": 0.01})
+    paths = {(j.variant, j.distribution, j.seed): j.path for j in seeds}
+    assert paths[("fedit", "normal", 1)] == paths[("fedit", "uniform", 1)] == tmp_path / "uniform" / "fedit" / "seed1"
+    assert paths[("fslora", "normal", 1)] == tmp_path / "normal" / "fslora" / "seed1"  # its ranks differ
+    assert len({j.key for j in seeds}) == 6 and len(seeds) == 8
 
 
 @pytest.mark.slow

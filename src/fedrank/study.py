@@ -195,15 +195,20 @@ def plan_tuning(study: StudyConfig, cfg: RunConfig, out: Path) -> list[Job]:
 
 
 def plan_seeds(study: StudyConfig, cfg: RunConfig, out: Path, rates: dict[str, float]) -> list[Job]:
-    """The seed runs (and the fold ablation) of the variants that have a chosen rate."""
+    """The seed runs (and the fold ablation) of the variants that have a chosen rate. A run whose config is
+    the same under another rank distribution (a homogeneous variant: every client at one rank) is planned
+    once, in the first distribution's folder, and counted under each."""
     dists = study.distributions or (cfg.ranks.distribution,)
     jobs = []
+    first: dict[tuple[str, int], Job] = {}
     for d in dists:
         for v in study.variants:
             if v in rates:
                 for s in study.seeds:
                     c = variant_config(cfg, v, s, d, rates[v], presets=study.presets)
-                    jobs.append(Job("seed", v, d, s, rates[v], out / d / v / f"seed{s}", c))
+                    prior = first.setdefault((v, s), Job("seed", v, d, s, rates[v], out / d / v / f"seed{s}", c))
+                    path = prior.path if prior.cfg == c else out / d / v / f"seed{s}"
+                    jobs.append(Job("seed", v, d, s, rates[v], path, c))
     if study.fold_ablation:
         for v in study.variants:
             if v in rates and v in FOLDABLE:
@@ -330,9 +335,12 @@ class Ledger:
 
 
 def execute(jobs: Sequence[Job], ledger: Ledger, *, progress: bool, retry_failed: bool) -> None:
-    """Each job in turn: kept, resumed or run; its status recorded."""
+    """Each job in turn (a run planned under several distributions: once): kept, resumed or run; its status
+    recorded."""
     from fedrank.validation import RunFailed
 
+    seen: set[str] = set()
+    jobs = [job for job in jobs if not (job.key in seen or seen.add(job.key))]  # type: ignore[func-returns-value]
     for i, job in enumerate(jobs, 1):
         prior = ledger.get(job)
         if prior is not None and prior.get("status") in ("diverged", "failed") and not retry_failed:
@@ -719,17 +727,22 @@ def _markdown(
     keys = [f"{g}.{m}" for g, m in metrics]
     total = sum(float(e.get("seconds", 0.0)) for e in ledger.runs.values())
     updates = sum(float(r.get("updates", 0.0)) for r in rows if isinstance(r.get("updates"), float))
+    seeds = plan_seeds(study, cfg, out, {v: 1.0 for v in study.variants})
+    planned = {j.key for j in plan_tuning(study, cfg, out)} | {j.key for j in seeds}
     counts: dict[str, int] = {}
-    for e in ledger.runs.values():
-        counts[str(e.get("status"))] = counts.get(str(e.get("status")), 0) + 1
-    planned = len(plan_tuning(study, cfg, out)) + len(plan_seeds(study, cfg, out, {v: 1.0 for v in study.variants}))
+    for k, e in ledger.runs.items():
+        if k in planned:
+            counts[str(e.get("status"))] = counts.get(str(e.get("status")), 0) + 1
+    shared = [
+        v for v in study.variants if any(j.variant == v and j.path.parent.parent.name != j.distribution for j in seeds)
+    ]
     lines = [
         f"# {study.name}",
         "",
         "Written by `fedrank study` (do not edit: rerun it). Every cell is the mean over seeds with its 95% "
         "Student-t interval in brackets; `–` where no run finished.",
         "",
-        f"- commit `{_git_commit()}`; runs in `{out}`; {len(ledger.runs)} of {planned} planned runs recorded "
+        f"- commit `{_git_commit()}`; runs in `{out}`; {sum(counts.values())} of {len(planned)} planned runs recorded "
         f"({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}).",
         f"- compute: {total / 3600:.2f} h of run time recorded; {updates:.0f} client updates in the seed runs"
         + (f", {updates / (total / 3600):.0f} client updates per hour overall" if total > 0 else "")
@@ -740,6 +753,14 @@ def _markdown(
         f"{cfg.federation.rounds} rounds of {cfg.federation.clients_per_round} clients, {cfg.train.steps} local steps "
         f"of batch {cfg.train.batch_size}; ranks {list(cfg.ranks.choices)}; seeds {list(study.seeds)} "
         f"(tuning seed {study.tune_seed}); presets {'on' if study.presets else 'off'}.",
+        *(
+            [
+                f"- {', '.join(shared)}: every client at one rank, so the rank distribution does not change the run: "
+                "each seed is run once (under the first distribution) and shown under every distribution."
+            ]
+            if shared
+            else []
+        ),
         "",
         "## Learning rate chosen per variant (seen answer loss at the tuning seed; never the unseen tasks)",
         "",
