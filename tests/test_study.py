@@ -71,7 +71,7 @@ def test_study_config_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 @pytest.mark.slow
 def test_study_tunes_skips_resumes_and_aggregates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = _study(tmp_path)
+    path = _study(tmp_path, keep_checkpoints="true")  # (the second sitting cuts a finished run back to round 1)
     runs, results = tmp_path / "runs", tmp_path / "results"
     assert main(["study", str(path), "--no-progress"]) == 0
     ledger = json.loads((runs / "study.json").read_text())["runs"]
@@ -147,3 +147,22 @@ def test_a_finished_run_with_a_client_beyond_uniform_becomes_diverged(tmp_path: 
         for v in saved.values()
     )
     assert asked == [1]  # only the run without a recorded V asked, once
+
+
+def test_a_finished_run_keeps_no_checkpoints_unless_asked(tmp_path: Path) -> None:
+    """A study of hundreds of runs would fill a disk with round checkpoints (a dense-state run's are ~1 GiB on
+    SmolLM2): once a run's summary is written its checkpoints go (it is kept by its summary), and a second
+    sitting still keeps it; ``keep_checkpoints = true`` keeps them."""
+    from fedrank import run_dir as rd
+
+    for keep in ("false", "true"):
+        base = tmp_path / keep
+        base.mkdir()
+        path = _study(base, methods='["fedit"]', lr_grid="[0.01]", seeds="[1]", keep_checkpoints=keep)
+        assert main(["study", str(path), "--no-progress"]) == 0
+        runs = [base / "runs" / "tune" / "fedit" / "lr0.01", base / "runs" / "uniform" / "fedit" / "seed1"]
+        assert all((r / rd.SUMMARY).is_file() for r in runs)
+        assert all(bool(rd.checkpoints(r)) == (keep == "true") for r in runs)
+    assert main(["study", str(path), "--no-progress"]) == 0  # kept, not rerun
+    ledger = Ledger(tmp_path / "true" / "runs" / "study.json").runs
+    assert {e["how"] for e in ledger.values()} == {"kept"}

@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -94,6 +95,10 @@ class StudyConfig:
     distributions: tuple[str, ...] = ()
     """Rank distributions of the seed runs (empty: the config's ``ranks.distribution``); tuning uses the first."""
     fold_ablation: bool = True
+    keep_checkpoints: bool = False
+    """Keep a finished run's round checkpoints (False: removed once its summary is written; a finished run is
+    kept by its summary, and its final state and adapter stay). A dense-state run's checkpoints are about
+    1 GiB on SmolLM2 (FLoRA, FedEx-LoRA): a study of hundreds of runs would otherwise fill a disk."""
     presets: bool = True
     """Apply :data:`fedrank.simulation.PRESETS` (each method as its authors run it) before the grid's rate."""
     out: str = "runs/study"
@@ -334,7 +339,9 @@ class Ledger:
         _write_json(self.path, {"runs": self.runs})
 
 
-def execute(jobs: Sequence[Job], ledger: Ledger, *, progress: bool, retry_failed: bool) -> None:
+def execute(
+    jobs: Sequence[Job], ledger: Ledger, *, progress: bool, retry_failed: bool, keep_checkpoints: bool = True
+) -> None:
     """Each job in turn (a run planned under several distributions: once): kept, resumed or run; its status
     recorded."""
     from fedrank.validation import RunFailed
@@ -359,6 +366,10 @@ def execute(jobs: Sequence[Job], ledger: Ledger, *, progress: bool, retry_failed
         seconds = float(summary.get("seconds", time.perf_counter() - t0)) if isinstance(summary, dict) else 0.0
         status = "diverged" if bad else "done"
         ledger.put(job, status=status, reason="; ".join(bad[:3]), seconds=seconds, how=how)
+        if not keep_checkpoints:
+            from fedrank import run_dir as rd
+
+            shutil.rmtree(job.path / rd.CHECKPOINTS, ignore_errors=True)  # finished: kept by its summary
         log.info("study %d/%d: %s %s (%s, %.0f s)", i, len(jobs), job.key, status, how, seconds)
 
 
@@ -408,14 +419,14 @@ def _run_study(
     recheck(ledger, vocab_of(cfg))
     tune = plan_tuning(study, cfg, out)
     log.info("study: %d tuning runs (%d variants, each over its grid of rates)", len(tune), len(study.variants))
-    execute(tune, ledger, progress=progress, retry_failed=retry_failed)
+    execute(tune, ledger, progress=progress, retry_failed=retry_failed, keep_checkpoints=study.keep_checkpoints)
     rates, _ = choose_rates(tune, ledger)
     for v in study.variants:
         if v not in rates:
             log.warning("study: %s diverged or failed at every rate of the grid: no seed runs", v)
     seeds = plan_seeds(study, cfg, out, rates)
     log.info("study: %d seed runs", len(seeds))
-    execute(seeds, ledger, progress=progress, retry_failed=retry_failed)
+    execute(seeds, ledger, progress=progress, retry_failed=retry_failed, keep_checkpoints=study.keep_checkpoints)
     return aggregate(study, cfg, out, results)
 
 
