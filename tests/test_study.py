@@ -166,3 +166,52 @@ def test_a_finished_run_keeps_no_checkpoints_unless_asked(tmp_path: Path) -> Non
     assert main(["study", str(path), "--no-progress"]) == 0  # kept, not rerun
     ledger = Ledger(tmp_path / "true" / "runs" / "study.json").runs
     assert {e["how"] for e in ledger.values()} == {"kept"}
+
+
+def test_a_study_moves_to_another_machine_by_its_committed_records(tmp_path: Path) -> None:
+    """``results/records.tar.gz`` (ledger, configs, summaries, metrics; no weights) is all a fresh machine needs:
+    ``--aggregate-only`` gives the same tables, byte-identical records, and the next sitting keeps every run."""
+    import shutil
+
+    path = _study(tmp_path, methods='["fedit"]', lr_grid="[0.01, 1e6]", seeds="[1]")
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    assert main(["study", str(path), "--no-progress"]) == 0
+    archive = (results / "records.tar.gz").read_bytes()
+    md = (results / "results.md").read_text()
+    shutil.rmtree(runs)  # the new machine has the commit, not the run directories
+    assert main(["study", str(path), "--aggregate-only"]) == 0
+    assert (results / "records.tar.gz").read_bytes() == archive
+    assert (results / "results.md").read_text() == md
+    assert sorted(p.name for p in (runs / "uniform" / "fedit" / "seed1").iterdir()) == [
+        "config.toml", "metrics.jsonl", "summary.json"
+    ]  # fmt: skip
+    assert main(["study", str(path), "--no-progress"]) == 0
+    ledger = Ledger(runs / "study.json").runs
+    assert ledger[str(runs / "tune" / "fedit" / "lr1e+06")]["status"] == "diverged"  # not retried
+    assert {e.get("how") for e in ledger.values() if e["status"] == "done"} == {"kept"}
+
+
+@pytest.mark.parametrize("bad", ["../outside/summary.json", "a/weights.safetensors", "link", "garbage"])
+def test_records_from_a_commit_are_untrusted(tmp_path: Path, bad: str) -> None:
+    import io
+    import tarfile
+
+    from fedrank.study import restore_records
+    from fedrank.untrusted import DataError
+
+    results = tmp_path / "results"
+    results.mkdir()
+    if bad == "garbage":
+        (results / "records.tar.gz").write_bytes(b"\x1f\x8b not a tar")
+    else:
+        with tarfile.open(results / "records.tar.gz", "w:gz") as tar:
+            info = tarfile.TarInfo(bad)
+            if bad == "link":
+                info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+                tar.addfile(info)
+            else:
+                info.size = 2
+                tar.addfile(info, io.BytesIO(b"{}"))
+    with pytest.raises(DataError, match="records.tar.gz"):
+        restore_records(tmp_path / "runs", results)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # nothing written

@@ -32,6 +32,7 @@ import math
 import os
 import shutil
 import subprocess
+import tarfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -75,6 +76,12 @@ __all__ = [
 ]
 
 LEDGER = "study.json"
+RECORDS = "records.tar.gz"
+"""In ``study.results``: the ledger and every recorded run's config, summary and metrics (no weights), so the
+results can be re-aggregated, and the study resumed, on a machine that never ran those runs."""
+RECORD_FILES = ("config.toml", "summary.json", "metrics.jsonl")
+MAX_RECORD_BYTES = 64 * 2**20
+"""The most an archive's files may hold unpacked (an archive from a commit is untrusted input)."""
 SELECT = ("seen_after", "loss")
 """The tuning criterion: answer loss on the seen split (held-out examples of the training tasks), lower is better."""
 METRIC_ORDER = ("loss", "accuracy", "rougeL", "match")
@@ -373,6 +380,102 @@ def execute(
         log.info("study %d/%d: %s %s (%s, %.0f s)", i, len(jobs), job.key, status, how, seconds)
 
 
+# ------------------------------------------------------------------------------------------------ records
+def _relative(path: Path, out: Path) -> str | None:
+    """``path`` relative to ``out`` in POSIX form, or None when it is not inside ``out``."""
+    try:
+        rel = Path(os.path.normpath(path)).relative_to(os.path.normpath(out))
+    except ValueError:
+        return None
+    return rel.as_posix() if rel.parts else None
+
+
+def _safe_relative(name: str) -> bool:
+    parts = name.split("/")
+    return bool(parts) and not name.startswith("/") and all(p not in ("", ".", "..") and "\\" not in p for p in parts)
+
+
+def pack_records(out: Path, results: Path, ledger: Ledger) -> Path:
+    """``results/records.tar.gz``: the ledger (keys relative to ``out``) and each recorded run's config,
+    summary and metrics, byte-identical for identical records (sorted, no times), so a commit can carry a study
+    from one machine to the next."""
+    import gzip
+    import io
+
+    runs: dict[str, dict[str, Any]] = {}
+    files: list[tuple[str, bytes]] = []
+    for key, entry in sorted(ledger.runs.items()):
+        rel = _relative(Path(key), out)
+        if rel is None:
+            continue
+        runs[rel] = entry
+        for name in RECORD_FILES:
+            p = Path(key) / name
+            if p.is_file() and not p.is_symlink():
+                files.append((f"{rel}/{name}", p.read_bytes()))
+    files.insert(0, (LEDGER, (json.dumps({"runs": runs}, indent=1, sort_keys=True) + "\n").encode()))
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w") as tar:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    from fedrank.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(results / RECORDS, buf.getvalue())
+    return results / RECORDS
+
+
+def restore_records(out: Path, results: Path) -> int:
+    """The runs recorded in ``results/records.tar.gz`` that ``out`` lacks (neither in its ledger nor on disk),
+    written back into ``out`` with their ledger entries; returns how many. The archive is untrusted: only
+    regular files named like a run's records, inside ``out``, within :data:`MAX_RECORD_BYTES`; anything else
+    is refused with a :class:`fedrank.untrusted.DataError` naming the archive."""
+    from fedrank.untrusted import DataError, load_json
+
+    path = results / RECORDS
+    if not path.is_file():
+        return 0
+    what = str(path)
+    files: dict[str, bytes] = {}
+    total = 0
+    try:
+        with tarfile.open(path, mode="r:gz") as tar:
+            for m in tar:
+                name = m.name
+                base = name.rsplit("/", 1)[-1]
+                if not m.isfile() or not _safe_relative(name) or (base not in RECORD_FILES and name != LEDGER):
+                    raise DataError(f"{what}: {name[:80]!r} is not a run's record")
+                total += m.size
+                if total > MAX_RECORD_BYTES:
+                    raise DataError(f"{what} holds more than {MAX_RECORD_BYTES >> 20} MiB")
+                f = tar.extractfile(m)
+                files[name] = f.read(m.size + 1) if f else b""
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"{what} is not a readable archive: {e}") from e
+    data = load_json(files.get(LEDGER, b"{}"), f"{what}: {LEDGER}")
+    runs = data.get("runs") if isinstance(data, dict) else None
+    if not isinstance(runs, dict):
+        raise DataError(f"{what}: {LEDGER} has no runs")
+    ledger = Ledger(out / LEDGER)
+    restored = 0
+    for rel, entry in sorted(runs.items()):
+        if not (isinstance(rel, str) and _safe_relative(rel) and isinstance(entry, dict)):
+            raise DataError(f"{what}: {LEDGER} names {str(rel)[:80]!r}, not a run inside the study")
+        run = out / rel
+        if str(run) in ledger.runs or run.exists() or entry.get("status") not in ("done", "diverged", "failed"):
+            continue
+        run.mkdir(parents=True)
+        for name in RECORD_FILES:
+            if f"{rel}/{name}" in files:
+                (run / name).write_bytes(files[f"{rel}/{name}"])
+        ledger.runs[str(run)] = entry
+        restored += 1
+    if restored:
+        _write_json(ledger.path, {"runs": ledger.runs})
+    return restored
+
+
 def _summary(job: Job, ledger: Ledger) -> dict[str, Any] | None:
     entry = ledger.get(job)
     if entry is None or entry.get("status") != "done":
@@ -415,6 +518,9 @@ def run_study(
 def _run_study(
     study: StudyConfig, cfg: RunConfig, out: Path, results: Path, *, progress: bool, retry_failed: bool
 ) -> Path:
+    restored = restore_records(out, results)
+    if restored:
+        log.info("study: %d recorded runs restored from %s (kept, not rerun)", restored, results / RECORDS)
     ledger = Ledger(out / LEDGER)
     recheck(ledger, vocab_of(cfg))
     tune = plan_tuning(study, cfg, out)
@@ -490,6 +596,8 @@ def _client_records(run: Path) -> Iterator[dict[str, Any]]:
 def aggregate(study: StudyConfig, cfg: RunConfig, out: Path, results: Path) -> Path:
     """``results.md`` / ``.csv`` / ``.json``, figures and ``report.html`` in ``results`` from the finished runs."""
     results.mkdir(parents=True, exist_ok=True)
+    if not (out / LEDGER).is_file():  # a machine that never ran the study: its committed records
+        restore_records(out, results)
     ledger = Ledger(out / LEDGER)
     recheck(ledger, vocab_of(cfg), write=False)  # the study (under its lock) writes its verdicts
     tune = plan_tuning(study, cfg, out)
@@ -557,6 +665,7 @@ def aggregate(study: StudyConfig, cfg: RunConfig, out: Path, results: Path) -> P
                 k = f"{label}.{metric}"
                 row[f"Δ{ref}.{k}"] = paired_interval(row[f"_{k}"], other[f"_{k}"])
     _write_runs(results, ledger)
+    pack_records(out, results, ledger)
     comm = _communication(finished, dists[0])
     _write_tables(results, study, rows, metrics, refs)
     figures = _figures(study, finished, results, rows, metrics, dists)
