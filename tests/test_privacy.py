@@ -463,17 +463,24 @@ def test_a_failed_client_counts_as_no_change_under_dp(tmp_path: Path, monkeypatc
     assert same_state(tmp_path / "run", tmp_path / "same")
 
 
-def test_ffa_with_mixed_ranks_is_accounted_without_amplification(tmp_path: Path) -> None:
-    """FFA-LoRA's update shows which columns the round's clients held (their ranks): ε is then the Gaussian
-    mechanism's over every round, without the subsampling's amplification (computed here independently)."""
+def _two_rounds_epsilon(sampled: int) -> float:
+    """ε, computed independently with dp-accounting, of two rounds of ``sampled`` of the 4 engine clients drawn
+    without replacement, σ = 2 under replace-one (sensitivity 2C: the Gaussian's σ/2), δ = 1/4^1.1
+    (``sampled = 4``: every client, no amplification)."""
     import dp_accounting
     from dp_accounting.rdp import rdp_privacy_accountant
 
+    acc = rdp_privacy_accountant.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    acc.compose(dp_accounting.SampledWithoutReplacementDpEvent(4, sampled, dp_accounting.GaussianDpEvent(1.0)), 2)
+    return float(acc.get_epsilon(1 / 4**1.1))
+
+
+def test_ffa_with_mixed_ranks_is_accounted_without_amplification(tmp_path: Path) -> None:
+    """FFA-LoRA's update shows which columns the round's clients held (their ranks): ε is then the Gaussian
+    mechanism's over every round, without the subsampling's amplification (computed here independently)."""
     cfg = engine_config(tmp_path, "ffa", "privacy.clip=0.1", "privacy.noise_multiplier=2.0")
     dp = run(cfg, tmp_path / "run")["privacy"]
-    acc = rdp_privacy_accountant.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
-    acc.compose(dp_accounting.SampledWithoutReplacementDpEvent(4, 4, dp_accounting.GaussianDpEvent(1.0)), 2)
-    assert dp["amplified"] is False and dp["epsilon"] == pytest.approx(acc.get_epsilon(1 / 4**1.1), rel=1e-9)
+    assert dp["amplified"] is False and dp["epsilon"] == pytest.approx(_two_rounds_epsilon(4), rel=1e-9)
     same = engine_config(
         tmp_path, "ffa", "privacy.clip=0.1", "privacy.noise_multiplier=2.0", "ranks.distribution=fixed"
     )
@@ -710,14 +717,9 @@ def test_every_index_gets_noise_held_or_not(name: str) -> None:
 def test_fslora_with_sketches_keeps_amplification_and_accepts_poisson(tmp_path: Path) -> None:
     """FSLoRA noises every index, so its sketches (ranks below the global rank) hide the sample: ε is the
     subsampled mechanism's (as FedIT's, computed here independently), and Poisson sampling is accepted."""
-    import dp_accounting
-    from dp_accounting.rdp import rdp_privacy_accountant
-
     cfg = engine_config(tmp_path, "fslora", "privacy.clip=0.1", "privacy.noise_multiplier=2.0")
     dp = run(cfg, tmp_path / "run")["privacy"]
-    acc = rdp_privacy_accountant.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
-    acc.compose(dp_accounting.SampledWithoutReplacementDpEvent(4, 3, dp_accounting.GaussianDpEvent(1.0)), 2)
-    assert dp["amplified"] is True and dp["epsilon"] == pytest.approx(acc.get_epsilon(1 / 4**1.1), rel=1e-9)
+    assert dp["amplified"] is True and dp["epsilon"] == pytest.approx(_two_rounds_epsilon(3), rel=1e-9)
     poisson = engine_config(
         tmp_path,
         "fslora",
