@@ -59,12 +59,14 @@ def main() -> None:
     ap.add_argument("--config", default="configs/privacy_quickstart.toml")
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--epsilons", default="inf,8,2")
+    ap.add_argument("--methods", default=",".join(METHODS), help="the methods to run (the results show every run kept)")
     ap.add_argument("--out", type=Path, default=Path("runs/privacy"))
     ap.add_argument("--results", type=Path, default=Path("docs/results/privacy"))
     args = ap.parse_args()
     base = load_config(args.config)
     seeds = [int(s) for s in args.seeds.split(",")]
     epsilons = [float(e) for e in args.epsilons.split(",")]
+    methods = [m for m in METHODS if m in args.methods.split(",")]
     runs: dict[tuple[str, float, int], Path] = {}
     clips: dict[str, float] = {}
     for eps in sorted(epsilons, key=lambda e: -e):  # ∞ first: the clips come from it
@@ -72,6 +74,8 @@ def main() -> None:
             values: dict[str, Any] = {"privacy.clip": math.inf, "privacy.epsilon": 0.0}
             if not math.isinf(eps):
                 if m not in clips:
+                    if any((m, math.inf, s) not in runs for s in seeds):
+                        continue  # its clip comes from its non-private runs
                     clips[m] = median_norm([runs[(m, math.inf, s)] for s in seeds])
                 values = {"privacy.clip": clips[m], "privacy.epsilon": eps}
             for s in seeds:
@@ -80,14 +84,24 @@ def main() -> None:
                 if m == "ffa":  # one rank, as FedIT runs and as FFA-LoRA's paper compares them
                     values = {**values, "ranks.distribution": "fixed"}
                 cfg = override(cfg, values)
+                if m not in methods and not (out / "summary.json").is_file():
+                    continue  # not asked for, and not run before
                 status = run_or_resume(cfg, out, progress=False)
                 print(f"ε {eps_name(eps):>3} {m:<9} seed {s}: {status} ({out})", flush=True)
                 runs[(m, eps, s)] = out
-    write_results(runs, clips, seeds, epsilons, args.results)
+    command = "python scripts/privacy_experiment.py " + " ".join(
+        f"--{k} {v}" for k, v in (("seeds", args.seeds), ("epsilons", args.epsilons), ("methods", args.methods))
+    )
+    write_results(runs, clips, seeds, epsilons, args.results, command)
 
 
 def write_results(
-    runs: dict[tuple[str, float, int], Path], clips: dict[str, float], seeds: list[int], epsilons: list[float], to: Path
+    runs: dict[tuple[str, float, int], Path],
+    clips: dict[str, float],
+    seeds: list[int],
+    epsilons: list[float],
+    to: Path,
+    command: str,
 ) -> None:
     to.mkdir(parents=True, exist_ok=True)
     value: dict[tuple[str, float, str, str], dict[int, float]] = {}
@@ -100,8 +114,11 @@ def write_results(
                 doc.get(f"{group}_after", {}).get(metric, math.nan)
             )
     rows = []
+    missing = [f"{m} at ε {eps_name(e)}" for m in METHODS for e in epsilons if (m, e) not in sigma]
     for m in METHODS:
         for eps in epsilons:
+            if (m, eps) not in sigma:
+                continue
             row: dict[str, Any] = {"method": m, "epsilon": eps_name(eps), "clip": clips.get(m, math.inf)}
             row["noise_multiplier"] = sigma.get((m, eps), 0.0)
             for group, metric in METRICS:
@@ -115,8 +132,8 @@ def write_results(
     lines = [
         "# Privacy experiment: utility against ε",
         "",
-        f"`python scripts/privacy_experiment.py --seeds {','.join(map(str, seeds))} --epsilons "
-        f"{','.join(eps_name(e) for e in epsilons)}`; mean [95% interval] over {len(seeds)} paired seeds.",
+        f"`{command}`; mean [95% interval] over {len(seeds)} paired seeds"
+        + (f"; not run: {', '.join(missing)}." if missing else "."),
         "",
         "| method | ε | C | σ | " + " | ".join(f"{g} {m}" for g, m in METRICS) + " |",
         "|---|---|---|---|" + "---|" * len(METRICS),
@@ -140,6 +157,8 @@ def write_results(
     lines += ["", "FFA-LoRA − FedIT, paired by seed (negative loss: FFA-LoRA better):", ""]
     for eps in epsilons:
         for g, metric in METRICS:
+            if ("ffa", eps, g, metric) not in value or ("fedit", eps, g, metric) not in value:
+                continue
             d, lo, hi, n = paired_interval(value[("ffa", eps, g, metric)], value[("fedit", eps, g, metric)])
             lines.append(f"- ε {eps_name(eps)}, {g} {metric}: {d:+.4f} [{lo:+.4f}, {hi:+.4f}] ({n} seeds)")
     (to / "results.md").write_text("\n".join(lines) + "\n")

@@ -729,3 +729,36 @@ def test_fslora_with_sketches_keeps_amplification_and_accepts_poisson(tmp_path: 
         "privacy.accountant=pld",
     )
     assert run(poisson, tmp_path / "poisson")["privacy"]["amplified"] is True
+
+
+def test_the_privacy_experiments_table_is_the_runs_means_and_names_what_was_not_run(tmp_path: Path) -> None:
+    """scripts/privacy_experiment.py's results: per method and ε the mean over seeds of each run's summary,
+    FFA-LoRA − FedIT paired by seed, and the cells not run named (the runs are fakes: only the table is checked)."""
+    import importlib.util
+    import json
+    import math
+
+    spec = importlib.util.spec_from_file_location(
+        "privacy_experiment", Path(__file__).parents[1] / "scripts" / "privacy_experiment.py"
+    )
+    assert spec and spec.loader
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    losses = {("fedit", math.inf): (1.0, 2.0), ("ffa", math.inf): (1.5, 2.1), ("fedit", 8.0): (20.0, 24.0)}
+    runs = {}
+    for (m, eps), by_seed in losses.items():
+        for s, loss in zip((1, 2), by_seed, strict=True):
+            run = tmp_path / f"{m}-{eps}-{s}"
+            run.mkdir()
+            doc = {
+                g: {"loss": loss, "rougeL": 0.1} for g in ("unseen_after", "seen_after", "unseen_before", "seen_before")
+            }
+            doc["privacy"] = {"noise_multiplier": 0.0 if math.isinf(eps) else 1.3}
+            (run / "summary.json").write_text(json.dumps(doc))
+            runs[(m, eps, s)] = run
+    script.write_results(runs, {"fedit": 2.0}, [1, 2], [math.inf, 8.0], tmp_path / "out", "CMD")
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "not run: ffa at ε 8, flexlora at ε inf, flexlora at ε 8, fslora at ε inf, fslora at ε 8." in md
+    assert "| fedit | 8 | 2 | 1.3 | 22.0000 [" in md
+    assert "- ε inf, unseen loss: +0.3000 [" in md  # (0.5 + 0.1) / 2
+    assert "ε 8, unseen loss" not in md  # FFA-LoRA has no ε = 8 run here
