@@ -119,7 +119,8 @@ def write_results(
         for eps in epsilons:
             if (m, eps) not in sigma:
                 continue
-            row: dict[str, Any] = {"method": m, "epsilon": eps_name(eps), "clip": clips.get(m, math.inf)}
+            clip = math.inf if math.isinf(eps) else clips.get(m, math.inf)  # the ε = ∞ runs clip nothing
+            row: dict[str, Any] = {"method": m, "epsilon": eps_name(eps), "clip": clip}
             row["noise_multiplier"] = sigma.get((m, eps), 0.0)
             for group, metric in METRICS:
                 mean, lo, hi = mean_interval(list(value[(m, eps, group, metric)].values()))

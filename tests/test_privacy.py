@@ -760,5 +760,6 @@ def test_the_privacy_experiments_table_is_the_runs_means_and_names_what_was_not_
     md = (tmp_path / "out" / "results.md").read_text()
     assert "not run: ffa at ε 8, flexlora at ε inf, flexlora at ε 8, fslora at ε inf, fslora at ε 8." in md
     assert "| fedit | 8 | 2 | 1.3 | 22.0000 [" in md
+    assert "| fedit | inf | inf | 0 | 1.5000 [" in md  # the ε = ∞ runs clip nothing
     assert "- ε inf, unseen loss: +0.3000 [" in md  # (0.5 + 0.1) / 2
     assert "ε 8, unseen loss" not in md  # FFA-LoRA has no ε = 8 run here
