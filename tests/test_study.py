@@ -215,3 +215,35 @@ def test_records_from_a_commit_are_untrusted(tmp_path: Path, bad: str) -> None:
     with pytest.raises(DataError, match="records.tar.gz"):
         restore_records(tmp_path / "runs", results)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # nothing written
+
+
+@pytest.mark.parametrize(
+    "runs",
+    [
+        {"study.json": {"status": "done"}},  # a control file of the study, not a run
+        {"u/fedit/seed1": {"status": "done", "phase": "seed", "variant": "fedit", "seed": 1, "lr": 0.01}},  # no summary
+        {  # one valid run, one bad entry: nothing is written
+            "u/fedit/seed1": {"status": "failed", "phase": "seed", "variant": "fedit", "seed": 1, "lr": 0.01},
+            "u/fedit/seed2": {"status": "failed", "phase": "seed", "variant": "fedit", "seed": 2, "seconds": None},
+        },
+    ],
+)
+def test_a_committed_ledger_is_checked_whole_before_anything_is_written(
+    tmp_path: Path, runs: dict[str, object]
+) -> None:
+    import io
+    import tarfile
+
+    from fedrank.study import restore_records
+    from fedrank.untrusted import DataError
+
+    results = tmp_path / "results"
+    results.mkdir()
+    data = json.dumps({"runs": runs}).encode()
+    with tarfile.open(results / "records.tar.gz", "w:gz") as tar:
+        info = tarfile.TarInfo("study.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(DataError, match="records.tar.gz"):
+        restore_records(tmp_path / "runs", results)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]

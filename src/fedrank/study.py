@@ -81,7 +81,8 @@ RECORDS = "records.tar.gz"
 results can be re-aggregated, and the study resumed, on a machine that never ran those runs."""
 RECORD_FILES = ("config.toml", "summary.json", "metrics.jsonl")
 MAX_RECORD_BYTES = 64 * 2**20
-"""The most an archive's files may hold unpacked (an archive from a commit is untrusted input)."""
+MAX_RECORD_MEMBERS = 100_000
+"""The most an archive's files may hold unpacked, and how many (an archive from a commit is untrusted input)."""
 SELECT = ("seen_after", "loss")
 """The tuning criterion: answer loss on the seen split (held-out examples of the training tasks), lower is better."""
 METRIC_ORDER = ("loss", "accuracy", "rougeL", "match")
@@ -384,7 +385,7 @@ def execute(
 def _relative(path: Path, out: Path) -> str | None:
     """``path`` relative to ``out`` in POSIX form, or None when it is not inside ``out``."""
     try:
-        rel = Path(os.path.normpath(path)).relative_to(os.path.normpath(out))
+        rel = Path(os.path.abspath(path)).relative_to(os.path.abspath(out))
     except ValueError:
         return None
     return rel.as_posix() if rel.parts else None
@@ -426,6 +427,21 @@ def pack_records(out: Path, results: Path, ledger: Ledger) -> Path:
     return results / RECORDS
 
 
+def _valid_entry(entry: Any) -> bool:
+    """A ledger entry as :meth:`Ledger.put` writes it (the fields the study reads, of their types)."""
+    if not isinstance(entry, dict) or entry.get("status") not in ("done", "diverged", "failed"):
+        return False
+    number = (int, float)
+    return (
+        isinstance(entry.get("phase"), str)
+        and isinstance(entry.get("variant"), str)
+        and isinstance(entry.get("seed"), int)
+        and isinstance(entry.get("lr"), number)
+        and isinstance(entry.get("seconds", 0.0), number)
+        and isinstance(entry.get("reason", ""), str)
+    )
+
+
 def restore_records(out: Path, results: Path) -> int:
     """The runs recorded in ``results/records.tar.gz`` that ``out`` lacks (neither in its ledger nor on disk),
     written back into ``out`` with their ledger entries; returns how many. The archive is untrusted: only
@@ -446,24 +462,31 @@ def restore_records(out: Path, results: Path) -> int:
                 base = name.rsplit("/", 1)[-1]
                 if not m.isfile() or not _safe_relative(name) or (base not in RECORD_FILES and name != LEDGER):
                     raise DataError(f"{what}: {name[:80]!r} is not a run's record")
+                if m.size < 0 or len(files) >= MAX_RECORD_MEMBERS:
+                    raise DataError(f"{what}: {name[:80]!r}: a negative size, or more than {MAX_RECORD_MEMBERS} files")
                 total += m.size
                 if total > MAX_RECORD_BYTES:
                     raise DataError(f"{what} holds more than {MAX_RECORD_BYTES >> 20} MiB")
                 f = tar.extractfile(m)
                 files[name] = f.read(m.size + 1) if f else b""
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
         raise DataError(f"{what} is not a readable archive: {e}") from e
     data = load_json(files.get(LEDGER, b"{}"), f"{what}: {LEDGER}")
     runs = data.get("runs") if isinstance(data, dict) else None
     if not isinstance(runs, dict):
         raise DataError(f"{what}: {LEDGER} has no runs")
+    for rel, entry in runs.items():  # every entry checked before anything is written
+        if not (isinstance(rel, str) and _safe_relative(rel) and len(rel.split("/")) == 3 and _valid_entry(entry)):
+            raise DataError(f"{what}: {LEDGER}: {str(rel)[:80]!r} is not a run of the study with a valid entry")
+        if entry["status"] == "done" and f"{rel}/summary.json" not in files:
+            raise DataError(f"{what}: {rel} is recorded as done without its summary.json")
     ledger = Ledger(out / LEDGER)
     restored = 0
     for rel, entry in sorted(runs.items()):
-        if not (isinstance(rel, str) and _safe_relative(rel) and isinstance(entry, dict)):
-            raise DataError(f"{what}: {LEDGER} names {str(rel)[:80]!r}, not a run inside the study")
         run = out / rel
-        if str(run) in ledger.runs or run.exists() or entry.get("status") not in ("done", "diverged", "failed"):
+        if str(run) in ledger.runs or run.exists():
             continue
         run.mkdir(parents=True)
         for name in RECORD_FILES:
@@ -596,8 +619,7 @@ def _client_records(run: Path) -> Iterator[dict[str, Any]]:
 def aggregate(study: StudyConfig, cfg: RunConfig, out: Path, results: Path) -> Path:
     """``results.md`` / ``.csv`` / ``.json``, figures and ``report.html`` in ``results`` from the finished runs."""
     results.mkdir(parents=True, exist_ok=True)
-    if not (out / LEDGER).is_file():  # a machine that never ran the study: its committed records
-        restore_records(out, results)
+    restore_records(out, results)  # the committed records of runs this machine lacks (it only adds)
     ledger = Ledger(out / LEDGER)
     recheck(ledger, vocab_of(cfg), write=False)  # the study (under its lock) writes its verdicts
     tune = plan_tuning(study, cfg, out)
