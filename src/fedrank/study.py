@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 from scipy import stats as scipy_stats  # type: ignore[import-untyped]
 
+from fedrank import run_dir
 from fedrank.aggregation import HOMOGENEOUS, METHODS
 from fedrank.aggregation.scale import FOLDABLE
 from fedrank.config import (
@@ -79,7 +80,7 @@ LEDGER = "study.json"
 RECORDS = "records.tar.gz"
 """In ``study.results``: the ledger and every recorded run's config, summary and metrics (no weights), so the
 results can be re-aggregated, and the study resumed, on a machine that never ran those runs."""
-RECORD_FILES = ("config.toml", "summary.json", "metrics.jsonl")
+RECORD_FILES = (run_dir.CONFIG, run_dir.SUMMARY, run_dir.METRICS)
 MAX_RECORD_BYTES = 64 * 2**20
 MAX_RECORD_MEMBERS = 100_000
 """The most an archive's files may hold unpacked, and how many (an archive from a commit is untrusted input)."""
