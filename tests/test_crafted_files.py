@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -227,6 +229,9 @@ CRAFTED = {
     ),
     "metrics_lines=-2": (_edit(lambda ck: ck.update(metrics_lines=-2)), "metrics_lines = -2 is not a count"),
     "round=99": (_edit(lambda ck: ck.update(round=99)), "round = 99 is outside 0..3 (federation.rounds)"),
+    "elapsed=-1": (_edit(lambda ck: ck.update(elapsed_seconds=-1.0)), "elapsed_seconds = -1.0 is not a duration"),
+    "elapsed=nan": (_edit(lambda ck: ck.update(elapsed_seconds=math.nan)), "elapsed_seconds = nan is not a duration"),
+    "elapsed=text": (_edit(lambda ck: ck.update(elapsed_seconds="1")), "elapsed_seconds = '1' is not a duration"),
 }
 
 
@@ -250,6 +255,22 @@ def test_a_crafted_checkpoint_resumes_from_the_older_one_and_trains_to_the_end(
     recs = records(run)
     assert [r["round"] for r in recs if r["type"] == "round"] == [1, 2, 3]
     assert json.loads((run / "summary.json").read_text())["eval_after_round"] == 3
+
+
+def test_a_resumed_runs_seconds_count_its_earlier_sittings(run: Path) -> None:
+    """The summary's seconds (and the study's compute, read from them) span every sitting: the stopped
+    sitting's time up to its checkpoint, made 1000 s here, plus the resumed sitting's."""
+    path = run_dir.checkpoint_path(run, 2)
+    before = checkpoint.load(path, kind="checkpoint")["elapsed_seconds"]
+    assert 0 < checkpoint.load(run_dir.checkpoint_path(run, 1), kind="checkpoint")["elapsed_seconds"] < before
+    _edit(lambda ck: ck.update(elapsed_seconds=1000.0))(path)
+    t0 = time.perf_counter()
+    assert main(["run", "--resume", str(run), "--no-progress"]) == 0
+    sitting = time.perf_counter() - t0
+    s = json.loads((run / "summary.json").read_text())
+    assert 1000.0 < s["seconds"] < 1000.0 + sitting
+    assert 1000.0 < s["time_split"]["total"] < 1000.0 + sitting + s["load_seconds"] + s["data_seconds"]
+    assert checkpoint.load(run_dir.checkpoint_path(run, 3), kind="checkpoint")["elapsed_seconds"] > 1000.0
 
 
 def test_every_checkpoint_crafted_is_one_line(run: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -22,6 +22,8 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from fedrank.untrusted import MAX_SECONDS
+
 log = logging.getLogger(__name__)
 
 
@@ -95,7 +97,7 @@ MAX_TEXT = 4096
 MAX_METRICS = 16
 """Most metrics kept per evaluated task or average (each is a panel of the plots)."""
 _BIG = 1e12
-_SECONDS = 1e9
+_SECONDS = MAX_SECONDS
 
 
 class Invalid(ValueError):
@@ -758,8 +760,8 @@ def round_seconds(records: Sequence[dict[str, Any]]) -> dict[int, dict[str, floa
 
 def time_split(records: Sequence[dict[str, Any]], summary: dict[str, Any]) -> list[tuple[str, float]]:
     """The run's wall time by part: (part, seconds), the last row the total. Data (download, index and
-    partition: the first run builds the index), model load and the total are those of the last process (a
-    resumed run's earlier processes are not in them)."""
+    partition: the first run builds the index) and model load are those of the last process; the rounds and the
+    total span every sitting of a resumed run (its earlier sittings up to their last checkpoint)."""
     per_round = round_seconds(records).values()
     rows = [("data", float(summary["data_seconds"]))] if "data_seconds" in summary else []
     rows += [("model load", float(summary["load_seconds"]))] if "load_seconds" in summary else []

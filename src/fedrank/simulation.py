@@ -401,6 +401,8 @@ class Simulation:
         self.rank_overrides: dict[int, int] = {}
         self.skipped_rounds = 0
         self.train_seconds = 0.0
+        self.earlier_seconds = 0.0  # run time of the earlier sittings of a resumed run, up to their last checkpoint
+        self.sitting_start = time.perf_counter()
         self.sent: list[ClientAssignment] = []
         self.max_rank = global_rank(cfg)
         self.state = self.method.init_state(self.host.shapes, self.max_rank)
@@ -431,6 +433,7 @@ class Simulation:
         self.rank_overrides = {int(k): int(v) for k, v in ck["rank_overrides"].items()}
         self.metrics_lines = int(ck["metrics_lines"])
         self.skipped_rounds = int(ck.get("skipped_rounds", 0))
+        self.earlier_seconds = float(ck.get("elapsed_seconds", 0.0))
         if self.dp is not None:
             self.dp.accountant.step(int(ck.get("private_rounds", 0)))
         torch.set_rng_state(ck["torch_rng"])
@@ -443,11 +446,17 @@ class Simulation:
             "rank_overrides": self.rank_overrides,
             "metrics_lines": self.metrics_lines,
             "skipped_rounds": self.skipped_rounds,
+            "elapsed_seconds": self.elapsed_seconds(),
             **({"private_rounds": self.dp.accountant.rounds} if self.dp is not None else {}),
             "config": to_dict(self.cfg),
             "torch_rng": torch.get_rng_state(),
         }
         run_dir.write_checkpoint(self.out, round_done, ck, self.cfg.output.keep_checkpoints)
+
+    def elapsed_seconds(self) -> float:
+        """The run's time so far: this sitting's (from :meth:`run`) and the earlier sittings' up to their last
+        checkpoint (what a crash lost after it is redone, and counted, here)."""
+        return self.earlier_seconds + time.perf_counter() - self.sitting_start
 
     def _record(self, rec: dict[str, Any]) -> None:
         run_dir.append_record(self.metrics_path, rec)  # strict JSON: NaN/inf are written as null
@@ -827,7 +836,7 @@ class Simulation:
     def run(self) -> RunResult:
         cfg = self.cfg
         rounds = cfg.federation.rounds
-        t_start = time.perf_counter()
+        self.sitting_start = time.perf_counter()
         log.info(
             "%s: %d registered clients (%d training tasks), %d per round, %d rounds; ranks %s; %d unseen eval tasks "
             "from held-out families %s; seen = clients %s' own test splits",
@@ -872,7 +881,7 @@ class Simulation:
             self._checkpoint(t + 1)
             if skipped:
                 self.check_skipped(t)
-        summary = self.finish(time.perf_counter() - t_start)
+        summary = self.finish(self.elapsed_seconds())
         return RunResult(self.out, summary)
 
     # ----------------------------------------------------------------- outputs
@@ -915,7 +924,7 @@ class Simulation:
                 "report": str(self.out / run_dir.REPORT),
             }
         )
-        summary["time_split"] = time_split_summary(records, summary)  # this process's; a resume's earlier ones not
+        summary["time_split"] = time_split_summary(records, summary)  # data and load: this process's
         figs = figures(records, self.ranks, self.cfg.method.name) if self.cfg.output.plots else {}
         try:
             if figs:

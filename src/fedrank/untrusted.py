@@ -368,6 +368,9 @@ def run_bounds(config: Mapping[str, Any], expected: Any = None) -> tuple[int, in
     return rounds, clients, top, top * max(1, min(per_round, clients))
 
 
+MAX_SECONDS = 1e9
+"""The longest duration a record may state (about 32 years)."""
+
 CHECKPOINT_KEYS = ("round", "state", "rank_overrides", "metrics_lines", "config", "torch_rng")
 
 
@@ -397,6 +400,9 @@ def check_checkpoint(ck: Any, config: Mapping[str, Any], expected: Any = None) -
     private = ck.get("private_rounds", 0)  # rounds the DP accountant composed (aggregated rounds)
     if not _count(private) or not 0 <= private <= rnd:
         raise DataError(f"private_rounds = {short(private)} is outside 0..{rnd} (the rounds done)")
+    elapsed = ck.get("elapsed_seconds", 0.0)  # the run's time up to this checkpoint, over its sittings
+    if isinstance(elapsed, bool) or not isinstance(elapsed, int | float) or not 0.0 <= elapsed <= MAX_SECONDS:
+        raise DataError(f"elapsed_seconds = {short(elapsed)} is not a duration within 0..{MAX_SECONDS:g} s")
     overrides = ck["rank_overrides"]
     if not isinstance(overrides, dict):
         raise DataError(f"rank_overrides is a {type(overrides).__name__}, not a table")
