@@ -80,6 +80,7 @@ def test_study_tunes_skips_resumes_and_aggregates(tmp_path: Path, capsys: pytest
     assert {ledger[str(runs / "tune" / v / "lr1e+06")]["status"] for v in ("flexlora", "hetlora")} == {"diverged"}
     chosen = {e["variant"]: e["lr"] for e in ledger.values() if e["phase"] == "seed"}
     assert chosen == {"flexlora": 0.01, "hetlora": 0.01}  # the diverged rate is never chosen
+    assert "study: chosen rates (lowest seen answer loss): flexlora 0.01, hetlora 0.01" in capsys.readouterr().err
     md = (results / "results.md").read_text()
     assert "| flexlora | 0.0100 | 2 |" in md and "| hetlora+fold | 0.0100 | 2 |" in md
     assert "| zero-shot |  | 2 |" in md

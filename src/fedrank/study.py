@@ -551,6 +551,8 @@ def _run_study(
     log.info("study: %d tuning runs (%d variants, each over its grid of rates)", len(tune), len(study.variants))
     execute(tune, ledger, progress=progress, retry_failed=retry_failed, keep_checkpoints=study.keep_checkpoints)
     rates, _ = choose_rates(tune, ledger)
+    if rates:
+        log.info("study: chosen rates (lowest seen answer loss): %s", ", ".join(f"{v} {r:g}" for v, r in rates.items()))
     for v in study.variants:
         if v not in rates:
             log.warning("study: %s diverged or failed at every rate of the grid: no seed runs", v)
