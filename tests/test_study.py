@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 
 from fedrank.cli import main
-from fedrank.study import Ledger, load_study, mean_interval, paired_interval, plan_seeds, plan_tuning, recheck
+from fedrank.study import (
+    Ledger,
+    load_study,
+    mean_interval,
+    paired_interval,
+    plan_fallbacks,
+    plan_seeds,
+    plan_tuning,
+    recheck,
+)
 from helpers import TINY_TOML
 
 
@@ -167,6 +176,80 @@ def test_a_finished_run_keeps_no_checkpoints_unless_asked(tmp_path: Path) -> Non
     assert main(["study", str(path), "--no-progress"]) == 0  # kept, not rerun
     ledger = Ledger(tmp_path / "true" / "runs" / "study.json").runs
     assert {e["how"] for e in ledger.values()} == {"kept"}
+
+
+def test_the_stability_rule_reruns_a_variant_that_diverged_on_most_seeds_at_its_best_stable_lower_rate(
+    tmp_path: Path,
+) -> None:
+    """S1's FSLoRA: its tuned rate (the top of its grid) finished at the tuning seed and diverged at the seeds.
+    More than half of a variant's seed runs diverged -> it is run again at the best grid rate below the chosen
+    one that finished at tuning; half, or nothing stable below, -> not."""
+    variants, distributions = '["fedit", "fslora", "hetlora"]', '["uniform", "normal"]'
+    study, cfg = load_study(_study(tmp_path, methods=variants, distributions=distributions, seeds="[1, 2, 3]"))
+    rates = {"fedit": 0.01, "fslora": 3e-2, "hetlora": 1e6}
+    grid = {
+        "fedit": {0.01: 2.0, 1e6: math.nan},
+        "fslora": {3e-3: 2.7, 1e-2: 2.4, 3e-2: 2.3},
+        "hetlora": {0.01: 2.5, 1e6: 2.0},
+    }
+    seeds = [j for j in plan_seeds(study, cfg, tmp_path, rates) if j.phase == "seed"]
+    ledger = Ledger(tmp_path / "study.json")
+    fslora = sorted({j.key for j in seeds if j.variant == "fslora"})
+    assert len(fslora) == 6
+    for key in fslora[:3]:  # half of them: not more than half
+        ledger.runs[key] = {"status": "diverged"}
+    for key in {j.key for j in seeds if j.variant == "fedit"}:  # all, but nothing stable below its rate
+        ledger.runs[key] = {"status": "diverged"}
+    assert plan_fallbacks(study, cfg, tmp_path, rates, grid, ledger) == ({}, [])
+    ledger.runs[fslora[3]] = {"status": "diverged"}
+    for key in {j.key for j in seeds if j.variant == "hetlora"}:
+        ledger.runs[key] = {"status": "diverged"}
+    fallback, jobs = plan_fallbacks(study, cfg, tmp_path, rates, grid, ledger)
+    assert fallback == {"fslora": 1e-2, "hetlora": 0.01}  # fslora: below 3e-2, the lower loss of 3e-3 and 1e-2
+    dists, three = ("uniform", "normal"), (1, 2, 3)
+    want = {
+        ("seed", d, s, f"{v}@lr0.01", f"{d}/{v}@lr0.01/seed{s}")
+        for v in ("fslora", "hetlora")
+        for d in dists
+        for s in three
+    }
+    want |= {("fold", "uniform", s, "hetlora@lr0.01+fold", f"uniform/hetlora@lr0.01+fold/seed{s}") for s in three}
+    # (FSLoRA has no fold ablation: its scale carries its sketch's r/k)
+    assert {(j.phase, j.distribution, j.seed, j.label, j.path.relative_to(tmp_path).as_posix()) for j in jobs} == want
+    assert {(j.variant, j.lr, j.cfg.train.lr, j.cfg.train.optimizer) for j in jobs} == {
+        ("fslora", 1e-2, 1e-2, "sgd"), ("hetlora", 0.01, 0.01, "adamw")
+    }  # fmt: skip
+
+
+def test_a_study_applies_the_stability_rule_and_reports_both_rows(tmp_path: Path) -> None:
+    """End to end: fedit's seed runs at its chosen rate (0.01) are recorded as diverged (as S1's FSLoRA's were);
+    the next sitting runs both seeds again at 0.001 and reports them as ``fedit@lr0.001`` beside the tuned row."""
+    path = _study(tmp_path, methods='["fedit"]', lr_grid="[0.001, 0.01]", seeds="[1, 2]", fold_ablation="false")
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    assert main(["study", str(path), "--no-progress"]) == 0
+    for lr, loss in (("0.001", 2.0), ("0.01", 1.0)):  # make 0.01 the tuned choice whatever the tiny model chose
+        summary = runs / "tune" / "fedit" / f"lr{lr}" / "summary.json"
+        s = json.loads(summary.read_text())
+        s["seen_after"]["loss"] = loss
+        summary.write_text(json.dumps(s))
+    data = json.loads((runs / "study.json").read_text())
+    for seed in (1, 2):
+        entry = data["runs"][str(runs / "uniform" / "fedit" / f"seed{seed}")]
+        entry.update(status="diverged", reason="crafted", lr=0.01)
+    (runs / "study.json").write_text(json.dumps(data))
+    assert main(["study", str(path), "--no-progress"]) == 0
+    ledger = Ledger(runs / "study.json").runs
+    again = [runs / "uniform" / "fedit@lr0.001" / f"seed{s}" for s in (1, 2)]
+    assert [ledger[str(p)]["status"] for p in again] == ["done", "done"]
+    assert [ledger[str(p)]["tag"] for p in again] == ["@lr0.001"] * 2
+    assert all("lr = 0.001" in (p / "config.toml").read_text() for p in again)
+    md = (results / "results.md").read_text()
+    assert "**Stability rule**" in md and "fedit at 0.001 (chosen 0.01)" in md
+    assert "| fedit | 0.0100 | 0 |" in md and "| fedit@lr0.001 | 0.0010 | 2 |" in md
+    assert "6 of 6 planned runs recorded (diverged 2, done 4)" in md
+    rows = {r["variant"]: r for r in json.loads((results / "results.json").read_text())["rows"]}
+    want = [json.loads((p / "summary.json").read_text())["unseen_after"]["loss"] for p in again]
+    assert rows["fedit@lr0.001"]["unseen.loss"] == pytest.approx(list(mean_interval(want)))
 
 
 def test_a_study_moves_to_another_machine_by_its_committed_records(tmp_path: Path) -> None:

@@ -174,7 +174,10 @@ def cmd_study(args: argparse.Namespace) -> int:
         from fedrank.aggregation.scale import FOLDABLE
 
         fold = len(study.seeds) * len([v for v in study.variants if v in FOLDABLE]) if study.fold_ablation else 0
-        print(f"{study.name}: {len(tune)} tuning runs, then up to {seeds} seed runs and {fold} fold-ablation runs")
+        print(
+            f"{study.name}: {len(tune)} tuning runs, then up to {seeds} seed runs and {fold} fold-ablation runs "
+            "(and the stability rule's reruns of a variant that diverges on most seeds, decided after them)"
+        )
         for job in tune[: len(study.lr_grid)]:
             print(f"  e.g. {job.path}: {job.variant} lr {job.lr:g} seed {job.seed}")
         return 0

@@ -34,9 +34,10 @@ import shutil
 import subprocess
 import tarfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -160,10 +161,17 @@ class Job:
     lr: float
     path: Path
     cfg: RunConfig = field(repr=False, compare=False)
+    tag: str = ""
+    """``@lr<rate>`` on a run of the stability rule (:func:`plan_fallbacks`), else empty."""
 
     @property
     def key(self) -> str:
         return str(self.path)
+
+    @property
+    def label(self) -> str:
+        """The variant as the results name it: ``fslora``, ``fslora@lr0.01``, ``hetlora+fold``."""
+        return self.variant + self.tag + ("+fold" if self.phase == "fold" else "")
 
 
 def variant_config(
@@ -208,9 +216,16 @@ def plan_tuning(study: StudyConfig, cfg: RunConfig, out: Path) -> list[Job]:
     ]  # fmt: skip
 
 
-def plan_seeds(study: StudyConfig, cfg: RunConfig, out: Path, rates: dict[str, float]) -> list[Job]:
-    """The seed runs (and the fold ablation) of the variants that have a chosen rate. A run whose config is
-    the same under another rank distribution (a homogeneous variant: every client at one rank) is planned
+def plan_seeds(
+    study: StudyConfig,
+    cfg: RunConfig,
+    out: Path,
+    rates: dict[str, float],
+    tags: Mapping[str, str] = MappingProxyType({}),
+) -> list[Job]:
+    """The seed runs (and the fold ablation) of the variants that have a chosen rate, in the folder of each
+    variant's label (``tags``: a suffix per variant, as the stability rule names its runs). A run whose config
+    is the same under another rank distribution (a homogeneous variant: every client at one rank) is planned
     once, in the first distribution's folder, and counted under each."""
     dists = study.distributions or (cfg.ranks.distribution,)
     jobs = []
@@ -218,18 +233,47 @@ def plan_seeds(study: StudyConfig, cfg: RunConfig, out: Path, rates: dict[str, f
     for d in dists:
         for v in study.variants:
             if v in rates:
+                tag = tags.get(v, "")
                 for s in study.seeds:
                     c = variant_config(cfg, v, s, d, rates[v], presets=study.presets)
-                    prior = first.setdefault((v, s), Job("seed", v, d, s, rates[v], out / d / v / f"seed{s}", c))
-                    path = prior.path if prior.cfg == c else out / d / v / f"seed{s}"
-                    jobs.append(Job("seed", v, d, s, rates[v], path, c))
+                    here = out / d / f"{v}{tag}" / f"seed{s}"
+                    prior = first.setdefault((v, s), Job("seed", v, d, s, rates[v], here, c, tag))
+                    jobs.append(Job("seed", v, d, s, rates[v], prior.path if prior.cfg == c else here, c, tag))
     if study.fold_ablation:
         for v in study.variants:
             if v in rates and v in FOLDABLE:
+                tag = tags.get(v, "")
                 for s in study.seeds:
                     c = variant_config(cfg, v, s, dists[0], rates[v], scale="fold", presets=study.presets)
-                    jobs.append(Job("fold", v, dists[0], s, rates[v], out / dists[0] / f"{v}+fold" / f"seed{s}", c))
+                    here = out / dists[0] / f"{v}{tag}+fold" / f"seed{s}"
+                    jobs.append(Job("fold", v, dists[0], s, rates[v], here, c, tag))
     return jobs
+
+
+def plan_fallbacks(
+    study: StudyConfig,
+    cfg: RunConfig,
+    out: Path,
+    rates: dict[str, float],
+    grid: dict[str, dict[float, float]],
+    ledger: Ledger,
+) -> tuple[dict[str, float], list[Job]]:
+    """The stability rule. A variant whose seed runs at its chosen rate diverged in more than half of those
+    planned (the tuning seed was stable at a rate the others are not) is run again, seeds and fold ablation, at
+    the best rate of its grid *below* the chosen one that finished at the tuning seed (the lowest seen loss
+    among them), as ``variant@lr<rate>``. It reads the seed runs' outcomes, so it is decided after them and
+    reported beside the tuned result (which stays, diverged), never in its place. Returns the rate per such
+    variant and its jobs."""
+    seeds = plan_seeds(study, cfg, out, rates)
+    fallback: dict[str, float] = {}
+    for v, chosen in rates.items():
+        mine = {j.key for j in seeds if j.variant == v and j.phase == "seed"}
+        diverged = sum((ledger.runs.get(k) or {}).get("status") == "diverged" for k in mine)
+        below = [(loss, lr) for lr, loss in grid.get(v, {}).items() if lr < chosen and math.isfinite(loss)]
+        if 2 * diverged > len(mine) and below:
+            fallback[v] = min(below)[1]
+    tags = {v: "@" + _lr_name(lr) for v, lr in fallback.items()}
+    return fallback, plan_seeds(study, cfg, out, fallback, tags)
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -344,7 +388,15 @@ class Ledger:
         return self.runs.get(job.key)
 
     def put(self, job: Job, **entry: Any) -> None:
-        self.runs[job.key] = {"phase": job.phase, "variant": job.variant, "seed": job.seed, "lr": job.lr, **entry}
+        tag = {"tag": job.tag} if job.tag else {}
+        self.runs[job.key] = {
+            "phase": job.phase,
+            "variant": job.variant,
+            **tag,
+            "seed": job.seed,
+            "lr": job.lr,
+            **entry,
+        }
         _write_json(self.path, {"runs": self.runs})
 
 
@@ -440,6 +492,7 @@ def _valid_entry(entry: Any) -> bool:
         and isinstance(entry.get("lr"), number)
         and isinstance(entry.get("seconds", 0.0), number)
         and isinstance(entry.get("reason", ""), str)
+        and isinstance(entry.get("tag", ""), str)
     )
 
 
@@ -550,7 +603,7 @@ def _run_study(
     tune = plan_tuning(study, cfg, out)
     log.info("study: %d tuning runs (%d variants, each over its grid of rates)", len(tune), len(study.variants))
     execute(tune, ledger, progress=progress, retry_failed=retry_failed, keep_checkpoints=study.keep_checkpoints)
-    rates, _ = choose_rates(tune, ledger)
+    rates, grid = choose_rates(tune, ledger)
     if rates:
         log.info("study: chosen rates (lowest seen answer loss): %s", ", ".join(f"{v} {r:g}" for v, r in rates.items()))
     for v in study.variants:
@@ -559,6 +612,16 @@ def _run_study(
     seeds = plan_seeds(study, cfg, out, rates)
     log.info("study: %d seed runs", len(seeds))
     execute(seeds, ledger, progress=progress, retry_failed=retry_failed, keep_checkpoints=study.keep_checkpoints)
+    fallback, again = plan_fallbacks(study, cfg, out, rates, grid, ledger)
+    if again:
+        log.warning(
+            "study: stability rule: %s diverged on most seeds at the chosen rate; %d runs at the best stable rate "
+            "below it: %s",
+            ", ".join(fallback),
+            len(again),
+            ", ".join(f"{v} {lr:g}" for v, lr in fallback.items()),
+        )
+        execute(again, ledger, progress=progress, retry_failed=retry_failed, keep_checkpoints=study.keep_checkpoints)
     return aggregate(study, cfg, out, results)
 
 
@@ -627,14 +690,16 @@ def aggregate(study: StudyConfig, cfg: RunConfig, out: Path, results: Path) -> P
     recheck(ledger, vocab_of(cfg), write=False)  # the study (under its lock) writes its verdicts
     tune = plan_tuning(study, cfg, out)
     rates, grid = choose_rates(tune, ledger)
-    jobs = plan_seeds(study, cfg, out, rates)
+    fallback, again = plan_fallbacks(study, cfg, out, rates, grid, ledger)
+    jobs = plan_seeds(study, cfg, out, rates) + again
+    lr_of = {job.label: job.lr for job in jobs}
     dists = list(study.distributions or (cfg.ranks.distribution,))
     # summaries per (distribution, variant label) and seed
     done: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
     finished: list[Job] = []  # the jobs whose summary is read here, once
     status: dict[tuple[str, str], dict[str, int]] = {}
     for job in jobs:
-        label = job.variant + ("+fold" if job.phase == "fold" else "")
+        label = job.label
         entry = ledger.get(job)
         st = entry.get("status", "pending") if entry else "pending"
         status.setdefault((job.distribution, label), {}).setdefault(st, 0)
@@ -646,7 +711,9 @@ def aggregate(study: StudyConfig, cfg: RunConfig, out: Path, results: Path) -> P
     all_summaries = [s for by in done.values() for s in by.values()]
     metrics = _metrics_of(all_summaries)
     rows: list[dict[str, Any]] = []
-    labels = [*study.variants, *[f"{v}+fold" for v in study.variants if v in FOLDABLE and study.fold_ablation]]
+    tags = {v: [""] + ([f"@{_lr_name(fallback[v])}"] if v in fallback else []) for v in study.variants}
+    labels = [v + t for v in study.variants for t in tags[v]]
+    labels += [f"{v}{t}+fold" for v in study.variants if v in FOLDABLE and study.fold_ablation for t in tags[v]]
     for d in dists:
         # the zero-shot base model: each seed's "before" evaluation (the same data split for every variant)
         base: dict[int, dict[str, Any]] = {}
@@ -658,7 +725,7 @@ def aggregate(study: StudyConfig, cfg: RunConfig, out: Path, results: Path) -> P
         entries += [(lab, done.get((d, lab), {}), "after") for lab in labels]
         for lab, by, when in entries:
             row: dict[str, Any] = {"distribution": d, "variant": lab, "seeds": len(by)}
-            row["lr"] = rates.get(lab.removesuffix("+fold"), math.nan) if lab != "zero-shot" else math.nan
+            row["lr"] = lr_of.get(lab, math.nan)
             row["status"] = status.get((d, lab), {})
             for label, metric in metrics:
                 key = next(g for g in GROUPS if g[0] == label)[1 if when == "after" else 2]
@@ -695,7 +762,7 @@ def aggregate(study: StudyConfig, cfg: RunConfig, out: Path, results: Path) -> P
     _write_tables(results, study, rows, metrics, refs)
     figures = _figures(study, finished, results, rows, metrics, dists)
     report = _report(finished, results, dists[0])
-    md = _markdown(study, cfg, out, results, rows, metrics, refs, grid, rates, comm, figures, report, ledger)
+    md = _markdown(study, cfg, out, results, rows, metrics, refs, grid, rates, fallback, comm, figures, report, ledger)
     return md
 
 
@@ -715,7 +782,7 @@ def _communication(finished: Sequence[Job], dist: str) -> dict[str, dict[int, fl
     for job in finished:
         if job.distribution != dist:
             continue
-        label = job.variant + ("+fold" if job.phase == "fold" else "")
+        label = job.label
         for r in _client_records(job.path):
             if r.get("type") == "client" and isinstance(r.get("rank"), int):
                 mib = (float(r.get("up_bytes", 0)) + float(r.get("down_bytes", 0))) / 2**20
@@ -774,10 +841,10 @@ def _figures(
                 for label, key in (("unseen", "unseen_avg"), ("seen", "participants_avg")):
                     for metric, v in (r.get(key) or {}).items():
                         if metric != "perplexity" and isinstance(v, int | float):
-                            c = curves.setdefault(f"{label}.{metric}", {}).setdefault(job.variant, {})
+                            c = curves.setdefault(f"{label}.{metric}", {}).setdefault(job.label, {})
                             c.setdefault(int(r["round"]), []).append(float(v))
             if r.get("type") == "round" and isinstance((r.get("spectrum") or {}).get("energy_top_rmin"), int | float):
-                energy.setdefault(job.variant, {}).setdefault(int(r["round"]), []).append(
+                energy.setdefault(job.label, {}).setdefault(int(r["round"]), []).append(
                     float(r["spectrum"]["energy_top_rmin"])
                 )
     keys = [f"{g}.{m}" for g, m in metrics if f"{g}.{m}" in curves]
@@ -850,7 +917,7 @@ def _report(finished: Sequence[Job], results: Path, dist: str) -> Path | None:
     runs: dict[str, list[Path]] = {}
     for job in finished:
         if job.phase == "seed" and job.distribution == dist:
-            runs.setdefault(job.variant, []).append(job.path)
+            runs.setdefault(job.label, []).append(job.path)
     return write_comparison_report(runs, results / "report.html") if runs else None
 
 
@@ -864,6 +931,7 @@ def _markdown(
     refs: list[str],
     grid: dict[str, dict[float, float]],
     rates: dict[str, float],
+    fallback: dict[str, float],
     comm: dict[str, dict[int, float]],
     figures: list[Path],
     report: Path | None,
@@ -873,7 +941,8 @@ def _markdown(
     total = sum(float(e.get("seconds", 0.0)) for e in ledger.runs.values())
     updates = sum(float(r.get("updates", 0.0)) for r in rows if isinstance(r.get("updates"), float))
     seeds = plan_seeds(study, cfg, out, {v: 1.0 for v in study.variants})
-    planned = {j.key for j in plan_tuning(study, cfg, out)} | {j.key for j in seeds}
+    again = plan_seeds(study, cfg, out, fallback, {v: "@" + _lr_name(lr) for v, lr in fallback.items()})
+    planned = {j.key for j in plan_tuning(study, cfg, out)} | {j.key for j in seeds} | {j.key for j in again}
     counts: dict[str, int] = {}
     for k, e in ledger.runs.items():
         if k in planned:
@@ -919,6 +988,14 @@ def _markdown(
         if v in rates and len(by) > 1 and rates[v] in (min(by), max(by)):
             chosen += " (grid edge)"  # the best rate may lie beyond the grid
         lines.append(f"| {v} | " + ", ".join(cells) + f" | {chosen} |")
+    if fallback:
+        lines += [
+            "",
+            "**Stability rule** (decided after the seed runs, so not a tuned result): a variant whose seed runs at "
+            "the chosen rate diverged in more than half of them is run again at the best rate of its grid below "
+            "it that finished at the tuning seed, shown as `variant@lr<rate>` beside the tuned row (which stays, "
+            "diverged): " + ", ".join(f"{v} at {lr:g} (chosen {rates[v]:g})" for v, lr in fallback.items()) + ".",
+        ]
     for d in dict.fromkeys(r["distribution"] for r in rows):
         lines += ["", f"## Final metrics, rank distribution `{d}`", ""]
         lines.append("| variant | lr | seeds | " + " | ".join(keys) + " |")
