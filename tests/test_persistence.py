@@ -257,6 +257,19 @@ def interrupted(cfg_path: Path, out: Path, monkeypatch: pytest.MonkeyPatch, afte
             Simulation(load_config(cfg_path, sets), out, progress=False).run()
 
 
+def test_a_run_stopped_after_its_round_0_checkpoint_does_not_evaluate_round_0_again(
+    uninterrupted: Path, cfg_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped in round 1 (only round-0000, the base model's evaluation, on disk): the resume starts training
+    at round 1 without a second round-0 evaluation record or a second count of its time."""
+    out = tmp_path / "run"
+    interrupted(cfg_path, out, monkeypatch, 0, KILL_CFG)
+    assert [r for r, _ in run_dir.checkpoints(out)] == [0]
+    assert main(["run", "--resume", str(out), "--no-progress"]) == 0
+    assert [r["round"] for r in records(out) if r["type"] == "eval"] == [0, 3]
+    assert_same_run(out, uninterrupted)
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "empty"])
 def test_a_corrupt_or_truncated_latest_checkpoint_falls_back_to_the_previous_one(
     damage: str,

@@ -243,6 +243,7 @@ def test_a_study_applies_the_stability_rule_and_reports_both_rows(tmp_path: Path
     assert [ledger[str(p)]["status"] for p in again] == ["done", "done"]
     assert [ledger[str(p)]["tag"] for p in again] == ["@lr0.001"] * 2
     assert all("lr = 0.001" in (p / "config.toml").read_text() for p in again)
+    assert f"{again[0]},seed,fedit@lr0.001,1,0.001,done," in (results / "runs.csv").read_text()
     md = (results / "results.md").read_text()
     assert "**Stability rule**" in md and "fedit at 0.001 (chosen 0.01)" in md
     assert "| fedit | 0.0100 | 0 |" in md and "| fedit@lr0.001 | 0.0010 | 2 |" in md

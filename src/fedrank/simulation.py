@@ -397,6 +397,7 @@ class Simulation:
         check_ranks_fit(cfg, self.host.shapes)
         self.ranks = client_ranks(cfg, self.fed.num_clients, model_footprint(self.lm, self.host.shapes, cfg))
         self.start_round = 0
+        self.restored = False  # resumed from a checkpoint (round 0's included: its evaluation is not redone)
         self.metrics_lines = 0  # records written; checkpoints keep it so a resume drops a crashed round's records
         self.rank_overrides: dict[int, int] = {}
         self.skipped_rounds = 0
@@ -428,6 +429,7 @@ class Simulation:
         ck = run_dir.restore(self.out, to_dict(self.cfg), expected=self.state)  # checked against the initial state
         if ck is None:
             return
+        self.restored = True
         self.start_round = int(ck["round"])
         self.state = ck["state"]
         self.rank_overrides = {int(k): int(v) for k, v in ck["rank_overrides"].items()}
@@ -850,7 +852,7 @@ class Simulation:
             ", ".join(self.fed.held_out),
             self.eval_clients,
         )
-        if self.start_round == 0 and cfg.eval.before:
+        if not self.restored and cfg.eval.before:
             ev = self.evaluate(0)
             log.info("round 0 (before training): %s", _fmt(ev["unseen_avg"]))
             self._checkpoint(0)

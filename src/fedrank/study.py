@@ -772,7 +772,8 @@ def _write_runs(results: Path, ledger: Ledger) -> None:
         w = csv.writer(f)
         w.writerow(["run", "phase", "variant", "seed", "lr", "status", "seconds"])
         for key, e in sorted(ledger.runs.items()):
-            w.writerow([key, e.get("phase"), e.get("variant"), e.get("seed"), e.get("lr"), e.get("status"),
+            label = f"{e.get('variant')}{e.get('tag', '')}"  # fslora@lr0.01: a run of the stability rule
+            w.writerow([key, e.get("phase"), label, e.get("seed"), e.get("lr"), e.get("status"),
                         f"{float(e.get('seconds', math.nan)):.1f}"])  # fmt: skip
 
 
