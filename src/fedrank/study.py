@@ -711,7 +711,8 @@ def aggregate(study: StudyConfig, cfg: RunConfig, out: Path, results: Path) -> P
     all_summaries = [s for by in done.values() for s in by.values()]
     metrics = _metrics_of(all_summaries)
     rows: list[dict[str, Any]] = []
-    tags = {v: [""] + ([f"@{_lr_name(fallback[v])}"] if v in fallback else []) for v in study.variants}
+    tag_of = {j.variant: j.tag for j in again}  # the stability rule's label suffix, as it planned them
+    tags = {v: [""] + ([tag_of[v]] if v in tag_of else []) for v in study.variants}
     labels = [v + t for v in study.variants for t in tags[v]]
     labels += [f"{v}{t}+fold" for v in study.variants if v in FOLDABLE and study.fold_ablation for t in tags[v]]
     for d in dists:
@@ -762,8 +763,9 @@ def aggregate(study: StudyConfig, cfg: RunConfig, out: Path, results: Path) -> P
     _write_tables(results, study, rows, metrics, refs)
     figures = _figures(study, finished, results, rows, metrics, dists)
     report = _report(finished, results, dists[0])
-    md = _markdown(study, cfg, out, results, rows, metrics, refs, grid, rates, fallback, comm, figures, report, ledger)
-    return md
+    return _markdown(
+        study, cfg, out, results, rows, metrics, refs, grid, rates, fallback, again, comm, figures, report, ledger
+    )
 
 
 def _write_runs(results: Path, ledger: Ledger) -> None:
@@ -933,6 +935,7 @@ def _markdown(
     grid: dict[str, dict[float, float]],
     rates: dict[str, float],
     fallback: dict[str, float],
+    again: list[Job],
     comm: dict[str, dict[int, float]],
     figures: list[Path],
     report: Path | None,
@@ -942,7 +945,6 @@ def _markdown(
     total = sum(float(e.get("seconds", 0.0)) for e in ledger.runs.values())
     updates = sum(float(r.get("updates", 0.0)) for r in rows if isinstance(r.get("updates"), float))
     seeds = plan_seeds(study, cfg, out, {v: 1.0 for v in study.variants})
-    again = plan_seeds(study, cfg, out, fallback, {v: "@" + _lr_name(lr) for v, lr in fallback.items()})
     planned = {j.key for j in plan_tuning(study, cfg, out)} | {j.key for j in seeds} | {j.key for j in again}
     counts: dict[str, int] = {}
     for k, e in ledger.runs.items():
