@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from fedrank.aggregation import FlexLoRA, FlexLoRAState, RaFLoRA
+from fedrank.aggregation.base import AggregationError
 from fedrank.lowrank import pad_orthonormal
-from fedrank.types import ClientSpec, ClientUpdate, LoraFactors
+from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
 
 SHAPES = {"layers.0.q_proj": (12, 10), "layers.0.down_proj": (10, 16)}
 
@@ -136,7 +137,7 @@ def test_presets_weigh_clients_as_the_papers_do(name: str, weighting: str) -> No
 # --- item 5: the scale conventions, and the fold ablation of the index-sharing methods --------------------------
 
 
-@pytest.mark.parametrize("name", ["hetlora", "replication", "ffa", "fedsa"])
+@pytest.mark.parametrize("name", ["hetlora", "replication", "ffa", "fedsa", "rolora"])
 def test_fold_scale_trains_at_the_clients_own_scale_on_the_same_model(name: str) -> None:
     from fedrank.aggregation import make_method
     from fedrank.aggregation.scale import FoldedScale
@@ -149,21 +150,34 @@ def test_fold_scale_trains_at_the_clients_own_scale_on_the_same_model(name: str)
     B = {k: torch.randn(f.B.shape, generator=g) for k, f in state.factors.items()}  # B = 0 would hide a scale
     state = type(state)({k: LoraFactors(B[k], f.A) for k, f in state.factors.items()})
     twin = type(state)(dict(state.factors))
-    spec = ClientSpec(3, 2, 10)
+    spec = ClientSpec(3, 3, 10)  # c_k = √(s(8)/s(3)) = √(3/8): (c·x)/c is not x in floating point
     a, b = inner.dispatch(state, spec, 0), folded.dispatch(twin, spec, 0)
-    assert a.scaling == inner.scaling(8) and b.scaling == inner.scaling(2)
+    assert a.scaling == inner.scaling(8) and b.scaling == inner.scaling(3)
     for k in shapes:
         torch.testing.assert_close(
             b.scaling * b.factors[k].B @ b.factors[k].A, a.scaling * a.factors[k].B @ a.factors[k].A
         )
-    # a client that returns what it got leaves the state as it was (its factors unfolded exactly)
-    back = folded.aggregate(twin, [ClientUpdate(3, 2, 10, b.factors)])
-    same = inner.aggregate(state, [ClientUpdate(3, 2, 10, a.factors)])
+
+    def update(x: ClientAssignment, factors: dict[str, LoraFactors] | None = None) -> ClientUpdate:
+        return ClientUpdate(3, 3, 10, factors or x.factors, x.indices, x.train_A, x.train_B)
+
+    # a client that returns what it got leaves the state as it was (its factors unfolded; a frozen factor
+    # exactly, bit for bit, as FFA-LoRA's and RoLoRA's checks need)
+    back = folded.aggregate(twin, [update(b)])
+    same = inner.aggregate(state, [update(a)])
     for k in shapes:
         torch.testing.assert_close(back.factors[k].B, same.factors[k].B)
         torch.testing.assert_close(back.factors[k].A, same.factors[k].A)
+    if not b.train_A or not b.train_B:  # a client that changed its frozen factor is still refused
+        frozen = "A" if not b.train_A else "B"
+        moved = {
+            k: LoraFactors(f.B * 1.001, f.A) if frozen == "B" else LoraFactors(f.B, f.A * 1.001)
+            for k, f in b.factors.items()
+        }
+        with pytest.raises(AggregationError, match=f"changed (the frozen )?{frozen}"):
+            folded.aggregate(twin, [update(b, moved)])
     if name == "fedsa":  # the client's persisted B comes back in its own convention
-        local = folded.local_state(ClientUpdate(3, 2, 10, b.factors))
+        local = folded.local_state(update(b))
         again = folded.dispatch(back, spec, 1, local)
         torch.testing.assert_close(again.factors["q"].B, b.factors["q"].B)
 

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
@@ -70,9 +71,26 @@ class FoldedScale:
     def aggregate(self, state: Any, updates: Sequence[ClientUpdate], weights: Sequence[float] | None = None) -> Any:
         """The inner aggregate of the updates divided by their c_k (back to the global convention)."""
         s_R = self.inner.scaling(state.rank)
-        return self.inner.aggregate(
-            state, [replace(u, factors=_scaled(u.factors, 1 / self._c(s_R, u.rank))) for u in updates], weights
-        )
+        return self.inner.aggregate(state, [self._unfolded(state, u, s_R) for u in updates], weights)
+
+    def _unfolded(self, state: Any, u: ClientUpdate, s_R: float) -> ClientUpdate:
+        """``u``'s factors divided by its c_k. A factor the client did not train (FFA-LoRA's A, RoLoRA's
+        frozen half) that it returned exactly as sent, c_k times the state's (the first r_k indices, or
+        ``u.indices``), becomes the state's own factor: (c·x)/c rounds, and the inner method checks that a
+        frozen factor came back unchanged bit for bit. A changed one is divided like the rest, so the inner
+        check still refuses it."""
+        c = self._c(s_R, u.rank)
+        idx = u.indices if u.indices is not None else torch.arange(u.rank)
+        out = {}
+        for name, f in u.factors.items():
+            B, A = f.B / c, f.A / c
+            sent = state.factors.get(name)
+            if sent is not None and not u.train_A and torch.equal(f.A, sent.A[idx] * c):
+                A = sent.A[idx].clone()
+            if sent is not None and not u.train_B and torch.equal(f.B, sent.B[:, idx] * c):
+                B = sent.B[:, idx].clone()
+            out[name] = LoraFactors(B, A)
+        return replace(u, factors=out)
 
     def upload_params(self, update: ClientUpdate) -> int:
         return int(self.inner.upload_params(update))
