@@ -159,6 +159,44 @@ def test_a_finished_run_with_a_client_beyond_uniform_becomes_diverged(tmp_path: 
     assert asked == [1]  # only the run without a recorded V asked, once
 
 
+def test_a_finished_run_whose_global_model_is_worse_than_uniform_becomes_diverged(tmp_path: Path) -> None:
+    """No client went beyond ln V, but the aggregate did (S1's hetlora+fold seed 2: seen loss 22.1 after
+    round 2): the run is diverged, never a result. A global loss just below ln V, or a run without a final
+    evaluation, stays done."""
+    ln_v = math.log(49152)  # 10.803
+    finals = {
+        "seen_above": {"seen_after": {"loss": 22.148}, "unseen_after": {"loss": 3.1}},
+        "unseen_above": {"seen_after": {"loss": 3.0}, "unseen_after": {"loss": ln_v + 0.01}},
+        "nan": {"seen_after": {"loss": float("nan")}},
+        "below": {"seen_after": {"loss": ln_v - 0.01}, "unseen_after": {"loss": 9.8}},
+        "no_eval": {},
+    }
+    runs = {}
+    for name, summary in finals.items():
+        run = tmp_path / name
+        run.mkdir()
+        (run / "summary.json").write_text(json.dumps({"vocab_size": 49152, **summary}))
+        client = {"type": "client", "round": 2, "client": 7, "first_loss": 4.2, "last_loss": 3.9}
+        (run / "metrics.jsonl").write_text(json.dumps(client) + "\n")
+        runs[str(run)] = {"status": "done", "variant": "hetlora"}
+    (tmp_path / "study.json").write_text(json.dumps({"runs": runs}))
+    ledger = Ledger(tmp_path / "study.json")
+    recheck(ledger, lambda: pytest.fail("V is recorded"))
+    status = {Path(k).name: v["status"] for k, v in Ledger(tmp_path / "study.json").runs.items()}
+    assert status == {
+        "seen_above": "diverged",
+        "unseen_above": "diverged",
+        "nan": "diverged",
+        "below": "done",
+        "no_eval": "done",
+    }
+    reason = ledger.runs[str(tmp_path / "seen_above")]["reason"]
+    assert reason == (
+        "global model: seen answer loss 22.148 after the last round, above ln(vocab) = 10.803: worse than "
+        "uniform predictions"
+    )
+
+
 def test_a_finished_run_keeps_no_checkpoints_unless_asked(tmp_path: Path) -> None:
     """A study of hundreds of runs would fill a disk with round checkpoints (a dense-state run's are ~1 GiB on
     SmolLM2): once a run's summary is written its checkpoints go (it is kept by its summary), and a second

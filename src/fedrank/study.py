@@ -314,20 +314,33 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
-def _collapsed_clients(run: Path, vocab: Callable[[], int]) -> list[str]:
-    """Reasons of the run's clients that diverged or collapsed (metrics.jsonl): those the run dropped, and
-    those whose recorded losses went beyond uniform predictions (:func:`fedrank.local.beyond_uniform`; a run
-    of an earlier fedrank kept them). ``vocab``: V, when the run's summary does not record it."""
+def _divergence_reasons(run: Path, vocab: Callable[[], int]) -> list[str]:
+    """Why the run diverged, by today's rules; empty when it did not. Its clients that diverged or collapsed
+    (metrics.jsonl): those the run dropped, and those whose recorded losses went beyond uniform predictions
+    (:func:`fedrank.local.beyond_uniform`; a run of an earlier fedrank kept them). And its global model: a final
+    evaluation (seen or unseen) with an answer loss above ln(V), or not finite, is worse than uniform
+    predictions, though no single client was (in S1 the average of clients that each stayed below ln V reached
+    a loss of 22 at rank 32). ``vocab``: V, when the run's summary does not record it."""
     from fedrank.local import beyond_uniform
     from fedrank.report import read_metrics
 
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return []
     summary = _read_json(run / "summary.json") if (run / "summary.json").is_file() else None
     recorded = summary.get("vocab_size") if isinstance(summary, dict) else None
     size: int | None = recorded if isinstance(recorded, int) else None
     out = []
+    for split in ("seen", "unseen"):
+        final = summary.get(f"{split}_after") if isinstance(summary, dict) else None
+        loss = final.get("loss") if isinstance(final, dict) else None
+        if isinstance(loss, (int, float)):
+            size = size or vocab()
+            if not loss <= math.log(size):  # NaN too
+                out.append(
+                    f"global model: {split} answer loss {loss:.3f} after the last round, above ln(vocab) = "
+                    f"{math.log(size):.3f}: worse than uniform predictions"
+                )
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return out
     for r in read_metrics(path):
         reason = str(r.get("reason", ""))
         if r.get("type") == "client_failed" and ("diverged" in reason or "collapsed" in reason):
@@ -351,7 +364,7 @@ def recheck(ledger: Ledger, vocab: Callable[[], int], *, write: bool = True) -> 
     for key, entry in list(ledger.runs.items()):
         if entry.get("status") != "done":
             continue
-        bad = _collapsed_clients(Path(key), vocab)
+        bad = _divergence_reasons(Path(key), vocab)
         if bad:
             log.warning("study: %s is diverged by today's rules: %s", key, "; ".join(bad[:2]))
             ledger.runs[key] = {**entry, "status": "diverged", "reason": "; ".join(bad[:3])}
@@ -422,7 +435,7 @@ def execute(
             log.warning("study %d/%d: %s %s: %s", i, len(jobs), job.key, kind, e)
             ledger.put(job, status=kind, reason=str(e), seconds=time.perf_counter() - t0)
             continue
-        bad = _collapsed_clients(job.path, vocab_of(job.cfg))
+        bad = _divergence_reasons(job.path, vocab_of(job.cfg))
         summary = _read_json(job.path / "summary.json")
         seconds = float(summary.get("seconds", time.perf_counter() - t0)) if isinstance(summary, dict) else 0.0
         status = "diverged" if bad else "done"
