@@ -881,27 +881,37 @@ def _figures(
         fig.suptitle(f"{study.name}: metric vs round ({dists[0]}; mean and 95% interval over seeds)")
         fig.tight_layout()
         paths.append(_save(fig, results / "rounds.png"))
-    # 2. final metric per rank distribution
-    first = next(iter(keys), None)
-    if first and len(dists) > 1:
-        fig, ax = plt.subplots(figsize=(10, 4))
+    # 2. final metrics per rank distribution: one panel per metric, the axis fitted to the means (a 2-seed
+    # interval spans ±13 standard errors and would flatten every other point: its whiskers are cut there)
+    if keys and len(dists) > 1:
         variants = [r["variant"] for r in rows if r["distribution"] == dists[0]]
-        for j, d in enumerate(dists):
-            pts = [next((r for r in rows if r["distribution"] == d and r["variant"] == v), {}) for v in variants]
-            ms = [p.get(first, (math.nan,) * 3) for p in pts]
-            x = np.arange(len(variants)) + (j - len(dists) / 2) * 0.15
-            m = np.array([c[0] for c in ms])
-            err = np.array(
-                [
-                    [c[0] - c[1] if math.isfinite(c[1]) else 0 for c in ms],
-                    [c[2] - c[0] if math.isfinite(c[2]) else 0 for c in ms],
-                ]
-            )
-            ax.errorbar(x, m, yerr=err, fmt="o", ms=3, capsize=2, label=d)
-        ax.set_xticks(np.arange(len(variants)), variants, rotation=60, fontsize=7)
-        ax.set_ylabel(first)
-        ax.legend(fontsize=7)
-        ax.set_title(f"{study.name}: final {first} per rank distribution (95% interval)")
+        fig, axes = plt.subplots(len(keys), 1, figsize=(10, 2.6 * len(keys) + 1), squeeze=False, sharex=True)
+        for ax, key in zip(axes[:, 0], keys, strict=True):
+            means: list[float] = []
+            for j, d in enumerate(dists):
+                pts = [next((r for r in rows if r["distribution"] == d and r["variant"] == v), {}) for v in variants]
+                ms = [p.get(key, (math.nan,) * 3) for p in pts]
+                x = np.arange(len(variants)) + (j - len(dists) / 2) * 0.15
+                m = np.array([c[0] for c in ms])
+                err = np.array(
+                    [
+                        [c[0] - c[1] if math.isfinite(c[1]) else 0 for c in ms],
+                        [c[2] - c[0] if math.isfinite(c[2]) else 0 for c in ms],
+                    ]
+                )
+                ax.errorbar(x, m, yerr=err, fmt="o", ms=3, capsize=2, color=colors(j), label=d)
+                means += [float(c[0]) for c in ms if math.isfinite(c[0])]
+            if means:
+                span = max(max(means) - min(means), 0.05)
+                top = 1.0 if key.split(".")[-1] in ("rougeL", "match", "accuracy") else math.inf
+                ax.set_ylim(max(0.0, min(means) - 0.4 * span), min(top, max(means) + 0.4 * span))
+            ax.set_ylabel(key)
+            ax.grid(axis="y", alpha=0.3)
+        axes[0][0].legend(fontsize=7, ncol=len(dists))
+        axes[-1][0].set_xticks(np.arange(len(variants)), variants, rotation=60, fontsize=7)
+        axes[0][0].set_title(
+            f"{study.name}: final metrics per rank distribution (mean, 95% interval; whiskers cut at the axis)"
+        )
         fig.tight_layout()
         paths.append(_save(fig, results / "distributions.png"))
     # 3. energy of the global update in the top r_min directions, per variant and round
