@@ -736,7 +736,8 @@ def aggregate(study: StudyConfig, cfg: RunConfig, out: Path, results: Path) -> P
                 for seed, s in by.items():
                     base.setdefault(seed, s)
         entries: list[tuple[str, dict[int, dict[str, Any]], str]] = [("zero-shot", base, "before")]
-        entries += [(lab, done.get((d, lab), {}), "after") for lab in labels]
+        ablation = d == dists[0]  # the fold ablation runs under the first distribution only: no empty rows
+        entries += [(lab, done.get((d, lab), {}), "after") for lab in labels if ablation or not lab.endswith("+fold")]
         for lab, by, when in entries:
             row: dict[str, Any] = {"distribution": d, "variant": lab, "seeds": len(by)}
             row["lr"] = lr_of.get(lab, math.nan)
