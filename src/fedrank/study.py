@@ -317,10 +317,11 @@ def _write_json(path: Path, obj: Any) -> None:
 def _divergence_reasons(run: Path, vocab: Callable[[], int]) -> list[str]:
     """Why the run diverged, by today's rules; empty when it did not. Its clients that diverged or collapsed
     (metrics.jsonl): those the run dropped, and those whose recorded losses went beyond uniform predictions
-    (:func:`fedrank.local.beyond_uniform`; a run of an earlier fedrank kept them). And its global model: a final
-    evaluation (seen or unseen) with an answer loss above ln(V), or not finite, is worse than uniform
-    predictions, though no single client was (in S1 the average of clients that each stayed below ln V reached
-    a loss of 22 at rank 32). ``vocab``: V, when the run's summary does not record it."""
+    (:func:`fedrank.local.beyond_uniform`; a run of an earlier fedrank kept them). And its global model, by the
+    same rule from its round-0 evaluation to its final one (seen or unseen answer loss): a model that knew
+    something and ends worse than uniform predictions, though no single client did (in S1 the average of
+    clients that each stayed below ln V reached a loss of 22 at rank 32). ``vocab``: V, when the run's summary
+    does not record it."""
     from fedrank.local import beyond_uniform
     from fedrank.report import read_metrics
 
@@ -329,13 +330,13 @@ def _divergence_reasons(run: Path, vocab: Callable[[], int]) -> list[str]:
     size: int | None = recorded if isinstance(recorded, int) else None
     out = []
     for split in ("seen", "unseen"):
-        final = summary.get(f"{split}_after") if isinstance(summary, dict) else None
-        loss = final.get("loss") if isinstance(final, dict) else None
-        if isinstance(loss, (int, float)):
+        ends = [summary.get(f"{split}_{when}") if isinstance(summary, dict) else None for when in ("before", "after")]
+        before, after = (e.get("loss") if isinstance(e, dict) else None for e in ends)
+        if isinstance(before, int | float) and isinstance(after, int | float):
             size = size or vocab()
-            if not loss <= math.log(size):  # NaN too
+            if beyond_uniform(float(before), float(after), size):
                 out.append(
-                    f"global model: {split} answer loss {loss:.3f} after the last round, above ln(vocab) = "
+                    f"global model: {split} answer loss {before:.3f} -> {after:.3f} over the run, above ln(vocab) = "
                     f"{math.log(size):.3f}: worse than uniform predictions"
                 )
     path = run / "metrics.jsonl"
