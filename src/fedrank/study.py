@@ -325,7 +325,7 @@ def _divergence_reasons(run: Path, vocab: Callable[[], int]) -> list[str]:
     from fedrank.local import beyond_uniform
     from fedrank.report import read_metrics
 
-    summary = _read_json(run / "summary.json") if (run / "summary.json").is_file() else None
+    summary = _read_json(run / run_dir.SUMMARY) if (run / run_dir.SUMMARY).is_file() else None
     recorded = summary.get("vocab_size") if isinstance(summary, dict) else None
     size: int | None = recorded if isinstance(recorded, int) else None
     out = []
@@ -339,7 +339,7 @@ def _divergence_reasons(run: Path, vocab: Callable[[], int]) -> list[str]:
                     f"global model: {split} answer loss {before:.3f} -> {after:.3f} over the run, above ln(vocab) = "
                     f"{math.log(size):.3f}: worse than uniform predictions"
                 )
-    path = run / "metrics.jsonl"
+    path = run / run_dir.METRICS
     if not path.is_file():
         return out
     for r in read_metrics(path):
@@ -437,7 +437,7 @@ def execute(
             ledger.put(job, status=kind, reason=str(e), seconds=time.perf_counter() - t0)
             continue
         bad = _divergence_reasons(job.path, vocab_of(job.cfg))
-        summary = _read_json(job.path / "summary.json")
+        summary = _read_json(job.path / run_dir.SUMMARY)
         seconds = float(summary.get("seconds", time.perf_counter() - t0)) if isinstance(summary, dict) else 0.0
         status = "diverged" if bad else "done"
         ledger.put(job, status=status, reason="; ".join(bad[:3]), seconds=seconds, how=how)
@@ -548,7 +548,7 @@ def restore_records(out: Path, results: Path) -> int:
     for rel, entry in runs.items():  # every entry checked before anything is written
         if not (isinstance(rel, str) and _safe_relative(rel) and len(rel.split("/")) == 3 and _valid_entry(entry)):
             raise DataError(f"{what}: {LEDGER}: {str(rel)[:80]!r} is not a run of the study with a valid entry")
-        if entry["status"] == "done" and f"{rel}/summary.json" not in files:
+        if entry["status"] == "done" and f"{rel}/{run_dir.SUMMARY}" not in files:
             raise DataError(f"{what}: {rel} is recorded as done without its summary.json")
     ledger = Ledger(out / LEDGER)
     restored = 0
@@ -571,7 +571,7 @@ def _summary(job: Job, ledger: Ledger) -> dict[str, Any] | None:
     entry = ledger.get(job)
     if entry is None or entry.get("status") != "done":
         return None
-    s = _read_json(job.path / "summary.json")
+    s = _read_json(job.path / run_dir.SUMMARY)
     return s if isinstance(s, dict) else None
 
 
@@ -692,8 +692,8 @@ def _metrics_of(summaries: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
 def _client_records(run: Path) -> Iterator[dict[str, Any]]:
     from fedrank.report import read_metrics
 
-    if (run / "metrics.jsonl").is_file():
-        yield from read_metrics(run / "metrics.jsonl")
+    if (run / run_dir.METRICS).is_file():
+        yield from read_metrics(run / run_dir.METRICS)
 
 
 def aggregate(study: StudyConfig, cfg: RunConfig, out: Path, results: Path) -> Path:
@@ -854,7 +854,7 @@ def _figures(
     for job in finished:
         if job.phase != "seed" or job.distribution != dists[0]:
             continue
-        for r in read_metrics(job.path / "metrics.jsonl"):
+        for r in read_metrics(job.path / run_dir.METRICS):
             if r.get("type") == "eval":
                 for label, key in (("unseen", "unseen_avg"), ("seen", "participants_avg")):
                     for metric, v in (r.get(key) or {}).items():
