@@ -107,6 +107,10 @@ def test_study_tunes_skips_resumes_and_aggregates(tmp_path: Path, capsys: pytest
     assert het["Δflexlora.unseen.loss"][:3] == pytest.approx(list(mean_interval(diffs)))
     for name in ("results.csv", "runs.csv", "rounds.png", "collapse.png", "report.html"):
         assert (results / name).is_file(), name
+    # the report names every seed run but links none: the committed results folder travels without runs/
+    page = (results / "report.html").read_text()
+    assert (runs / "uniform" / "flexlora" / "seed1" / "report.html").is_file()
+    assert "uniform/flexlora/seed1" in page and "seed1/report.html" not in page
 
     # a second sitting: finished runs are kept, an interrupted one resumes from its checkpoint, diverged runs
     # are not retried, and the results are the same

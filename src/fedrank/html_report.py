@@ -459,8 +459,9 @@ def _seed(run: Run) -> object:
     return seed if isinstance(seed, int) and not isinstance(seed, bool) else "?"
 
 
-def comparison_page(runs: dict[str, list[Run]], out: Path) -> str:
-    """The report of several methods (runs over seeds), for a page written to ``out``."""
+def comparison_page(runs: dict[str, list[Run]], out: Path, *, link_runs: bool = True) -> str:
+    """The report of several methods (runs over seeds), for a page written to ``out``; ``link_runs``: link each
+    run's own report where it has one."""
     keys, rows = method_table(runs)
     methods_html = para(
         "Mean ± sample standard deviation over each method's seeds; after = the last evaluation, change = "
@@ -498,7 +499,8 @@ def comparison_page(runs: dict[str, list[Run]], out: Path) -> str:
     run_rows: list[list[object]] = []
     for m, rs in runs.items():
         for r in rs:
-            href = file_href(r.path / "report.html", out.parent) if (r.path / "report.html").is_file() else None
+            linked = link_runs and (r.path / "report.html").is_file()
+            href = file_href(r.path / "report.html", out.parent) if linked else None
             link = el("a", str(r.path), href=href) if href is not None else str(r.path)
             after = r.summary.get("unseen_after", {})
             run_rows.append(
@@ -549,8 +551,9 @@ def _config_diff(runs: dict[str, list[Run]]) -> Html:
     return head + table(["method", "run", *differ], rows, id="config-diff", left=2 + len(differ))
 
 
-def write_comparison_report(runs: dict[str, list[Path]], out: Path) -> Path:
-    """A comparison page for the run directories of each method, written to ``out``."""
+def write_comparison_report(runs: dict[str, list[Path]], out: Path, *, link_runs: bool = True) -> Path:
+    """A comparison page for the run directories of each method, written to ``out``. ``link_runs=False``: the
+    run directories are named, not linked (a page that is committed without them)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(comparison_page(load_runs(runs), out), encoding="utf-8", errors="replace")
+    out.write_text(comparison_page(load_runs(runs), out, link_runs=link_runs), encoding="utf-8", errors="replace")
     return out

@@ -946,7 +946,9 @@ def _report(finished: Sequence[Job], results: Path, dist: str) -> Path | None:
     for job in finished:
         if job.phase == "seed" and job.distribution == dist:
             runs.setdefault(job.label, []).append(job.path)
-    return write_comparison_report(runs, results / "report.html") if runs else None
+    # the results folder is committed and the run directories are not: a link to a run's report would be dead
+    # in the repository, and the page would differ between the machine that ran the study and a fresh clone
+    return write_comparison_report(runs, results / "report.html", link_runs=False) if runs else None
 
 
 def _markdown(
