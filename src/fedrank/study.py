@@ -707,6 +707,7 @@ def aggregate(study: StudyConfig, cfg: RunConfig, out: Path, results: Path) -> P
     fallback, again = plan_fallbacks(study, cfg, out, rates, grid, ledger)
     jobs = plan_seeds(study, cfg, out, rates) + again
     lr_of = {job.label: job.lr for job in jobs}
+    planned = {(job.distribution, job.label) for job in jobs}
     dists = list(study.distributions or (cfg.ranks.distribution,))
     # summaries per (distribution, variant label) and seed
     done: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
@@ -737,8 +738,8 @@ def aggregate(study: StudyConfig, cfg: RunConfig, out: Path, results: Path) -> P
                 for seed, s in by.items():
                     base.setdefault(seed, s)
         entries: list[tuple[str, dict[int, dict[str, Any]], str]] = [("zero-shot", base, "before")]
-        ablation = d == dists[0]  # the fold ablation runs under the first distribution only: no empty rows
-        entries += [(lab, done.get((d, lab), {}), "after") for lab in labels if ablation or not lab.endswith("+fold")]
+        # a label's row where it was planned (the fold ablation: under one distribution only, no empty rows)
+        entries += [(lab, done.get((d, lab), {}), "after") for lab in labels if (d, lab) in planned]
         for lab, by, when in entries:
             row: dict[str, Any] = {"distribution": d, "variant": lab, "seeds": len(by)}
             row["lr"] = lr_of.get(lab, math.nan)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fedrank.aggregation.base import first_indices
 from fedrank.types import ClientAssignment, ClientSpec, ClientUpdate, LoraFactors
 
 __all__ = ["FOLDABLE", "SCALES", "FoldedScale"]
@@ -80,7 +81,7 @@ class FoldedScale:
         frozen factor came back unchanged bit for bit. A changed one is divided like the rest, so the inner
         check still refuses it."""
         c = self._c(s_R, u.rank)
-        idx = u.indices if u.indices is not None else torch.arange(u.rank)
+        idx = u.indices if u.indices is not None else first_indices(u.rank)
         out = {}
         for name, f in u.factors.items():
             B, A = f.B / c, f.A / c
